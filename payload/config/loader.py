@@ -1,0 +1,233 @@
+"""Read a config (path or https URL), apply overrides, and validate it, reporting every
+problem at once: unknown keys with a did-you-mean, Axolotl keys Ferry does not support
+yet by name, bad values, cross-key rules, and local files that do not exist."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from payload.config import axolotl_keys, paths
+from payload.config.overrides import apply_overrides
+from payload.config.rules import check_rules
+from payload.config.schema import NESTED_LISTS, DatasetConfig, TrainConfig
+from payload.errors import ConfigError, FerryError, Problem
+
+log = logging.getLogger("ferry.config")
+
+URL_TIMEOUT_S = 15
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Safe YAML that refuses a key written twice (PyYAML would keep the last silently)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key `{key}` appears twice (lines {seen[key]} and {line})",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def is_url(source: str | os.PathLike[str]) -> bool:
+    return str(source).startswith(("https://", "http://"))
+
+
+def read_text(source: str | os.PathLike[str]) -> str:
+    """The config's text, from a local path or an https URL."""
+    text_source = str(source)
+    if is_url(text_source):
+        if text_source.startswith("http://"):
+            raise FerryError(f"{text_source}: configs are fetched over https only.")
+        try:
+            with urllib.request.urlopen(text_source, timeout=URL_TIMEOUT_S) as response:
+                return response.read().decode("utf-8")
+        except (urllib.error.URLError, TimeoutError, UnicodeDecodeError) as e:
+            raise FerryError(f"Could not fetch the config {text_source}: {e}") from e
+    path = Path(text_source).expanduser()
+    if not path.is_file():
+        raise FerryError(f"Config file {text_source} does not exist.")
+    return path.read_text(encoding="utf-8")
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise FerryError(f"{source} is not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FerryError(f"{source} must hold a mapping of keys, not a {type(data).__name__}.")
+    return data
+
+
+def read_raw(source: str | os.PathLike[str], overrides: list[str] | None = None) -> dict[str, Any]:
+    """The config as a plain mapping with overrides applied, before validation."""
+    return apply_overrides(parse_yaml(read_text(source), str(source)), list(overrides or []))
+
+
+def load_config(
+    source: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    *,
+    resolve_paths: bool = True,
+) -> TrainConfig:
+    """Load, override and validate a config; raise `ConfigError` listing every problem.
+
+    With `resolve_paths`, local files the config names are looked up (from the current
+    folder, then from the config's folder) and made absolute, and missing ones reported.
+    Warnings (settings that would be ignored) go to the `ferry.config` logger.
+    """
+    raw = read_raw(source, overrides)
+    base_dir = None if is_url(source) else Path(source).expanduser().resolve().parent
+    return validate_mapping(raw, str(source), base_dir=base_dir, resolve_paths=resolve_paths)
+
+
+def validate_mapping(
+    raw: dict[str, Any],
+    source: str = "config",
+    *,
+    base_dir: Path | None = None,
+    resolve_paths: bool = True,
+) -> TrainConfig:
+    """Validate an already-read mapping; see `load_config`."""
+    problems, clean = _unknown_keys(raw)
+    bad: set[str] = set()
+    try:
+        cfg = TrainConfig.model_validate(clean)
+    except ValidationError as e:
+        problems.extend(_pydantic_problems(e, clean))
+        bad.update(str(err["loc"][0]) for err in e.errors())
+        # Validate what is left so the cross-key rules can still run on it.
+        cfg = TrainConfig.model_validate({k: v for k, v in clean.items() if k not in bad})
+    errors, warnings = check_rules(cfg, set(clean), bad)
+    problems.extend(errors)
+    if resolve_paths and "base_model" not in bad and "datasets" not in bad:
+        cfg, path_problems = paths.resolve(cfg, base_dir)
+        problems.extend(path_problems)
+    if problems:
+        raise ConfigError(source, _dedupe(problems))
+    for w in warnings:
+        log.warning("%s: %s", source, w)
+    return cfg
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: dict[tuple[str, str], Problem] = {}
+    for p in problems:
+        seen.setdefault((p.key, p.message), p)
+    return list(seen.values())
+
+
+def _unknown_keys(raw: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
+    """Report unknown and not-yet-supported keys; return the mapping without them."""
+    problems: list[Problem] = []
+    clean = _check_keys(raw, TrainConfig, axolotl_keys.TOP_LEVEL, "", problems)
+    for key, model in NESTED_LISTS.items():
+        entries = clean.get(key)
+        if isinstance(entries, list):
+            clean[key] = [
+                _check_keys(entry, model, axolotl_keys.DATASET, f"{key}[{i}].", problems)
+                if isinstance(entry, dict) else entry
+                for i, entry in enumerate(entries)
+            ]
+    return problems, clean
+
+
+def _check_keys(
+    raw: dict[str, Any],
+    model: type[BaseModel],
+    axolotl: frozenset[str],
+    prefix: str,
+    problems: list[Problem],
+) -> dict[str, Any]:
+    known = set(model.model_fields)
+    clean: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key in known:
+            clean[key] = value
+        elif key in axolotl:
+            # Axolotl knows it and Ferry does not do it yet. An off value (null, false, empty)
+            # asks for nothing, so it is accepted as a no-op.
+            if value not in (None, False, "", [], {}):
+                problems.append(Problem(f"{prefix}{key}", "is not supported yet by Ferry."))
+        else:
+            problems.append(Problem(f"{prefix}{key}", _unknown_message(key, known | axolotl)))
+    return clean
+
+
+def _unknown_message(key: str, candidates: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean `{close[0]}`?"
+    return "unknown key."
+
+
+def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Problem]:
+    """One Problem per key, its key as the user wrote it. A union field fails once per
+    member (`bool`, `'auto'`); those are merged into one "should be X or Y"."""
+    by_key: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
+    for err in error.errors():
+        key = ""
+        for part in err["loc"]:
+            if isinstance(part, int):
+                key += f"[{part}]"
+            elif _is_field(key, str(part)):
+                key += f".{part}" if key else str(part)
+            # Other parts name union members; the user never wrote them.
+        if err["type"] == "missing":
+            by_key.setdefault(key, []).append("is required")
+            continue
+        message = err["msg"].split(", unable to")[0]
+        message = message.replace("Input should be ", "should be ", 1)
+        message = message[0].lower() + message[1:]
+        by_key.setdefault(key, [])
+        if message not in by_key[key]:
+            by_key[key].append(message)
+        values[key] = _lookup(raw, err["loc"])
+    problems = []
+    for key, messages in by_key.items():
+        text = messages[0] + "".join(
+            " or " + m.removeprefix("should be ") for m in messages[1:]
+        )
+        got = f" (got {values[key]!r})" if key in values else ""
+        problems.append(Problem(key, f"{text}{got}."))
+    return problems
+
+
+def _is_field(prefix: str, part: str) -> bool:
+    model: type[BaseModel] = DatasetConfig if prefix.startswith("datasets[") else TrainConfig
+    return part in model.model_fields
+
+
+def _lookup(raw: Any, loc: tuple[Any, ...]) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+    return node

@@ -1,0 +1,86 @@
+"""Local files a config names: found before anything is launched, and made absolute.
+
+A relative path is looked up from the current folder first (as Axolotl does), then from
+the config file's folder, so `launch train examples/quickstart.yml` works from the
+repository root and from `examples/`. A value that does not look like a path and does not
+exist locally is taken as a hub id and left alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from payload.config.schema import TrainConfig
+from payload.errors import Problem
+
+DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".yml", ".yaml"}
+
+
+def looks_local(value: str) -> bool:
+    """True when `value` can only mean a local path (not a hub id like `org/name`)."""
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or Path(value).suffix.lower() in DATA_SUFFIXES
+        or value.count("/") > 1
+    )
+
+
+def find(value: str, base_dir: Path | None) -> Path | None:
+    """The absolute path `value` names, or None when it exists in neither place."""
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if base_dir is not None and not path.is_absolute():
+        candidates.append(base_dir / path)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _resolve_one(
+    key: str, value: str, base_dir: Path | None, problems: list[Problem], *, hub_ok: bool
+) -> str:
+    found = find(value, base_dir)
+    if found is not None:
+        return str(found)
+    if hub_ok and not looks_local(value):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            problems.append(
+                Problem(key, f"`{value}` is not a local path, and HF_HUB_OFFLINE=1 rules out the hub.")
+            )
+        return value
+    where = "the current folder" + (f" or {base_dir}" if base_dir else "")
+    problems.append(Problem(key, f"`{value}` does not exist (looked in {where})."))
+    return value
+
+
+def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[Problem]]:
+    """A copy of `cfg` with local paths absolute, and the problems with missing ones."""
+    problems: list[Problem] = []
+    update: dict[str, object] = {}
+    for key in ("base_model", "base_model_config", "tokenizer_config"):
+        value = getattr(cfg, key)
+        if value:
+            update[key] = _resolve_one(key, value, base_dir, problems, hub_ok=True)
+    if isinstance(cfg.deepspeed, str):
+        update["deepspeed"] = _resolve_one("deepspeed", cfg.deepspeed, base_dir, problems, hub_ok=False)
+    if cfg.resume_from_checkpoint and "://" not in cfg.resume_from_checkpoint:
+        update["resume_from_checkpoint"] = _resolve_one(
+            "resume_from_checkpoint", cfg.resume_from_checkpoint, base_dir, problems, hub_ok=False
+        )
+    datasets = []
+    for i, ds in enumerate(cfg.datasets):
+        if "://" in ds.path:
+            datasets.append(ds)
+            continue
+        path = _resolve_one(f"datasets[{i}].path", ds.path, base_dir, problems, hub_ok=True)
+        datasets.append(ds.model_copy(update={"path": path}))
+    update["datasets"] = datasets
+    # Output folders may not exist yet: anchor them to the current folder so that every
+    # process of the run, whatever its working directory, writes to the same place.
+    for key in ("output_dir", "dataset_prepared_path"):
+        value = getattr(cfg, key)
+        if value and "://" not in value:
+            update[key] = str(Path(value).expanduser().resolve())
+    return cfg.model_copy(update=update), problems

@@ -1,0 +1,173 @@
+"""Cross-key rules: combinations of settings that cannot work, checked all at once.
+
+Each rule names the keys it reads. When one of those keys already failed its own
+validation the rule is skipped, so one typo does not also produce a cascade of
+second-hand complaints.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+
+from payload.config.schema import OPTIMIZERS, SUPPORTED_DATASET_TYPES, TrainConfig
+from payload.errors import Problem
+
+# A finding is (key, message, is_error); warnings are settings that would be ignored.
+Finding = tuple[str, str, bool]
+Rule = Callable[[TrainConfig, set[str]], Iterator[Finding]]
+
+RULES: list[tuple[tuple[str, ...], Rule]] = []
+
+
+def rule(*keys: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        RULES.append((keys, fn))
+        return fn
+
+    return register
+
+
+def check_rules(cfg: TrainConfig, given: set[str], bad: set[str]) -> tuple[list[Problem], list[Problem]]:
+    """Run every rule whose keys are all valid. `given` is the top-level keys the user set.
+
+    Returns (errors, warnings).
+    """
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    for keys, fn in RULES:
+        if bad.intersection(keys):
+            continue
+        for key, message, is_error in fn(cfg, given):
+            (errors if is_error else warnings).append(Problem(key, message))
+    return errors, warnings
+
+
+def _error(key: str, message: str) -> Finding:
+    return key, message, True
+
+
+def _warn(key: str, message: str) -> Finding:
+    return key, message, False
+
+
+@rule("base_model")
+def _base_model_required(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if not cfg.base_model:
+        yield _error("base_model", "is required: a local model folder or a hub id.")
+
+
+@rule("learning_rate")
+def _learning_rate_required(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.learning_rate is None:
+        yield _error("learning_rate", "is required, e.g. `learning_rate: 2.0e-4`.")
+
+
+@rule("datasets")
+def _datasets(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if not cfg.datasets:
+        yield _error("datasets", "is required: at least one dataset to train on.")
+    for i, ds in enumerate(cfg.datasets):
+        if ds.type is None:
+            yield _error(
+                f"datasets[{i}].type",
+                f"is required; supported: {', '.join(SUPPORTED_DATASET_TYPES)}.",
+            )
+        elif ds.type not in SUPPORTED_DATASET_TYPES:
+            yield _error(
+                f"datasets[{i}].type",
+                f"`{ds.type}` is not supported yet; supported: "
+                f"{', '.join(SUPPORTED_DATASET_TYPES)}.",
+            )
+        if ds.type == "completion" and (ds.field_instruction or ds.field_input or ds.field_output):
+            yield _warn(f"datasets[{i}]", "field_instruction/input/output are ignored by `completion`.")
+        if ds.type == "alpaca" and ds.field:
+            yield _warn(f"datasets[{i}].field", "is ignored by `alpaca` (use field_instruction...).")
+
+
+@rule("adapter", "load_in_4bit", "load_in_8bit")
+def _quantisation(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        yield _error("adapter", "`qlora` needs `load_in_4bit: true` (QLoRA trains on a 4-bit base).")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        yield _error("load_in_4bit", "and `load_in_8bit` cannot both be true.")
+    if cfg.load_in_4bit and cfg.adapter != "qlora":
+        yield _error("load_in_4bit", "needs `adapter: qlora`; a 4-bit base cannot be trained in full.")
+    if cfg.load_in_8bit and cfg.adapter is None:
+        yield _error("load_in_8bit", "needs `adapter: lora`; an 8-bit base cannot be trained in full.")
+
+
+@rule("adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+      "lora_target_linear", "lora_modules_to_save")
+def _lora_without_adapter(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.adapter is None:
+        stray = sorted(k for k in given if k.startswith("lora_"))
+        if stray:
+            yield _warn(", ".join(stray), "ignored: no `adapter` is set, so this is a full fine-tune.")
+    if cfg.lora_target_linear and cfg.lora_target_modules:
+        yield _error(
+            "lora_target_linear", "and `lora_target_modules` both choose the modules; set one."
+        )
+
+
+@rule("warmup_steps", "warmup_ratio")
+def _warmup(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
+        yield _error("warmup_steps", "and `warmup_ratio` are exclusive; set one.")
+
+
+@rule("fsdp_config", "deepspeed")
+def _sharding(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.fsdp_config and cfg.deepspeed:
+        yield _error("fsdp_config", "and `deepspeed` are exclusive; pick one way to shard.")
+
+
+@rule("bf16", "fp16")
+def _precision(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.bf16 is True and cfg.fp16:
+        yield _error("bf16", "and `fp16` cannot both be true.")
+
+
+@rule("save_steps", "saves_per_epoch", "eval_steps", "evals_per_epoch", "val_set_size")
+def _schedules(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.save_steps and cfg.saves_per_epoch:
+        yield _error("save_steps", "and `saves_per_epoch` are exclusive; set one.")
+    if cfg.eval_steps and cfg.evals_per_epoch:
+        yield _error("eval_steps", "and `evals_per_epoch` are exclusive; set one.")
+    if not cfg.val_set_size and (cfg.eval_steps or cfg.evals_per_epoch):
+        yield _warn("eval_steps", "ignored: `val_set_size` is 0, so there is nothing to evaluate.")
+
+
+@rule("flash_attention", "sdp_attention", "attn_implementation")
+def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    chosen = [k for k in ("flash_attention", "sdp_attention", "attn_implementation")
+              if getattr(cfg, k)]
+    if len(chosen) > 1:
+        yield _error(chosen[0], f"and `{chosen[1]}` both choose attention; set one.")
+
+
+@rule("sample_packing", "context_parallel_size", "rl", "plugins")
+def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    # Recognised keys whose feature is still being built: refuse rather than ignore.
+    if cfg.sample_packing:
+        yield _error("sample_packing", "is not supported yet; set it to false.")
+    if cfg.context_parallel_size > 1:
+        yield _error("context_parallel_size", "above 1 is not supported yet.")
+    if cfg.rl:
+        yield _error("rl", f"`{cfg.rl}` is not supported yet; Ferry trains SFT today.")
+    if cfg.plugins:
+        yield _error("plugins", "are not supported yet.")
+
+
+@rule("max_steps", "num_epochs")
+def _length(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.max_steps and "num_epochs" in given:
+        yield _warn("num_epochs", f"ignored: `max_steps: {cfg.max_steps}` decides the length.")
+
+
+@rule("optimizer")
+def _optimizer(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.optimizer not in OPTIMIZERS:
+        close = difflib.get_close_matches(cfg.optimizer, OPTIMIZERS, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"one of: {', '.join(OPTIMIZERS)}."
+        yield _error("optimizer", f"`{cfg.optimizer}` is not an optimizer transformers knows; {hint}")

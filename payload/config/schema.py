@@ -1,0 +1,235 @@
+"""The training config: Axolotl's key names and defaults, with Ferry's help beside each field.
+
+Every field has a default so that a config with a bad value in one key still validates in
+its other keys: the loader drops the bad keys, validates the rest, and runs the cross-key
+rules (`rules.py`) on what is left, which is how every problem is reported at once.
+Required keys (`base_model`, `datasets`, `learning_rate`) are enforced by rules for the same reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+# Dataset formats the payload implements today; `payload.data.strategies` holds the code
+# and a test keeps the two in step (this module must not import the data code).
+SUPPORTED_DATASET_TYPES = ("alpaca", "completion")
+
+# Names as transformers spells them (its `OptimizerNames` and `SchedulerType`); a test
+# keeps these in step with the installed release.
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adafactor", "adamw_torch_4bit", "adamw_torch_8bit",
+    "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit",
+    "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_lion_32bit",
+    "paged_lion_8bit", "rmsprop", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+    "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw",
+    "schedule_free_sgd", "apollo_adamw", "stable_adamw",
+)
+SCHEDULERS = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+    "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are reported by the loader (with a did-you-mean) before pydantic runs;
+    # `forbid` is the backstop for code that builds a config directly.
+    model_config = ConfigDict(extra="forbid", validate_default=False, protected_namespaces=())
+
+
+class DatasetConfig(_Strict):
+    """One entry of `datasets:`: where the rows come from and how they become tokens."""
+
+    path: str = Field(
+        description="A local file (.json/.jsonl/.csv/.parquet/.arrow), a folder, or a hub id."
+    )
+    type: str | None = Field(
+        default=None, description="Prompt strategy: `alpaca` or `completion` (more to come)."
+    )
+    split: str = Field(default="train", description="Which split of the dataset to read.")
+    data_files: str | list[str] | None = Field(
+        default=None, description="Files inside `path` to read, for folders and hub datasets."
+    )
+    name: str | None = Field(default=None, description="Dataset configuration name (hub).")
+    ds_type: Literal["json", "csv", "parquet", "arrow", "text"] | None = Field(
+        default=None, description="File format when it cannot be told from the extension."
+    )
+    revision: str | None = Field(default=None, description="Hub revision to read.")
+    field: str | None = Field(
+        default=None, description="`completion`: the column holding the text (default `text`)."
+    )
+    field_instruction: str | None = Field(
+        default=None, description="`alpaca`: the instruction column (default `instruction`)."
+    )
+    field_input: str | None = Field(
+        default=None, description="`alpaca`: the input column (default `input`)."
+    )
+    field_output: str | None = Field(
+        default=None, description="`alpaca`: the response column (default `output`)."
+    )
+
+
+class TrainConfig(_Strict):
+    """A whole fine-tune: model, data, adapter, optimisation, saving."""
+
+    # ---- model and tokenizer
+    base_model: str | None = Field(
+        default=None, description="Model to fine-tune: a local folder or a hub id. Required."
+    )
+    base_model_config: str | None = Field(
+        default=None, description="Where to read the model config from, if not `base_model`."
+    )
+    tokenizer_config: str | None = Field(
+        default=None, description="Where to read the tokenizer from, if not `base_model`."
+    )
+    model_type: str | None = Field(
+        default=None, description="transformers class to load the model with (default: Auto)."
+    )
+    tokenizer_type: str | None = Field(
+        default=None, description="transformers class to load the tokenizer with (default: Auto)."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model/tokenizer code from the model's repository."
+    )
+    special_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="Tokens to set on the tokenizer, e.g. {pad_token: '<pad>'}.",
+    )
+    chat_template: str | None = Field(
+        default=None, description="Chat template to put on the tokenizer (name or Jinja)."
+    )
+
+    # ---- data
+    datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Training datasets, mixed in order. Required."
+    )
+    val_set_size: float = Field(
+        default=0.0,
+        ge=0,
+        description="Held out for evaluation: a fraction (<1) or a row count (>=1).",
+    )
+    dataset_prepared_path: str | None = Field(
+        default=None, description="Folder for the tokenized-dataset cache."
+    )
+    sequence_len: PositiveInt = Field(
+        default=512, description="Longest sequence in tokens; longer rows are dropped."
+    )
+    sample_packing: bool = Field(
+        default=False, description="Pack several rows into each sequence (not supported yet)."
+    )
+    train_on_inputs: bool = Field(
+        default=False, description="Also train on the prompt tokens, not only the response."
+    )
+
+    # ---- adapter
+    adapter: Literal["lora", "qlora"] | None = Field(
+        default=None, description="`lora`, `qlora`, or unset for a full fine-tune."
+    )
+    lora_r: PositiveInt = Field(default=8, description="LoRA rank.")
+    lora_alpha: PositiveInt | None = Field(
+        default=None, description="LoRA scaling numerator (default: 2 x lora_r)."
+    )
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on LoRA inputs.")
+    lora_target_modules: list[str] | str | None = Field(
+        default=None, description="Module names (or a regex) to adapt."
+    )
+    lora_target_linear: bool | None = Field(
+        default=None, description="Adapt every linear layer except the output head."
+    )
+    lora_modules_to_save: list[str] | None = Field(
+        default=None, description="Modules trained in full and saved beside the adapter."
+    )
+    load_in_8bit: bool = Field(default=False, description="Load the base model in 8 bits.")
+    load_in_4bit: bool = Field(default=False, description="Load the base model in 4 bits.")
+
+    # ---- optimisation
+    micro_batch_size: PositiveInt = Field(default=1, description="Rows per device per step.")
+    gradient_accumulation_steps: PositiveInt = Field(
+        default=1, description="Micro-batches summed into one optimiser step."
+    )
+    num_epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
+    max_steps: PositiveInt | None = Field(
+        default=None, description="Stop after this many optimiser steps (overrides epochs)."
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="Peak learning rate. Required."
+    )
+    optimizer: str = Field(
+        default="adamw_torch_fused", description="Optimizer name, as transformers spells it."
+    )
+    lr_scheduler: SCHEDULERS = Field(default="cosine", description="Learning-rate schedule.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup, in steps.")
+    warmup_ratio: float | None = Field(
+        default=None, ge=0, lt=1, description="Linear warmup, as a fraction of all steps."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(
+        default=1.0, ge=0, description="Clip gradients to this norm (0 or null: no clipping)."
+    )
+    bf16: bool | Literal["auto"] | None = Field(
+        default="auto", description="bfloat16 mixed precision; `auto` uses it where supported."
+    )
+    fp16: bool | None = Field(default=None, description="float16 mixed precision.")
+    tf32: bool | None = Field(default=None, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward to save memory."
+    )
+    flash_attention: bool | None = Field(default=None, description="Use flash-attention-2.")
+    sdp_attention: bool | None = Field(default=None, description="Use torch SDPA attention.")
+    attn_implementation: str | None = Field(
+        default=None, description="transformers attention backend, e.g. `sdpa`, `eager`."
+    )
+    seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
+
+    # ---- saving, evaluation, logging
+    output_dir: str | None = Field(
+        default=None,
+        description="Where checkpoints and the final model go (default: the run's folder).",
+    )
+    save_steps: PositiveInt | None = Field(default=None, description="Checkpoint every N steps.")
+    saves_per_epoch: PositiveInt | None = Field(
+        default=None, description="Checkpoints per epoch (default: one, at its end)."
+    )
+    save_total_limit: PositiveInt | None = Field(
+        default=None, description="Keep only the newest N checkpoints."
+    )
+    eval_steps: PositiveInt | None = Field(default=None, description="Evaluate every N steps.")
+    evals_per_epoch: PositiveInt | None = Field(
+        default=None, description="Evaluations per epoch."
+    )
+    logging_steps: PositiveInt = Field(default=1, description="Log metrics every N steps.")
+    resume_from_checkpoint: str | None = Field(
+        default=None, description="Checkpoint folder to resume from."
+    )
+    auto_resume_from_checkpoints: bool | None = Field(
+        default=None, description="Resume from the newest checkpoint in `output_dir`."
+    )
+
+    # ---- distributed and other trainers
+    deepspeed: str | dict[str, Any] | None = Field(
+        default=None, description="DeepSpeed config: a JSON path or an inline mapping."
+    )
+    fsdp_config: dict[str, Any] | None = Field(
+        default=None, description="FSDP settings, passed to the trainer."
+    )
+    context_parallel_size: PositiveInt = Field(
+        default=1, description="Split each sequence over this many GPUs (not supported yet)."
+    )
+    rl: str | None = Field(
+        default=None, description="Preference/RL objective: dpo, kto, orpo, grpo (not yet)."
+    )
+    strict: bool = Field(default=False, description="Make the first bad dataset row an error.")
+    plugins: list[str] | None = Field(
+        default=None, description="Axolotl plugin classes (not supported yet)."
+    )
+
+    # ---- helpers used by the payload and the launcher
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
+
+# Nested models, by the key that holds a list of them; the loader uses it to find
+# unknown keys inside list entries.
+NESTED_LISTS: dict[str, type[BaseModel]] = {"datasets": DatasetConfig}

@@ -1,0 +1,44 @@
+"""The one family of user-facing errors.
+
+Anything the user can fix (a config typo, a missing file, a missing credential) raises a
+`FerryError`. The CLI prints it as one clear paragraph and exits 1; any other exception
+is a bug in Ferry and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FerryError(Exception):
+    """A problem the user can fix. `hint` is the next thing to try, if there is one."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: the key as the user wrote it, and what is wrong."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class ConfigError(FerryError):
+    """Every problem found in one config, reported together."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{source} has {n} problem{'s' if n != 1 else ''}:"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))

@@ -1,0 +1,164 @@
+"""Load the tokenizer and model a config names, and wrap the model in a LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from payload.config.schema import TrainConfig
+from payload.errors import FerryError
+
+log = logging.getLogger("ferry.model")
+
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+
+
+def _transformers_class(name: str | None, default: str) -> Any:
+    import transformers
+
+    cls = getattr(transformers, name or default, None)
+    if cls is None:
+        raise FerryError(f"`{name}` is not a class in transformers {transformers.__version__}.")
+    return cls
+
+
+def load_tokenizer(cfg: TrainConfig) -> Any:
+    cls = _transformers_class(cfg.tokenizer_type, "AutoTokenizer")
+    source = cfg.tokenizer_config or cfg.base_model
+    try:
+        tokenizer = cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise FerryError(f"Could not load the tokenizer from {source}: {e}") from e
+    if cfg.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))
+    if tokenizer.pad_token is None:
+        # Padding positions carry label -100 and attention 0, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
+    if tokenizer.eos_token_id is None:
+        raise FerryError(f"The tokenizer from {source} has no eos_token; set special_tokens.eos_token.")
+    if cfg.chat_template and cfg.chat_template != "tokenizer_default":
+        template = CHAT_TEMPLATES.get(cfg.chat_template)
+        if template is None and "{%" not in cfg.chat_template:
+            raise FerryError(
+                f"chat_template: `{cfg.chat_template}` is neither a built-in "
+                f"({', '.join(CHAT_TEMPLATES)}, tokenizer_default) nor a Jinja template."
+            )
+        tokenizer.chat_template = template or cfg.chat_template
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    import torch
+
+    if cfg.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.bf16 and not torch.cuda.is_available():
+        raise FerryError("bf16: true needs a CUDA GPU; this machine has none (use bf16: auto).")
+    return bool(cfg.bf16)
+
+
+def _attention(cfg: TrainConfig) -> str | None:
+    if cfg.flash_attention:
+        return "flash_attention_2"
+    if cfg.sdp_attention:
+        return "sdpa"
+    return cfg.attn_implementation
+
+
+def _quantization(cfg: TrainConfig) -> Any:
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise FerryError("load_in_4bit/load_in_8bit need a CUDA GPU (bitsandbytes); none found.")
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16(cfg) else torch.float16,
+    )
+
+
+def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The base model, resized for added tokens, wrapped in LoRA when `adapter` is set."""
+    import torch
+
+    cls = _transformers_class(cfg.model_type, "AutoModelForCausalLM")
+    # Adapters train on a frozen base, so the base can sit in bf16; a full fine-tune keeps
+    # fp32 master weights and lets autocast do the bf16 math.
+    dtype = torch.bfloat16 if (use_bf16(cfg) and cfg.adapter) else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.base_model_config:
+        from transformers import AutoConfig
+
+        kwargs["config"] = AutoConfig.from_pretrained(
+            cfg.base_model_config, trust_remote_code=cfg.trust_remote_code
+        )
+    if attention := _attention(cfg):
+        kwargs["attn_implementation"] = attention
+    if quantization := _quantization(cfg):
+        kwargs["quantization_config"] = quantization
+    try:
+        model = cls.from_pretrained(cfg.base_model, **kwargs)
+    except OSError as e:
+        raise FerryError(f"Could not load the model from {cfg.base_model}: {e}") from e
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        trained_embeddings = {"embed_tokens", "lm_head"} <= set(cfg.lora_modules_to_save or [])
+        if cfg.adapter and not trained_embeddings:
+            raise FerryError(
+                f"special_tokens adds {len(tokenizer) - vocab} new token(s), whose embeddings "
+                "would stay random under LoRA. Add `lora_modules_to_save: [embed_tokens, "
+                "lm_head]` to train them, or use tokens the model already has."
+            )
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    if cfg.adapter:
+        model = apply_lora(cfg, model)
+    return model
+
+
+def apply_lora(cfg: TrainConfig, model: Any) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing
+        )
+    elif cfg.gradient_checkpointing:
+        # With a frozen base no input requires grad, and checkpointed blocks would then
+        # have nothing to backpropagate through.
+        model.enable_input_require_grads()
+    targets: Any = cfg.lora_target_modules
+    if cfg.lora_target_linear:
+        targets = "all-linear"
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.effective_lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=cfg.lora_modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise FerryError(f"LoRA could not be applied (lora_target_modules?): {e}") from e

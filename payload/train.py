@@ -1,0 +1,208 @@
+"""Supervised fine-tuning with the HF Trainer: the path every backend ends up running.
+
+`run(cfg)` sets up distributed, builds the data and the model, trains, and saves the
+final adapter or model with `save_pretrained` plus `metrics.jsonl`, `summary.json` and
+the resolved `config.yml` in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from payload import distributed
+from payload.config.schema import TrainConfig
+from payload.data.build import DataReport, build_datasets
+from payload.metrics import METRICS_FILE, MetricsCallback, read_metrics
+from payload.model import load_model, load_tokenizer, use_bf16
+
+log = logging.getLogger("ferry.train")
+
+DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default, for `python -m payload` run by hand
+SUMMARY_FILE = "summary.json"
+
+
+def steps_per_epoch(cfg: TrainConfig, rows: int, world_size: int) -> int:
+    """Optimizer steps in one epoch, as the HF Trainer counts them."""
+    batches = math.ceil(rows / (cfg.micro_batch_size * world_size))
+    return max(batches // cfg.gradient_accumulation_steps, 1)
+
+
+def training_arguments(
+    cfg: TrainConfig, dist: distributed.DistInfo, output_dir: str, train_rows: int, has_eval: bool
+) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    per_epoch = steps_per_epoch(cfg, train_rows, dist.world_size)
+    save: dict[str, Any] = {"save_strategy": "epoch"}
+    if cfg.save_steps or cfg.saves_per_epoch:
+        every = cfg.save_steps or max(per_epoch // (cfg.saves_per_epoch or 1), 1)
+        save = {"save_strategy": "steps", "save_steps": every}
+    evaluation: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        evaluation = {"eval_strategy": "epoch"}
+        if cfg.eval_steps or cfg.evals_per_epoch:
+            every = cfg.eval_steps or max(per_epoch // (cfg.evals_per_epoch or 1), 1)
+            evaluation = {"eval_strategy": "steps", "eval_steps": every}
+    cuda = torch.cuda.is_available()
+    sharding: dict[str, Any] = {}
+    if cfg.deepspeed:
+        sharding["deepspeed"] = cfg.deepspeed
+    if cfg.fsdp_config:
+        sharding.update(fsdp="full_shard auto_wrap", fsdp_config=dict(cfg.fsdp_config))
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        # transformers 5 reads a warmup below 1 as a fraction of all steps.
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0),
+        optim=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm or 0.0,
+        bf16=use_bf16(cfg),
+        fp16=bool(cfg.fp16),
+        tf32=cfg.tf32 if cuda else None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=True,  # MetricsCallback prints one line per log instead
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_backend=dist.backend,
+        ddp_find_unused_parameters=False if dist.backend else None,
+        use_cpu=not cuda,
+        **save,
+        **evaluation,
+        **sharding,
+    )
+
+
+def resume_point(cfg: TrainConfig, output_dir: str) -> str | None:
+    """The checkpoint to resume from: the configured one, or with
+    `auto_resume_from_checkpoints` the newest `checkpoint-N` in `output_dir`."""
+    if cfg.resume_from_checkpoint:
+        return cfg.resume_from_checkpoint
+    if cfg.auto_resume_from_checkpoints and Path(output_dir).is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir)
+    return None
+
+
+def _quiet_libraries(is_main: bool) -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as configured; return the summary (also written to `summary.json`)."""
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
+
+    dist = distributed.setup()
+    try:
+        _quiet_libraries(dist.is_main)
+        output_dir = cfg.output_dir or DEFAULT_OUTPUT_DIR
+        set_seed(cfg.seed)
+        started = time.time()
+        tokenizer = load_tokenizer(cfg)
+        train_set, eval_set, report = build_datasets(cfg, tokenizer)
+        if dist.is_main:
+            for line in report.lines():
+                print(f"data: {line}", flush=True)
+        model = load_model(cfg, tokenizer)
+        if dist.is_main:
+            _print_model(model, cfg, dist)
+        args = training_arguments(cfg, dist, output_dir, len(train_set), eval_set is not None)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            callbacks=[MetricsCallback(output_dir, dist.is_main)],
+        )
+        trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
+        resume = resume_point(cfg, output_dir)
+        if resume and dist.is_main:
+            print(f"resuming from {resume}", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(output_dir)
+        summary: dict[str, Any] = {}
+        if dist.is_main:
+            tokenizer.save_pretrained(output_dir)
+            summary = _write_summary(cfg, output_dir, report, started, resume)
+        return summary
+    finally:
+        distributed.teardown()
+
+
+def _print_model(model: Any, cfg: TrainConfig, dist: distributed.DistInfo) -> None:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kind = cfg.adapter or "full fine-tune"
+    where = f"{dist.world_size} x {dist.device.split(':')[0]}"
+    if dist.backend:
+        where += f" ({dist.backend})"
+    print(
+        f"model: {cfg.base_model} | {kind} | {trainable:,} of {total:,} parameters trained "
+        f"| {where}",
+        flush=True,
+    )
+
+
+def _write_summary(
+    cfg: TrainConfig, output_dir: str, report: DataReport, started: float, resume: str | None
+) -> dict[str, Any]:
+    records = read_metrics(Path(output_dir) / METRICS_FILE)
+    losses = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    rates = [r["tokens_per_s"] for r in losses if r.get("tokens_per_s")]
+    summary = {
+        "run_id": os.environ.get("FERRY_RUN_ID"),
+        "steps": records[-1]["step"] if records else 0,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+        "wall_s": round(time.time() - started, 1),
+        "resumed_from": resume,
+        "rows": {"in": report.rows_in, "kept": report.rows_kept, "train": report.train_rows,
+                 "eval": report.eval_rows, "skipped": dict(report.skipped)},
+        "output_dir": str(Path(output_dir).resolve()),
+        "artifact": "adapter" if cfg.adapter else "model",
+    }
+    out = Path(output_dir)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "config.yml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    )
+    first, final = summary["first_loss"], summary["final_loss"]
+    loss = f"loss {first:.4f} -> {final:.4f} ({(final - first) / first:+.0%})" if first and final else "no loss logged"
+    print(
+        f"done: {summary['steps']} steps in {summary['wall_s']}s, {loss}; "
+        f"{summary['artifact']} saved to {summary['output_dir']}",
+        flush=True,
+    )
+    return summary
