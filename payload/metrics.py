@@ -17,15 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every record in a metrics.jsonl (missing file: none)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from payload.storage.layout import METRICS_FILE, read_metrics
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -50,7 +42,7 @@ class MetricsCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run keeps the records up to the step it resumes from; a fresh run
         # starts the file again.
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= state.global_step]
+        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= state.global_step]
         with self.path.open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in (kept if state.global_step else []))
         self.start = self.last_time = time.monotonic()

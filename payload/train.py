@@ -20,13 +20,13 @@ import yaml
 from payload import distributed
 from payload.config.schema import TrainConfig
 from payload.data.build import DataReport, build_datasets
-from payload.metrics import METRICS_FILE, MetricsCallback, read_metrics
+from payload.metrics import MetricsCallback
 from payload.model import load_model, load_tokenizer, use_bf16
+from payload.storage.layout import CONFIG_FILE, SUMMARY_FILE, read_metrics
 
 log = logging.getLogger("ferry.train")
 
 DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default, for `python -m payload` run by hand
-SUMMARY_FILE = "summary.json"
 
 
 def steps_per_epoch(cfg: TrainConfig, rows: int, world_size: int) -> int:
@@ -58,8 +58,12 @@ def training_arguments(
         sharding["deepspeed"] = cfg.deepspeed
     if cfg.fsdp_config:
         sharding.update(fsdp="full_shard auto_wrap", fsdp_config=dict(cfg.fsdp_config))
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing.
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return TrainingArguments(
         output_dir=output_dir,
+        **{checkpointing: cfg.gradient_checkpointing},
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -75,7 +79,6 @@ def training_arguments(
         bf16=use_bf16(cfg),
         fp16=bool(cfg.fp16),
         tf32=cfg.tf32 if cuda else None,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_total_limit=cfg.save_total_limit,
@@ -107,9 +110,14 @@ def resume_point(cfg: TrainConfig, output_dir: str) -> str | None:
 
 
 def _quiet_libraries(is_main: bool) -> None:
+    """Keep the run's log to what the user can act on."""
+    import warnings
+
     import datasets
     import transformers
 
+    # Deprecations inside transformers/peft are theirs to fix, not the user's.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
@@ -175,7 +183,7 @@ def _print_model(model: Any, cfg: TrainConfig, dist: distributed.DistInfo) -> No
 def _write_summary(
     cfg: TrainConfig, output_dir: str, report: DataReport, started: float, resume: str | None
 ) -> dict[str, Any]:
-    records = read_metrics(Path(output_dir) / METRICS_FILE)
+    records = read_metrics(output_dir)
     losses = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     rates = [r["tokens_per_s"] for r in losses if r.get("tokens_per_s")]
@@ -195,7 +203,7 @@ def _write_summary(
     }
     out = Path(output_dir)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "config.yml").write_text(
+    (out / CONFIG_FILE).write_text(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     )
     first, final = summary["first_loss"], summary["final_loss"]

@@ -50,9 +50,10 @@ def training_text() -> list[str]:
 
 
 def build_tokenizer(out: Path):
-    from payload.model import CHAT_TEMPLATES
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from payload.model import CHAT_TEMPLATES
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,202 @@
+"""The seam every backend plugs into: what a job is, and the five things a backend does.
+
+A backend subclasses `Executor` and implements the private hooks; the public methods do
+the checks every backend shares first (torchtitan's checkpoint manager splits `save()`
+and `_save()` the same way). Backends register by name under the entry-point group
+`ferry.executors`, so a package outside Ferry can add one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from payload.errors import FerryError
+
+RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CONFIG_FILE = "config.yml"  # the resolved config, in the run folder
+
+
+class RunState(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a run asks for. `gpus_per_node` is the number of training processes per node
+    (on a machine without GPUs, that many CPU processes)."""
+
+    accelerator: str | None = None  # e.g. "H100", "A100-80GB"; None: whatever is there
+    gpus_per_node: int = 1
+    nodes: int = 1
+    spot: bool = False
+    region: str | None = None
+    timeout_s: int | None = None
+
+    @classmethod
+    def from_gpus(cls, gpus: str | int | None, **kwargs: Any) -> Resources:
+        """`--gpus 2` or `--gpus H100:8` (a bare name means one of it)."""
+        if gpus is None or gpus == "":
+            return cls(**kwargs)
+        text = str(gpus).strip()
+        if ":" in text:
+            name, count = text.rsplit(":", 1)
+        elif text.isdigit():
+            name, count = "", text
+        else:
+            name, count = text, "1"
+        if not count.isdigit() or int(count) < 1:
+            raise FerryError(
+                f"--gpus {text!r}: expected a count (2) or ACCELERATOR:COUNT (H100:8)."
+            )
+        return cls(accelerator=name or None, gpus_per_node=int(count), **kwargs)
+
+    def describe(self) -> str:
+        per_node = f"{self.accelerator or 'device'} x {self.gpus_per_node}"
+        return per_node if self.nodes == 1 else f"{self.nodes} nodes x {per_node}"
+
+
+@dataclass
+class JobSpec:
+    """One run, fully resolved: everything a backend needs to start it."""
+
+    run_id: str
+    name: str  # the config's name, for humans
+    config: dict[str, Any]  # resolved: overrides applied, local paths absolute
+    resources: Resources
+    run_dir: Path  # the launcher's folder for this run (resolved config, logs, state)
+    image: str | None = None
+    storage_uri: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)  # names only; values never travel here
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / CONFIG_FILE
+
+    def payload_command(self, config_path: str | Path | None = None) -> list[str]:
+        """The command every backend runs in the image, under torchrun."""
+        return ["-m", "payload", "train", str(config_path or self.config_path)]
+
+    def payload_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        env["FERRY_RUN_ID"] = self.run_id
+        if self.storage_uri:
+            env["FERRY_STORAGE_URI"] = self.storage_uri
+        return env
+
+
+@dataclass
+class Handle:
+    """How to find a submitted run again; stored in the registry as JSON."""
+
+    backend: str
+    run_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Handle:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Status:
+    state: RunState
+    detail: str | None = None  # why it failed, or what it is waiting for
+    exit_code: int | None = None
+
+
+@dataclass
+class Plan:
+    """A dry-run description: what would start, where, running what."""
+
+    backend: str
+    run_id: str
+    rows: list[tuple[str, str]]
+    command: list[str]
+
+    def text(self) -> str:
+        width = max(len(k) for k, _ in self.rows) if self.rows else 0
+        lines = [f"{k.ljust(width)}  {v}" for k, v in self.rows]
+        lines.append(f"{'command'.ljust(width)}  {shlex.join(self.command)}")
+        return "\n".join(lines)
+
+
+class Executor:
+    """Base class of every backend. Subclasses set `name` and implement the `_hooks`."""
+
+    name: str = ""
+
+    # ---- public API: shared checks, then the backend's hook
+    def check(self, job: JobSpec) -> None:
+        """Raise FerryError listing everything that would stop this job from running."""
+        problems: list[str] = []
+        if not RUN_ID.match(job.run_id):
+            problems.append(f"run id {job.run_id!r} must be lowercase letters, digits and dashes")
+        if job.resources.nodes < 1 or job.resources.gpus_per_node < 1:
+            problems.append("a run needs at least one node and one process per node")
+        problems.extend(self._check(job))
+        if problems:
+            raise FerryError(
+                f"The {self.name} backend cannot run {job.run_id}:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
+
+    def plan(self, job: JobSpec) -> Plan:
+        self.check(job)
+        return self._plan(job)
+
+    def submit(self, job: JobSpec) -> Handle:
+        self.check(job)
+        return self._submit(job)
+
+    def status(self, handle: Handle) -> Status:
+        self._own(handle)
+        return self._status(handle)
+
+    def logs(self, handle: Handle, follow: bool = False) -> Iterator[str]:
+        self._own(handle)
+        return self._logs(handle, follow)
+
+    def cancel(self, handle: Handle) -> Status:
+        self._own(handle)
+        return self._cancel(handle)
+
+    def _own(self, handle: Handle) -> None:
+        assert handle.backend == self.name, f"{self.name} given a {handle.backend} handle"
+
+    # ---- hooks
+    def _check(self, job: JobSpec) -> list[str]:
+        return []
+
+    def _plan(self, job: JobSpec) -> Plan:
+        raise NotImplementedError
+
+    def _submit(self, job: JobSpec) -> Handle:
+        raise NotImplementedError
+
+    def _status(self, handle: Handle) -> Status:
+        raise NotImplementedError
+
+    def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
+        raise NotImplementedError
+
+    def _cancel(self, handle: Handle) -> Status:
+        raise NotImplementedError

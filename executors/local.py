@@ -1,0 +1,207 @@
+"""The local backend: torchrun on this machine, as a detached process group.
+
+    python -m executors.supervise RUN_DIR -- python -m torch.distributed.run \
+        --standalone --nproc-per-node N -m payload train RUN_DIR/config.yml
+
+The supervisor leads a new session (so the run outlives the terminal and can be
+cancelled as one group), its output goes to RUN_DIR/train.log, and its exit lands in
+RUN_DIR/exit.json. Without GPUs, N is the number of CPU processes (gloo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
+from executors.supervise import EXIT_FILE
+
+LOG_FILE = "train.log"
+CANCEL_FILE = "cancel_requested"
+CANCEL_GRACE_S = 15.0
+TRAIN_MODULES = ("torch", "transformers", "peft", "accelerate", "datasets")
+# Config keys that only work on CUDA GPUs, and what each needs.
+GPU_ONLY = {
+    "load_in_4bit": "bitsandbytes on a CUDA GPU",
+    "load_in_8bit": "bitsandbytes on a CUDA GPU",
+    "fp16": "a CUDA GPU",
+    "flash_attention": "flash-attn on a CUDA GPU",
+    "deepspeed": "CUDA GPUs",
+    "fsdp_config": "CUDA GPUs",
+}
+
+
+def local_gpu_count() -> int:
+    """CUDA GPUs this machine offers, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _alive(pid: int, run_dir: str) -> bool:
+    """Is `pid` still this run's supervisor (not a recycled pid)?"""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.parent.exists():
+        try:
+            return run_dir in cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def _check(self, job: JobSpec) -> list[str]:
+        problems = []
+        if job.resources.nodes != 1:
+            problems.append("the local backend runs on this machine only; nodes must be 1")
+        missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            problems.append(
+                f"the training stack is not installed here ({', '.join(missing)} missing): "
+                "pip install 'ferry[train]'"
+            )
+        gpus = local_gpu_count()
+        wanted = job.resources.gpus_per_node
+        if gpus and wanted > gpus:
+            problems.append(f"{wanted} GPUs asked for, this machine has {gpus}")
+        if not gpus:
+            cfg = job.config
+            for key, needs in GPU_ONLY.items():
+                if cfg.get(key):
+                    problems.append(f"`{key}` needs {needs}; this machine has no GPU")
+            if cfg.get("bf16") is True:
+                problems.append("`bf16: true` needs a CUDA GPU; this machine has none (use auto)")
+        return problems
+
+    def _command(self, job: JobSpec) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--standalone", "--nproc-per-node", str(job.resources.gpus_per_node),
+            *job.payload_command(),
+        ]
+
+    def _env(self, job: JobSpec) -> dict[str, str]:
+        env = {**os.environ, **job.payload_env()}
+        if not local_gpu_count() and "OMP_NUM_THREADS" not in os.environ:
+            # Share the cores between the CPU processes instead of oversubscribing them.
+            per_process = max((os.cpu_count() or 1) // job.resources.gpus_per_node, 1)
+            env["OMP_NUM_THREADS"] = str(per_process)
+        return env
+
+    def _plan(self, job: JobSpec) -> Plan:
+        gpus = local_gpu_count()
+        n = job.resources.gpus_per_node
+        device = f"{n} x GPU (nccl)" if gpus else f"{n} x CPU process (gloo)"
+        rows = [
+            ("backend", "local (torchrun on this machine)"),
+            ("run id", job.run_id),
+            ("processes", device),
+            ("config", str(job.config_path)),
+            ("output_dir", str(job.config.get("output_dir"))),
+            ("log", str(job.run_dir / LOG_FILE)),
+        ]
+        return Plan(self.name, job.run_id, rows, self._command(job))
+
+    def _submit(self, job: JobSpec) -> Handle:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        job.config_path.write_text(yaml.safe_dump(job.config, sort_keys=False))
+        command = self._command(job)
+        supervisor = [sys.executable, "-m", "executors.supervise", str(job.run_dir), "--", *command]
+        with (job.run_dir / LOG_FILE).open("ab") as log:
+            log.write(f"$ {shlex.join(command)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                supervisor,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(job),
+                start_new_session=True,  # its own process group: cancel reaches every rank
+            )
+        return Handle(self.name, job.run_id, {"pid": process.pid, "run_dir": str(job.run_dir)})
+
+    def _status(self, handle: Handle) -> Status:
+        run_dir = Path(handle.data["run_dir"])
+        cancelled = (run_dir / CANCEL_FILE).exists()
+        exit_file = run_dir / EXIT_FILE
+        if exit_file.exists():
+            record = json.loads(exit_file.read_text())
+            code = record["exit_code"]
+            if cancelled:
+                return Status(RunState.CANCELLED, "cancelled by the user", code)
+            if code == 0:
+                return Status(RunState.SUCCEEDED, None, 0)
+            return Status(RunState.FAILED, _failure_detail(run_dir, code), code)
+        if _alive(handle.data["pid"], str(run_dir)):
+            return Status(RunState.RUNNING)
+        if cancelled:
+            return Status(RunState.CANCELLED, "cancelled by the user")
+        return Status(RunState.FAILED, "the run's processes are gone and recorded no exit (killed?)")
+
+    def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
+        path = Path(handle.data["run_dir"]) / LOG_FILE
+        with path.open("r", errors="replace") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    yield line
+                    continue
+                if not follow or self._status(handle).state.finished:
+                    # One more read: the run may have written its last lines meanwhile.
+                    yield from f.readlines()
+                    return
+                time.sleep(0.2)
+
+    def _cancel(self, handle: Handle) -> Status:
+        run_dir = Path(handle.data["run_dir"])
+        pid = handle.data["pid"]
+        if self._status(handle).state.finished:
+            return self._status(handle)
+        (run_dir / CANCEL_FILE).touch()
+        # The supervisor leads its own session, so its pid is the group id.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        while time.monotonic() < deadline and _alive(pid, str(run_dir)):
+            time.sleep(0.1)
+        # Whatever is left of the group (a rank stuck in a collective) goes now.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        return self._status(handle)
+
+
+def _failure_detail(run_dir: Path, code: int) -> str:
+    """The last `error:` line the payload printed, else the exit code."""
+    log = run_dir / LOG_FILE
+    if log.exists():
+        for line in reversed(log.read_text(errors="replace").splitlines()[-200:]):
+            if line.startswith("error:") or "Error:" in line:
+                return line.strip()[:500]
+    return f"exit code {code}"

@@ -1,0 +1,187 @@
+"""How `launch` prints: errors as one red paragraph, runs as tables, next steps spelled out.
+
+rich is imported on first use, not here: importing it costs ~40 ms, and `launch validate`
+prints two plain lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from executors import Plan
+from launcher.registry import RunRecord
+from payload.config import TrainConfig
+from payload.errors import FerryError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+STATE_STYLE = {
+    "pending": "yellow", "running": "cyan", "succeeded": "green",
+    "failed": "red", "cancelled": "magenta",
+}
+
+
+@cache
+def out() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@cache
+def err() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def error(e: FerryError) -> None:
+    err().print(f"[bold red]error:[/] {escape(e.message)}")
+    if e.hint:
+        err().print(escape(e.hint))
+
+
+def warning(message: str) -> None:
+    err().print(f"[yellow]warning:[/] {escape(message)}")
+
+
+def note(message: str) -> None:
+    err().print(escape(message))
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal; without one, refuse unless --yes was given."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise FerryError(f"{question} Not asking without a terminal: pass --yes.")
+    import typer
+
+    if not typer.confirm(question, default=False):
+        raise typer.Exit(1)
+
+
+def validated(source: str, cfg: TrainConfig) -> None:
+    import typer  # already loaded by the CLI; its styling is enough for two lines
+
+    kind = f"{cfg.adapter} r={cfg.lora_r}" if cfg.adapter else "full fine-tune"
+    data = ", ".join(f"{ds.type} {ds.path.rsplit('/', 1)[-1]}" for ds in cfg.datasets)
+    length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epochs"
+    typer.echo(typer.style("ok", fg="green") + f" {source} is valid")
+    typer.echo(
+        f"   {cfg.base_model} | {kind} | {data} | {length} | "
+        f"lr {cfg.learning_rate:g} | batch {cfg.micro_batch_size}x{cfg.gradient_accumulation_steps}"
+    )
+
+
+def plan(p: Plan) -> None:
+    out().print(f"[bold]dry run[/]: nothing was started\n{escape(p.text())}")
+
+
+def _next_steps(run_id: str) -> str:
+    return f"launch logs {run_id} -f | launch status {run_id} | launch cancel {run_id}"
+
+
+def submitted(record: RunRecord, detach: bool) -> None:
+    out().print(f"[bold]run[/] {record.run_id} ({record.backend}) submitted")
+    if detach:
+        out().print(f"   next: {_next_steps(record.run_id)}")
+
+
+def log_line(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _loss(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("final_loss") is None:
+        return "-"
+    return f"{summary['final_loss']:.4f}"
+
+
+def finished(record: RunRecord) -> None:
+    style = STATE_STYLE.get(record.state, "white")
+    took = _duration(record.updated_at - record.created_at)
+    out().print(f"\n[bold {style}]{record.state}[/] {record.run_id} in {took}")
+    if record.detail:
+        out().print(f"   {escape(record.detail)}")
+    s = record.summary or {}
+    if s.get("final_loss") is not None:
+        first, final = s["first_loss"], s["final_loss"]
+        out().print(f"   final loss  {final:.4f} (first {first:.4f}, {(final - first) / first:+.0%})")
+    if record.output_dir:
+        out().print(f"   artifacts   {escape(record.output_dir)}")
+    out().print(f"   logs        {escape(record.run_dir)}/train.log")
+    out().print(f"   next        launch status {record.run_id} | launch logs {record.run_id} | launch runs")
+
+
+def cancelled(record: RunRecord) -> None:
+    style = STATE_STYLE.get(record.state, "white")
+    out().print(f"[{style}]{record.state}[/] {record.run_id}")
+
+
+def runs_table(records: list[RunRecord]) -> None:
+    if not records:
+        out().print("No runs yet. Start one with: launch train examples/quickstart.yml")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("RUN ID", "STATE", "BACKEND", "RESOURCES", "STARTED", "DURATION", "LOSS"):
+        table.add_column(column)
+    now = time.time()
+    for r in records:
+        end = r.updated_at if r.state in ("succeeded", "failed", "cancelled") else now
+        res = r.resources
+        table.add_row(
+            r.run_id,
+            f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",
+            r.backend,
+            f"{res.get('accelerator') or 'x'}{res.get('gpus_per_node', 1)}"
+            + (f" x{res['nodes']} nodes" if res.get("nodes", 1) > 1 else ""),
+            datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M"),
+            _duration(end - r.created_at),
+            _loss(r.summary),
+        )
+    out().print(table)
+
+
+def run_details(r: RunRecord) -> None:
+    rows = [
+        ("run id", r.run_id),
+        ("state", f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]"),
+        ("backend", r.backend),
+        ("config", escape(r.source)),
+        ("started", datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")),
+        ("updated", datetime.fromtimestamp(r.updated_at).strftime("%Y-%m-%d %H:%M:%S")),
+        ("run folder", escape(r.run_dir)),
+        ("output", escape(r.output_dir or "-")),
+    ]
+    if r.detail:
+        rows.append(("detail", escape(r.detail)))
+    for key, value in (r.summary or {}).items():
+        if key in ("first_loss", "final_loss", "final_eval_loss", "steps", "tokens_per_s", "wall_s"):
+            rows.append((key.replace("_", " "), escape(str(value))))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out().print(f"{key.ljust(width)}  {value}")

@@ -1,0 +1,1 @@
+"""Where a run's files live. Torch-free: the launcher reads run outputs through it."""
