@@ -14,8 +14,15 @@ from payload.errors import FerryError
 GROUP = "ferry.executors"
 
 __all__ = [
-    "Executor", "Handle", "JobSpec", "Plan", "Resources", "RunState", "Status",
-    "available", "get_executor",
+    "Executor",
+    "Handle",
+    "JobSpec",
+    "Plan",
+    "Resources",
+    "RunState",
+    "Status",
+    "available",
+    "get_executor",
 ]
 
 

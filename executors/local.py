@@ -102,8 +102,12 @@ class LocalExecutor(Executor):
 
     def _command(self, job: JobSpec) -> list[str]:
         return [
-            sys.executable, "-m", "torch.distributed.run",
-            "--standalone", "--nproc-per-node", str(job.resources.gpus_per_node),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(job.resources.gpus_per_node),
             *job.payload_command(),
         ]
 
@@ -163,7 +167,9 @@ class LocalExecutor(Executor):
             return Status(RunState.RUNNING)
         if cancelled:
             return Status(RunState.CANCELLED, "cancelled by the user")
-        return Status(RunState.FAILED, "the run's processes are gone and recorded no exit (killed?)")
+        return Status(
+            RunState.FAILED, "the run's processes are gone and recorded no exit (killed?)"
+        )
 
     def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
         path = Path(handle.data["run_dir"]) / LOG_FILE

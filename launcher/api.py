@@ -1,9 +1,9 @@
 """Everything `launch` does, as Python functions (the CLI is a thin layer over these).
 
-    from launcher import api
-    record = api.train("examples/quickstart.yml", ["num_epochs=1"])
-    record = api.wait(record.run_id)
-    print(record.state, record.summary["final_loss"])
+from launcher import api
+record = api.train("examples/quickstart.yml", ["num_epochs=1"])
+record = api.wait(record.run_id)
+print(record.state, record.summary["final_loss"])
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def validate(source: str | Path, overrides: list[str] | None = None) -> TrainCon
 
 
 def config_name(source: str | Path) -> str:
-    """A run-id-safe name from the config's file name: `examples/Quick Start.yml` -> `quick-start`."""
+    """A run-id-safe name from the config's file name: `ex/Quick Start.yml` -> `quick-start`."""
     stem = Path(str(source).split("?")[0]).stem.lower()
     name = re.sub(r"[^a-z0-9]+", "-", stem).strip("-")
     return (name or "run")[:40]
@@ -162,8 +162,9 @@ def cancel(run_id: str, registry: Registry | None = None) -> RunRecord:
     if RunState(record.state).finished or not record.handle:
         return record
     result = get_executor(record.backend).cancel(_handle(record))
-    return registry.update(run_id, state=result.state.value, detail=result.detail,
-                           summary=read_summary(record))
+    return registry.update(
+        run_id, state=result.state.value, detail=result.detail, summary=read_summary(record)
+    )
 
 
 def wait(

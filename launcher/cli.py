@@ -24,12 +24,18 @@ app = typer.Typer(
 )
 
 # ---- options shared by several commands, defined once
-ConfigArg = Annotated[str, typer.Argument(help="Config file path or https URL.", show_default=False)]
+ConfigArg = Annotated[
+    str, typer.Argument(help="Config file path or https URL.", show_default=False)
+]
 RunArg = Annotated[str, typer.Argument(help="Run id (see `launch runs`).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", metavar="KEY=VALUE",
-                 help="Override a config key; dotted keys reach nested ones (datasets.0.path=...)."),
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a config key; dotted keys reach nested ones (datasets.0.path=...).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
@@ -63,12 +69,19 @@ def train(
     cloud: Annotated[str, typer.Option("--cloud", "-c", help="Backend to run on.")] = "local",
     gpus: Annotated[
         str | None,
-        typer.Option("--gpus", "-g", metavar="[ACCELERATOR:]N",
-                     help="Processes per node: GPUs (H100:8), or CPU processes without GPUs."),
+        typer.Option(
+            "--gpus",
+            "-g",
+            metavar="[ACCELERATOR:]N",
+            help="Processes per node: GPUs (H100:8), or CPU processes without GPUs.",
+        ),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; start nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
+    ] = False,
     detach: Annotated[
-        bool, typer.Option("--detach", "-d", help="Return after submitting; do not follow the logs.")
+        bool,
+        typer.Option("--detach", "-d", help="Return after submitting; do not follow the logs."),
     ] = False,
 ) -> None:
     """Train one config. Follows the logs until the run ends unless --detach."""
@@ -123,7 +136,9 @@ def status(run_id: RunArg, json_: JsonOpt = False) -> None:
 @app.command()
 def logs(
     run_id: RunArg,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")
+    ] = False,
 ) -> None:
     """Print a run's log."""
     from launcher import api, output

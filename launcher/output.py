@@ -21,8 +21,11 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 STATE_STYLE = {
-    "pending": "yellow", "running": "cyan", "succeeded": "green",
-    "failed": "red", "cancelled": "magenta",
+    "pending": "yellow",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
 }
 
 
@@ -128,11 +131,15 @@ def finished(record: RunRecord) -> None:
     s = record.summary or {}
     if s.get("final_loss") is not None:
         first, final = s["first_loss"], s["final_loss"]
-        out().print(f"   final loss  {final:.4f} (first {first:.4f}, {(final - first) / first:+.0%})")
+        out().print(
+            f"   final loss  {final:.4f} (first {first:.4f}, {(final - first) / first:+.0%})"
+        )
     if record.output_dir:
         out().print(f"   artifacts   {escape(record.output_dir)}")
     out().print(f"   logs        {escape(record.run_dir)}/train.log")
-    out().print(f"   next        launch status {record.run_id} | launch logs {record.run_id} | launch runs")
+    out().print(
+        f"   next        launch status {record.run_id} | launch logs {record.run_id} | launch runs"
+    )
 
 
 def cancelled(record: RunRecord) -> None:
@@ -180,7 +187,14 @@ def run_details(r: RunRecord) -> None:
     if r.detail:
         rows.append(("detail", escape(r.detail)))
     for key, value in (r.summary or {}).items():
-        if key in ("first_loss", "final_loss", "final_eval_loss", "steps", "tokens_per_s", "wall_s"):
+        if key in (
+            "first_loss",
+            "final_loss",
+            "final_eval_loss",
+            "steps",
+            "tokens_per_s",
+            "wall_s",
+        ):
             rows.append((key.replace("_", " "), escape(str(value))))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -127,7 +127,9 @@ class Registry:
                 ).fetchall()
         if row is None:
             hint = f" Did you mean: {', '.join(r[0] for r in close)}?" if close else ""
-            raise FerryError(f"No run {run_id!r} in {self.path}.{hint}", hint="List runs with `launch runs`.")
+            raise FerryError(
+                f"No run {run_id!r} in {self.path}.{hint}", hint="List runs with `launch runs`."
+            )
         return self._from_row(row)
 
     def list(self, limit: int | None = None, sweep_id: str | None = None) -> list[RunRecord]:

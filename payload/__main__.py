@@ -19,8 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune as the config says")
     train.add_argument("config", help="config path or https URL")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a config key (dotted keys allowed)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted keys allowed)",
+    )
     args = parser.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))

@@ -62,7 +62,9 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             tokens = state.num_input_tokens_seen or 0
             elapsed = now - self.last_time
-            record["tokens_per_s"] = round((tokens - self.last_tokens) / elapsed, 1) if elapsed > 0 else None
+            record["tokens_per_s"] = (
+                round((tokens - self.last_tokens) / elapsed, 1) if elapsed > 0 else None
+            )
             record["tokens_seen"] = tokens
             self.last_time, self.last_tokens = now, tokens
         record["elapsed_s"] = round(now - self.start, 3)

@@ -43,7 +43,9 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
     if tokenizer.eos_token_id is None:
-        raise FerryError(f"The tokenizer from {source} has no eos_token; set special_tokens.eos_token.")
+        raise FerryError(
+            f"The tokenizer from {source} has no eos_token; set special_tokens.eos_token."
+        )
     if cfg.chat_template and cfg.chat_template != "tokenizer_default":
         template = CHAT_TEMPLATES.get(cfg.chat_template)
         if template is None and "{%" not in cfg.chat_template:

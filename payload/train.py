@@ -60,7 +60,11 @@ def training_arguments(
         sharding.update(fsdp="full_shard auto_wrap", fsdp_config=dict(cfg.fsdp_config))
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing.
     fields = TrainingArguments.__dataclass_fields__
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    checkpointing = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
     return TrainingArguments(
         output_dir=output_dir,
         **{checkpointing: cfg.gradient_checkpointing},
@@ -120,7 +124,10 @@ def _quiet_libraries(is_main: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
+    if is_main:
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -196,8 +203,13 @@ def _write_summary(
         "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "wall_s": round(time.time() - started, 1),
         "resumed_from": resume,
-        "rows": {"in": report.rows_in, "kept": report.rows_kept, "train": report.train_rows,
-                 "eval": report.eval_rows, "skipped": dict(report.skipped)},
+        "rows": {
+            "in": report.rows_in,
+            "kept": report.rows_kept,
+            "train": report.train_rows,
+            "eval": report.eval_rows,
+            "skipped": dict(report.skipped),
+        },
         "output_dir": str(Path(output_dir).resolve()),
         "artifact": "adapter" if cfg.adapter else "model",
     }
@@ -207,7 +219,11 @@ def _write_summary(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     )
     first, final = summary["first_loss"], summary["final_loss"]
-    loss = f"loss {first:.4f} -> {final:.4f} ({(final - first) / first:+.0%})" if first and final else "no loss logged"
+    loss = (
+        f"loss {first:.4f} -> {final:.4f} ({(final - first) / first:+.0%})"
+        if first and final
+        else "no loss logged"
+    )
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']}s, {loss}; "
         f"{summary['artifact']} saved to {summary['output_dir']}",

@@ -34,7 +34,9 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
         line = key_node.start_mark.line + 1
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key `{key}` appears twice (lines {seen[key]} and {line})",
+                None,
+                None,
+                f"key `{key}` appears twice (lines {seen[key]} and {line})",
                 key_node.start_mark,
             )
         seen[key] = line
@@ -147,7 +149,8 @@ def _unknown_keys(raw: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
         if isinstance(entries, list):
             clean[key] = [
                 _check_keys(entry, model, axolotl_keys.DATASET, f"{key}[{i}].", problems)
-                if isinstance(entry, dict) else entry
+                if isinstance(entry, dict)
+                else entry
                 for i, entry in enumerate(entries)
             ]
     return problems, clean
@@ -210,9 +213,7 @@ def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Prob
         values[key] = _lookup(raw, err["loc"])
     problems = []
     for key, messages in by_key.items():
-        text = messages[0] + "".join(
-            " or " + m.removeprefix("should be ") for m in messages[1:]
-        )
+        text = messages[0] + "".join(" or " + m.removeprefix("should be ") for m in messages[1:])
         got = f" (got {values[key]!r})" if key in values else ""
         problems.append(Problem(key, f"{text}{got}."))
     return problems
@@ -226,7 +227,13 @@ def _is_field(prefix: str, part: str) -> bool:
 def _lookup(raw: Any, loc: tuple[Any, ...]) -> Any:
     node = raw
     for part in loc:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+        ):
             node = node[part]
         else:
             break

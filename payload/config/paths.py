@@ -47,7 +47,9 @@ def _resolve_one(
     if hub_ok and not looks_local(value):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             problems.append(
-                Problem(key, f"`{value}` is not a local path, and HF_HUB_OFFLINE=1 rules out the hub.")
+                Problem(
+                    key, f"`{value}` is not a local path, and HF_HUB_OFFLINE=1 rules out the hub."
+                )
             )
         return value
     where = "the current folder" + (f" or {base_dir}" if base_dir else "")
@@ -64,7 +66,9 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
         if value:
             update[key] = _resolve_one(key, value, base_dir, problems, hub_ok=True)
     if isinstance(cfg.deepspeed, str):
-        update["deepspeed"] = _resolve_one("deepspeed", cfg.deepspeed, base_dir, problems, hub_ok=False)
+        update["deepspeed"] = _resolve_one(
+            "deepspeed", cfg.deepspeed, base_dir, problems, hub_ok=False
+        )
     if cfg.resume_from_checkpoint and "://" not in cfg.resume_from_checkpoint:
         update["resume_from_checkpoint"] = _resolve_one(
             "resume_from_checkpoint", cfg.resume_from_checkpoint, base_dir, problems, hub_ok=False

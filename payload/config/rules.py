@@ -28,7 +28,9 @@ def rule(*keys: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def check_rules(cfg: TrainConfig, given: set[str], bad: set[str]) -> tuple[list[Problem], list[Problem]]:
+def check_rules(
+    cfg: TrainConfig, given: set[str], bad: set[str]
+) -> tuple[list[Problem], list[Problem]]:
     """Run every rule whose keys are all valid. `given` is the top-level keys the user set.
 
     Returns (errors, warnings).
@@ -80,30 +82,49 @@ def _datasets(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                 f"{', '.join(SUPPORTED_DATASET_TYPES)}.",
             )
         if ds.type == "completion" and (ds.field_instruction or ds.field_input or ds.field_output):
-            yield _warn(f"datasets[{i}]", "field_instruction/input/output are ignored by `completion`.")
+            yield _warn(
+                f"datasets[{i}]", "field_instruction/input/output are ignored by `completion`."
+            )
         if ds.type == "alpaca" and ds.field:
-            yield _warn(f"datasets[{i}].field", "is ignored by `alpaca` (use field_instruction...).")
+            yield _warn(
+                f"datasets[{i}].field", "is ignored by `alpaca` (use field_instruction...)."
+            )
 
 
 @rule("adapter", "load_in_4bit", "load_in_8bit")
 def _quantisation(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
-        yield _error("adapter", "`qlora` needs `load_in_4bit: true` (QLoRA trains on a 4-bit base).")
+        yield _error(
+            "adapter", "`qlora` needs `load_in_4bit: true` (QLoRA trains on a 4-bit base)."
+        )
     if cfg.load_in_4bit and cfg.load_in_8bit:
         yield _error("load_in_4bit", "and `load_in_8bit` cannot both be true.")
     if cfg.load_in_4bit and cfg.adapter != "qlora":
-        yield _error("load_in_4bit", "needs `adapter: qlora`; a 4-bit base cannot be trained in full.")
+        yield _error(
+            "load_in_4bit", "needs `adapter: qlora`; a 4-bit base cannot be trained in full."
+        )
     if cfg.load_in_8bit and cfg.adapter is None:
-        yield _error("load_in_8bit", "needs `adapter: lora`; an 8-bit base cannot be trained in full.")
+        yield _error(
+            "load_in_8bit", "needs `adapter: lora`; an 8-bit base cannot be trained in full."
+        )
 
 
-@rule("adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-      "lora_target_linear", "lora_modules_to_save")
+@rule(
+    "adapter",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_linear",
+    "lora_modules_to_save",
+)
 def _lora_without_adapter(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.adapter is None:
         stray = sorted(k for k in given if k.startswith("lora_"))
         if stray:
-            yield _warn(", ".join(stray), "ignored: no `adapter` is set, so this is a full fine-tune.")
+            yield _warn(
+                ", ".join(stray), "ignored: no `adapter` is set, so this is a full fine-tune."
+            )
     if cfg.lora_target_linear and cfg.lora_target_modules:
         yield _error(
             "lora_target_linear", "and `lora_target_modules` both choose the modules; set one."
@@ -140,8 +161,9 @@ def _schedules(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 
 @rule("flash_attention", "sdp_attention", "attn_implementation")
 def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
-    chosen = [k for k in ("flash_attention", "sdp_attention", "attn_implementation")
-              if getattr(cfg, k)]
+    chosen = [
+        k for k in ("flash_attention", "sdp_attention", "attn_implementation") if getattr(cfg, k)
+    ]
     if len(chosen) > 1:
         yield _error(chosen[0], f"and `{chosen[1]}` both choose attention; set one.")
 
@@ -170,4 +192,6 @@ def _optimizer(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.optimizer not in OPTIMIZERS:
         close = difflib.get_close_matches(cfg.optimizer, OPTIMIZERS, n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"one of: {', '.join(OPTIMIZERS)}."
-        yield _error("optimizer", f"`{cfg.optimizer}` is not an optimizer transformers knows; {hint}")
+        yield _error(
+            "optimizer", f"`{cfg.optimizer}` is not an optimizer transformers knows; {hint}"
+        )

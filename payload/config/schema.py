@@ -19,16 +19,46 @@ SUPPORTED_DATASET_TYPES = ("alpaca", "completion")
 # Names as transformers spells them (its `OptimizerNames` and `SchedulerType`); a test
 # keeps these in step with the installed release.
 OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adafactor", "adamw_torch_4bit", "adamw_torch_8bit",
-    "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit",
-    "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_lion_32bit",
-    "paged_lion_8bit", "rmsprop", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
-    "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw",
-    "schedule_free_sgd", "apollo_adamw", "stable_adamw",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "lomo",
+    "adalomo",
+    "grokadamw",
+    "schedule_free_radam",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "apollo_adamw",
+    "stable_adamw",
 )
 SCHEDULERS = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-    "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
 ]
 
 
@@ -195,9 +225,7 @@ class TrainConfig(_Strict):
         default=None, description="Keep only the newest N checkpoints."
     )
     eval_steps: PositiveInt | None = Field(default=None, description="Evaluate every N steps.")
-    evals_per_epoch: PositiveInt | None = Field(
-        default=None, description="Evaluations per epoch."
-    )
+    evals_per_epoch: PositiveInt | None = Field(default=None, description="Evaluations per epoch.")
     logging_steps: PositiveInt = Field(default=1, description="Log metrics every N steps.")
     resume_from_checkpoint: str | None = Field(
         default=None, description="Checkpoint folder to resume from."

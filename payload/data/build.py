@@ -16,8 +16,14 @@ from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.strategies import STRATEGIES, BadRow
 from payload.errors import FerryError
 
-SUFFIX_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
-                  ".arrow": "arrow", ".txt": "text"}
+SUFFIX_FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 COLUMNS = ["input_ids", "attention_mask", "labels"]
 
 
@@ -33,8 +39,10 @@ class DataReport:
     eval_rows: int = 0
 
     def lines(self) -> list[str]:
-        out = [f"{self.rows_kept} of {self.rows_in} rows kept "
-               f"({self.train_rows} train, {self.eval_rows} eval)"]
+        out = [
+            f"{self.rows_kept} of {self.rows_in} rows kept "
+            f"({self.train_rows} train, {self.eval_rows} eval)"
+        ]
         for reason, n in self.skipped.most_common():
             out.append(f"skipped {n}: {reason} (first: {self.examples[reason]})")
         return out
@@ -78,12 +86,19 @@ def tokenize_dataset(
         if len(out["input_ids"]) > limit:
             reason = f"longer than sequence_len ({limit} tokens)"
             if cfg.strict:
-                raise FerryError(f"{name} row {row_index}: {len(out['input_ids'])} tokens, {reason}.")
+                raise FerryError(
+                    f"{name} row {row_index}: {len(out['input_ids'])} tokens, {reason}."
+                )
             return {**dict.fromkeys(COLUMNS, []), "skip": reason}
         return {**out, "skip": ""}
 
-    mapped = rows.map(one, with_indices=True, remove_columns=rows.column_names,
-                      keep_in_memory=True, desc=f"tokenizing {name}")
+    mapped = rows.map(
+        one,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        keep_in_memory=True,
+        desc=f"tokenizing {name}",
+    )
     report.rows_in += len(mapped)
     reasons = mapped["skip"]
     for row_index, reason in enumerate(reasons):

@@ -74,7 +74,9 @@ ALPACA_NO_INPUT = (
 
 
 @register("alpaca")
-def alpaca(row: dict[str, Any], tokenizer: Any, ds: DatasetConfig, train_on_inputs: bool) -> Tokenized:
+def alpaca(
+    row: dict[str, Any], tokenizer: Any, ds: DatasetConfig, train_on_inputs: bool
+) -> Tokenized:
     """The Stanford Alpaca prompt; the `input` section appears only when the row has one."""
     instruction = text_field(row, ds.field_instruction or "instruction")
     extra = text_field(row, ds.field_input or "input", required=False)
@@ -85,6 +87,8 @@ def alpaca(row: dict[str, Any], tokenizer: Any, ds: DatasetConfig, train_on_inpu
 
 
 @register("completion")
-def completion(row: dict[str, Any], tokenizer: Any, ds: DatasetConfig, train_on_inputs: bool) -> Tokenized:
+def completion(
+    row: dict[str, Any], tokenizer: Any, ds: DatasetConfig, train_on_inputs: bool
+) -> Tokenized:
     """Raw text, every token trained: <bos> text <eos>."""
     return join(tokenizer, "", text_field(row, ds.field or "text"), train_on_inputs=True)
