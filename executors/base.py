@@ -20,6 +20,7 @@ from typing import Any
 from payload.errors import FerryError
 
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+ACCELERATOR = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 CONFIG_FILE = "config.yml"  # the resolved config, in the run folder
 
 
@@ -59,7 +60,7 @@ class Resources:
             name, count = "", text
         else:
             name, count = text, "1"
-        if not count.isdigit() or int(count) < 1:
+        if not count.isdigit() or int(count) < 1 or (name and not ACCELERATOR.match(name)):
             raise FerryError(
                 f"--gpus {text!r}: expected a count (2) or ACCELERATOR:COUNT (H100:8)."
             )

@@ -1,7 +1,9 @@
 """The local backend: torchrun on this machine, as a detached process group.
 
-    python -m executors.supervise RUN_DIR -- python -m torch.distributed.run \
+    python -m executors.supervise RUN_DIR -- python -m payload.torchrun \
         --standalone --nproc-per-node N -m payload train RUN_DIR/config.yml
+
+(`payload.torchrun` is torch's torchrun with tidier failures.)
 
 The supervisor leads a new session (so the run outlives the terminal and can be
 cancelled as one group), its output goes to RUN_DIR/train.log, and its exit lands in
@@ -57,6 +59,54 @@ def local_gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants. torchrun starts each rank in a session of its own,
+    so the process group alone does not reach them."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    else:  # macOS and other Unixes
+        listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+        for line in listing.stdout.splitlines():
+            child, parent = map(int, line.split())
+            children.setdefault(parent, []).append(child)
+    tree, stack = [pid], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            tree.append(child)
+            stack.append(child)
+    return tree
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _running(pid: int) -> bool:
+    """Still running (not gone, not a zombie waiting to be reaped)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _alive(pid: int, run_dir: str) -> bool:
     """Is `pid` still this run's supervisor (not a recycled pid)?"""
     cmdline = Path(f"/proc/{pid}/cmdline")
@@ -104,7 +154,7 @@ class LocalExecutor(Executor):
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "payload.torchrun",
             "--standalone",
             "--nproc-per-node",
             str(job.resources.gpus_per_node),
@@ -191,23 +241,27 @@ class LocalExecutor(Executor):
         if self._status(handle).state.finished:
             return self._status(handle)
         (run_dir / CANCEL_FILE).touch()
-        # The supervisor leads its own session, so its pid is the group id.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+        if not _alive(pid, str(run_dir)):
+            return self._status(handle)
+        # SIGTERM to every process of the run at once: the supervisor records the exit,
+        # torchrun stops its agent, each rank may save and leave.
+        tree = process_tree(pid)
+        _signal_all(tree, signal.SIGTERM)
         deadline = time.monotonic() + CANCEL_GRACE_S
-        while time.monotonic() < deadline and _alive(pid, str(run_dir)):
+        while time.monotonic() < deadline and any(_running(p) for p in tree):
             time.sleep(0.1)
-        # Whatever is left of the group (a rank stuck in a collective) goes now.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        # Whatever is left (a rank stuck in a collective, a child it started) goes now.
+        _signal_all(process_tree(pid) + tree, signal.SIGKILL)
         return self._status(handle)
 
 
 def _failure_detail(run_dir: Path, code: int) -> str:
-    """The last `error:` line the payload printed, else the exit code."""
+    """Why the run failed: the payload's last `error:` line, else the last line that
+    names an exception, else the exit code."""
     log = run_dir / LOG_FILE
-    if log.exists():
-        for line in reversed(log.read_text(errors="replace").splitlines()[-200:]):
-            if line.startswith("error:") or "Error:" in line:
-                return line.strip()[:500]
+    lines = log.read_text(errors="replace").splitlines()[-300:] if log.exists() else []
+    for wanted in (lambda s: s.startswith("error:"), lambda s: "Error" in s):
+        for line in reversed(lines):
+            if wanted(line):
+                return line.removeprefix("error:").strip()[:500]
     return f"exit code {code}"

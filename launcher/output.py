@@ -10,6 +10,7 @@ import sys
 import time
 from datetime import datetime
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from executors import Plan
@@ -33,7 +34,9 @@ STATE_STYLE = {
 def out() -> Console:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output (scripts, CI logs) gets a wide page so that nothing, run ids least of
+    # all, is cut to fit 80 columns.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 @cache
@@ -134,7 +137,7 @@ def finished(record: RunRecord) -> None:
         out().print(
             f"   final loss  {final:.4f} (first {first:.4f}, {(final - first) / first:+.0%})"
         )
-    if record.output_dir:
+    if record.output_dir and Path(record.output_dir).exists():
         out().print(f"   artifacts   {escape(record.output_dir)}")
     out().print(f"   logs        {escape(record.run_dir)}/train.log")
     out().print(
@@ -147,6 +150,15 @@ def cancelled(record: RunRecord) -> None:
     out().print(f"[{style}]{record.state}[/] {record.run_id}")
 
 
+def _resources(res: dict[str, Any]) -> str:
+    """`2`, `H100:8`, `2 nodes x H100:8`."""
+    per_node = str(res.get("gpus_per_node", 1))
+    if res.get("accelerator"):
+        per_node = f"{res['accelerator']}:{per_node}"
+    nodes = res.get("nodes", 1)
+    return per_node if nodes == 1 else f"{nodes} nodes x {per_node}"
+
+
 def runs_table(records: list[RunRecord]) -> None:
     if not records:
         out().print("No runs yet. Start one with: launch train examples/quickstart.yml")
@@ -154,18 +166,17 @@ def runs_table(records: list[RunRecord]) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("RUN ID", "STATE", "BACKEND", "RESOURCES", "STARTED", "DURATION", "LOSS"):
-        table.add_column(column)
+    table.add_column("RUN ID", no_wrap=True, min_width=max(len(r.run_id) for r in records))
+    for column in ("STATE", "BACKEND", "RESOURCES", "STARTED", "DURATION", "LOSS"):
+        table.add_column(column, no_wrap=True)
     now = time.time()
     for r in records:
         end = r.updated_at if r.state in ("succeeded", "failed", "cancelled") else now
-        res = r.resources
         table.add_row(
             r.run_id,
             f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",
             r.backend,
-            f"{res.get('accelerator') or 'x'}{res.get('gpus_per_node', 1)}"
-            + (f" x{res['nodes']} nodes" if res.get("nodes", 1) > 1 else ""),
+            _resources(r.resources),
             datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M"),
             _duration(end - r.created_at),
             _loss(r.summary),

@@ -4,6 +4,7 @@ yet by name, bad values, cross-key rules, and local files that do not exist."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -27,18 +28,17 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     """Safe YAML that refuses a key written twice (PyYAML would keep the last silently)."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"key `{key}` appears twice (lines {seen[key]} and {line})",
-                key_node.start_mark,
-            )
+            raise _DuplicateKey(f"key `{key}` appears twice (lines {seen[key]} and {line})")
         seen[key] = line
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -71,8 +71,12 @@ def read_text(source: str | os.PathLike[str]) -> str:
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    stream = io.StringIO(text)
+    stream.name = source  # so YAML errors name the file, not "<unicode string>"
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = yaml.load(stream, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except _DuplicateKey as e:
+        raise FerryError(f"{source}: {e}; keep one.") from e
     except yaml.YAMLError as e:
         raise FerryError(f"{source} is not valid YAML: {e}") from e
     if data is None:
@@ -168,7 +172,9 @@ def _check_keys(
     for key, value in raw.items():
         key = str(key)
         if key in known:
-            clean[key] = value
+            # As in Axolotl, `key: null` means "not set": the default applies.
+            if value is not None:
+                clean[key] = value
         elif key in axolotl:
             # Axolotl knows it and Ferry does not do it yet. An off value (null, false, empty)
             # asks for nothing, so it is accepted as a no-op.

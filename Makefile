@@ -1,0 +1,37 @@
+# Two commands for a fresh machine with Python 3.10+:
+#   make quickstart   set up .venv (CPU torch) and train the quickstart locally
+#   make test         set up .venv and run the whole test suite
+# The virtualenv is created once and reused; it is refreshed when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch: the train extra would otherwise pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup quickstart test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" -e ".[train,dev]"
+	touch $@
+
+quickstart: setup
+	$(BIN)/launch train examples/quickstart.yml
+
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python bench/cli_startup.py
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

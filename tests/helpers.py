@@ -1,0 +1,55 @@
+"""Helpers shared by the tests: repository paths and a runner for the real `launch` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart.yml"
+ASSETS = ROOT / "examples" / "assets"
+DATA = ROOT / "examples" / "data" / "alpaca_tiny.jsonl"
+
+
+def launch_command() -> list[str]:
+    script = Path(sys.executable).with_name("launch")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "launcher"]
+
+
+def launch(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    cwd: Path = ROOT,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `launch` CLI in a subprocess and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [*launch_command(), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"launch {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+def quickstart_config(tmp_path: Path, extra: str = "", name: str = "quickstart.yml") -> Path:
+    """A copy of the quickstart, anywhere, with absolute paths and `extra` YAML appended."""
+    import yaml
+
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["base_model"] = str(ASSETS / "tiny-llama")
+    raw["datasets"][0]["path"] = str(DATA)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False) + "\n" + extra)
+    return path

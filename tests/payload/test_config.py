@@ -1,0 +1,320 @@
+"""payload.config: keys, values, cross-key rules, overrides, sources and files."""
+
+from __future__ import annotations
+
+import http.server
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import ASSETS, DATA, QUICKSTART, ROOT, quickstart_config
+from hypothesis import given
+from hypothesis import strategies as st
+
+from payload.config import ConfigError, FerryError, load_config, validate_mapping
+from payload.config.overrides import apply_overrides, parse_value
+
+BASE = {
+    "base_model": str(ROOT / "examples/assets/tiny-llama"),
+    "datasets": [{"path": str(ROOT / "examples/data/alpaca_tiny.jsonl"), "type": "alpaca"}],
+    "learning_rate": 1e-4,
+}
+
+
+def problems(raw: dict) -> dict[str, str]:
+    """{key: message} of every problem validate_mapping reports (fails if there are none)."""
+    with pytest.raises(ConfigError) as info:
+        validate_mapping(raw, "test.yml")
+    return {p.key: p.message for p in info.value.problems}
+
+
+def test_quickstart_is_valid_and_paths_are_made_absolute():
+    cfg = load_config(QUICKSTART)
+    assert cfg.adapter == "lora" and cfg.lora_r == 16 and cfg.num_epochs == 2
+    assert Path(cfg.base_model).is_absolute() and Path(cfg.base_model).is_dir()
+    assert Path(cfg.datasets[0].path).is_file()
+
+
+def test_relative_paths_resolve_from_the_current_folder_first(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "alpaca_tiny.jsonl").write_text(DATA.read_text())
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(QUICKSTART)
+    assert cfg.datasets[0].path == str(tmp_path / "data" / "alpaca_tiny.jsonl")
+    assert cfg.base_model == str(ASSETS / "tiny-llama")  # not here: found beside the config
+
+
+def test_misspelt_key_gets_did_you_mean():
+    found = problems({**BASE, "lerning_rate": 2e-4})
+    assert "did you mean `learning_rate`" in found["lerning_rate"]
+
+
+def test_misspelt_dataset_key_is_named_with_its_index():
+    raw = {**BASE, "datasets": [{**BASE["datasets"][0], "feild_output": "x"}]}
+    found = problems(raw)
+    assert "did you mean `field_output`" in found["datasets[0].feild_output"]
+
+
+def test_three_independent_errors_are_reported_together():
+    raw = {**BASE, "lerning_rate": 1, "micro_batch_size": 0, "warmup_steps": 5, "warmup_ratio": 0.1}
+    found = problems(raw)
+    assert set(found) == {"lerning_rate", "micro_batch_size", "warmup_steps"}
+    assert "greater than 0" in found["micro_batch_size"]
+
+
+def test_axolotl_key_not_supported_is_refused_by_name_not_as_typo():
+    found = problems({**BASE, "lora_mlp_kernel": True, "wandb_project": "x"})
+    assert found["lora_mlp_kernel"] == "is not supported yet by Ferry."
+    assert found["wandb_project"] == "is not supported yet by Ferry."
+
+
+def test_null_means_not_set():
+    cfg = validate_mapping({**BASE, "num_epochs": None, "lora_r": None, "seed": None})
+    assert (cfg.num_epochs, cfg.lora_r, cfg.seed) == (1.0, 8, 42)
+
+
+def test_axolotl_key_set_to_its_off_value_is_accepted():
+    cfg = validate_mapping({**BASE, "lora_mlp_kernel": False, "wandb_project": None})
+    assert cfg.base_model == BASE["base_model"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ({"adapter": "qlora"}, "adapter", "load_in_4bit"),
+        ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit", "qlora"),
+        ({"load_in_8bit": True}, "load_in_8bit", "adapter"),
+        ({"warmup_steps": 10, "warmup_ratio": 0.1}, "warmup_steps", "exclusive"),
+        ({"fsdp_config": {"a": 1}, "deepspeed": {"b": 2}}, "fsdp_config", "exclusive"),
+        ({"bf16": True, "fp16": True}, "bf16", "both"),
+        ({"save_steps": 10, "saves_per_epoch": 2}, "save_steps", "exclusive"),
+        ({"gradient_accumulation_steps": -2}, "gradient_accumulation_steps", "greater than 0"),
+        ({"num_epochs": 0}, "num_epochs", "greater than 0"),
+        ({"sample_packing": True}, "sample_packing", "not supported yet"),
+        ({"rl": "dpo"}, "rl", "not supported yet"),
+        ({"optimizer": "adamw_torh"}, "optimizer", "adamw_torch"),
+        ({"lr_scheduler": "cosin"}, "lr_scheduler", "cosine"),
+        ({"adapter": "dora"}, "adapter", "lora"),
+        ({"flash_attention": True, "sdp_attention": True}, "flash_attention", "one"),
+    ],
+)
+def test_cross_key_and_value_rules(extra, key, words):
+    found = problems({**BASE, **extra})
+    assert key in found, found
+    assert words in found[key]
+
+
+def test_required_keys():
+    found = problems({})
+    assert {"base_model", "datasets", "learning_rate"} <= set(found)
+
+
+def test_unsupported_dataset_type_lists_the_supported_ones():
+    raw = {**BASE, "datasets": [{**BASE["datasets"][0], "type": "sharegpt"}]}
+    assert "alpaca, completion" in problems(raw)["datasets[0].type"]
+
+
+def test_union_errors_are_merged_into_one_message():
+    found = problems({**BASE, "bf16": "maybe"})
+    assert found["bf16"] == "should be a valid boolean or 'auto' (got 'maybe')."
+
+
+def test_bad_value_does_not_cascade_into_rule_errors():
+    # load_in_4bit is invalid itself; the qlora rule must not also complain about it.
+    found = problems({**BASE, "adapter": "qlora", "load_in_4bit": "perhaps"})
+    assert set(found) == {"load_in_4bit"}
+
+
+def test_missing_files_are_reported_with_their_key(tmp_path):
+    raw = {
+        **BASE,
+        "datasets": [{"path": "nowhere/data.jsonl", "type": "alpaca"}],
+        "base_model": "./no-model",
+    }
+    found = problems(raw)
+    assert "does not exist" in found["datasets[0].path"]
+    assert "does not exist" in found["base_model"]
+
+
+def test_hub_id_is_refused_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in problems({**BASE, "base_model": "someorg/somemodel"})["base_model"]
+
+
+def test_ignored_settings_warn(caplog):
+    validate_mapping({**BASE, "lora_r": 32})  # no adapter: a full fine-tune ignores lora_r
+    assert any("lora_r" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "dup.yml"
+    path.write_text("learning_rate: 1.0e-4\nseed: 1\nlearning_rate: 2.0e-4\n")
+    with pytest.raises(
+        FerryError, match=r"dup.yml: key `learning_rate` appears twice \(lines 1 and 3\)"
+    ):
+        load_config(path)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.yml"
+    path.write_text("base_model: [unclosed\n")
+    with pytest.raises(FerryError, match="broken.yml is not valid YAML") as info:
+        load_config(path)
+    assert "<unicode string>" not in str(info.value)
+
+
+# ---- overrides
+
+
+def test_overrides_are_typed_and_reach_nested_keys(tmp_path):
+    cfg = load_config(
+        quickstart_config(tmp_path),
+        [
+            "learning_rate=1e-4",
+            "lora_r=4",
+            "train_on_inputs=true",
+            "max_steps=3",
+            f"datasets.0.path={ROOT}/examples/data/alpaca_tiny.jsonl",
+            "datasets.0.split=train",
+            "lora_target_modules=[q_proj, v_proj]",
+            "lora_target_linear=null",
+        ],
+    )
+    assert cfg.learning_rate == pytest.approx(1e-4)
+    assert cfg.lora_r == 4 and cfg.train_on_inputs is True and cfg.max_steps == 3
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.lora_target_linear is None
+
+
+def test_override_creates_nested_mappings_and_appends_to_lists():
+    raw = apply_overrides(
+        {"datasets": [{"path": "a"}]},
+        ["fsdp_config.reshard_after_forward=true", "datasets.1.path=b"],
+    )
+    assert raw["fsdp_config"] == {"reshard_after_forward": True}
+    assert [d["path"] for d in raw["datasets"]] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("learning_rate", "key=value"),
+        ("datasets.5.path=x", "list index from 0 to 1"),
+        ("seed.x=1", "has no keys"),
+    ],
+)
+def test_bad_overrides_say_what_is_wrong(item, message):
+    with pytest.raises(FerryError, match=message):
+        apply_overrides({"datasets": [{"path": "a"}], "seed": 3}, [item])
+
+
+def test_override_typo_is_caught_like_a_file_typo(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean `num_epochs`"):
+        load_config(quickstart_config(tmp_path), ["num_epoch=3"])
+
+
+@given(st.integers(min_value=-(10**12), max_value=10**12))
+def test_parse_value_round_trips_integers(n):
+    assert parse_value(str(n)) == n and isinstance(parse_value(str(n)), int)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, width=64))
+def test_parse_value_round_trips_floats(x):
+    assert parse_value(repr(x)) == pytest.approx(x)
+
+
+def test_parse_value_understands_yaml_words():
+    assert parse_value("true") is True and parse_value("null") is None
+    assert parse_value("2e-4") == pytest.approx(2e-4)  # YAML 1.1 alone would give a string
+    assert parse_value("cosine") == "cosine"
+
+
+# ---- sources
+
+
+@pytest.fixture
+def https_server(tmp_path, monkeypatch):
+    """A real HTTPS server on 127.0.0.1 with a certificate from a throwaway CA that this
+    process (only) is told to trust."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(root))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"https://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_config_from_https_url(https_server, tmp_path):
+    root, url = https_server
+    (root / "remote.yml").write_text(quickstart_config(tmp_path).read_text())
+    cfg = load_config(f"{url}/remote.yml", ["lora_r=2"])
+    assert cfg.lora_r == 2 and cfg.adapter == "lora"
+
+
+def test_unreachable_url_is_a_clear_error(https_server):
+    _, url = https_server
+    with pytest.raises(FerryError, match="Could not fetch the config"):
+        load_config(f"{url}/missing.yml")
+
+
+def test_plain_http_is_refused():
+    with pytest.raises(FerryError, match="https only"):
+        load_config("http://127.0.0.1:1/cfg.yml")
+
+
+# ---- in step with what it describes
+
+
+def test_importing_the_config_does_not_import_torch():
+    code = (
+        "import sys, payload.config; "
+        "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_optimizer_and_scheduler_names_exist_in_transformers():
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from payload.config.schema import OPTIMIZERS, SCHEDULERS
+
+    assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
+    assert set(get_args(SCHEDULERS)) <= {s.value for s in SchedulerType}
+
+
+def test_supported_dataset_types_match_the_registered_strategies():
+    from payload.config.schema import SUPPORTED_DATASET_TYPES
+    from payload.data.strategies import STRATEGIES
+
+    assert set(SUPPORTED_DATASET_TYPES) == set(STRATEGIES)
+
+
+def test_every_schema_key_is_an_axolotl_key_or_a_documented_extension():
+    from payload.config import axolotl_keys
+    from payload.config.schema import DatasetConfig, TrainConfig
+
+    assert set(TrainConfig.model_fields) <= axolotl_keys.TOP_LEVEL
+    extensions = {"field_instruction", "field_input", "field_output"}
+    assert set(DatasetConfig.model_fields) <= axolotl_keys.DATASET | extensions
+    for model in (TrainConfig, DatasetConfig):
+        missing_help = [k for k, f in model.model_fields.items() if not f.description]
+        assert not missing_help, f"fields without help: {missing_help}"
