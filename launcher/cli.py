@@ -178,6 +178,12 @@ def main() -> None:
             traceback.print_exc()
         output.error(e)
         sys.exit(1)
+    finally:
+        # Nothing is left to collect: skip the interpreter's last full GC pass over
+        # everything pydantic and typer built, about 0.1 s of every command's exit.
+        import gc
+
+        gc.freeze()
 
 
 def _route_warnings() -> None:
