@@ -48,7 +48,9 @@ def main() -> None:
 
     python = median_wall([sys.executable, "-c", "pass"], args.runs, env)
     help_s = median_wall([*launch_command(), "--help"], args.runs, env)
-    validate_s = median_wall([*launch_command(), "validate", "examples/quickstart.yml"], args.runs, env)
+    validate_s = median_wall(
+        [*launch_command(), "validate", "examples/quickstart.yml"], args.runs, env
+    )
 
     print(f"python -c pass (baseline): {python:.3f} s")
     print(f"launch --help:             {help_s:.3f} s ({help_s / python:.1f}x baseline)")
