@@ -65,6 +65,14 @@ def test_quickstart_is_recorded_as_succeeded(quickstart_run):
     assert record["run_id"] in table and "succeeded" in table
 
 
+def test_logs_replays_the_run(quickstart_run):
+    run_id = quickstart_run.record["run_id"]
+    env = {"FERRY_HOME": str(quickstart_run.home)}
+    for follow in ([], ["-f"]):  # -f on a finished run prints everything and returns
+        log = launch("logs", run_id, *follow, env=env, check=True, timeout=60).stdout
+        assert "[step 80/80] loss" in log and "done: 80 steps" in log
+
+
 def test_quickstart_adapter_loads_and_changes_the_model(quickstart_run):
     """The saved adapter is a real PEFT adapter for the shipped base model."""
     import torch

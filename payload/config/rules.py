@@ -181,6 +181,15 @@ def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error("plugins", "are not supported yet.")
 
 
+@rule("dataset_prepared_path")
+def _prepared_path(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.dataset_prepared_path:
+        yield _warn(
+            "dataset_prepared_path",
+            "ignored for now: datasets are tokenized afresh on every run (no cache yet).",
+        )
+
+
 @rule("max_steps", "num_epochs")
 def _length(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.max_steps and "num_epochs" in given:

@@ -149,3 +149,32 @@ def test_a_run_that_fails_is_recorded_with_the_reason(tmp_path):
     record = json.loads(launch("runs", "--json", check=True).stdout)[0]
     assert record["state"] == "failed"
     assert "missing field `instruction`" in record["detail"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_following_cancels_the_run(tmp_path):
+    """An attached `launch train` stopped with Ctrl-C must not leave the run behind."""
+    import signal
+    import subprocess
+
+    from helpers import launch_command
+
+    process = subprocess.Popen(
+        [*launch_command(), "train", str(quickstart_config(tmp_path)), "--set", "num_epochs=50"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("[step"):
+            break
+    run_id = json.loads(launch("runs", "--json", check=True).stdout)[0]["run_id"]
+    pids = process_tree(json.loads(api.status(run_id).handle)["data"]["pid"])
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "interrupted: cancelling" in rest and f"\ncancelled {run_id}" in rest
+    assert api.status(run_id).state == "cancelled"
+    _wait_for(lambda: not [p for p in pids if _alive(p)], 10, "the run's processes to exit")

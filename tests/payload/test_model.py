@@ -1,0 +1,76 @@
+"""Loading the tokenizer and model a config names: special tokens, chat templates, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import ASSETS, DATA
+
+from payload.config import FerryError, validate_mapping
+from payload.model import CHAT_TEMPLATES, load_model, load_tokenizer
+
+
+def _cfg(**extra):
+    raw = {
+        "base_model": str(ASSETS / "tiny-llama"),
+        "learning_rate": 1e-4,
+        "datasets": [{"path": str(DATA), "type": "alpaca"}],
+        **extra,
+    }
+    return validate_mapping(raw)
+
+
+def test_special_tokens_replace_the_tokenizer_defaults():
+    tokenizer = load_tokenizer(_cfg(special_tokens={"pad_token": "<unk>"}))
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id == 0
+    assert tokenizer.padding_side == "right"
+
+
+def test_chat_template_by_name_or_jinja():
+    assert load_tokenizer(_cfg(chat_template="chatml")).chat_template == CHAT_TEMPLATES["chatml"]
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer = load_tokenizer(_cfg(chat_template=jinja))
+    assert (
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+    )
+    with pytest.raises(FerryError, match="neither a built-in"):
+        load_tokenizer(_cfg(chat_template="vicuna_v9"))
+
+
+def test_tokenizer_config_points_elsewhere():
+    tokenizer = load_tokenizer(_cfg(tokenizer_config=str(ASSETS / "tiny-tokenizer")))
+    assert len(tokenizer) == 1024
+
+
+def test_lora_wraps_every_linear_layer_and_trains_only_the_adapter():
+    cfg = _cfg(adapter="lora", lora_r=4, lora_target_linear=True)
+    model = load_model(cfg, load_tokenizer(cfg))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert model.peft_config["default"].lora_alpha == 8  # default: 2 x lora_r
+
+
+def test_lora_on_named_modules_only():
+    cfg = _cfg(adapter="lora", lora_target_modules=["q_proj", "v_proj"])
+    model = load_model(cfg, load_tokenizer(cfg))
+    adapted = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1]
+        for n, _ in model.named_parameters()
+        if "lora_A" in n
+    }
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_new_tokens_under_lora_need_their_embeddings_trained():
+    cfg = _cfg(adapter="lora", special_tokens={"sep_token": "<|sep|>"})
+    with pytest.raises(FerryError, match="lora_modules_to_save"):
+        load_model(cfg, load_tokenizer(cfg))
+
+
+def test_new_tokens_grow_the_embeddings_of_a_full_finetune():
+    cfg = _cfg(special_tokens={"sep_token": "<|sep|>"})
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer)
+    assert len(tokenizer) == 1025
+    assert model.get_input_embeddings().weight.shape[0] == 1025
