@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from payload.errors import FerryError
+from payload.storage.layout import CONFIG_FILE  # the run folder holds its resolved config too
 
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 ACCELERATOR = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
-CONFIG_FILE = "config.yml"  # the resolved config, in the run folder
 
 
 class RunState(str, Enum):

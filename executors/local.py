@@ -197,7 +197,7 @@ class LocalExecutor(Executor):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._env(job),
-                start_new_session=True,  # its own process group: cancel reaches every rank
+                start_new_session=True,  # its own session: the run outlives this terminal
             )
         return Handle(self.name, job.run_id, {"pid": process.pid, "run_dir": str(job.run_dir)})
 
@@ -238,11 +238,9 @@ class LocalExecutor(Executor):
     def _cancel(self, handle: Handle) -> Status:
         run_dir = Path(handle.data["run_dir"])
         pid = handle.data["pid"]
-        if self._status(handle).state.finished:
-            return self._status(handle)
-        (run_dir / CANCEL_FILE).touch()
         if not _alive(pid, str(run_dir)):
-            return self._status(handle)
+            return self._status(handle)  # already over: keep how it really ended
+        (run_dir / CANCEL_FILE).touch()
         # SIGTERM to every process of the run at once: the supervisor records the exit,
         # torchrun stops its agent, each rank may save and leave.
         tree = process_tree(pid)
@@ -251,7 +249,7 @@ class LocalExecutor(Executor):
         while time.monotonic() < deadline and any(_running(p) for p in tree):
             time.sleep(0.1)
         # Whatever is left (a rank stuck in a collective, a child it started) goes now.
-        _signal_all(process_tree(pid) + tree, signal.SIGKILL)
+        _signal_all([p for p in process_tree(pid) + tree if _running(p)], signal.SIGKILL)
         return self._status(handle)
 
 
