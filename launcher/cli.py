@@ -25,9 +25,11 @@ app = typer.Typer(
 
 # ---- options shared by several commands, defined once
 ConfigArg = Annotated[
-    str, typer.Argument(help="Config file path or https URL.", show_default=False)
+    str, typer.Argument(help="Config file path or https URL.", metavar="CONFIG", show_default=False)
 ]
-RunArg = Annotated[str, typer.Argument(help="Run id (see `launch runs`).", show_default=False)]
+RunArg = Annotated[
+    str, typer.Argument(help="Run id (see `launch runs`).", metavar="RUN", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -66,7 +68,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 def train(
     config: ConfigArg,
     set_: SetOpt = None,
-    cloud: Annotated[str, typer.Option("--cloud", "-c", help="Backend to run on.")] = "local",
+    cloud: Annotated[
+        str, typer.Option("--cloud", "-c", metavar="BACKEND", help="Backend to run on.")
+    ] = "local",
     gpus: Annotated[
         str | None,
         typer.Option(
@@ -109,7 +113,9 @@ def train(
 @app.command()
 def runs(
     json_: JsonOpt = False,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="Show at most N runs.")] = 20,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", metavar="N", help="Show at most N runs.")
+    ] = 20,
 ) -> None:
     """List recent runs, newest first."""
     from launcher import api, output
