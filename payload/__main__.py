@@ -48,4 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed. Exit without the interpreter's teardown: native
+    # destructors of torch's distributed objects can still hang there (see train.run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -51,8 +51,14 @@ def setup() -> DistInfo:
     return DistInfo(rank, local_rank, world_size, backend, device)
 
 
-def teardown() -> None:
+def teardown(synchronize: bool = True) -> None:
+    """Leave the process group. With `synchronize` (a run that finished), every rank
+    arrives before any destroys the group, so no collective is still in flight in gloo's
+    worker threads when it goes. A failing rank leaves at once: the others may be inside
+    a collective it will never join, and torchrun stops them when it sees the failure."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ the resolved `config.yml` in `output_dir`.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -132,45 +133,57 @@ def _quiet_libraries(is_main: bool) -> None:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; return the summary (also written to `summary.json`)."""
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
-
     dist = distributed.setup()
+    finished = False
     try:
-        _quiet_libraries(dist.is_main)
-        output_dir = cfg.output_dir or DEFAULT_OUTPUT_DIR
-        set_seed(cfg.seed)
-        started = time.time()
-        tokenizer = load_tokenizer(cfg)
-        train_set, eval_set, report = build_datasets(cfg, tokenizer)
-        if dist.is_main:
-            for line in report.lines():
-                print(f"data: {line}", flush=True)
-        model = load_model(cfg, tokenizer)
-        if dist.is_main:
-            _print_model(model, cfg, dist)
-        args = training_arguments(cfg, dist, output_dir, len(train_set), eval_set is not None)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            processing_class=tokenizer,
-            callbacks=[MetricsCallback(output_dir, dist.is_main)],
-        )
-        trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
-        resume = resume_point(cfg, output_dir)
-        if resume and dist.is_main:
-            print(f"resuming from {resume}", flush=True)
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(output_dir)
-        summary: dict[str, Any] = {}
-        if dist.is_main:
-            tokenizer.save_pretrained(output_dir)
-            summary = _write_summary(cfg, output_dir, report, started, resume)
+        summary = _train(cfg, dist)
+        finished = True
         return summary
     finally:
-        distributed.teardown()
+        # `_train` has returned, so the trainer and the DDP model are unreachable; collect
+        # them while the process group still exists. Freed after `teardown`, the DDP
+        # reducer would destroy the gloo group itself, holding the GIL while gloo's worker
+        # thread waits for it: a deadlock at exit, seen here in one run of several.
+        gc.collect()
+        distributed.teardown(synchronize=finished)
+
+
+def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
+
+    _quiet_libraries(dist.is_main)
+    output_dir = cfg.output_dir or DEFAULT_OUTPUT_DIR
+    set_seed(cfg.seed)
+    started = time.time()
+    tokenizer = load_tokenizer(cfg)
+    train_set, eval_set, report = build_datasets(cfg, tokenizer)
+    if dist.is_main:
+        for line in report.lines():
+            print(f"data: {line}", flush=True)
+    model = load_model(cfg, tokenizer)
+    if dist.is_main:
+        _print_model(model, cfg, dist)
+    args = training_arguments(cfg, dist, output_dir, len(train_set), eval_set is not None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(output_dir, dist.is_main)],
+    )
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
+    resume = resume_point(cfg, output_dir)
+    if resume and dist.is_main:
+        print(f"resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(output_dir)
+    summary: dict[str, Any] = {}
+    if dist.is_main:
+        tokenizer.save_pretrained(output_dir)
+        summary = _write_summary(cfg, output_dir, report, started, resume)
+    return summary
 
 
 def _print_model(model: Any, cfg: TrainConfig, dist: distributed.DistInfo) -> None:

@@ -37,7 +37,7 @@ def test_two_gloo_ranks_match_a_single_process_reference(tmp_path, ferry_home):
     must train exactly like one process with 16 rows per step (same global batch, same
     data order, gradients averaged over all tokens). A difference means the data is
     sharded wrongly or gradients are not all-reduced."""
-    result = launch("train", "examples/quickstart.yml", "--gpus", "2", timeout=600, check=True)
+    result = launch("train", "examples/quickstart.yml", "--gpus", "2", timeout=300, check=True)
     assert "2 x cpu (gloo)" in result.stdout
     record = json.loads(launch("runs", "--json", check=True).stdout)[0]
     assert record["state"] == "succeeded" and record["resources"]["gpus_per_node"] == 2
