@@ -131,17 +131,10 @@ def validate_mapping(
         cfg, path_problems = paths.resolve(cfg, base_dir)
         problems.extend(path_problems)
     if problems:
-        raise ConfigError(source, _dedupe(problems))
+        raise ConfigError(source, problems)
     for w in warnings:
         log.warning("%s: %s", source, w)
     return cfg
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen: dict[tuple[str, str], Problem] = {}
-    for p in problems:
-        seen.setdefault((p.key, p.message), p)
-    return list(seen.values())
 
 
 def _unknown_keys(raw: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
