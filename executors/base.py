@@ -122,6 +122,7 @@ class Status:
     state: RunState
     detail: str | None = None  # why it failed, or what it is waiting for
     exit_code: int | None = None
+    finished_at: float | None = None  # when it ended (epoch seconds), if the backend knows
 
 
 @dataclass

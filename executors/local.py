@@ -185,6 +185,9 @@ class LocalExecutor(Executor):
 
     def _submit(self, job: JobSpec) -> Handle:
         job.run_dir.mkdir(parents=True, exist_ok=True)
+        # A relaunch of the same run (a retry) starts with no outcome recorded.
+        for stale in (EXIT_FILE, CANCEL_FILE):
+            (job.run_dir / stale).unlink(missing_ok=True)
         job.config_path.write_text(yaml.safe_dump(job.config, sort_keys=False))
         command = self._command(job)
         supervisor = [sys.executable, "-m", "executors.supervise", str(job.run_dir), "--", *command]
@@ -207,12 +210,12 @@ class LocalExecutor(Executor):
         exit_file = run_dir / EXIT_FILE
         if exit_file.exists():
             record = json.loads(exit_file.read_text())
-            code = record["exit_code"]
+            code, ended = record["exit_code"], record.get("finished_at")
             if cancelled:
-                return Status(RunState.CANCELLED, "cancelled by the user", code)
+                return Status(RunState.CANCELLED, "cancelled by the user", code, ended)
             if code == 0:
-                return Status(RunState.SUCCEEDED, None, 0)
-            return Status(RunState.FAILED, _failure_detail(run_dir, code), code)
+                return Status(RunState.SUCCEEDED, None, 0, ended)
+            return Status(RunState.FAILED, _failure_detail(run_dir, code), code, ended)
         if _alive(handle.data["pid"], str(run_dir)):
             return Status(RunState.RUNNING)
         if cancelled:

@@ -17,10 +17,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from executors import Handle, JobSpec, Plan, Resources, RunState, get_executor
 from launcher.registry import Registry, RunRecord, ferry_home
 from payload.config import TrainConfig, load_config
 from payload.config.loader import is_url
+from payload.errors import FerryError
+from payload.storage.layout import CONFIG_FILE
 from payload.storage.layout import read_summary as read_output_summary
 
 
@@ -42,6 +46,21 @@ def make_run_id(name: str, now: datetime | None = None) -> str:
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
 
 
+def job_for(cfg: TrainConfig, name: str, run_id: str, gpus: str | int | None = None) -> JobSpec:
+    """The JobSpec of a validated config: its own run folder, and its own output folder
+    (the run's, or the configured one with the run id under it for sweep trials)."""
+    run_dir = ferry_home() / "runs" / run_id
+    config = cfg.model_dump(mode="json", exclude_defaults=True)
+    config.setdefault("output_dir", str(run_dir / "output"))
+    return JobSpec(
+        run_id=run_id,
+        name=name,
+        config=config,
+        resources=Resources.from_gpus(gpus),
+        run_dir=run_dir,
+    )
+
+
 def prepare(
     source: str | Path,
     overrides: list[str] | None = None,
@@ -52,18 +71,7 @@ def prepare(
     """Validate the config and turn it into a JobSpec; nothing is written or started."""
     cfg = validate(source, overrides)
     name = config_name(source)
-    run_id = run_id or make_run_id(name)
-    run_dir = ferry_home() / "runs" / run_id
-    if not cfg.output_dir:
-        cfg = cfg.model_copy(update={"output_dir": str(run_dir / "output")})
-    config = cfg.model_dump(mode="json", exclude_defaults=True)
-    return JobSpec(
-        run_id=run_id,
-        name=name,
-        config=config,
-        resources=Resources.from_gpus(gpus),
-        run_dir=run_dir,
-    )
+    return job_for(cfg, name, run_id or make_run_id(name), gpus)
 
 
 def plan(
@@ -76,6 +84,67 @@ def plan(
     """What `train` would start, without starting it (the dry run)."""
     job = prepare(source, overrides, gpus=gpus)
     return get_executor(cloud).plan(job)
+
+
+def record_for(job: JobSpec, source: str | Path, backend: str = "", **extra: Any) -> RunRecord:
+    """A registry row for a job not yet submitted."""
+    now = time.time()
+    return RunRecord(
+        run_id=job.run_id,
+        name=job.name,
+        source=str(source) if is_url(source) else str(Path(source).resolve()),
+        backend=backend,
+        state=RunState.PENDING.value,
+        created_at=now,
+        updated_at=now,
+        run_dir=str(job.run_dir),
+        output_dir=job.config.get("output_dir"),
+        resources=asdict(job.resources),
+        **extra,
+    )
+
+
+def submit(record: RunRecord, job: JobSpec, backend: str, registry: Registry) -> RunRecord:
+    """Submit a recorded job to `backend` (again, for a retry) and record the handle.
+
+    A FerryError from the backend marks the run failed; other errors (a network blip)
+    leave it pending for the caller to retry."""
+    executor = get_executor(backend)
+    try:
+        handle = executor.submit(job)
+    except FerryError as e:
+        registry.update(
+            record.run_id,
+            state=RunState.FAILED.value,
+            backend=backend,
+            detail=f"submit failed: {e.message}",
+            finished_at=time.time(),
+        )
+        raise
+    return registry.update(
+        record.run_id,
+        state=RunState.RUNNING.value,
+        backend=backend,
+        handle=handle.to_json(),
+        detail=None,
+        summary=None,
+        started_at=time.time(),
+        finished_at=None,
+        attempts=record.attempts + 1,
+    )
+
+
+def job_from_record(record: RunRecord) -> JobSpec:
+    """Rebuild a recorded run's JobSpec from its run folder (to dispatch or relaunch it)."""
+    run_dir = Path(record.run_dir)
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    return JobSpec(
+        run_id=record.run_id,
+        name=record.name,
+        config=config,
+        resources=Resources(**record.resources),
+        run_dir=run_dir,
+    )
 
 
 def train(
@@ -91,26 +160,15 @@ def train(
     job = prepare(source, overrides, gpus=gpus)
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
-    now = time.time()
-    record = RunRecord(
-        run_id=job.run_id,
-        name=job.name,
-        source=source if is_url(source) else str(Path(source).resolve()),
-        backend=executor.name,
-        state=RunState.PENDING.value,
-        created_at=now,
-        updated_at=now,
-        run_dir=str(job.run_dir),
-        output_dir=job.config.get("output_dir"),
-        resources=asdict(job.resources),
-    )
+    record = record_for(job, source, executor.name)
     registry.add(record)
     try:
-        handle = executor.submit(job)
+        return submit(record, job, executor.name, registry)
+    except FerryError:
+        raise
     except BaseException as e:
         registry.update(job.run_id, state=RunState.FAILED.value, detail=f"submit failed: {e}")
         raise
-    return registry.update(job.run_id, state=RunState.RUNNING.value, handle=handle.to_json())
 
 
 def _handle(record: RunRecord) -> Handle:
@@ -128,6 +186,7 @@ def refresh(record: RunRecord, registry: Registry) -> RunRecord:
     changes: dict[str, Any] = {"state": status.state.value, "detail": status.detail}
     if status.state.finished:
         changes["summary"] = read_summary(record)
+        changes["finished_at"] = status.finished_at or time.time()
     return registry.update(record.run_id, **changes)
 
 
@@ -159,11 +218,17 @@ def cancel(run_id: str, registry: Registry | None = None) -> RunRecord:
     """Stop a run (SIGTERM, then SIGKILL after a grace period on the local backend)."""
     registry = registry or Registry()
     record = registry.get(run_id)
-    if RunState(record.state).finished or not record.handle:
+    if RunState(record.state).finished:
         return record
+    if not record.handle:  # recorded but never submitted (a sweep's queued trial)
+        return registry.update(run_id, state=RunState.CANCELLED.value, finished_at=time.time())
     result = get_executor(record.backend).cancel(_handle(record))
     return registry.update(
-        run_id, state=result.state.value, detail=result.detail, summary=read_summary(record)
+        run_id,
+        state=result.state.value,
+        detail=result.detail,
+        summary=read_summary(record),
+        finished_at=result.finished_at or time.time(),
     )
 
 
@@ -186,3 +251,117 @@ def wait(
         if deadline is not None and time.monotonic() > deadline:
             return record
         time.sleep(poll_s)
+
+
+# ---- sweeps (launcher.dispatch and launcher.report hold the machinery)
+
+
+def sweep_plan(
+    source: str | Path,
+    sweep_file: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    clouds: list[str] | None = None,
+    gpus: str | int | None = None,
+    max_parallel: int = 1,
+    max_trials: int | None = None,
+) -> Any:
+    """Expand and validate a sweep without recording or starting anything (the dry run).
+    Returns a `launcher.dispatch.SweepPlan`."""
+    from launcher import dispatch
+    from launcher.sweeps import DEFAULT_MAX_TRIALS
+
+    return dispatch.plan_sweep(
+        source,
+        sweep_file,
+        overrides,
+        backends=clouds,
+        gpus=gpus,
+        max_parallel=max_parallel,
+        max_trials=max_trials or DEFAULT_MAX_TRIALS,
+    )
+
+
+def sweep(
+    source: str | Path,
+    sweep_file: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    clouds: list[str] | None = None,
+    gpus: str | int | None = None,
+    max_parallel: int = 1,
+    max_trials: int | None = None,
+    detach: bool = False,
+    on_event: Callable[[str, RunRecord], None] | None = None,
+    registry: Registry | None = None,
+) -> Any:
+    """Plan, record and run a sweep. Blocks until every trial has ended, unless `detach`
+    (then a background dispatcher runs it). Returns the `SweepRecord`."""
+    from launcher import dispatch
+
+    registry = registry or Registry()
+    plan = sweep_plan(
+        source,
+        sweep_file,
+        overrides,
+        clouds=clouds,
+        gpus=gpus,
+        max_parallel=max_parallel,
+        max_trials=max_trials,
+    )
+    record = dispatch.create(plan, registry)
+    if detach:
+        return dispatch.detach(record.sweep_id, registry)
+    dispatch.dispatch(record.sweep_id, registry, on_event=on_event)
+    return registry.get_sweep(record.sweep_id)
+
+
+def sweep_status(sweep_id: str, registry: Registry | None = None) -> tuple[Any, list[RunRecord]]:
+    """The sweep and its trials, unfinished ones refreshed from their backends."""
+    registry = registry or Registry()
+    record = registry.get_sweep(sweep_id)
+    return record, [refresh(t, registry) for t in registry.trials(sweep_id)]
+
+
+def sweep_report(
+    sweep_id: str,
+    metric: str | None = None,
+    mode: str = "min",
+    out_dir: str | Path | None = None,
+    registry: Registry | None = None,
+) -> tuple[Any, Path, Path | None]:
+    """Rank the trials by `metric` and write report.json and report.png to `out_dir`
+    (default $FERRY_HOME/sweeps/<id>/). Returns (Report, json path, png path or None)."""
+    from launcher import report
+
+    _, trials = sweep_status(sweep_id, registry)
+    built = report.build(sweep_id, trials, metric, mode)
+    folder = Path(out_dir) if out_dir else ferry_home() / "sweeps" / sweep_id
+    data, png = report.write(built, folder)
+    return built, data, png
+
+
+def sweep_retry(
+    sweep_id: str,
+    failed: bool = True,
+    detach: bool = False,
+    on_event: Callable[[str, RunRecord], None] | None = None,
+    registry: Registry | None = None,
+) -> list[RunRecord]:
+    """Rerun the sweep's failed trials (and any left pending); returns the trials after."""
+    from launcher import dispatch
+
+    registry = registry or Registry()
+    queued = dispatch.retry(sweep_id, failed, registry)
+    if not queued:
+        raise FerryError(f"Sweep {sweep_id} has no failed or pending trials to run.")
+    if detach:
+        dispatch.detach(sweep_id, registry)
+        return registry.trials(sweep_id)
+    return dispatch.dispatch(sweep_id, registry, on_event=on_event)
+
+
+def sweep_cancel(sweep_id: str, registry: Registry | None = None) -> list[RunRecord]:
+    from launcher import dispatch
+
+    return dispatch.cancel(sweep_id, registry)

@@ -166,6 +166,194 @@ def cancel(run_id: RunArg, yes: YesOpt = False) -> None:
     output.cancelled(record)
 
 
+# ---- sweeps: `launch sweep CFG --sweep GRID.yml` runs one; subcommands look after it
+
+
+class _SweepGroup(typer.core.TyperGroup):
+    """`launch sweep CFG ...` means `launch sweep run CFG ...`: `run` is the default."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+sweep_app = typer.Typer(
+    cls=_SweepGroup,
+    help="Run a grid of configs side by side, follow it, and rank the results.\n\n"
+    "launch sweep CFG --sweep GRID.yml [--cloud B ...] [--max-parallel K] runs one.",
+    no_args_is_help=True,
+)
+app.add_typer(sweep_app, name="sweep")
+SweepArg = Annotated[
+    str, typer.Argument(help="Sweep id (printed by `launch sweep`).", metavar="SWEEP")
+]
+DetachOpt = Annotated[
+    bool, typer.Option("--detach", "-d", help="Return at once; a background process dispatches.")
+]
+
+
+@sweep_app.command("run")
+def sweep_run(
+    config: ConfigArg,
+    grid: Annotated[
+        str,
+        typer.Option("--sweep", metavar="GRID.yml", help="The sweep file: key -> list of values."),
+    ],
+    set_: SetOpt = None,
+    cloud: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cloud",
+            "-c",
+            metavar="BACKEND",
+            help="Backend(s); repeat to spread trials over several.",
+        ),
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option("--gpus", "-g", metavar="[ACCELERATOR:]N", help="Per trial.")
+    ] = None,
+    max_parallel: Annotated[
+        int, typer.Option("--max-parallel", "-k", metavar="K", help="Trials at once per backend.")
+    ] = 1,
+    max_trials: Annotated[
+        int, typer.Option("--max-trials", metavar="N", help="Refuse grids larger than this.")
+    ] = 256,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the trials and their plans; start nothing.")
+    ] = False,
+    detach: DetachOpt = False,
+) -> None:
+    """Expand the grid, validate every trial, then run them (the default subcommand)."""
+    from launcher import api, output
+
+    plan = api.sweep_plan(
+        config,
+        grid,
+        set_ or [],
+        clouds=cloud,
+        gpus=gpus,
+        max_parallel=max_parallel,
+        max_trials=max_trials,
+    )
+    for warning in plan.warnings:
+        output.warning(warning)
+    if dry_run:
+        output.sweep_dry_run(plan)
+        return
+    from launcher import dispatch
+
+    sweep = dispatch.create(plan)
+    output.sweep_started(sweep, len(plan.trials), detach)
+    if detach:
+        dispatch.detach(sweep.sweep_id)
+        return
+    _follow_sweep(sweep.sweep_id)
+
+
+def _follow_sweep(sweep_id: str) -> None:
+    """Dispatch in the foreground, one line per event; then the summary and the report.
+    Ctrl-C cancels the sweep."""
+    from launcher import api, dispatch, output
+
+    try:
+        dispatch.dispatch(sweep_id, on_event=output.sweep_event)
+    except KeyboardInterrupt:
+        output.note(f"\ninterrupted: cancelling sweep {sweep_id} ...")
+        api.sweep_cancel(sweep_id)
+    sweep, trials = api.sweep_status(sweep_id)
+    output.sweep_summary(sweep, trials)
+    if any(t.state == "succeeded" for t in trials):
+        try:
+            report, data, png = api.sweep_report(sweep_id)
+            output.sweep_report(report, data, png)
+        except Exception as e:  # noqa: BLE001 - the sweep ran; a report problem must not hide it
+            output.warning(f"could not write the report: {e}")
+    if any(t.state != "succeeded" for t in trials):
+        raise typer.Exit(1)
+
+
+@sweep_app.command("status")
+def sweep_status(
+    sweep_id: SweepArg,
+    json_: JsonOpt = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until the sweep ends.")
+    ] = False,
+) -> None:
+    """The sweep's trials: state, backend, progress, loss."""
+    from launcher import api, output
+
+    if json_:
+        sweep, trials = api.sweep_status(sweep_id)
+        print(json.dumps({**sweep.to_dict(), "trials": [t.to_dict() for t in trials]}, indent=2))
+        return
+    output.sweep_status(sweep_id, watch)
+
+
+@sweep_app.command("report")
+def sweep_report(
+    sweep_id: SweepArg,
+    metric: Annotated[
+        str | None,
+        typer.Option("--metric", "-m", help="Rank by this (default: eval_loss, else loss)."),
+    ] = None,
+    mode: Annotated[str, typer.Option("--mode", help="min or max: which end is best.")] = "min",
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", metavar="DIR", help="Where report.json/png go.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Rank the trials by a metric; write report.json and a PNG of their curves."""
+    from launcher import api, output
+
+    report, data, png = api.sweep_report(sweep_id, metric, mode, out)
+    if json_:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        output.sweep_report(report, data, png)
+
+
+@sweep_app.command("retry")
+def sweep_retry(
+    sweep_id: SweepArg,
+    failed: Annotated[bool, typer.Option("--failed", help="Rerun the trials that failed.")] = False,
+    detach: DetachOpt = False,
+) -> None:
+    """Rerun failed trials (--failed) and any the dispatcher never started."""
+    from launcher import dispatch, output
+
+    queued = dispatch.retry(sweep_id, failed)
+    if not queued:
+        from payload.errors import FerryError
+
+        raise FerryError(
+            f"Sweep {sweep_id} has nothing to run"
+            + ("." if failed else "; pass --failed to rerun its failed trials.")
+        )
+    output.note(
+        f"retrying {len(queued)} trial(s): "
+        + ", ".join(f"t{t.trial['index']} ({t.trial['name']})" for t in queued)
+    )
+    if detach:
+        dispatch.detach(sweep_id)
+        return
+    _follow_sweep(sweep_id)
+
+
+@sweep_app.command("cancel")
+def sweep_cancel(sweep_id: SweepArg, yes: YesOpt = False) -> None:
+    """Stop the sweep: its running trials, its queue, its background dispatcher."""
+    from launcher import api, output
+
+    output.confirm(f"Cancel sweep {sweep_id} and all its unfinished trials?", yes)
+    trials = api.sweep_cancel(sweep_id)
+    output.note(
+        f"cancelled sweep {sweep_id}: "
+        + ", ".join(f"t{t.trial['index']} {t.state}" for t in trials)
+    )
+
+
 def main() -> None:
     """Console entry point: the one place user errors become a clean message and exit 1."""
     from payload.errors import FerryError

@@ -210,3 +210,175 @@ def run_details(r: RunRecord) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         out().print(f"{key.ljust(width)}  {value}")
+
+
+# ---- sweeps
+
+
+def _trial_label(record: RunRecord) -> str:
+    trial = record.trial or {}
+    return f"t{trial.get('index')} ({trial.get('name')})"
+
+
+def sweep_dry_run(plan: Any) -> None:
+    from rich.table import Table
+
+    out().print(
+        f"[bold]dry run[/]: sweep {plan.sweep_id} would run {len(plan.trials)} trials, "
+        f"at most {plan.max_parallel} at a time on each of: {', '.join(plan.backends)}"
+    )
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("TRIAL", "NAME", "RUN ID", "BACKEND"):
+        table.add_column(column, no_wrap=True)
+    for trial, job in zip(plan.trials, plan.jobs, strict=True):
+        table.add_row(
+            f"t{trial.index}", escape(trial.name), job.run_id, plan.backend_for(trial.index)
+        )
+    out().print(table)
+    from executors import get_executor
+
+    for trial, job in zip(plan.trials, plan.jobs, strict=True):
+        backend = plan.backend_for(trial.index)
+        out().print(f"\n[bold]t{trial.index}[/] {escape(trial.name)}")
+        out().print(escape(get_executor(backend).plan(job).text()))
+
+
+def sweep_started(sweep: Any, trials: int, detach: bool) -> None:
+    out().print(
+        f"[bold]sweep[/] {sweep.sweep_id}: {trials} trials, at most {sweep.max_parallel} "
+        f"at a time on {', '.join(sweep.backends)}"
+    )
+    if detach:
+        out().print(
+            f"   next: launch sweep status {sweep.sweep_id} --watch | "
+            f"launch sweep report {sweep.sweep_id} | launch sweep cancel {sweep.sweep_id}"
+        )
+
+
+def sweep_event(kind: str, record: RunRecord) -> None:
+    stamp = datetime.now().strftime("%H:%M:%S")
+    label = escape(_trial_label(record))
+    if kind == "submitted":
+        out().print(f"{stamp} {label} started on {record.backend}: {record.run_id}")
+    elif kind == "retrying":
+        out().print(f"{stamp} {label} [yellow]{escape(record.detail or 'retrying')}[/]")
+    else:
+        style = STATE_STYLE.get(record.state, "white")
+        loss = _loss(record.summary)
+        extra = f" loss {loss}" if loss != "-" else ""
+        reason = (
+            f": {escape(record.detail)}" if record.detail and record.state != "succeeded" else ""
+        )
+        out().print(f"{stamp} {label} [{style}]{record.state}[/]{extra}{reason}")
+
+
+def sweep_summary(sweep: Any, trials: list[RunRecord]) -> None:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state] = counts.get(t.state, 0) + 1
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    out().print(f"\n[bold]sweep {sweep.sweep_id}[/] ({sweep.state}): {len(trials)} trials, {parts}")
+    failed = [t for t in trials if t.state == "failed"]
+    for t in failed:
+        out().print(f"   [red]failed[/] {escape(_trial_label(t))}: {escape(t.detail or '?')}")
+    nxt = [f"launch sweep report {sweep.sweep_id}", f"launch sweep status {sweep.sweep_id}"]
+    if failed:
+        nxt.append(f"launch sweep retry {sweep.sweep_id} --failed")
+    out().print("   next: " + " | ".join(nxt))
+
+
+def sweep_trials_table(trials: list[RunRecord]) -> Any:
+    from rich.table import Table
+
+    from payload.storage.layout import read_metrics
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("TRIAL", "NAME", "STATE", "BACKEND", "STEP", "LOSS", "DURATION"):
+        table.add_column(column, no_wrap=column != "NAME")
+    now = time.time()
+    for t in trials:
+        records = read_metrics(t.output_dir) if t.output_dir else []
+        losses = [r for r in records if "loss" in r]
+        end = t.finished_at or now
+        table.add_row(
+            f"t{(t.trial or {}).get('index')}",
+            escape((t.trial or {}).get("name", "")),
+            f"[{STATE_STYLE.get(t.state, 'white')}]{t.state}[/]",
+            t.backend or "-",
+            str(losses[-1]["step"]) if losses else "-",
+            f"{losses[-1]['loss']:.4f}" if losses else "-",
+            _duration(end - t.started_at) if t.started_at else "-",
+        )
+    return table
+
+
+def sweep_status(sweep_id: str, watch: bool) -> None:
+    from launcher import api
+    from launcher.dispatch import dispatcher_alive
+
+    def render() -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        sweep, trials = api.sweep_status(sweep_id)
+        head = f"sweep {sweep.sweep_id} ({sweep.state}), {len(trials)} trials"
+        if sweep.state == "running" and sweep.dispatcher and not dispatcher_alive(sweep):
+            head += " - its dispatcher has stopped; `launch sweep retry` resumes it"
+        return sweep, Group(Text(head, style="bold"), sweep_trials_table(trials))
+
+    sweep, view = render()
+    if not watch or sweep.state != "running":
+        out().print(view)
+        return
+    from rich.live import Live
+
+    with Live(view, console=out(), refresh_per_second=1) as live:
+        while sweep.state == "running":
+            time.sleep(2)
+            sweep, view = render()
+            live.update(view)
+
+
+def sweep_report(report: Any, data: Path, png: Path | None) -> None:
+    from rich.table import Table
+
+    from launcher.report import fmt_metric
+    from launcher.sweeps import format_value
+
+    table = Table(
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+        title=f"sweep {report.sweep_id} by {report.metric} ({report.mode})",
+        title_justify="left",
+    )
+    table.add_column("", no_wrap=True)
+    table.add_column("TRIAL", no_wrap=True)
+    for key in report.varied:
+        table.add_column(key.upper(), no_wrap=True)
+    for column in (f"FINAL {report.metric.upper()}", "BEST", "STEPS", "WALL", "BACKEND", "STATE"):
+        table.add_column(column, no_wrap=True)
+    for row in report.rows:
+        table.add_row(
+            "*" if row is report.best else "",
+            f"t{row.index}",
+            *(escape(format_value(row.values.get(k))) for k in report.varied),
+            fmt_metric(row.final),
+            fmt_metric(row.best),
+            str(row.steps),
+            _duration(row.wall_s) if row.wall_s is not None else "-",
+            row.record.backend or "-",
+            row.record.state,
+        )
+    out().print(table)
+    if report.best is not None:
+        out().print(
+            f"best: t{report.best.index} ({escape(report.best.record.trial['name'])}) "
+            f"{report.metric} {fmt_metric(report.best.final)}, "
+            f"output {escape(report.best.record.output_dir or '-')}"
+        )
+    out().print(f"report: {escape(str(data))}")
+    if png:
+        out().print(f"plot:   {escape(str(png))}")
+    else:
+        warning("no plot: matplotlib is not installed (pip install 'ferry[report]').")

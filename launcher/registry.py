@@ -19,8 +19,9 @@ from typing import Any
 
 from payload.errors import FerryError
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+# Version 1 is the first schema; each later version is a list of statements that turns the
+# one before it into it. A new database runs them all, an old one the ones it lacks.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id       TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -41,6 +42,27 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
 CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep_id);
 """
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE runs ADD COLUMN started_at REAL",
+        "ALTER TABLE runs ADD COLUMN finished_at REAL",
+        "ALTER TABLE runs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",  # v1 runs ran once
+        """CREATE TABLE IF NOT EXISTS sweeps (
+            sweep_id      TEXT PRIMARY KEY,
+            name          TEXT NOT NULL,
+            source        TEXT NOT NULL,
+            sweep_file    TEXT NOT NULL,
+            spec          TEXT NOT NULL,
+            backends      TEXT NOT NULL,
+            max_parallel  INTEGER NOT NULL,
+            state         TEXT NOT NULL,
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL,
+            dispatcher    TEXT
+        )""",
+    ],
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 
 
 def ferry_home() -> Path:
@@ -64,7 +86,10 @@ class RunRecord:
     handle: str | None = None  # executors.base.Handle as JSON
     summary: dict[str, Any] | None = None
     sweep_id: str | None = None
-    trial: dict[str, Any] | None = None
+    trial: dict[str, Any] | None = None  # {"index", "name", "values"} for a sweep's trial
+    started_at: float | None = None  # last submitted
+    finished_at: float | None = None
+    attempts: int = 0  # times submitted
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the backend handle (its internals are not for users)."""
@@ -73,7 +98,25 @@ class RunRecord:
         return out
 
 
-_JSON_COLUMNS = ("resources", "summary", "trial")
+@dataclass
+class SweepRecord:
+    sweep_id: str
+    name: str
+    source: str  # the base config as given
+    sweep_file: str
+    spec: dict[str, Any]  # the sweep mapping as read
+    backends: list[str]
+    max_parallel: int  # trials at once per backend
+    state: str  # running | finished | cancelled
+    created_at: float
+    updated_at: float
+    dispatcher: dict[str, Any] | None = None  # {"pid", "log"} of a detached dispatcher
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_JSON_COLUMNS = ("resources", "summary", "trial", "spec", "backends", "dispatcher")
 
 
 class Registry:
@@ -86,8 +129,17 @@ class Registry:
                 raise FerryError(
                     f"{self.path} was written by a newer Ferry (schema {version}); upgrade Ferry."
                 )
-            db.executescript(SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version == 0:
+                db.executescript(SCHEMA_V1)
+                version = 1
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                db.execute("BEGIN IMMEDIATE")
+                current = db.execute("PRAGMA user_version").fetchone()[0]
+                if current < target:  # another process may have migrated meanwhile
+                    for statement in MIGRATIONS[target]:
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {target}")
+                db.execute("COMMIT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -101,21 +153,57 @@ class Registry:
             db.close()
 
     def add(self, record: RunRecord) -> None:
-        row = self._to_row(record)
+        self._insert("runs", self._to_row(record))
+
+    def add_many(self, records: list[RunRecord]) -> None:
+        """Insert several runs in one transaction (a sweep's trials)."""
+        rows = [self._to_row(r) for r in records]
+        if not rows:
+            return
+        columns = ", ".join(rows[0])
+        marks = ", ".join("?" for _ in rows[0])
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                f"INSERT INTO runs ({columns}) VALUES ({marks})", [list(r.values()) for r in rows]
+            )
+            db.execute("COMMIT")
+
+    def update(self, run_id: str, **changes: Any) -> RunRecord:
+        self._update("runs", "run_id", run_id, changes)
+        return self.get(run_id)
+
+    def add_sweep(self, sweep: SweepRecord) -> None:
+        self._insert("sweeps", self._to_row(sweep))
+
+    def update_sweep(self, sweep_id: str, **changes: Any) -> SweepRecord:
+        self._update("sweeps", "sweep_id", sweep_id, changes)
+        return self.get_sweep(sweep_id)
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM sweeps WHERE sweep_id = ?", (sweep_id,)).fetchone()
+        if row is None:
+            raise FerryError(
+                f"No sweep {sweep_id!r} in {self.path}.",
+                hint="Sweep ids are printed by `launch sweep`; `launch runs` lists their trials.",
+            )
+        return SweepRecord(**self._decode(row))
+
+    def _insert(self, table: str, row: dict[str, Any]) -> None:
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._connect() as db:
-            db.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", list(row.values()))
+            db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
-    def update(self, run_id: str, **changes: Any) -> RunRecord:
-        changes["updated_at"] = time.time()
-        for key in _JSON_COLUMNS:
-            if key in changes and changes[key] is not None:
-                changes[key] = json.dumps(changes[key])
+    def _update(self, table: str, key: str, value: str, changes: dict[str, Any]) -> None:
+        changes = {**changes, "updated_at": time.time()}
+        for column in _JSON_COLUMNS:
+            if changes.get(column) is not None:
+                changes[column] = json.dumps(changes[column])
         sets = ", ".join(f"{k} = ?" for k in changes)
         with self._connect() as db:
-            db.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*changes.values(), run_id])
-        return self.get(run_id)
+            db.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", [*changes.values(), value])
 
     def get(self, run_id: str) -> RunRecord:
         with self._connect() as db:
@@ -144,18 +232,27 @@ class Registry:
         with self._connect() as db:
             return [self._from_row(r) for r in db.execute(query, args).fetchall()]
 
+    def trials(self, sweep_id: str) -> list[RunRecord]:
+        """A sweep's trials in trial order."""
+        return sorted(self.list(sweep_id=sweep_id), key=lambda r: (r.trial or {}).get("index", 0))
+
     @staticmethod
-    def _to_row(record: RunRecord) -> dict[str, Any]:
-        row = record.to_dict()
-        row["handle"] = record.handle
+    def _to_row(record: RunRecord | SweepRecord) -> dict[str, Any]:
+        row = asdict(record)
         for key in _JSON_COLUMNS:
-            row[key] = json.dumps(row[key]) if row[key] is not None else None
+            if key in row and row[key] is not None:
+                row[key] = json.dumps(row[key])
         return row
 
     @staticmethod
-    def _from_row(row: sqlite3.Row) -> RunRecord:
+    def _decode(row: sqlite3.Row) -> dict[str, Any]:
         data = dict(row)
         for key in _JSON_COLUMNS:
-            data[key] = json.loads(data[key]) if data[key] else None
+            if key in data:
+                data[key] = json.loads(data[key]) if data[key] else None
+        return data
+
+    def _from_row(self, row: sqlite3.Row) -> RunRecord:
+        data = self._decode(row)
         data["resources"] = data["resources"] or {}
         return RunRecord(**data)

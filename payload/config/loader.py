@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,10 @@ def validate_mapping(
     *,
     base_dir: Path | None = None,
     resolve_paths: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> TrainConfig:
-    """Validate an already-read mapping; see `load_config`."""
+    """Validate an already-read mapping; see `load_config`. Warnings go to `warn`
+    (default: the `ferry.config` logger) as "source: key: message"."""
     problems, clean = _unknown_keys(raw)
     bad: set[str] = set()
     try:
@@ -133,7 +136,7 @@ def validate_mapping(
     if problems:
         raise ConfigError(source, problems)
     for w in warnings:
-        log.warning("%s: %s", source, w)
+        (warn or log.warning)(f"{source}: {w}")
     return cfg
 
 

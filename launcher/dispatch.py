@@ -1,0 +1,329 @@
+"""Running a sweep: plan every trial, record them, and keep up to K running per backend.
+
+    plan = plan_sweep("cfg.yml", "grid.yml", ["max_steps=100"], backends=["local"])
+    sweep = create(plan)                   # trials recorded as pending; nothing runs yet
+    dispatch(sweep.sweep_id)               # runs them all, K at a time per backend
+
+The dispatcher is a loop over the registry: it refreshes running trials, and as a backend
+frees capacity it submits the next pending trial there. A trial that fails does not stop
+the others. A submit that fails for a passing reason (a network error, anything but a
+FerryError) is retried with backoff; a FerryError fails that trial with its message.
+`python -m launcher.dispatch SWEEP_ID` runs the same loop detached from the terminal.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from executors import JobSpec, RunState, get_executor
+from launcher import api
+from launcher.registry import Registry, RunRecord, SweepRecord, ferry_home
+from launcher.sweeps import DEFAULT_MAX_TRIALS, Trial, expand
+from payload.config import ConfigError, validate_mapping
+from payload.config.loader import is_url, parse_yaml, read_raw, read_text
+from payload.config.overrides import set_dotted
+from payload.errors import FerryError
+
+SUBMIT_RETRIES = 3
+SUBMIT_BACKOFF_S = 2.0  # doubled after each failed attempt
+INVALID_SHOWN = 20  # invalid trials listed in full before "and N more"
+
+Event = Callable[[str, RunRecord], None]  # ("submitted" | "finished" | "retrying", trial)
+
+
+@dataclass
+class SweepPlan:
+    sweep_id: str
+    name: str
+    source: str
+    sweep_file: str
+    spec: dict[str, Any]
+    trials: list[Trial]
+    jobs: list[JobSpec]
+    backends: list[str]
+    max_parallel: int
+    warnings: list[str]
+
+    def backend_for(self, index: int) -> str:
+        """Where a trial would start if every backend had room: round robin."""
+        return self.backends[index % len(self.backends)]
+
+
+def plan_sweep(
+    source: str | Path,
+    sweep_file: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    backends: list[str] | None = None,
+    gpus: str | int | None = None,
+    max_parallel: int = 1,
+    max_trials: int = DEFAULT_MAX_TRIALS,
+) -> SweepPlan:
+    """Expand the grid and validate every trial; raise listing every invalid trial.
+
+    Nothing is written: this is also the dry run.
+    """
+    backends = list(dict.fromkeys(backends or ["local"]))
+    if max_parallel < 1:
+        raise FerryError(f"--max-parallel must be at least 1, got {max_parallel}.")
+    executors = {name: get_executor(name) for name in backends}
+    spec = parse_yaml(read_text(sweep_file), str(sweep_file))
+    trials, warnings = expand(spec, max_trials=max_trials)
+    base = read_raw(source, overrides)
+    base_dir = None if is_url(source) else Path(source).expanduser().resolve().parent
+    name = api.config_name(source)
+    sweep_id = api.make_run_id(name)
+    seen_warnings: set[str] = set()
+
+    def collect(message: str) -> None:
+        text = message.split(": ", 1)[1]  # the same warning for every trial: say it once
+        if text not in seen_warnings:
+            seen_warnings.add(text)
+            warnings.append(text)
+
+    jobs: list[JobSpec] = []
+    invalid: list[str] = []
+    invalid_trials: set[int] = set()
+    for trial in trials:
+        raw = copy.deepcopy(base)
+        for key, value in trial.values.items():
+            set_dotted(raw, key, copy.deepcopy(value))
+        label = f"t{trial.index} ({trial.name})"
+        try:
+            cfg = validate_mapping(raw, label, base_dir=base_dir, warn=collect)
+        except ConfigError as e:
+            invalid.extend(f"{label}: {p}" for p in e.problems)
+            invalid_trials.add(trial.index)
+            continue
+        run_id = f"{sweep_id}-t{trial.index}"
+        if cfg.output_dir:  # a shared output_dir from the base config: one folder per trial
+            cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / run_id)})
+        job = api.job_for(cfg, name, run_id, gpus)
+        jobs.append(job)
+        for executor in executors.values():
+            try:
+                executor.check(job)
+            except FerryError as e:
+                invalid.append(f"{label}: {e.message}")
+                invalid_trials.add(trial.index)
+    if invalid:
+        shown = invalid[:INVALID_SHOWN]
+        more = f"\n  ... and {len(invalid) - len(shown)} more" if len(invalid) > len(shown) else ""
+        raise FerryError(
+            f"{len(invalid_trials)} of {len(trials)} trials are invalid; nothing was launched:\n"
+            + "\n".join(f"  - {p}" for p in shown)
+            + more
+        )
+    return SweepPlan(
+        sweep_id=sweep_id,
+        name=name,
+        source=str(source) if is_url(source) else str(Path(source).resolve()),
+        sweep_file=str(Path(sweep_file).resolve()),
+        spec=spec,
+        trials=trials,
+        jobs=jobs,
+        backends=backends,
+        max_parallel=max_parallel,
+        warnings=warnings,
+    )
+
+
+def create(plan: SweepPlan, registry: Registry | None = None) -> SweepRecord:
+    """Record the sweep and its trials (pending) and write each trial's resolved config."""
+    registry = registry or Registry()
+    now = time.time()
+    sweep = SweepRecord(
+        sweep_id=plan.sweep_id,
+        name=plan.name,
+        source=plan.source,
+        sweep_file=plan.sweep_file,
+        spec=plan.spec,
+        backends=plan.backends,
+        max_parallel=plan.max_parallel,
+        state="running",
+        created_at=now,
+        updated_at=now,
+    )
+    records = []
+    for trial, job in zip(plan.trials, plan.jobs, strict=True):
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        job.config_path.write_text(yaml.safe_dump(job.config, sort_keys=False))
+        trial_info = {"index": trial.index, "name": trial.name, "values": trial.values}
+        records.append(api.record_for(job, plan.source, sweep_id=plan.sweep_id, trial=trial_info))
+    registry.add_sweep(sweep)
+    registry.add_many(records)
+    return sweep
+
+
+def _submit_with_retry(
+    record: RunRecord, backend: str, registry: Registry, on_event: Event | None
+) -> RunRecord:
+    """Submit one trial; retry passing failures with backoff, give up after a few."""
+    job = api.job_from_record(record)
+    delay = SUBMIT_BACKOFF_S
+    for attempt in range(SUBMIT_RETRIES + 1):
+        try:
+            return api.submit(record, job, backend, registry)
+        except FerryError:
+            return registry.get(record.run_id)  # recorded as failed, with the reason
+        except Exception as e:  # noqa: BLE001 - any other failure may be passing
+            if attempt == SUBMIT_RETRIES:
+                return registry.update(
+                    record.run_id,
+                    state=RunState.FAILED.value,
+                    backend=backend,
+                    detail=f"submit failed {SUBMIT_RETRIES + 1} times; last: {e!r}",
+                    finished_at=time.time(),
+                )
+            record = registry.update(record.run_id, detail=f"submit retry {attempt + 1}: {e!r}")
+            if on_event:
+                on_event("retrying", record)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def dispatch(
+    sweep_id: str,
+    registry: Registry | None = None,
+    poll_s: float = 1.0,
+    on_event: Event | None = None,
+) -> list[RunRecord]:
+    """Run the sweep's pending trials, at most `max_parallel` at a time per backend, until
+    none is pending or running. Returns the trials as they ended."""
+    registry = registry or Registry()
+    sweep = registry.get_sweep(sweep_id)
+    trials = registry.trials(sweep_id)
+    queue = [t for t in trials if t.state == RunState.PENDING.value]
+    running = {t.run_id: t for t in trials if t.state == RunState.RUNNING.value}
+    try:
+        while queue or running:
+            for run_id in list(running):
+                record = api.refresh(registry.get(run_id), registry)
+                if RunState(record.state).finished:
+                    del running[run_id]
+                    if on_event:
+                        on_event("finished", record)
+            for backend in sweep.backends:
+                busy = sum(1 for r in running.values() if r.backend == backend)
+                while queue and busy < sweep.max_parallel:
+                    record = _submit_with_retry(queue.pop(0), backend, registry, on_event)
+                    if record.state == RunState.RUNNING.value:
+                        running[record.run_id] = record
+                        busy += 1
+                    if on_event:
+                        started = record.state == RunState.RUNNING.value
+                        on_event("submitted" if started else "finished", record)
+            if queue or running:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        cancel(sweep_id, registry)
+        raise
+    if registry.get_sweep(sweep_id).state == "running":
+        registry.update_sweep(sweep_id, state="finished")
+    return registry.trials(sweep_id)
+
+
+def cancel(sweep_id: str, registry: Registry | None = None) -> list[RunRecord]:
+    """Stop the sweep: its dispatcher, its running trials, and the trials still queued."""
+    registry = registry or Registry()
+    sweep = registry.update_sweep(sweep_id, state="cancelled")
+    if sweep.dispatcher and sweep.dispatcher.get("pid") != os.getpid():
+        _stop_dispatcher(sweep.dispatcher)
+    for record in registry.trials(sweep_id):
+        if not RunState(record.state).finished:
+            api.cancel(record.run_id, registry)
+    return registry.trials(sweep_id)
+
+
+def retry(sweep_id: str, failed: bool, registry: Registry | None = None) -> list[RunRecord]:
+    """Queue the failed trials again (with `failed`); trials still pending (a dispatcher
+    that stopped early) stay queued. Returns the trials now pending. Trials that
+    succeeded are never rerun."""
+    registry = registry or Registry()
+    sweep = registry.get_sweep(sweep_id)
+    if dispatcher_alive(sweep):
+        raise FerryError(
+            f"Sweep {sweep_id} is still being dispatched (pid {sweep.dispatcher['pid']}); "
+            "retry it once it ends, or cancel it first."
+        )
+    for record in registry.trials(sweep_id):
+        if failed and record.state == RunState.FAILED.value:
+            registry.update(record.run_id, state=RunState.PENDING.value, detail=None, summary=None)
+    registry.update_sweep(sweep_id, state="running", dispatcher=None)
+    return [t for t in registry.trials(sweep_id) if t.state == RunState.PENDING.value]
+
+
+def detach(sweep_id: str, registry: Registry | None = None) -> SweepRecord:
+    """Run `dispatch` in a background process that outlives this terminal."""
+    registry = registry or Registry()
+    folder = ferry_home() / "sweeps" / sweep_id
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "dispatch.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launcher.dispatch", sweep_id],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return registry.update_sweep(sweep_id, dispatcher={"pid": process.pid, "log": str(log)})
+
+
+def dispatcher_alive(sweep: SweepRecord) -> bool:
+    pid = (sweep.dispatcher or {}).get("pid")
+    if not pid:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.parent.parent.is_dir():
+        try:
+            return sweep.sweep_id in cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_dispatcher(dispatcher: dict[str, Any]) -> None:
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(dispatcher["pid"], signal.SIGTERM)
+
+
+def _main(argv: list[str]) -> int:
+    import signal
+
+    sweep_id = argv[0]
+    # SIGTERM (from `launch sweep cancel`) ends the loop; cancel() has done the rest.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def log(kind: str, record: RunRecord) -> None:
+        trial = record.trial or {}
+        print(
+            f"{time.strftime('%H:%M:%S')} t{trial.get('index')} {kind}: {record.state} "
+            f"{record.detail or ''}",
+            flush=True,
+        )
+
+    dispatch(sweep_id, on_event=log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
