@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/sweep_expand.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -147,14 +147,19 @@ class Executor:
     name: str = ""
 
     # ---- public API: shared checks, then the backend's hook
-    def check(self, job: JobSpec) -> None:
-        """Raise FerryError listing everything that would stop this job from running."""
+    def problems(self, job: JobSpec) -> list[str]:
+        """Everything that would stop this job from running here, checked before launch."""
         problems: list[str] = []
         if not RUN_ID.match(job.run_id):
             problems.append(f"run id {job.run_id!r} must be lowercase letters, digits and dashes")
         if job.resources.nodes < 1 or job.resources.gpus_per_node < 1:
             problems.append("a run needs at least one node and one process per node")
         problems.extend(self._check(job))
+        return problems
+
+    def check(self, job: JobSpec) -> None:
+        """Raise FerryError listing `problems(job)`, if there are any."""
+        problems = self.problems(job)
         if problems:
             raise FerryError(
                 f"The {self.name} backend cannot run {job.run_id}:\n"

@@ -13,6 +13,7 @@ RUN_DIR/exit.json. Without GPUs, N is the number of CPU processes (gloo).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -45,8 +46,10 @@ GPU_ONLY = {
 }
 
 
+@functools.cache
 def local_gpu_count() -> int:
-    """CUDA GPUs this machine offers, without importing torch."""
+    """CUDA GPUs this machine offers, without importing torch. Asked once per process:
+    a sweep checks thousands of trials against the same machine."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
@@ -57,6 +60,12 @@ def local_gpu_count() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+@functools.cache
+def _missing_modules() -> list[str]:
+    """Parts of the training stack that are not installed (found, never imported)."""
+    return [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -131,7 +140,7 @@ class LocalExecutor(Executor):
         problems = []
         if job.resources.nodes != 1:
             problems.append("the local backend runs on this machine only; nodes must be 1")
-        missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+        missing = _missing_modules()
         if missing:
             problems.append(
                 f"the training stack is not installed here ({', '.join(missing)} missing): "

@@ -46,10 +46,16 @@ def make_run_id(name: str, now: datetime | None = None) -> str:
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
 
 
-def job_for(cfg: TrainConfig, name: str, run_id: str, gpus: str | int | None = None) -> JobSpec:
-    """The JobSpec of a validated config: its own run folder, and its own output folder
-    (the run's, or the configured one with the run id under it for sweep trials)."""
-    run_dir = ferry_home() / "runs" / run_id
+def job_for(
+    cfg: TrainConfig,
+    name: str,
+    run_id: str,
+    gpus: str | int | None = None,
+    runs_root: Path | None = None,
+) -> JobSpec:
+    """The JobSpec of a validated config: its own run folder under `runs_root` (default
+    $FERRY_HOME/runs), and its output folder there unless the config names one."""
+    run_dir = (runs_root or ferry_home() / "runs") / run_id
     config = cfg.model_dump(mode="json", exclude_defaults=True)
     config.setdefault("output_dir", str(run_dir / "output"))
     return JobSpec(

@@ -331,7 +331,7 @@ def sweep_retry(
             f"Sweep {sweep_id} has nothing to run"
             + ("." if failed else "; pass --failed to rerun its failed trials.")
         )
-    output.note(
+    output.say(
         f"retrying {len(queued)} trial(s): "
         + ", ".join(f"t{t.trial['index']} ({t.trial['name']})" for t in queued)
     )
@@ -348,7 +348,7 @@ def sweep_cancel(sweep_id: SweepArg, yes: YesOpt = False) -> None:
 
     output.confirm(f"Cancel sweep {sweep_id} and all its unfinished trials?", yes)
     trials = api.sweep_cancel(sweep_id)
-    output.note(
+    output.say(
         f"cancelled sweep {sweep_id}: "
         + ", ".join(f"t{t.trial['index']} {t.state}" for t in trials)
     )

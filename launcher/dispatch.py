@@ -13,7 +13,6 @@ FerryError) is retried with backoff; a FerryError fails that trial with its mess
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -29,9 +28,9 @@ from executors import JobSpec, RunState, get_executor
 from launcher import api
 from launcher.registry import Registry, RunRecord, SweepRecord, ferry_home
 from launcher.sweeps import DEFAULT_MAX_TRIALS, Trial, expand
-from payload.config import ConfigError, validate_mapping
+from payload.config import ConfigError, paths, validate_mapping
 from payload.config.loader import is_url, parse_yaml, read_raw, read_text
-from payload.config.overrides import set_dotted
+from payload.config.overrides import with_values
 from payload.errors import FerryError
 
 SUBMIT_RETRIES = 3
@@ -83,39 +82,38 @@ def plan_sweep(
     base_dir = None if is_url(source) else Path(source).expanduser().resolve().parent
     name = api.config_name(source)
     sweep_id = api.make_run_id(name)
-    seen_warnings: set[str] = set()
+    trial_warnings: dict[str, tuple[str, int]] = {}  # key -> (first message, trials)
 
     def collect(message: str) -> None:
-        text = message.split(": ", 1)[1]  # the same warning for every trial: say it once
-        if text not in seen_warnings:
-            seen_warnings.add(text)
-            warnings.append(text)
+        # Trials mostly warn alike ("num_epochs: ignored ..."): say it once per key.
+        text = message.split(": ", 1)[1]
+        key = text.split(":", 1)[0]
+        first, count = trial_warnings.get(key, (text, 0))
+        trial_warnings[key] = (first, count + 1)
 
+    runs_root = ferry_home() / "runs"
     jobs: list[JobSpec] = []
     invalid: list[str] = []
     invalid_trials: set[int] = set()
-    for trial in trials:
-        raw = copy.deepcopy(base)
-        for key, value in trial.values.items():
-            set_dotted(raw, key, copy.deepcopy(value))
-        label = f"t{trial.index} ({trial.name})"
-        try:
-            cfg = validate_mapping(raw, label, base_dir=base_dir, warn=collect)
-        except ConfigError as e:
-            invalid.extend(f"{label}: {p}" for p in e.problems)
-            invalid_trials.add(trial.index)
-            continue
-        run_id = f"{sweep_id}-t{trial.index}"
-        if cfg.output_dir:  # a shared output_dir from the base config: one folder per trial
-            cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / run_id)})
-        job = api.job_for(cfg, name, run_id, gpus)
-        jobs.append(job)
-        for executor in executors.values():
+    with paths.memoized():  # every trial names the same files: look each up once
+        for trial in trials:
+            raw = with_values(base, trial.values)
+            label = f"t{trial.index} ({trial.name})"
             try:
-                executor.check(job)
-            except FerryError as e:
-                invalid.append(f"{label}: {e.message}")
+                cfg = validate_mapping(raw, label, base_dir=base_dir, warn=collect)
+            except ConfigError as e:
+                invalid.extend(f"{label}: {p}" for p in e.problems)
                 invalid_trials.add(trial.index)
+                continue
+            run_id = f"{sweep_id}-t{trial.index}"
+            if cfg.output_dir:  # a shared output_dir from the base config: one folder per trial
+                cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / run_id)})
+            job = api.job_for(cfg, name, run_id, gpus, runs_root)
+            jobs.append(job)
+            for backend, executor in executors.items():
+                for problem in executor.problems(job):
+                    invalid.append(f"{label}: {backend}: {problem}")
+                    invalid_trials.add(trial.index)
     if invalid:
         shown = invalid[:INVALID_SHOWN]
         more = f"\n  ... and {len(invalid) - len(shown)} more" if len(invalid) > len(shown) else ""
@@ -124,6 +122,10 @@ def plan_sweep(
             + "\n".join(f"  - {p}" for p in shown)
             + more
         )
+    warnings.extend(
+        first if count == 1 else f"{first} ({count} trials)"
+        for first, count in trial_warnings.values()
+    )
     return SweepPlan(
         sweep_id=sweep_id,
         name=name,

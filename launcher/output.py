@@ -63,7 +63,13 @@ def warning(message: str) -> None:
 
 
 def note(message: str) -> None:
+    """A side remark (goes to stderr, away from a command's output)."""
     err().print(escape(message))
+
+
+def say(message: str) -> None:
+    """A command's own result, on stdout."""
+    out().print(escape(message))
 
 
 def confirm(question: str, yes: bool) -> None:

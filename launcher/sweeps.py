@@ -93,8 +93,14 @@ def _pairs(value: Any) -> list[dict[str, Any]]:
     return [{str(k): v for k, v in pair.items()} for pair in value]
 
 
-def _canonical(values: dict[str, Any]) -> str:
-    return json.dumps(values, sort_keys=True, default=str)
+def _canonical(value: Any) -> Any:
+    """A hashable form of a value in which equal values are equal (mappings in any key
+    order), to find repeated trials and keys that never vary."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _canonical(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("list", tuple(_canonical(v) for v in value))
+    return (type(value).__name__, value)
 
 
 def expand(
@@ -142,8 +148,15 @@ def expand(
             first_seen[canonical] = len(combos)
             combos.append(values)
 
+    paired_keys = {k for pair in pairs for k in pair}
     keys = list(dict.fromkeys([*product_keys, *(k for pair in pairs for k in pair)]))
-    varied = [k for k in keys if len({_canonical({"v": c.get(k, _MISSING)}) for c in combos}) > 1]
+
+    def distinct(key: str) -> int:
+        if key not in paired_keys:  # only the product sets it: its own list decides
+            return len({_canonical(v) for v in product_values[product_keys.index(key)]})
+        return len({_canonical(c.get(key, _MISSING)) for c in combos})
+
+    varied = [k for k in keys if distinct(k) > 1]
     short = _short_names(varied)
     trials = [Trial(i, values, _name(values, varied, short)) for i, values in enumerate(combos)]
     warnings = [

@@ -44,12 +44,14 @@ def launch(
 
 
 def quickstart_config(tmp_path: Path, extra: str = "", name: str = "quickstart.yml") -> Path:
-    """A copy of the quickstart, anywhere, with absolute paths and `extra` YAML appended."""
+    """A copy of the quickstart, anywhere, with absolute paths; the keys in `extra` (YAML)
+    are set on top, replacing the quickstart's own."""
     import yaml
 
     raw = yaml.safe_load(QUICKSTART.read_text())
     raw["base_model"] = str(ASSETS / "tiny-llama")
     raw["datasets"][0]["path"] = str(DATA)
+    raw.update(yaml.safe_load(extra) or {})
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False) + "\n" + extra)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -4,6 +4,7 @@ yet by name, bad values, cross-key rules, and local files that do not exist."""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -163,7 +164,7 @@ def _check_keys(
     prefix: str,
     problems: list[Problem],
 ) -> dict[str, Any]:
-    known = set(model.model_fields)
+    known = _field_names(model)
     clean: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key)
@@ -181,7 +182,12 @@ def _check_keys(
     return clean
 
 
-def _unknown_message(key: str, candidates: set[str]) -> str:
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(model.model_fields)
+
+
+def _unknown_message(key: str, candidates: frozenset[str]) -> str:
     import difflib
 
     close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)

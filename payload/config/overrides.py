@@ -78,3 +78,23 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, value = split_override(item)
         set_dotted(result, key, value)
     return result
+
+
+def with_values(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`config` with each dotted key in `values` set, copying only the containers on the
+    way to each key: the rest is shared with `config`, which is left as it was. Cheap
+    enough to build thousands of sweep trials from one base config."""
+    result = dict(config)
+    for key, value in values.items():
+        node: Any = result
+        for part in key.split(".")[:-1]:
+            index: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+            try:
+                child = node[index]
+            except (KeyError, IndexError, TypeError):
+                break  # set_dotted creates what is missing, or reports the bad path
+            if not isinstance(child, (dict, list)):
+                break
+            node[index] = node = copy.copy(child)
+        set_dotted(result, key, copy.deepcopy(value))
+    return result

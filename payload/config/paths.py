@@ -8,7 +8,9 @@ exist locally is taken as a hub id and left alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from payload.config.schema import TrainConfig
@@ -26,8 +28,32 @@ def looks_local(value: str) -> bool:
     )
 
 
+_memo: dict[tuple[str, Path | None, str], Path | None] | None = None
+
+
+@contextlib.contextmanager
+def memoized() -> Iterator[None]:
+    """Within the block, each path is looked up on disk once (a sweep validates thousands
+    of trials that name the same files)."""
+    global _memo
+    outer, _memo = _memo, {} if _memo is None else _memo
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
 def find(value: str, base_dir: Path | None) -> Path | None:
     """The absolute path `value` names, or None when it exists in neither place."""
+    if _memo is None:
+        return _find(value, base_dir)
+    key = (value, base_dir, os.getcwd())
+    if key not in _memo:
+        _memo[key] = _find(value, base_dir)
+    return _memo[key]
+
+
+def _find(value: str, base_dir: Path | None) -> Path | None:
     path = Path(value).expanduser()
     candidates = [path] if path.is_absolute() else [Path.cwd() / path]
     if base_dir is not None and not path.is_absolute():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -171,3 +172,8 @@ def test_every_example_validates_and_plans_on_every_backend():
         launch("validate", rel, check=True)
         for backend in available():
             launch("train", rel, "--cloud", backend, "--dry-run", check=True)
+    grids = sorted((ROOT / "examples" / "sweeps").glob("*.yml"))
+    assert grids
+    for grid in grids:  # each sweep example names the config it is for in its header
+        config = re.search(r"launch sweep (\S+)", grid.read_text()).group(1)
+        launch("sweep", config, "--sweep", str(grid.relative_to(ROOT)), "--dry-run", check=True)

@@ -70,3 +70,31 @@ def test_concurrent_writers_lose_nothing(ferry_home):
     records = Registry().list()
     assert len(records) == 160
     assert all(r.state == "succeeded" and r.summary is not None for r in records)
+
+
+def test_a_version_1_registry_is_migrated_in_place(ferry_home):
+    """A registry written before sweeps existed opens, keeps its runs, and gains the new
+    columns and table."""
+    import sqlite3
+
+    from launcher.registry import SCHEMA_V1, SCHEMA_VERSION
+
+    ferry_home.mkdir(parents=True)
+    db = sqlite3.connect(ferry_home / "ferry.db")
+    db.executescript(SCHEMA_V1)
+    db.execute(
+        "INSERT INTO runs (run_id, name, source, backend, state, created_at, updated_at, "
+        "run_dir, resources) VALUES ('old-1', 'cfg', '/x', 'local', 'succeeded', 1, 2, '/r', '{}')"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+    registry = Registry()
+    old = registry.get("old-1")
+    assert old.state == "succeeded" and old.attempts == 1 and old.started_at is None
+    registry.update("old-1", started_at=5.0)
+    assert registry.get("old-1").started_at == 5.0
+    with sqlite3.connect(ferry_home / "ferry.db") as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert check.execute("SELECT count(*) FROM sweeps").fetchone()[0] == 0

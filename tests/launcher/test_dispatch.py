@@ -1,0 +1,171 @@
+"""Sweep planning and dispatch: every trial validated first, each with its own folders,
+spread over backends, with passing submit failures retried."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from helpers import ROOT, launch, quickstart_config
+
+from launcher import api, dispatch
+from launcher.registry import Registry
+from payload.errors import FerryError
+
+
+def grid(tmp_path, text: str):
+    path = tmp_path / "grid.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_every_invalid_trial_is_reported_and_nothing_is_recorded(tmp_path, ferry_home):
+    cfg = quickstart_config(tmp_path)
+    sweep = grid(
+        tmp_path,
+        """
+        lora_r: [8, -1, 0]
+        learning_rate: [1.0e-4]
+    """,
+    )
+    with pytest.raises(FerryError) as info:
+        api.sweep_plan(cfg, sweep)
+    message = str(info.value)
+    assert "2 of 3 trials are invalid; nothing was launched" in message
+    assert "t1 (r=-1): lora_r: should be greater than 0 (got -1)" in message
+    assert "t2 (r=0): lora_r" in message
+    assert Registry().list() == []
+
+
+def test_backend_checks_run_for_every_trial_before_launch(tmp_path):
+    from executors.local import local_gpu_count
+
+    if local_gpu_count():
+        pytest.skip("on a GPU machine fp16 is allowed")
+    sweep = grid(tmp_path, "fp16: [false, true]\n")
+    with pytest.raises(FerryError) as info:
+        api.sweep_plan(quickstart_config(tmp_path), sweep)
+    assert "1 of 2 trials are invalid" in str(info.value)
+    assert "t1 (fp16=true): local: `fp16` needs a CUDA GPU" in str(info.value)
+
+
+def test_trials_get_their_own_run_ids_and_output_folders(tmp_path):
+    plan = api.sweep_plan(quickstart_config(tmp_path), grid(tmp_path, "lora_r: [4, 8]\n"))
+    assert [job.run_id for job in plan.jobs] == [f"{plan.sweep_id}-t0", f"{plan.sweep_id}-t1"]
+    outputs = [job.config["output_dir"] for job in plan.jobs]
+    assert len(set(outputs)) == 2 and all(
+        o.endswith(f"-t{i}/output") for i, o in enumerate(outputs)
+    )
+
+
+def test_a_shared_output_dir_is_split_per_trial(tmp_path):
+    cfg = quickstart_config(tmp_path, f"output_dir: {tmp_path / 'out'}\n")
+    plan = api.sweep_plan(cfg, grid(tmp_path, "lora_r: [4, 8]\n"))
+    assert [job.config["output_dir"] for job in plan.jobs] == [
+        str(tmp_path / "out" / job.run_id) for job in plan.jobs
+    ]
+
+
+def test_dotted_sweep_keys_reach_the_trial_configs(tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text((ROOT / "examples/data/alpaca_tiny.jsonl").read_text())
+    plan = api.sweep_plan(
+        quickstart_config(tmp_path),
+        grid(tmp_path, f"datasets.0.path: [{ROOT}/examples/data/alpaca_tiny.jsonl, {other}]\n"),
+    )
+    assert [job.config["datasets"][0]["path"] for job in plan.jobs][1] == str(other)
+    assert plan.trials[1].name.startswith("path=")
+
+
+def test_warnings_shared_by_all_trials_are_said_once(tmp_path):
+    plan = api.sweep_plan(quickstart_config(tmp_path), grid(tmp_path, "max_steps: [2, 3, 4]\n"))
+    assert sum("num_epochs" in w for w in plan.warnings) == 1
+
+
+def test_dry_run_prints_trials_and_plans_and_records_nothing(tmp_path):
+    cfg = quickstart_config(tmp_path)
+    result = launch(
+        "sweep",
+        str(cfg),
+        "--sweep",
+        str(grid(tmp_path, "lora_r: [4, 8]\n")),
+        "--dry-run",
+        "--max-parallel",
+        "2",
+        check=True,
+    )
+    assert "would run 2 trials, at most 2 at a time" in result.stdout
+    assert "t0     r=4" in result.stdout and "t1     r=8" in result.stdout
+    assert result.stdout.count("command ") == 2
+    assert json.loads(launch("runs", "--json", check=True).stdout) == []
+
+
+def test_cancel_before_dispatch_cancels_the_queue(tmp_path):
+    plan = api.sweep_plan(quickstart_config(tmp_path), grid(tmp_path, "lora_r: [4, 8]\n"))
+    sweep = dispatch.create(plan)
+    assert {t.state for t in Registry().trials(sweep.sweep_id)} == {"pending"}
+    result = launch("sweep", "cancel", sweep.sweep_id, "--yes", check=True)
+    assert "t0 cancelled, t1 cancelled" in result.stdout
+    assert Registry().get_sweep(sweep.sweep_id).state == "cancelled"
+
+
+def test_unknown_sweep_is_a_clear_error():
+    result = launch("sweep", "status", "nope")
+    assert result.returncode == 1 and "No sweep 'nope'" in result.stderr
+
+
+FLAKY = '''
+"""A remote backend whose API fails the first two submits with a network error. It
+stands in for a cloud we cannot reach from the tests; the runs themselves are real local
+ones (it is the local executor under another name)."""
+from pathlib import Path
+
+from executors.local import LocalExecutor
+
+COUNTER = Path(__file__).with_name("flaky-submits")
+
+
+class FlakyExecutor(LocalExecutor):
+    name = "flaky"
+
+    def _submit(self, job):
+        calls = int(COUNTER.read_text()) + 1 if COUNTER.exists() else 1
+        COUNTER.write_text(str(calls))
+        if calls <= 2:
+            raise ConnectionError(f"flaky API: attempt {calls} dropped")
+        return super()._submit(job)
+'''
+
+
+@pytest.mark.slow
+def test_trials_spread_over_backends_and_passing_submit_errors_are_retried(tmp_path, monkeypatch):
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "flaky_backend.py").write_text(FLAKY)
+    dist = plugin / "flaky_backend-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-backend\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[ferry.executors]\nflaky = flaky_backend:FlakyExecutor\n"
+    )
+    monkeypatch.syspath_prepend(str(plugin))
+    monkeypatch.setattr(dispatch, "SUBMIT_BACKOFF_S", 0.05)
+
+    events = []
+    sweep = api.sweep(
+        quickstart_config(tmp_path, "max_steps: 3\nnum_epochs: null\n"),
+        grid(tmp_path, "learning_rate: [1.0e-3, 2.0e-3]\n"),
+        clouds=["local", "flaky"],
+        max_parallel=1,
+        on_event=lambda kind, record: events.append((kind, record.trial["index"])),
+    )
+    trials = Registry().trials(sweep.sweep_id)
+    assert sweep.state == "finished"
+    assert [(t.backend, t.state) for t in trials] == [
+        ("local", "succeeded"),
+        ("flaky", "succeeded"),
+    ]
+    assert (plugin / "flaky-submits").read_text() == "3"
+    assert events.count(("retrying", 1)) == 2
+    assert all(t.attempts == 1 for t in trials)
