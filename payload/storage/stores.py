@@ -1,0 +1,393 @@
+"""Where a run's files are kept: a local folder, an S3 prefix, or a Modal volume, behind
+one small interface. Keys are relative, '/'-separated paths under the store's root.
+
+    file:///abs/path          a folder (the local backend's default)
+    s3://bucket/prefix        S3 or any S3-compatible service; AWS_ENDPOINT_URL, AWS_PROFILE
+                              and the rest of boto3's configuration apply
+    volume://name/path        a Modal volume: its mount inside Modal (FERRY_VOLUME_MOUNTS
+                              says where), the Modal SDK from anywhere else
+
+boto3 and modal are imported only when a store of their kind is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+from payload.errors import FerryError
+
+SCHEMES = ("file", "s3", "volume")
+CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Store:
+    """A place that holds files under keys. Subclasses implement the six primitives."""
+
+    uri: str
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """Every key under `prefix` (recursively) with its size in bytes."""
+        raise NotImplementedError
+
+    def put_file(self, local: Path, key: str, sha256: str) -> None:
+        """Store a local file under `key`; `sha256` is kept with it where the store can."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, local: Path) -> None:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is no such key."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove one object (no error if it is not there)."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> None:
+        raise NotImplementedError
+
+    def checksum(self, key: str) -> str | None:
+        """The sha256 stored with `key`, if the store keeps one (lets an interrupted
+        upload skip the files that did arrive)."""
+        return None
+
+    def commit(self) -> None:
+        """Make what was written visible elsewhere (Modal volumes need it)."""
+
+    def check(self) -> None:
+        """Raise FerryError if this store cannot be written (checked before launch)."""
+
+    def child(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+
+class FileStore(Store):
+    def __init__(self, root: Path, uri: str | None = None):
+        self.root = root
+        self.uri = uri or f"file://{root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return {}
+        found: dict[str, int] = {}
+        for folder, dirs, files in os.walk(base):  # does not follow symlinked folders
+            for name in files:
+                path = Path(folder) / name
+                if path.is_symlink():
+                    continue  # a symlink is never part of a run's files
+                found[path.relative_to(self.root).as_posix()] = path.stat().st_size
+        return found
+
+    def _atomic_write(self, key: str, write) -> None:  # type: ignore[no-untyped-def]
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".ferry-partial-")
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, target)  # readers see the old file or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, local: Path, key: str, sha256: str) -> None:
+        self._atomic_write(key, lambda tmp: shutil.copyfile(local, tmp))
+
+    def get_file(self, key: str, local: Path) -> None:
+        shutil.copyfile(self._path(key), local)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda tmp: tmp.write_bytes(data))
+
+    def read_bytes(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.is_file() and not path.is_symlink() else None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def checksum(self, key: str) -> str | None:
+        path = self._path(key)
+        return sha256_file(path) if path.is_file() else None
+
+    def check(self) -> None:
+        existing = self.root
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK):
+            raise FerryError(f"Storage {self.uri}: {existing} is not writable.")
+
+
+class S3Store(Store):
+    """S3 through boto3's transfer manager: multipart uploads with concurrent parts."""
+
+    MULTIPART_THRESHOLD = 64 * 1024 * 1024
+    PART_SIZE = 32 * 1024 * 1024
+    CONCURRENCY = 8  # parts in flight per file
+
+    def __init__(self, bucket: str, prefix: str, uri: str):
+        self.bucket, self.prefix, self.uri = bucket, prefix.strip("/"), uri
+        self._client = None
+
+    @property
+    def client(self):  # type: ignore[no-untyped-def]
+        if self._client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError as e:
+                raise FerryError(
+                    f"Storage {self.uri} needs boto3.", hint="pip install 'ferry[s3]'"
+                ) from e
+            config = Config(
+                retries={"max_attempts": 8, "mode": "adaptive"},
+                max_pool_connections=32,
+                connect_timeout=10,
+                read_timeout=120,
+            )
+            session = boto3.session.Session()
+            region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
+            self._client = session.client("s3", config=config, region_name=region)
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _transfer(self):  # type: ignore[no-untyped-def]
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.MULTIPART_THRESHOLD,
+            multipart_chunksize=self.PART_SIZE,
+            max_concurrency=self.CONCURRENCY,
+            use_threads=True,
+        )
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        root = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
+        found: dict[str, int] = {}
+        paginator = self.client.get_paginator("list_objects_v2")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
+            for item in page.get("Contents", []):
+                found[item["Key"][strip:]] = item["Size"]
+        return found
+
+    def put_file(self, local: Path, key: str, sha256: str) -> None:
+        self.client.upload_file(
+            str(local),
+            self.bucket,
+            self._key(key),
+            ExtraArgs={"Metadata": {"sha256": sha256}},
+            Config=self._transfer(),
+        )
+
+    def get_file(self, key: str, local: Path) -> None:
+        self.client.download_file(self.bucket, self._key(key), str(local), Config=self._transfer())
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return response["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [self._key(k) for k in self.list(prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+    def checksum(self, key: str) -> str | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception:  # noqa: BLE001 - missing or unreadable: not known to match
+            return None
+        return head.get("Metadata", {}).get("sha256")
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as e:
+            raise FerryError(
+                f"Storage {self.uri}: cannot reach bucket {self.bucket!r}: {e}",
+                hint="Check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID), AWS_ENDPOINT_URL "
+                "and that the bucket exists.",
+            ) from e
+
+
+class VolumeStore(Store):
+    """A Modal volume. Inside a Modal container the volume is a mounted folder (where,
+    FERRY_VOLUME_MOUNTS says: `name=/mount,other=/mnt2`) and `commit()` publishes writes;
+    elsewhere each operation goes through the Modal SDK."""
+
+    def __init__(self, name: str, path: str, uri: str):
+        self.name, self.path, self.uri = name, path.strip("/"), uri
+        mount = mounts().get(name)
+        self.local = FileStore(Path(mount) / self.path, uri) if mount else None
+        self._volume = None
+
+    @property
+    def volume(self):  # type: ignore[no-untyped-def]
+        if self._volume is None:
+            try:
+                import modal
+            except ImportError as e:
+                raise FerryError(
+                    f"Storage {self.uri} needs the Modal SDK.", hint="pip install 'ferry[modal]'"
+                ) from e
+            self._volume = modal.Volume.from_name(self.name)
+        return self._volume
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}/{key}" if self.path else key
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        if self.local:
+            return self.local.list(prefix)
+        from modal.volume import FileEntryType
+
+        strip = len(self.path) + 1 if self.path else 0
+        try:
+            entries = self.volume.listdir(self._key(prefix) or "/", recursive=True)
+        except FileNotFoundError:
+            return {}
+        return {e.path.lstrip("/")[strip:]: e.size for e in entries if e.type == FileEntryType.FILE}
+
+    def put_file(self, local: Path, key: str, sha256: str) -> None:
+        if self.local:
+            return self.local.put_file(local, key, sha256)
+        with self.volume.batch_upload(force=True) as batch:
+            batch.put_file(str(local), "/" + self._key(key))
+
+    def get_file(self, key: str, local: Path) -> None:
+        if self.local:
+            return self.local.get_file(key, local)
+        with local.open("wb") as f:
+            self.volume.read_file_into_fileobj("/" + self._key(key), f)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if self.local:
+            return self.local.write_bytes(key, data)
+        import io
+
+        with self.volume.batch_upload(force=True) as batch:
+            batch.put_file(io.BytesIO(data), "/" + self._key(key))
+
+    def read_bytes(self, key: str) -> bytes | None:
+        if self.local:
+            return self.local.read_bytes(key)
+        try:
+            return b"".join(self.volume.read_file("/" + self._key(key)))
+        except FileNotFoundError:
+            return None
+
+    def delete(self, key: str) -> None:
+        if self.local:
+            return self.local.delete(key)
+        try:
+            self.volume.remove_file("/" + self._key(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        if self.local:
+            return self.local.delete_prefix(prefix)
+        try:
+            self.volume.remove_file("/" + self._key(prefix), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def checksum(self, key: str) -> str | None:
+        return self.local.checksum(key) if self.local else None
+
+    def commit(self) -> None:
+        # Inside Modal, writes to the mount stay private to this container until commit.
+        if self.local and os.environ.get("MODAL_TASK_ID"):
+            self.volume.commit()
+
+
+def mounts() -> dict[str, str]:
+    """FERRY_VOLUME_MOUNTS (`name=/path,...`): volumes mounted in this container."""
+    found = {}
+    for item in os.environ.get("FERRY_VOLUME_MOUNTS", "").split(","):
+        name, sep, path = item.partition("=")
+        if sep and name.strip() and path.strip():
+            found[name.strip()] = path.strip()
+    return found
+
+
+def check_uri(uri: str) -> str | None:
+    """Why `uri` is not a storage URI Ferry can use, or None if it is."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in SCHEMES:
+        return f"`{uri}` should start with file://, s3:// or volume://"
+    if parsed.scheme == "file" and (parsed.netloc not in ("", "localhost") or not parsed.path):
+        return f"`{uri}` needs an absolute path (file:///abs/path)"
+    if parsed.scheme in ("s3", "volume") and not parsed.netloc:
+        name = "bucket" if parsed.scheme == "s3" else "volume name"
+        return f"`{uri}` names no {name}"
+    return None
+
+
+def open_store(uri: str) -> Store:
+    """The store a storage URI names."""
+    problem = check_uri(uri)
+    if problem:
+        raise FerryError(f"Storage URI {problem}.")
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return FileStore(Path(parsed.path), uri.rstrip("/"))
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path, uri.rstrip("/"))
+    return VolumeStore(parsed.netloc, parsed.path, uri.rstrip("/"))
+
+
+def walk_files(folder: Path, exclude: tuple[str, ...] = ()) -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of every regular file under `folder`, sorted, skipping
+    symlinks and top-level entries named in `exclude`."""
+    found = []
+    for parent, dirs, files in os.walk(folder):  # never descends into symlinked folders
+        here = Path(parent)
+        if here == folder:
+            dirs[:] = [d for d in dirs if d not in exclude]
+        for name in files:
+            path = here / name
+            rel = path.relative_to(folder)
+            if rel.parts[0] in exclude or path.is_symlink():
+                continue
+            found.append((rel.as_posix(), path))
+    yield from sorted(found)

@@ -1,0 +1,238 @@
+"""payload.storage against a real S3 server (moto on 127.0.0.1) and local folders:
+uploads, incremental re-uploads, verified downloads, retention, manifests, safe paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from payload.errors import FerryError
+from payload.storage import (
+    MANIFEST,
+    apply_retention,
+    download_folder,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    open_store,
+    upload_checkpoint,
+    upload_folder,
+)
+from payload.storage.stores import check_uri
+
+
+def make_folder(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A checkpoint-like folder: files of the given sizes with reproducible contents."""
+    import random
+
+    rng = random.Random(seed)
+    for rel, size in sizes.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+    return root
+
+
+CHECKPOINT = {
+    "model.safetensors": 300_000,
+    "optimizer.pt": 150_000,
+    "trainer_state.json": 900,
+    "nested/rng_state.pth": 1_000,
+}
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/remote/run-1")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/runs/run-1")
+
+
+class RequestCounter:
+    """Counts the HTTP requests boto3 really sends, by operation."""
+
+    def __init__(self, client):
+        self.calls: list[str] = []
+        client.meta.events.register("before-send.s3.*", self._count)
+
+    def _count(self, request, **_):
+        self.calls.append(request.method)
+
+    def writes(self) -> int:
+        return sum(1 for method in self.calls if method in ("PUT", "POST", "DELETE"))
+
+
+def test_upload_then_unchanged_reupload_sends_nothing(store, tmp_path):
+    folder = make_folder(tmp_path / "ckpt", CHECKPOINT)
+    first = upload_folder(folder, store, "checkpoints/checkpoint-5", run_id="run-1", step=5)
+    assert first.files_sent == 4 and first.bytes_sent == sum(CHECKPOINT.values())
+    assert store.list("checkpoints")[f"checkpoints/checkpoint-5/{MANIFEST}"] > 0
+
+    counter = RequestCounter(store.client) if hasattr(store, "client") else None
+    again = upload_folder(folder, store, "checkpoints/checkpoint-5", run_id="run-1", step=5)
+    assert (again.files_sent, again.bytes_sent, again.files_skipped) == (0, 0, 4)
+    assert not again.manifest_written
+    if counter:
+        assert counter.writes() == 0, counter.calls  # not one PUT, POST or DELETE went out
+
+
+def test_reupload_sends_only_what_changed(store, tmp_path):
+    folder = make_folder(tmp_path / "ckpt", CHECKPOINT)
+    upload_folder(folder, store, "final")
+    (folder / "trainer_state.json").write_text('{"changed": true}')
+    (folder / "extra.txt").write_text("new file")
+    result = upload_folder(folder, store, "final")
+    assert result.files_sent == 2 and result.files_skipped == 3
+    assert result.bytes_sent == len('{"changed": true}') + len("new file")
+
+
+def test_interrupted_upload_resumes_from_what_arrived(store, tmp_path):
+    """Files that reached the store before a crash (no manifest yet) are not resent: the
+    checksum stored with each object proves them."""
+    folder = make_folder(tmp_path / "ckpt", CHECKPOINT)
+    for rel in ("model.safetensors", "optimizer.pt"):
+        from payload.storage.stores import sha256_file
+
+        store.put_file(folder / rel, f"final/{rel}", sha256_file(folder / rel))
+    result = upload_folder(folder, store, "final")
+    assert result.files_skipped == 2 and result.files_sent == 2
+
+
+def test_download_verifies_every_file(store, tmp_path):
+    folder = make_folder(tmp_path / "ckpt", CHECKPOINT)
+    upload_folder(folder, store, "final", run_id="run-1")
+    dest = tmp_path / "pulled"
+    moved = []
+    manifest = download_folder(store, "final", dest, progress=moved.append)
+    assert sum(moved) == sum(CHECKPOINT.values()) and manifest.run_id == "run-1"
+    for rel in CHECKPOINT:
+        assert (dest / rel).read_bytes() == (folder / rel).read_bytes()
+    assert not list(dest.rglob("*.ferry-partial"))
+
+    # Corrupt the remote copy behind the manifest's back: the download must refuse it.
+    tampered = tmp_path / "tampered"
+    tampered.write_bytes(b"x" * CHECKPOINT["optimizer.pt"])
+    store.put_file(tampered, "final/optimizer.pt", "0" * 64)
+    with pytest.raises(FerryError, match="optimizer.pt failed verification"):
+        download_folder(store, "final", tmp_path / "again")
+    assert not (tmp_path / "again" / "optimizer.pt").exists()
+
+
+def test_a_folder_without_manifest_is_incomplete_and_never_chosen(store, tmp_path):
+    for step in (2, 4):
+        upload_checkpoint(make_folder(tmp_path / f"c{step}", CHECKPOINT, step), store, step)
+    # checkpoint 6 crashed mid-upload: data but no manifest
+    partial = make_folder(tmp_path / "c6", {"model.safetensors": 1000})
+    store.put_file(
+        partial / "model.safetensors", "checkpoints/checkpoint-6/model.safetensors", "unknown"
+    )
+    assert [(c.step, c.complete) for c in list_checkpoints(store)] == [
+        (2, True),
+        (4, True),
+        (6, False),
+    ]
+    assert latest_complete_checkpoint(store).step == 4
+    with pytest.raises(FerryError, match="no ferry-manifest.json"):
+        download_folder(store, "checkpoints/checkpoint-6", tmp_path / "d")
+
+
+def test_retention_keeps_the_newest_complete_checkpoints(store, tmp_path):
+    for step in (1, 2, 3, 4):
+        upload_checkpoint(
+            make_folder(tmp_path / f"c{step}", {"w.bin": 2000}, step), store, step, keep=2
+        )
+    assert [c.step for c in list_checkpoints(store)] == [3, 4]
+    # An incomplete checkpoint older than the newest complete one is garbage; a newer one
+    # may be an upload in flight and stays.
+    store.write_bytes("checkpoints/checkpoint-2/w.bin", b"half")
+    store.write_bytes("checkpoints/checkpoint-9/w.bin", b"in flight")
+    assert apply_retention(store, 2) == [2]
+    assert [c.step for c in list_checkpoints(store)] == [3, 4, 9]
+
+
+def test_local_checksums_are_cached_until_a_file_changes(tmp_path):
+    from payload.storage.sync import SUMS_CACHE, build_manifest
+
+    folder = make_folder(tmp_path / "f", {"a.bin": 5000})
+    first = build_manifest(folder)
+    cache = json.loads((folder / SUMS_CACHE).read_text())
+    cache["a.bin"][2] = "f" * 64  # a cached sum is trusted while size and mtime match...
+    (folder / SUMS_CACHE).write_text(json.dumps(cache))
+    assert build_manifest(folder).files[0].sha256 == "f" * 64
+    stat = (folder / "a.bin").stat()
+    os.utime(folder / "a.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert build_manifest(folder).files[0].sha256 == first.files[0].sha256  # ...not after
+
+
+@pytest.mark.parametrize(
+    "evil",
+    ["../escape.txt", "a/../../escape.txt", "/etc/evil", "..\\escape.txt", "C:evil", "./x"],
+)
+def test_download_refuses_paths_that_leave_the_destination(store, tmp_path, evil):
+    """A crafted manifest must not make a pull write anywhere but its destination."""
+    from payload.storage import Manifest
+    from payload.storage.sync import FileEntry
+
+    store.write_bytes("final/ok.txt", b"fine")
+    manifest = Manifest([FileEntry("ok.txt", 4, "x"), FileEntry(evil, 4, "x")])
+    store.write_bytes(f"final/{MANIFEST}", manifest.to_json())
+    dest = tmp_path / "dest"
+    with pytest.raises(FerryError, match="Refusing"):
+        download_folder(store, "final", dest)
+    assert not (tmp_path / "escape.txt").exists()
+    assert not any(p.is_file() for p in dest.rglob("*"))  # nothing written, not even ok.txt
+
+
+def test_download_refuses_to_follow_a_symlink_in_the_destination(tmp_path):
+    store = open_store(f"file://{tmp_path}/remote")
+    upload_folder(make_folder(tmp_path / "src", {"sub/w.bin": 10}), store, "final")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (dest / "sub").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FerryError, match="is a symlink"):
+        download_folder(store, "final", dest)
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("s3://bucket/p", None),
+        ("file:///abs", None),
+        ("volume://runs/x", None),
+        ("file://relative/x", "absolute path"),
+        ("s3:///nobucket", "names no bucket"),
+        ("gs://b/p", "should start with"),
+    ],
+)
+def test_storage_uri_check(uri, problem):
+    found = check_uri(uri)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_volume_store_inside_modal_is_its_mount(tmp_path, monkeypatch):
+    """Inside a Modal container a volume is a mounted folder; FERRY_VOLUME_MOUNTS says
+    where. (The SDK path used from a laptop is covered with the Modal executor.)"""
+    monkeypatch.setenv("FERRY_VOLUME_MOUNTS", f"ferry-runs={tmp_path / 'mnt'}")
+    store = open_store("volume://ferry-runs/run-7")
+    upload_checkpoint(make_folder(tmp_path / "c", {"w.bin": 100}), store, 3)
+    assert (tmp_path / "mnt" / "run-7" / "checkpoints" / "checkpoint-3" / MANIFEST).is_file()
+    assert latest_complete_checkpoint(store).step == 3
+
+
+def test_s3_multipart_upload_of_a_large_file(s3_bucket, tmp_path, monkeypatch):
+    from payload.storage.stores import S3Store
+
+    monkeypatch.setattr(S3Store, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(S3Store, "PART_SIZE", 5 * 1024 * 1024)
+    store = open_store(f"s3://{s3_bucket}/big")
+    folder = make_folder(tmp_path / "big", {"shard.bin": 12 * 1024 * 1024})
+    counter = RequestCounter(store.client)
+    upload_folder(folder, store, "final")
+    assert counter.calls.count("POST") >= 2  # create and complete a multipart upload
+    download_folder(store, "final", tmp_path / "back")
+    assert (tmp_path / "back" / "shard.bin").read_bytes() == (folder / "shard.bin").read_bytes()
