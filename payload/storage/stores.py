@@ -12,6 +12,7 @@ boto3 and modal are imported only when a store of their kind is opened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -92,7 +93,7 @@ class FileStore(Store):
         if not base.is_dir():
             return {}
         found: dict[str, int] = {}
-        for folder, dirs, files in os.walk(base):  # does not follow symlinked folders
+        for folder, _dirs, files in os.walk(base):  # does not follow symlinked folders
             for name in files:
                 path = Path(folder) / name
                 if path.is_symlink():
@@ -318,18 +319,14 @@ class VolumeStore(Store):
     def delete(self, key: str) -> None:
         if self.local:
             return self.local.delete(key)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.volume.remove_file("/" + self._key(key))
-        except FileNotFoundError:
-            pass
 
     def delete_prefix(self, prefix: str) -> None:
         if self.local:
             return self.local.delete_prefix(prefix)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.volume.remove_file("/" + self._key(prefix), recursive=True)
-        except FileNotFoundError:
-            pass
 
     def checksum(self, key: str) -> str | None:
         return self.local.checksum(key) if self.local else None

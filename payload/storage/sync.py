@@ -13,6 +13,7 @@ modification time, so re-syncing an unchanged folder reads no file contents at a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -103,10 +104,9 @@ def build_manifest(
         fresh[rel] = [*stamp, digest]
         files.append(FileEntry(rel, stat.st_size, digest))
     if fresh != cache:
-        try:
+        # In a read-only folder the checksums are simply recomputed next time.
+        with contextlib.suppress(OSError):
             cache_path.write_text(json.dumps(fresh))
-        except OSError:
-            pass  # a read-only folder: checksums are recomputed next time
     return Manifest(files=files, run_id=run_id, step=step)
 
 
@@ -201,11 +201,11 @@ def download_folder(
 
     def fetch(item: tuple[FileEntry, Path]) -> None:
         entry, target = item
-        if target.is_file() and target.stat().st_size == entry.size:
-            if sha256_file(target) == entry.sha256:
-                if progress:
-                    progress(entry.size)
-                return  # already here and intact
+        intact = target.is_file() and target.stat().st_size == entry.size
+        if intact and sha256_file(target) == entry.sha256:
+            if progress:
+                progress(entry.size)
+            return  # already here and intact
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.ferry-partial")
         store.get_file(f"{prefix}/{entry.path}", partial)
