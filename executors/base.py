@@ -166,6 +166,10 @@ class Executor:
                 + "\n".join(f"  - {p}" for p in problems)
             )
 
+    def default_storage(self, home: Path) -> str | None:
+        """Where runs sync to when neither --storage nor the config says (None: nowhere)."""
+        return None
+
     def plan(self, job: JobSpec) -> Plan:
         self.check(job)
         return self._plan(job)

@@ -30,6 +30,7 @@ import yaml
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.supervise import EXIT_FILE
+from payload.errors import EXIT_PREEMPTED
 
 LOG_FILE = "train.log"
 CANCEL_FILE = "cancel_requested"
@@ -159,6 +160,10 @@ class LocalExecutor(Executor):
                 problems.append("`bf16: true` needs a CUDA GPU; this machine has none (use auto)")
         return problems
 
+    def default_storage(self, home: Path) -> str | None:
+        # A folder beside the registry: durable across relaunches, needs no service.
+        return f"file://{home / 'storage'}"
+
     def _command(self, job: JobSpec) -> list[str]:
         return [
             sys.executable,
@@ -189,6 +194,7 @@ class LocalExecutor(Executor):
             ("config", str(job.config_path)),
             ("output_dir", str(job.config.get("output_dir"))),
             ("log", str(job.run_dir / LOG_FILE)),
+            ("storage", job.storage_uri or "-"),
         ]
         return Plan(self.name, job.run_id, rows, self._command(job))
 
@@ -224,7 +230,10 @@ class LocalExecutor(Executor):
                 return Status(RunState.CANCELLED, "cancelled by the user", code, ended)
             if code == 0:
                 return Status(RunState.SUCCEEDED, None, 0, ended)
-            return Status(RunState.FAILED, _failure_detail(run_dir, code), code, ended)
+            detail = _failure_detail(run_dir, code)
+            if code == EXIT_PREEMPTED:
+                detail = f"{detail} (`launch resume {handle.run_id}` continues it)"
+            return Status(RunState.FAILED, detail, code, ended)
         if _alive(handle.data["pid"], str(run_dir)):
             return Status(RunState.RUNNING)
         if cancelled:
@@ -270,7 +279,7 @@ def _failure_detail(run_dir: Path, code: int) -> str:
     names an exception, else the exit code."""
     log = run_dir / LOG_FILE
     lines = log.read_text(errors="replace").splitlines()[-300:] if log.exists() else []
-    for wanted in (lambda s: s.startswith("error:"), lambda s: "Error" in s):
+    for wanted in (lambda s: s.startswith(("error:", "preempted:")), lambda s: "Error" in s):
         for line in reversed(lines):
             if wanted(line):
                 return line.removeprefix("error:").strip()[:500]

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,19 +52,54 @@ def job_for(
     run_id: str,
     gpus: str | int | None = None,
     runs_root: Path | None = None,
+    storage: str | None = None,
 ) -> JobSpec:
     """The JobSpec of a validated config: its own run folder under `runs_root` (default
-    $FERRY_HOME/runs), and its output folder there unless the config names one."""
+    $FERRY_HOME/runs), its output folder there unless the config names one, and its own
+    storage prefix `<storage>/<run id>` (storage: the argument, else the config's).
+
+    The run's storage travels as FERRY_STORAGE_URI, so the config it runs drops `storage`.
+    """
     run_dir = (runs_root or ferry_home() / "runs") / run_id
     config = cfg.model_dump(mode="json", exclude_defaults=True)
     config.setdefault("output_dir", str(run_dir / "output"))
+    from_config = config.pop("storage", None)
+    base = storage or from_config
     return JobSpec(
         run_id=run_id,
         name=name,
         config=config,
         resources=Resources.from_gpus(gpus),
         run_dir=run_dir,
+        storage_uri=f"{base.rstrip('/')}/{run_id}" if base else None,
     )
+
+
+def check_storage_option(storage: str | None) -> None:
+    """A --storage value must be a storage URI Ferry can use."""
+    from payload.storage import check_uri
+
+    if storage and (problem := check_uri(storage)):
+        raise FerryError(f"--storage: {problem}.")
+
+
+def with_default_storage(job: JobSpec, backend: str) -> JobSpec:
+    """Give a job with no storage the backend's default (the local backend: a folder
+    under $FERRY_HOME)."""
+    if job.storage_uri is None:
+        base = get_executor(backend).default_storage(ferry_home())
+        if base:
+            job.storage_uri = f"{base.rstrip('/')}/{job.run_id}"
+    return job
+
+
+def check_storage(uri: str | None) -> None:
+    """Can the run write to its storage? Asked before anything is spent (for S3: the
+    credentials and the bucket)."""
+    if uri:
+        from payload.storage import open_store
+
+        open_store(uri).check()
 
 
 def prepare(
@@ -73,11 +108,13 @@ def prepare(
     *,
     gpus: str | int | None = None,
     run_id: str | None = None,
+    storage: str | None = None,
 ) -> JobSpec:
     """Validate the config and turn it into a JobSpec; nothing is written or started."""
+    check_storage_option(storage)
     cfg = validate(source, overrides)
     name = config_name(source)
-    return job_for(cfg, name, run_id or make_run_id(name), gpus)
+    return job_for(cfg, name, run_id or make_run_id(name), gpus, storage=storage)
 
 
 def plan(
@@ -86,9 +123,10 @@ def plan(
     *,
     cloud: str = "local",
     gpus: str | int | None = None,
+    storage: str | None = None,
 ) -> Plan:
     """What `train` would start, without starting it (the dry run)."""
-    job = prepare(source, overrides, gpus=gpus)
+    job = with_default_storage(prepare(source, overrides, gpus=gpus, storage=storage), cloud)
     return get_executor(cloud).plan(job)
 
 
@@ -116,6 +154,7 @@ def submit(record: RunRecord, job: JobSpec, backend: str, registry: Registry) ->
     A FerryError from the backend marks the run failed; other errors (a network blip)
     leave it pending for the caller to retry."""
     executor = get_executor(backend)
+    with_default_storage(job, backend)
     try:
         handle = executor.submit(job)
     except FerryError as e:
@@ -137,6 +176,7 @@ def submit(record: RunRecord, job: JobSpec, backend: str, registry: Registry) ->
         started_at=time.time(),
         finished_at=None,
         attempts=record.attempts + 1,
+        storage_uri=job.storage_uri,
     )
 
 
@@ -150,6 +190,7 @@ def job_from_record(record: RunRecord) -> JobSpec:
         config=config,
         resources=Resources(**record.resources),
         run_dir=run_dir,
+        storage_uri=record.storage_uri,
     )
 
 
@@ -159,14 +200,16 @@ def train(
     *,
     cloud: str = "local",
     gpus: str | int | None = None,
+    storage: str | None = None,
     registry: Registry | None = None,
 ) -> RunRecord:
     """Validate, record and submit one run; returns at once (see `wait`)."""
     registry = registry or Registry()
-    job = prepare(source, overrides, gpus=gpus)
+    job = prepare(source, overrides, gpus=gpus, storage=storage)
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
-    record = record_for(job, source, executor.name)
+    check_storage(with_default_storage(job, cloud).storage_uri)
+    record = record_for(job, source, executor.name, storage_uri=job.storage_uri)
     registry.add(record)
     try:
         return submit(record, job, executor.name, registry)
@@ -238,6 +281,23 @@ def cancel(run_id: str, registry: Registry | None = None) -> RunRecord:
     )
 
 
+def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
+    """Relaunch a run that stopped (failed, preempted, cancelled) under the same run id, on
+    the same backend. With storage it continues from its newest complete checkpoint."""
+    registry = registry or Registry()
+    record = refresh(registry.get(run_id), registry)
+    if record.state == RunState.SUCCEEDED.value:
+        raise FerryError(f"{run_id} already succeeded; there is nothing to resume.")
+    if not RunState(record.state).finished:
+        raise FerryError(
+            f"{run_id} is still {record.state}.", hint=f"launch cancel {run_id} first."
+        )
+    job = job_from_record(record)
+    get_executor(record.backend).check(job)
+    check_storage(job.storage_uri)
+    return submit(record, job, record.backend, registry)
+
+
 def wait(
     run_id: str,
     poll_s: float = 0.5,
@@ -271,6 +331,7 @@ def sweep_plan(
     gpus: str | int | None = None,
     max_parallel: int = 1,
     max_trials: int | None = None,
+    storage: str | None = None,
 ) -> Any:
     """Expand and validate a sweep without recording or starting anything (the dry run).
     Returns a `launcher.dispatch.SweepPlan`."""
@@ -285,6 +346,7 @@ def sweep_plan(
         gpus=gpus,
         max_parallel=max_parallel,
         max_trials=max_trials or DEFAULT_MAX_TRIALS,
+        storage=storage,
     )
 
 
@@ -297,6 +359,7 @@ def sweep(
     gpus: str | int | None = None,
     max_parallel: int = 1,
     max_trials: int | None = None,
+    storage: str | None = None,
     detach: bool = False,
     on_event: Callable[[str, RunRecord], None] | None = None,
     registry: Registry | None = None,
@@ -314,6 +377,7 @@ def sweep(
         gpus=gpus,
         max_parallel=max_parallel,
         max_trials=max_trials,
+        storage=storage,
     )
     record = dispatch.create(plan, registry)
     if detach:
@@ -371,3 +435,83 @@ def sweep_cancel(sweep_id: str, registry: Registry | None = None) -> list[RunRec
     from launcher import dispatch
 
     return dispatch.cancel(sweep_id, registry)
+
+
+# ---- pull: a run's artifacts and checkpoints, from its storage to here
+
+
+@dataclass
+class PullPlan:
+    run_id: str
+    store: Any  # payload.storage.Store
+    items: list[tuple[str, Path, Any]]  # (prefix in the store, destination, Manifest)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(manifest.total_bytes for _, _, manifest in self.items)
+
+
+def pull_plan(
+    run_id: str,
+    checkpoint: str | None = None,
+    dest: str | Path | None = None,
+    registry: Registry | None = None,
+) -> PullPlan:
+    """What `pull` would download: the final artifacts (default), checkpoint N, the
+    `latest` one, or `all` of them. Only complete (manifested) folders are offered."""
+    from payload.storage import FINAL, list_checkpoints, open_store
+    from payload.storage.sync import read_manifest
+
+    registry = registry or Registry()
+    record = registry.get(run_id)
+    if not record.storage_uri:
+        raise FerryError(f"{run_id} has no storage recorded (it ran before Ferry synced runs).")
+    store = open_store(record.storage_uri)
+    dest = Path(dest) if dest else Path.cwd() / run_id
+    if checkpoint is None:
+        manifest = read_manifest(store, FINAL)
+        if manifest is None:
+            latest = [c for c in list_checkpoints(store) if c.complete]
+            hint = (
+                f"Its newest checkpoint is {latest[-1].step}: --checkpoint latest."
+                if latest
+                else None
+            )
+            raise FerryError(
+                f"{run_id} has no final artifacts in {store.uri} (not finished?).", hint=hint
+            )
+        return PullPlan(run_id, store, [(FINAL, dest, manifest)])
+    complete = [c for c in list_checkpoints(store) if c.complete]
+    if not complete:
+        raise FerryError(f"{run_id} has no complete checkpoint in {store.uri}.")
+    if checkpoint == "all":
+        chosen = complete
+    elif checkpoint == "latest":
+        chosen = complete[-1:]
+    elif checkpoint.isdigit() and int(checkpoint) in {c.step for c in complete}:
+        chosen = [c for c in complete if c.step == int(checkpoint)]
+    else:
+        steps = ", ".join(str(c.step) for c in complete)
+        raise FerryError(
+            f"--checkpoint {checkpoint}: {run_id} has complete checkpoints at "
+            f"steps {steps} (or use latest / all)."
+        )
+    items = []
+    for c in chosen:
+        manifest = read_manifest(store, c.prefix)
+        target = (
+            dest / "checkpoints" / f"checkpoint-{c.step}"
+            if checkpoint == "all"
+            else dest / f"checkpoint-{c.step}"
+        )
+        items.append((c.prefix, target, manifest))
+    return PullPlan(run_id, store, items)
+
+
+def pull(plan: PullPlan, progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Download a PullPlan, verifying every file; returns the destinations."""
+    from payload.storage import download_folder
+
+    for prefix, target, _ in plan.items:
+        download_folder(plan.store, prefix, target, progress=progress)
+    return [target for _, target, _ in plan.items]

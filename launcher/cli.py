@@ -41,6 +41,19 @@ SetOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+DetachRunOpt = Annotated[
+    bool, typer.Option("--detach", "-d", help="Return after submitting; do not follow the logs.")
+]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        metavar="URI",
+        help="Sync checkpoints and artifacts here (file://, s3://, volume://); "
+        "each run goes under URI/<run id>. Default: the config's `storage`, else "
+        "the backend's (local: $FERRY_HOME/storage).",
+    ),
+]
 
 
 def _debug() -> bool:
@@ -83,18 +96,32 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
     ] = False,
-    detach: Annotated[
-        bool,
-        typer.Option("--detach", "-d", help="Return after submitting; do not follow the logs."),
-    ] = False,
+    detach: DetachRunOpt = False,
+    storage: StorageOpt = None,
 ) -> None:
     """Train one config. Follows the logs until the run ends unless --detach."""
     from launcher import api, output
 
     if dry_run:
-        output.plan(api.plan(config, set_ or [], cloud=cloud, gpus=gpus))
+        output.plan(api.plan(config, set_ or [], cloud=cloud, gpus=gpus, storage=storage))
         return
-    record = api.train(config, set_ or [], cloud=cloud, gpus=gpus)
+    _follow(api.train(config, set_ or [], cloud=cloud, gpus=gpus, storage=storage), detach)
+
+
+@app.command()
+def resume(run_id: RunArg, detach: DetachRunOpt = False) -> None:
+    """Relaunch a stopped run (preempted, failed, cancelled) under the same run id; with
+    storage it continues from its newest complete checkpoint."""
+    from launcher import api
+
+    _follow(api.resume(run_id), detach)
+
+
+def _follow(record, detach: bool) -> None:  # type: ignore[no-untyped-def]
+    """Print the follow-up commands, or follow the log to the end and summarise.
+    Ctrl-C while following cancels the run."""
+    from launcher import api, output
+
     output.submitted(record, detach=detach)
     if detach:
         return
@@ -154,6 +181,28 @@ def logs(
             output.log_line(line)
     except KeyboardInterrupt:
         pass  # stop following; the run goes on
+
+
+@app.command()
+def pull(
+    run_id: RunArg,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            metavar="N|latest|all",
+            help="A checkpoint instead of the final artifacts.",
+        ),
+    ] = None,
+    dest: Annotated[
+        str | None, typer.Option("--dest", metavar="DIR", help="Where to put it (default ./RUN).")
+    ] = None,
+) -> None:
+    """Download a run's final artifacts (or checkpoints) from its storage, verified."""
+    from launcher import api, output
+
+    plan = api.pull_plan(run_id, checkpoint, dest)
+    output.pulled(plan, api.pull)
 
 
 @app.command()
@@ -223,6 +272,7 @@ def sweep_run(
         bool, typer.Option("--dry-run", help="Print the trials and their plans; start nothing.")
     ] = False,
     detach: DetachOpt = False,
+    storage: StorageOpt = None,
 ) -> None:
     """Expand the grid, validate every trial, then run them (the default subcommand)."""
     from launcher import api, output
@@ -235,6 +285,7 @@ def sweep_run(
         gpus=gpus,
         max_parallel=max_parallel,
         max_trials=max_trials,
+        storage=storage,
     )
     for warning in plan.warnings:
         output.warning(warning)

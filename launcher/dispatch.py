@@ -67,6 +67,7 @@ def plan_sweep(
     gpus: str | int | None = None,
     max_parallel: int = 1,
     max_trials: int = DEFAULT_MAX_TRIALS,
+    storage: str | None = None,
 ) -> SweepPlan:
     """Expand the grid and validate every trial; raise listing every invalid trial.
 
@@ -76,6 +77,7 @@ def plan_sweep(
     if max_parallel < 1:
         raise FerryError(f"--max-parallel must be at least 1, got {max_parallel}.")
     executors = {name: get_executor(name) for name in backends}
+    api.check_storage_option(storage)
     spec = parse_yaml(read_text(sweep_file), str(sweep_file))
     trials, warnings = expand(spec, max_trials=max_trials)
     base = read_raw(source, overrides)
@@ -108,12 +110,14 @@ def plan_sweep(
             run_id = f"{sweep_id}-t{trial.index}"
             if cfg.output_dir:  # a shared output_dir from the base config: one folder per trial
                 cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / run_id)})
-            job = api.job_for(cfg, name, run_id, gpus, runs_root)
+            job = api.job_for(cfg, name, run_id, gpus, runs_root, storage=storage)
             jobs.append(job)
             for backend, executor in executors.items():
                 for problem in executor.problems(job):
                     invalid.append(f"{label}: {backend}: {problem}")
                     invalid_trials.add(trial.index)
+    for base in {job.storage_uri.rsplit("/", 1)[0] for job in jobs if job.storage_uri}:
+        api.check_storage(base)  # once per storage, not once per trial
     if invalid:
         shown = invalid[:INVALID_SHOWN]
         more = f"\n  ... and {len(invalid) - len(shown)} more" if len(invalid) > len(shown) else ""

@@ -106,7 +106,10 @@ def _next_steps(run_id: str) -> str:
 
 
 def submitted(record: RunRecord, detach: bool) -> None:
-    out().print(f"[bold]run[/] {record.run_id} ({record.backend}) submitted")
+    again = f", attempt {record.attempts}" if record.attempts > 1 else ""
+    out().print(f"[bold]run[/] {record.run_id} ({record.backend}{again}) submitted")
+    if record.storage_uri:
+        out().print(f"   storage: {escape(record.storage_uri)}")
     if detach:
         out().print(f"   next: {_next_steps(record.run_id)}")
 
@@ -145,10 +148,15 @@ def finished(record: RunRecord) -> None:
         )
     if record.output_dir and Path(record.output_dir).exists():
         out().print(f"   artifacts   {escape(record.output_dir)}")
+    if record.storage_uri:
+        out().print(f"   storage     {escape(record.storage_uri)}")
     out().print(f"   logs        {escape(record.run_dir)}/train.log")
-    out().print(
-        f"   next        launch status {record.run_id} | launch logs {record.run_id} | launch runs"
-    )
+    nxt = [f"launch status {record.run_id}", f"launch logs {record.run_id}"]
+    if record.state == "succeeded" and record.storage_uri:
+        nxt.append(f"launch pull {record.run_id}")
+    if record.state in ("failed", "cancelled"):
+        nxt.append(f"launch resume {record.run_id}")
+    out().print("   next        " + " | ".join(nxt))
 
 
 def cancelled(record: RunRecord) -> None:
@@ -388,3 +396,30 @@ def sweep_report(report: Any, data: Path, png: Path | None) -> None:
         out().print(f"plot:   {escape(str(png))}")
     else:
         warning("no plot: matplotlib is not installed (pip install 'ferry[report]').")
+
+
+def pulled(plan: Any, pull: Any) -> None:
+    """Download with a progress bar (bytes, rate, ETA), then say where everything went."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err(),
+    ) as bar:
+        task = bar.add_task(f"pull {plan.run_id}", total=plan.total_bytes)
+        targets = pull(plan, progress=lambda n: bar.advance(task, n))
+    for (prefix, _, manifest), target in zip(plan.items, targets, strict=True):
+        out().print(
+            f"[green]ok[/] {escape(plan.store.child(prefix))} -> {escape(str(target))} "
+            f"({len(manifest.files)} files, {manifest.total_bytes:,} bytes, verified)"
+        )

@@ -62,6 +62,7 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
     ],
 }
+MIGRATIONS[3] = ["ALTER TABLE runs ADD COLUMN storage_uri TEXT"]
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -90,6 +91,7 @@ class RunRecord:
     started_at: float | None = None  # last submitted
     finished_at: float | None = None
     attempts: int = 0  # times submitted
+    storage_uri: str | None = None  # where its checkpoints and artifacts are synced
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the backend handle (its internals are not for users)."""

@@ -77,7 +77,7 @@ def build(sweep_id: str, trials: list[RunRecord], metric: str | None, mode: str 
     """Rank the trials by `metric` (default: eval_loss if any trial evaluated, else loss)."""
     if mode not in ("min", "max"):
         raise FerryError(f"--mode must be min or max, got {mode!r}.")
-    logs = {t.run_id: read_metrics(t.output_dir) if t.output_dir else [] for t in trials}
+    logs = {t.run_id: run_metrics(t) for t in trials}
     if metric is None:
         evaluated = any("eval_loss" in r for records in logs.values() for r in records)
         metric = "eval_loss" if evaluated else "loss"
@@ -108,6 +108,21 @@ def build(sweep_id: str, trials: list[RunRecord], metric: str | None, mode: str 
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda r: (r.final is None, sign * (r.final or 0.0), r.index))
     return Report(sweep_id, metric, mode, varied_keys(trials), rows)
+
+
+def run_metrics(trial: RunRecord) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl: from its output folder when that is on this machine, else
+    from its storage (where a remote backend's runs keep it)."""
+    if trial.output_dir and Path(trial.output_dir).is_dir():
+        return read_metrics(trial.output_dir)
+    if trial.storage_uri:
+        from payload.storage import open_store
+        from payload.storage.layout import METRICS_FILE
+
+        data = open_store(trial.storage_uri).read_bytes(METRICS_FILE)
+        if data:
+            return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    return []
 
 
 def varied_keys(trials: list[RunRecord]) -> list[str]:

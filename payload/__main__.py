@@ -1,6 +1,7 @@
 """`python -m payload train CONFIG [--set key=value ...]`: what runs inside the image.
 
-Exit codes: 0 trained; 1 a problem the user can fix (printed as one paragraph); any
+Exit codes: 0 trained; 1 a problem the user can fix (printed as one paragraph); 75
+(EXIT_PREEMPTED) stopped by SIGTERM after saving a checkpoint, relaunch to resume; any
 other failure keeps its traceback.
 """
 
@@ -38,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         from payload.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        from payload.durability import Preempted
         from payload.train import run
 
-        run(cfg)
+        try:
+            run(cfg)
+        except Preempted as e:
+            if rank == 0:
+                print(f"preempted: {e}", file=sys.stderr, flush=True)
+            return e.exit_code
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The payload's exit code after a SIGTERM stop (a preemption): a checkpoint was saved and
+# uploaded, and a relaunch of the run resumes from it. 75 is EX_TEMPFAIL: try again later.
+EXIT_PREEMPTED = 75
+
 
 class FerryError(Exception):
     """A problem the user can fix. `hint` is the next thing to try, if there is one."""

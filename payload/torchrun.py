@@ -5,12 +5,17 @@ Every backend starts training through this module. It is torch's own launcher
 - a rank that exits with an error leaves one line here instead of the agent's traceback
   (the rank's own message is already in the log above it), and the first failed rank's
   exit code becomes this process's, so a distinct code from the payload survives;
-- SIGTERM/SIGINT end it with the usual 128+signal code and one line, not a traceback.
+- SIGTERM (a preemption) ends it with EXIT_PREEMPTED (75) once torchrun has passed the
+  signal on and the ranks have stopped (they save a checkpoint first, see
+  payload.durability); SIGINT and SIGHUP end it with 128+signal. One line, no traceback.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+
+from payload.errors import EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except SignalException as e:
         print(f"torchrun: stopped by {e.sigval.name}", file=sys.stderr, flush=True)
+        if e.sigval == signal.SIGTERM:
+            return EXIT_PREEMPTED
         return 128 + int(e.sigval)
     return 0
 

@@ -102,18 +102,6 @@ def training_arguments(
     )
 
 
-def resume_point(cfg: TrainConfig, output_dir: str) -> str | None:
-    """The checkpoint to resume from: the configured one, or with
-    `auto_resume_from_checkpoints` the newest `checkpoint-N` in `output_dir`."""
-    if cfg.resume_from_checkpoint:
-        return cfg.resume_from_checkpoint
-    if cfg.auto_resume_from_checkpoints and Path(output_dir).is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(output_dir)
-    return None
-
-
 def _quiet_libraries(is_main: bool) -> None:
     """Keep the run's log to what the user can act on."""
     import warnings
@@ -151,8 +139,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
 
+    from payload import durability
+
+    stop = durability.StopOnSigterm(dist)  # from here on, SIGTERM means "save and stop"
     _quiet_libraries(dist.is_main)
     output_dir = cfg.output_dir or DEFAULT_OUTPUT_DIR
+    run_id = os.environ.get("FERRY_RUN_ID")
+    store = durability.open_run_store(cfg)
     set_seed(cfg.seed)
     started = time.time()
     tokenizer = load_tokenizer(cfg)
@@ -164,6 +157,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     if dist.is_main:
         _print_model(model, cfg, dist)
     args = training_arguments(cfg, dist, output_dir, len(train_set), eval_set is not None)
+    callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
+    sync = None
+    if store is not None:
+        sync = durability.StorageSync(
+            store, output_dir, run_id, cfg.save_total_limit, dist.is_main, dist.backend is not None
+        )
+        callbacks.append(sync)
     trainer = Trainer(
         model=model,
         args=args,
@@ -171,19 +171,38 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(output_dir, dist.is_main)],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
-    resume = resume_point(cfg, output_dir)
+    resume = durability.resume_point(cfg, output_dir, dist, store)
+    resumed_step = _checkpoint_step(resume)
     if resume and dist.is_main:
-        print(f"resuming from {resume}", flush=True)
+        print(f"resuming from step {resumed_step} ({resume})", flush=True)
+    if stop.requested:
+        raise durability.Preempted(None, None)
     trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:
+        if sync:
+            sync.wait()
+        where = store.child(f"checkpoints/checkpoint-{stop.stopped_at}") if store else output_dir
+        raise durability.Preempted(stop.stopped_at, where)
     trainer.save_model(output_dir)
     summary: dict[str, Any] = {}
     if dist.is_main:
         tokenizer.save_pretrained(output_dir)
-        summary = _write_summary(cfg, output_dir, report, started, resume)
+        summary = _write_summary(cfg, output_dir, report, started, resumed_step)
+        if sync:
+            sync.wait()
+            sync.upload_final()
     return summary
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    """The step a checkpoint folder holds, from its name."""
+    if not path:
+        return None
+    name = Path(path).name
+    return int(name.rsplit("-", 1)[1]) if name.startswith("checkpoint-") else None
 
 
 def _print_model(model: Any, cfg: TrainConfig, dist: distributed.DistInfo) -> None:
@@ -201,7 +220,7 @@ def _print_model(model: Any, cfg: TrainConfig, dist: distributed.DistInfo) -> No
 
 
 def _write_summary(
-    cfg: TrainConfig, output_dir: str, report: DataReport, started: float, resume: str | None
+    cfg: TrainConfig, output_dir: str, report: DataReport, started: float, resumed: int | None
 ) -> dict[str, Any]:
     records = read_metrics(output_dir)
     losses = [r for r in records if "loss" in r]
@@ -215,7 +234,7 @@ def _write_summary(
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "wall_s": round(time.time() - started, 1),
-        "resumed_from": resume,
+        "resumed_from_step": resumed,
         "rows": {
             "in": report.rows_in,
             "kept": report.rows_kept,

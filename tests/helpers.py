@@ -55,3 +55,15 @@ def quickstart_config(tmp_path: Path, extra: str = "", name: str = "quickstart.y
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def make_folder(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A checkpoint-like folder: files of the given sizes with reproducible contents."""
+    import random
+
+    rng = random.Random(seed)
+    for rel, size in sizes.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+    return root

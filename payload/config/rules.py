@@ -181,6 +181,17 @@ def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error("plugins", "are not supported yet.")
 
 
+@rule("storage", "resume_from_checkpoint")
+def _storage(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    from payload.storage.stores import check_uri
+
+    if cfg.storage and (problem := check_uri(cfg.storage)):
+        yield _error("storage", f"{problem}.")
+    wanted = cfg.resume_from_checkpoint
+    if wanted and "://" in wanted and (problem := check_uri(wanted)):
+        yield _error("resume_from_checkpoint", f"{problem}.")
+
+
 @rule("dataset_prepared_path")
 def _prepared_path(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.dataset_prepared_path:

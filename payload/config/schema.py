@@ -228,10 +228,17 @@ class TrainConfig(_Strict):
     evals_per_epoch: PositiveInt | None = Field(default=None, description="Evaluations per epoch.")
     logging_steps: PositiveInt = Field(default=1, description="Log metrics every N steps.")
     resume_from_checkpoint: str | None = Field(
-        default=None, description="Checkpoint folder to resume from."
+        default=None, description="Checkpoint to resume from: a folder or a storage URI."
     )
     auto_resume_from_checkpoints: bool | None = Field(
-        default=None, description="Resume from the newest checkpoint in `output_dir`."
+        default=None,
+        description="Resume from the newest complete checkpoint (in storage when it is set, "
+        "else in `output_dir`). Default: on when storage is set.",
+    )
+    storage: str | None = Field(
+        default=None,
+        description="Ferry: where checkpoints and artifacts are synced (file://, s3://, "
+        "volume://). The launcher puts each run under <storage>/<run id>.",
     )
 
     # ---- distributed and other trainers

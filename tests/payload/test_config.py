@@ -312,7 +312,7 @@ def test_every_schema_key_is_an_axolotl_key_or_a_documented_extension():
     from payload.config import axolotl_keys
     from payload.config.schema import DatasetConfig, TrainConfig
 
-    assert set(TrainConfig.model_fields) <= axolotl_keys.TOP_LEVEL
+    assert set(TrainConfig.model_fields) <= axolotl_keys.TOP_LEVEL | {"storage"}
     extensions = {"field_instruction", "field_input", "field_output"}
     assert set(DatasetConfig.model_fields) <= axolotl_keys.DATASET | extensions
     for model in (TrainConfig, DatasetConfig):

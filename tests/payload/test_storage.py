@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
+from helpers import make_folder
 
 from payload.errors import FerryError
 from payload.storage import (
@@ -21,19 +21,6 @@ from payload.storage import (
     upload_folder,
 )
 from payload.storage.stores import check_uri
-
-
-def make_folder(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
-    """A checkpoint-like folder: files of the given sizes with reproducible contents."""
-    import random
-
-    rng = random.Random(seed)
-    for rel, size in sizes.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(size))
-    return root
-
 
 CHECKPOINT = {
     "model.safetensors": 300_000,

@@ -89,9 +89,13 @@ def test_full_finetune_with_evaluation(tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
-def test_auto_resume_picks_the_newest_checkpoint(tmp_path):
+def test_auto_resume_without_storage_picks_the_newest_local_checkpoint(tmp_path):
     from payload.config import validate_mapping
-    from payload.train import resume_point
+    from payload.distributed import DistInfo
+    from payload.durability import resume_point as durable_resume_point
+
+    def resume_point(cfg, output_dir):
+        return durable_resume_point(cfg, output_dir, DistInfo(0, 0, 1, None, "cpu"), None)
 
     out = tmp_path / "out"
     for step in (2, 10, 4):

@@ -1,0 +1,261 @@
+"""Runs that survive: checkpoints copied to storage as they are written, a relaunch that
+resumes from the newest complete one, and a clean stop on SIGTERM.
+
+The run's storage is FERRY_STORAGE_URI (set by every backend), else the config's
+`storage:`. Inside it:
+
+    metrics.jsonl                      refreshed with every checkpoint
+    checkpoints/checkpoint-<step>/     each HF checkpoint, complete once its manifest is in
+    final/                             the final adapter or model, metrics, summary, config
+
+SIGTERM is what every cloud sends before it takes a machine back. On it the payload
+finishes the current step, saves a checkpoint, uploads it, and exits with
+EXIT_PREEMPTED (75); a relaunch of the same run continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from payload import distributed
+from payload.config.schema import TrainConfig
+from payload.errors import EXIT_PREEMPTED, FerryError
+from payload.storage import (
+    FINAL,
+    Store,
+    download_folder,
+    latest_complete_checkpoint,
+    open_store,
+    upload_checkpoint,
+    upload_folder,
+)
+from payload.storage.layout import METRICS_FILE
+from payload.storage.sync import CHECKPOINT_DIR
+
+log = logging.getLogger("ferry.storage")
+
+STAGING = ".ferry-staging"  # hard-linked snapshots of checkpoints waiting to upload
+
+
+class Preempted(Exception):  # noqa: N818 - it is a way of stopping, not a fault
+    """Training stopped on SIGTERM after saving a checkpoint at `step`."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int | None, where: str | None):
+        self.step, self.where = step, where
+        at = f"at step {step}" if step is not None else "before training started"
+        saved = f"; checkpoint saved to {where}" if where and step is not None else ""
+        super().__init__(f"stopped by SIGTERM {at}{saved}. Relaunch the run to resume.")
+
+
+def storage_uri(cfg: TrainConfig) -> str | None:
+    return os.environ.get("FERRY_STORAGE_URI") or cfg.storage
+
+
+def open_run_store(cfg: TrainConfig) -> Store | None:
+    uri = storage_uri(cfg)
+    return open_store(uri) if uri else None
+
+
+def _step_of(folder_name: str) -> int:
+    match = CHECKPOINT_DIR.match(folder_name)
+    if not match:
+        raise FerryError(f"resume_from_checkpoint: {folder_name!r} is not a checkpoint-<step>.")
+    return int(match.group(1))
+
+
+def _fetch(cfg: TrainConfig, output_dir: Path, store: Store | None) -> str | None:
+    """Resolve the checkpoint to resume from into a local folder (first process per node)."""
+    wanted = cfg.resume_from_checkpoint
+    auto = cfg.auto_resume_from_checkpoints
+    if auto is None:
+        auto = store is not None
+    if wanted and "://" in wanted:  # a checkpoint in some store: .../checkpoints/checkpoint-40
+        parent, name = wanted.rstrip("/").rsplit("/", 1)
+        step = _step_of(name)
+        local = output_dir / name
+        download_folder(open_store(parent), name, local)
+        return _keep_up_to(output_dir, step, str(local))
+    if wanted:
+        return wanted
+    if not auto:
+        return None
+    if store is not None:
+        latest = latest_complete_checkpoint(store)
+        if latest is None:
+            return None
+        local = output_dir / f"checkpoint-{latest.step}"
+        download_folder(store, latest.prefix, local)
+        metrics = store.read_bytes(METRICS_FILE)
+        if metrics is not None:  # the history so far, for metrics.jsonl to carry on from
+            (output_dir / METRICS_FILE).write_bytes(metrics)
+        return _keep_up_to(output_dir, latest.step, str(local))
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def _keep_up_to(output_dir: Path, step: int, chosen: str) -> str:
+    """Drop local checkpoints newer than the one resumed from: they are the dead
+    attempt's, possibly half-written, and would confuse rotation."""
+    for folder in output_dir.glob("checkpoint-*"):
+        match = CHECKPOINT_DIR.match(folder.name)
+        if match and int(match.group(1)) > step:
+            shutil.rmtree(folder, ignore_errors=True)
+    return chosen
+
+
+def resume_point(
+    cfg: TrainConfig, output_dir: str, dist: distributed.DistInfo, store: Store | None
+) -> str | None:
+    """The local checkpoint folder to resume from, or None for a fresh start. The first
+    process on each node downloads; every process gets the same answer."""
+    path = _fetch(cfg, Path(output_dir), store) if dist.local_rank == 0 else None
+    if dist.backend:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()  # every node has its copy before anyone reads it
+        box = [path]
+        torch_dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path
+
+
+def _snapshot(source: Path, staging: Path) -> Path:
+    """Hard-link a checkpoint into the staging folder, so that rotation can delete the
+    original while it uploads (HF writes new files; it never rewrites old ones)."""
+    target = staging / source.name
+    shutil.rmtree(target, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:  # no hard links here (another filesystem): copy
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+    return target
+
+
+class StorageSync(TrainerCallback):
+    """Uploads each checkpoint right after it is saved, on the main process, one at a
+    time in a background thread so that training does not wait."""
+
+    def __init__(
+        self,
+        store: Store,
+        output_dir: str,
+        run_id: str | None,
+        keep: int | None,
+        is_main: bool,
+        distributed_run: bool,
+    ):
+        self.store, self.output_dir, self.run_id, self.keep = store, Path(output_dir), run_id, keep
+        self.is_main, self.distributed_run = is_main, distributed_run
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-upload")
+        self.pending: list[Future[None]] = []
+        self.errors: list[str] = []
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.distributed_run:
+            import torch.distributed as torch_dist
+
+            torch_dist.barrier()  # every rank has written its part (its RNG state) first
+        if not self.is_main:
+            return
+        step = state.global_step
+        source = self.output_dir / f"checkpoint-{step}"
+        if not source.is_dir():
+            return
+        snapshot = _snapshot(source, self.output_dir / STAGING)
+        self.pending.append(self.pool.submit(self._upload, snapshot, step))
+
+    def _upload(self, snapshot: Path, step: int) -> None:
+        try:
+            result = upload_checkpoint(snapshot, self.store, step, self.run_id, self.keep)
+            metrics = self.output_dir / METRICS_FILE
+            if metrics.exists():
+                self.store.write_bytes(METRICS_FILE, metrics.read_bytes())
+            self.store.commit()
+            print(
+                f"storage: checkpoint-{step} synced to {self.store.uri} "
+                f"({result.files_sent} files, {result.bytes_sent:,} bytes)",
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001 - reported by wait(); training goes on meanwhile
+            self.errors.append(f"checkpoint-{step}: {e}")
+            log.error("upload of checkpoint-%s to %s failed: %s", step, self.store.uri, e)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Block until every queued upload is done; raise if any failed."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+        if self.errors:
+            raise FerryError(
+                f"{len(self.errors)} checkpoint upload(s) to {self.store.uri} failed: "
+                + "; ".join(self.errors)
+            )
+
+    def upload_final(self) -> None:
+        """The final artifacts: everything in output_dir but checkpoints and staging."""
+        skip = tuple(p.name for p in self.output_dir.iterdir() if CHECKPOINT_DIR.match(p.name))
+        result = upload_folder(
+            self.output_dir, self.store, FINAL, run_id=self.run_id, exclude=(*skip, STAGING)
+        )
+        metrics = self.output_dir / METRICS_FILE
+        if metrics.exists():
+            self.store.write_bytes(METRICS_FILE, metrics.read_bytes())
+        self.store.commit()
+        print(
+            f"storage: final artifacts synced to {self.store.child(FINAL)} "
+            f"({result.files_sent} files, {result.bytes_sent:,} bytes)",
+            flush=True,
+        )
+
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM asks for a checkpoint and a stop at the end of the current step. All ranks
+    agree on the step (the flag is all-reduced), so their checkpoint is one checkpoint."""
+
+    def __init__(self, dist: distributed.DistInfo):
+        self.dist = dist
+        self.requested = False
+        self.stopped_at: int | None = None
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Later SIGTERMs (torchrun forwards the one it got too) change nothing.
+        if not self.requested:
+            self.requested = True
+            print(
+                f"[rank {self.dist.rank}] SIGTERM: saving a checkpoint at the end of this step",
+                flush=True,
+            )
+
+    def _agreed(self) -> bool:
+        if not self.dist.backend:
+            return self.requested
+        import torch
+        import torch.distributed as torch_dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.dist.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.stopped_at is None and self._agreed():
+            self.requested = True
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,205 @@
+"""Runs that survive: killed at a random step and relaunched, stopped by SIGTERM and
+relaunched, an upload killed mid-way, and a pull that refuses to write outside its
+destination. All through the real CLI, torchrun and storage (a folder or moto's S3)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import launch, make_folder, quickstart_config
+
+from executors.local import process_tree
+from launcher import api
+from payload.storage import latest_complete_checkpoint, list_checkpoints, open_store
+from payload.storage.layout import read_metrics, read_summary
+
+STEPS = 24
+RUN = f"max_steps: {STEPS}\nnum_epochs: null\nsave_steps: 4\nlogging_steps: 1\n"
+
+
+def _losses(output_dir: str | Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def _start(cfg: Path, *extra: str) -> str:
+    result = launch("train", str(cfg), "--detach", *extra, check=True)
+    return result.stdout.split()[1]  # "run <id> (local) submitted"
+
+
+def _wait_for_step(run_id: str, step: int, timeout: float = 180) -> None:
+    log = Path(api.status(run_id).run_dir) / "train.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and f"[step {step}/" in log.read_text():
+            return
+        if api.status(run_id).state != "running":
+            raise AssertionError(f"{run_id} ended before step {step}:\n{log.read_text()}")
+        time.sleep(0.2)
+    raise AssertionError(f"{run_id} did not reach step {step} in {timeout}s")
+
+
+def _signal_tree(run_id: str, sig: signal.Signals) -> None:
+    supervisor = json.loads(api.status(run_id).handle)["data"]["pid"]
+    for pid in process_tree(supervisor):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _wait_finished(run_id: str, timeout: float = 120):
+    record = api.wait(run_id, timeout_s=timeout)
+    assert record.state != "running", f"{run_id} still running after {timeout}s"
+    return record
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same run, never interrupted: what every resumed run must reproduce."""
+    home = tmp_path_factory.mktemp("reference")
+    cfg = quickstart_config(home, RUN)
+    launch("train", str(cfg), env={"FERRY_HOME": str(home / "ferry")}, check=True, timeout=300)
+    runs = json.loads(launch("runs", "--json", env={"FERRY_HOME": str(home / "ferry")}).stdout)
+    return _losses(runs[0]["output_dir"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [7, 13, 19])  # spread over the run; each between saves
+def test_sigkill_at_any_step_then_relaunch_resumes_and_finishes_exactly(
+    tmp_path, reference, kill_at
+):
+    run_id = _start(quickstart_config(tmp_path, RUN))
+    _wait_for_step(run_id, kill_at)
+    _signal_tree(run_id, signal.SIGKILL)  # the machine is gone: no handler runs
+    dead = _wait_finished(run_id)
+    assert dead.state == "failed" and "recorded no exit" in dead.detail
+
+    store = open_store(dead.storage_uri)
+    newest = latest_complete_checkpoint(store)
+    assert newest is not None and newest.step <= kill_at
+
+    result = launch("resume", run_id, timeout=300, check=True)
+    assert f"resuming from step {newest.step}" in result.stdout
+    record = api.status(run_id)
+    assert record.state == "succeeded" and record.attempts == 2
+    summary = read_summary(record.output_dir)
+    assert summary["resumed_from_step"] == newest.step and summary["steps"] == STEPS
+    losses = _losses(record.output_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # every step logged once, no gaps
+    # Model, optimizer, scheduler, RNG and data position all resumed: the numbers match a
+    # run that was never interrupted.
+    assert losses == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_uploads_exits_75_and_a_relaunch_resumes_there(
+    tmp_path, s3_bucket, reference
+):
+    storage = f"s3://{s3_bucket}/runs"
+    run_id = _start(quickstart_config(tmp_path, RUN), "--storage", storage)
+    _wait_for_step(run_id, 9)
+    _signal_tree(run_id, signal.SIGTERM)  # a cloud's preemption notice, to every process
+    stopped = _wait_finished(run_id)
+    log = (Path(stopped.run_dir) / "train.log").read_text()
+    exit_code = json.loads((Path(stopped.run_dir) / "exit.json").read_text())["exit_code"]
+    assert exit_code == 75, log
+    assert stopped.state == "failed" and f"launch resume {run_id}" in stopped.detail
+    step = int(log.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert step >= 9
+    store = open_store(f"{storage}/{run_id}")
+    assert stopped.storage_uri == store.uri
+    assert latest_complete_checkpoint(store).step == step  # saved at the step it stopped
+
+    resumed = launch("resume", run_id, timeout=300, check=True)
+    assert f"resuming from step {step}" in resumed.stdout
+    record = api.status(run_id)
+    assert record.state == "succeeded"
+    assert read_summary(record.output_dir)["resumed_from_step"] == step
+    assert _losses(record.output_dir) == pytest.approx(reference, rel=1e-5)
+    final = store.list("final")
+    assert "final/adapter_model.safetensors" in final and "final/ferry-manifest.json" in final
+
+
+UPLOADER = """
+import sys
+from pathlib import Path
+from payload.storage import open_store, upload_checkpoint
+store = open_store(sys.argv[1])
+upload_checkpoint(Path(sys.argv[2]), store, 8, run_id="r")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_upload_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, request, kind):
+    if kind == "s3":
+        uri = f"s3://{request.getfixturevalue('s3_bucket')}/run"
+    else:
+        uri = f"file://{tmp_path}/store/run"
+    store = open_store(uri)
+    from payload.storage import upload_checkpoint
+
+    small = make_folder(tmp_path / "c4", {"model.bin": 50_000, "state.json": 500})
+    upload_checkpoint(small, store, 4)
+    big = make_folder(tmp_path / "c8", {f"shard-{i}.bin": 40 * 1024 * 1024 for i in range(4)})
+
+    uploader = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER, uri, str(big)], env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once data for checkpoint-8 is arriving
+        if any(k.startswith("checkpoints/checkpoint-8/") for k in store.list("checkpoints")):
+            break
+        if kind == "s3" and store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads"):
+            break
+        time.sleep(0.02)
+    uploader.kill()
+    uploader.wait()
+    assert uploader.returncode == -signal.SIGKILL, "the upload finished before it was killed"
+
+    checkpoints = {c.step: c.complete for c in list_checkpoints(store)}
+    assert checkpoints.get(4) is True and checkpoints.get(8) is not True
+    assert latest_complete_checkpoint(store).step == 4
+    from payload.storage import download_folder
+
+    download_folder(store, "checkpoints/checkpoint-4", tmp_path / "back")  # verifies
+    assert (tmp_path / "back" / "model.bin").read_bytes() == (small / "model.bin").read_bytes()
+
+
+def test_pull_refuses_a_crafted_path_and_writes_nothing_outside(tmp_path, ferry_home):
+    from launcher.registry import Registry, RunRecord
+    from payload.storage import Manifest
+    from payload.storage.sync import FileEntry
+
+    store = open_store(f"file://{tmp_path}/store/evil-run")
+    store.write_bytes("final/evil.txt", b"pwned")
+    manifest = Manifest([FileEntry("ok.txt", 2, "x"), FileEntry("../../evil.txt", 5, "y")])
+    store.write_bytes("final/ferry-manifest.json", manifest.to_json())
+    now = time.time()
+    Registry().add(
+        RunRecord(
+            run_id="evil-run",
+            name="evil",
+            source="/x.yml",
+            backend="local",
+            state="succeeded",
+            created_at=now,
+            updated_at=now,
+            run_dir="/tmp/x",
+            resources={},
+            storage_uri=store.uri,
+        )
+    )
+    dest = tmp_path / "a" / "b" / "dest"
+    result = launch("pull", "evil-run", "--dest", str(dest))
+    assert result.returncode == 1
+    assert "Refusing remote file '../../evil.txt'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
+    assert not any(p.is_file() for p in (tmp_path / "a").rglob("*"))
