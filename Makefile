@@ -27,9 +27,17 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-bench: setup
+# The AWS CLI, for bench/s3_sync.py's comparison, in an environment of its own (its
+# botocore pin would fight boto3's in .venv).
+AWS_VENV ?= .venv-aws
+$(AWS_VENV)/bin/aws:
+	$(PYTHON) -m venv $(AWS_VENV)
+	$(AWS_VENV)/bin/python -m pip install --quiet awscli
+
+bench: setup $(AWS_VENV)/bin/aws
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/sweep_expand.py
+	$(BIN)/python bench/s3_sync.py --aws $(AWS_VENV)/bin/aws
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

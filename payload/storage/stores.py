@@ -25,6 +25,7 @@ from payload.errors import FerryError
 
 SCHEMES = ("file", "s3", "volume")
 CHUNK = 8 * 1024 * 1024
+PARALLEL_FILES = 4
 
 
 def sha256_file(path: Path) -> str:
@@ -50,6 +51,25 @@ class Store:
 
     def get_file(self, key: str, local: Path) -> None:
         raise NotImplementedError
+
+    def put_files(self, items: list[tuple[Path, str, str]], progress=None) -> None:  # type: ignore[no-untyped-def]
+        """Store many (local, key, sha256) files, several at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(item: tuple[Path, str, str]) -> None:
+            self.put_file(*item)
+            if progress:
+                progress(item[0].stat().st_size)
+
+        with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
+            list(pool.map(one, items))
+
+    def get_files(self, items: list[tuple[str, Path]]) -> None:
+        """Fetch many (key, local) files, several at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
+            list(pool.map(lambda item: self.get_file(*item), items))
 
     def write_bytes(self, key: str, data: bytes) -> None:
         raise NotImplementedError
@@ -145,11 +165,15 @@ class FileStore(Store):
 
 
 class S3Store(Store):
-    """S3 through boto3's transfer manager: multipart uploads with concurrent parts."""
+    """S3 through one s3transfer manager per batch: multipart uploads whose parts, from
+    all the files of a checkpoint together, share one pool of connections. (Measured on
+    a local server: one shared pool of 10 with 8 MB parts beat a pool per file, and
+    `aws s3 sync`; bench/s3_sync.py.) s3transfer raises the part size by itself where a
+    file would need more than S3's 10,000 parts."""
 
-    MULTIPART_THRESHOLD = 64 * 1024 * 1024
-    PART_SIZE = 32 * 1024 * 1024
-    CONCURRENCY = 8  # parts in flight per file
+    MULTIPART_THRESHOLD = 16 * 1024 * 1024
+    PART_SIZE = 8 * 1024 * 1024
+    CONCURRENCY = 10  # requests in flight, over all files of a batch
 
     def __init__(self, bucket: str, prefix: str, uri: str):
         self.bucket, self.prefix, self.uri = bucket, prefix.strip("/"), uri
@@ -210,6 +234,39 @@ class S3Store(Store):
 
     def get_file(self, key: str, local: Path) -> None:
         self.client.download_file(self.bucket, self._key(key), str(local), Config=self._transfer())
+
+    def put_files(self, items: list[tuple[Path, str, str]], progress=None) -> None:  # type: ignore[no-untyped-def]
+        from boto3.s3.transfer import create_transfer_manager
+        from s3transfer.subscribers import BaseSubscriber
+
+        class Progress(BaseSubscriber):
+            def on_progress(self, future, bytes_transferred, **kwargs):  # type: ignore[no-untyped-def]
+                if progress:
+                    progress(bytes_transferred)
+
+        with create_transfer_manager(self.client, self._transfer()) as manager:
+            futures = [
+                manager.upload(
+                    str(local),
+                    self.bucket,
+                    self._key(key),
+                    extra_args={"Metadata": {"sha256": sha256}},
+                    subscribers=[Progress()],
+                )
+                for local, key, sha256 in items
+            ]
+            for future in futures:
+                future.result()
+
+    def get_files(self, items: list[tuple[str, Path]]) -> None:
+        from boto3.s3.transfer import create_transfer_manager
+
+        with create_transfer_manager(self.client, self._transfer()) as manager:
+            futures = [
+                manager.download(self.bucket, self._key(k), str(local)) for k, local in items
+            ]
+            for future in futures:
+                future.result()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

@@ -95,14 +95,19 @@ def build_manifest(
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    files, fresh = [], {}
+    found = []
     for rel, path in walk_files(folder, exclude=(SUMS_CACHE, MANIFEST, *exclude)):
         stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
         known = cache.get(rel)
-        digest = known[2] if known and known[:2] == stamp else sha256_file(path)
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        found.append((rel, path, stamp, known[2] if known and known[:2] == stamp else None))
+    # hashlib lets go of the GIL on large buffers: new files hash in parallel.
+    with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
+        digests = list(pool.map(lambda f: f[3] or sha256_file(f[1]), found))
+    files, fresh = [], {}
+    for (rel, _, stamp, _), digest in zip(found, digests, strict=True):
         fresh[rel] = [*stamp, digest]
-        files.append(FileEntry(rel, stat.st_size, digest))
+        files.append(FileEntry(rel, stamp[0], digest))
     if fresh != cache:
         # In a read-only folder the checksums are simply recomputed next time.
         with contextlib.suppress(OSError):
@@ -145,16 +150,11 @@ def upload_folder(
                 continue
         todo.append(entry)
 
-    def send(entry: FileEntry) -> int:
-        store.put_file(folder / entry.path, f"{prefix}/{entry.path}", entry.sha256)
-        if progress:
-            progress(entry.size)
-        return entry.size
-
-    with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
-        for size in pool.map(send, todo):
-            result.files_sent += 1
-            result.bytes_sent += size
+    store.put_files(
+        [(folder / e.path, f"{prefix}/{e.path}", e.sha256) for e in todo], progress=progress
+    )
+    result.files_sent = len(todo)
+    result.bytes_sent = sum(e.size for e in todo)
     store.write_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())  # last: now it is complete
     store.commit()
     result.manifest_written = True
@@ -199,30 +199,35 @@ def download_folder(
     dest.mkdir(parents=True, exist_ok=True)
     targets = [(entry, safe_destination(dest, entry.path)) for entry in manifest.files]
 
-    def fetch(item: tuple[FileEntry, Path]) -> None:
-        entry, target = item
-        intact = target.is_file() and target.stat().st_size == entry.size
-        if intact and sha256_file(target) == entry.sha256:
+    def intact(entry: FileEntry, target: Path) -> bool:
+        return (
+            target.is_file()
+            and target.stat().st_size == entry.size
+            and sha256_file(target) == entry.sha256
+        )
+
+    todo = []
+    for entry, target in targets:
+        if intact(entry, target):  # already here (an earlier, interrupted pull)
             if progress:
                 progress(entry.size)
-            return  # already here and intact
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.ferry-partial")
-        store.get_file(f"{prefix}/{entry.path}", partial)
+        todo.append((entry, target, target.with_name(f".{target.name}.ferry-partial")))
+    store.get_files([(f"{prefix}/{entry.path}", partial) for entry, _, partial in todo])
+    for entry, target, partial in todo:
         size, digest = partial.stat().st_size, sha256_file(partial)
         if (size, digest) != (entry.size, entry.sha256):
-            partial.unlink(missing_ok=True)
+            for _, _, leftover in todo:
+                leftover.unlink(missing_ok=True)
             raise FerryError(
                 f"{store.child(prefix)}/{entry.path} failed verification: expected "
                 f"{entry.size} bytes sha256 {entry.sha256[:12]}..., got {size} bytes "
                 f"sha256 {digest[:12]}...."
             )
-        os.replace(partial, target)
+        os.replace(partial, target)  # only a verified file takes the real name
         if progress:
             progress(entry.size)
-
-    with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
-        list(pool.map(fetch, targets))
     return manifest
 
 
