@@ -183,7 +183,10 @@ def submit(record: RunRecord, job: JobSpec, backend: str, registry: Registry) ->
 def job_from_record(record: RunRecord) -> JobSpec:
     """Rebuild a recorded run's JobSpec from its run folder (to dispatch or relaunch it)."""
     run_dir = Path(record.run_dir)
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    try:
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except OSError as e:
+        raise FerryError(f"{record.run_id}: its run folder lost its config ({e}).") from e
     return JobSpec(
         run_id=record.run_id,
         name=record.name,
@@ -291,6 +294,11 @@ def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
     if not RunState(record.state).finished:
         raise FerryError(
             f"{run_id} is still {record.state}.", hint=f"launch cancel {run_id} first."
+        )
+    if not record.backend:
+        raise FerryError(
+            f"{run_id} never started, so there is nothing to resume.",
+            hint="A sweep's queued trials run again with `launch sweep retry`.",
         )
     job = job_from_record(record)
     get_executor(record.backend).check(job)

@@ -98,3 +98,21 @@ def test_a_version_1_registry_is_migrated_in_place(ferry_home):
     with sqlite3.connect(ferry_home / "ferry.db") as check:
         assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert check.execute("SELECT count(*) FROM sweeps").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "backend", "words"),
+    [("succeeded", "local", "already succeeded"), ("cancelled", "", "never started")],
+)
+def test_resume_refuses_runs_it_cannot_continue(ferry_home, state, backend, words):
+    from helpers import launch
+
+    Registry().add(_replace(_record("r-1"), state=state, backend=backend))
+    result = launch("resume", "r-1")
+    assert result.returncode == 1 and words in result.stderr
+
+
+def _replace(record: RunRecord, **changes) -> RunRecord:
+    import dataclasses
+
+    return dataclasses.replace(record, **changes)
