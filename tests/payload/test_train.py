@@ -112,3 +112,24 @@ def test_auto_resume_without_storage_picks_the_newest_local_checkpoint(tmp_path)
     assert resume_point(cfg, str(out)) == str(out / "checkpoint-10")
     explicit = validate_mapping({**base, "resume_from_checkpoint": str(out / "checkpoint-4")})
     assert resume_point(explicit, str(out)) == str(out / "checkpoint-4")
+
+
+def test_resume_from_a_checkpoint_given_as_a_storage_uri(tmp_path, monkeypatch):
+    """`resume_from_checkpoint` may name one checkpoint in any store: it is downloaded,
+    verified, and training continues from it exactly as the original run did."""
+    monkeypatch.setenv("FERRY_STORAGE_URI", f"file://{tmp_path}/store")
+    config = quickstart_config(tmp_path)
+    short = ["max_steps=8", "num_epochs=null", "save_steps=4", "logging_steps=1"]
+    payload_train(config, *short, f"output_dir={tmp_path / 'first'}")
+    monkeypatch.delenv("FERRY_STORAGE_URI")
+
+    uri = f"file://{tmp_path}/store/checkpoints/checkpoint-4"
+    result = payload_train(
+        config, *short, f"output_dir={tmp_path / 'second'}", f"resume_from_checkpoint={uri}"
+    )
+    assert "resuming from step 4" in result.stdout
+    first = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "first") if "loss" in r}
+    second = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "second") if "loss" in r}
+    assert sorted(second) == [5, 6, 7, 8]  # no history to carry over: it starts at step 5
+    assert second == pytest.approx({s: first[s] for s in second}, rel=1e-5)
+    assert read_summary(tmp_path / "second")["resumed_from_step"] == 4
