@@ -1,3 +1,6 @@
-"""The runtime image spec and what it renders to (Dockerfile, modal.Image, SkyPilot setup,
-Ray runtime env). Built by the image issue (#6); the local backend runs on this machine's
-own Python and needs no image."""
+"""The runtime image: one spec (`images.spec`) rendered for every backend
+(`images.render`). Nothing heavy: the Modal SDK loads only to build a `modal.Image`."""
+
+from images.spec import EXTRAS, ImageSpec, default_spec
+
+__all__ = ["EXTRAS", "ImageSpec", "default_spec"]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from payload.config import axolotl_keys, paths
 from payload.config.overrides import apply_overrides
 from payload.config.rules import check_rules
-from payload.config.schema import NESTED_LISTS, DatasetConfig, TrainConfig
+from payload.config.schema import DatasetConfig, TrainConfig
 from payload.errors import ConfigError, FerryError, Problem
 
 log = logging.getLogger("ferry.config")
@@ -142,19 +142,15 @@ def validate_mapping(
 
 
 def _unknown_keys(raw: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
-    """Report unknown and not-yet-supported keys; return the mapping without them."""
+    """Report unknown and not-yet-supported keys, at every depth; return the mapping
+    without them."""
     problems: list[Problem] = []
-    clean = _check_keys(raw, TrainConfig, axolotl_keys.TOP_LEVEL, "", problems)
-    for key, model in NESTED_LISTS.items():
-        entries = clean.get(key)
-        if isinstance(entries, list):
-            clean[key] = [
-                _check_keys(entry, model, axolotl_keys.DATASET, f"{key}[{i}].", problems)
-                if isinstance(entry, dict)
-                else entry
-                for i, entry in enumerate(entries)
-            ]
-    return problems, clean
+    return problems, _check_keys(raw, TrainConfig, axolotl_keys.TOP_LEVEL, "", problems)
+
+
+# Axolotl's own keys, by the model whose entries they would be: what "not supported yet"
+# means at each depth. Ferry-only sections (launch) have none.
+_AXOLOTL = {TrainConfig: axolotl_keys.TOP_LEVEL, DatasetConfig: axolotl_keys.DATASET}
 
 
 def _check_keys(
@@ -170,8 +166,20 @@ def _check_keys(
         key = str(key)
         if key in known:
             # As in Axolotl, `key: null` means "not set": the default applies.
-            if value is not None:
-                clean[key] = value
+            if value is None:
+                continue
+            nested, many = _nested(model, key)
+            inner = _AXOLOTL.get(nested, frozenset()) if nested else frozenset()
+            if nested and many and isinstance(value, list):
+                value = [
+                    _check_keys(v, nested, inner, f"{prefix}{key}[{i}].", problems)
+                    if isinstance(v, dict)
+                    else v
+                    for i, v in enumerate(value)
+                ]
+            elif nested and not many and isinstance(value, dict):
+                value = _check_keys(value, nested, inner, f"{prefix}{key}.", problems)
+            clean[key] = value
         elif key in axolotl:
             # Axolotl knows it and Ferry does not do it yet. An off value (null, false, empty)
             # asks for nothing, so it is accepted as a no-op.
@@ -180,6 +188,24 @@ def _check_keys(
         else:
             problems.append(Problem(f"{prefix}{key}", _unknown_message(key, known | axolotl)))
     return clean
+
+
+@functools.cache
+def _nested(model: type[BaseModel], key: str) -> tuple[type[BaseModel] | None, bool]:
+    """The model a field holds (and whether a list of them), or (None, False)."""
+    import typing
+
+    def find(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation, False
+        origin = typing.get_origin(annotation)
+        for arg in typing.get_args(annotation):
+            found, many = find(arg)
+            if found:
+                return found, many or origin is list
+        return None, False
+
+    return find(model.model_fields[key].annotation)
 
 
 @functools.cache
@@ -203,16 +229,18 @@ def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Prob
     values: dict[str, Any] = {}
     for err in error.errors():
         key = ""
+        model: type[BaseModel] | None = TrainConfig
         for part in err["loc"]:
             if isinstance(part, int):
                 key += f"[{part}]"
-            elif _is_field(key, str(part)):
+            elif model is not None and str(part) in model.model_fields:
                 key += f".{part}" if key else str(part)
-            # Other parts name union members; the user never wrote them.
+                model = _nested(model, str(part))[0]
+            # Other parts name union members (or dict keys); the user never wrote them.
         if err["type"] == "missing":
             by_key.setdefault(key, []).append("is required")
             continue
-        message = err["msg"].split(", unable to")[0]
+        message = err["msg"].split(", unable to")[0].removeprefix("Value error, ")
         message = message.replace("Input should be ", "should be ", 1)
         message = message[0].lower() + message[1:]
         by_key.setdefault(key, [])
@@ -225,11 +253,6 @@ def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Prob
         got = f" (got {values[key]!r})" if key in values else ""
         problems.append(Problem(key, f"{text}{got}."))
     return problems
-
-
-def _is_field(prefix: str, part: str) -> bool:
-    model: type[BaseModel] = DatasetConfig if prefix.startswith("datasets[") else TrainConfig
-    return part in model.model_fields
 
 
 def _lookup(raw: Any, loc: tuple[Any, ...]) -> Any:

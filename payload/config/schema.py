@@ -8,9 +8,10 @@ Required keys (`base_model`, `datasets`, `learning_rate`) are enforced by rules 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 # Dataset formats the payload implements today; `payload.data.strategies` holds the code
 # and a test keeps the two in step (this module must not import the data code).
@@ -98,6 +99,97 @@ class DatasetConfig(_Strict):
     field_output: str | None = Field(
         default=None, description="`alpaca`: the response column (default `output`)."
     )
+
+
+# Accelerators by the names users write; each backend says which it offers.
+ACCELERATORS = (
+    "T4",
+    "L4",
+    "A10G",
+    "A10",
+    "L40S",
+    "A100",
+    "A100-40GB",
+    "A100-80GB",
+    "H100",
+    "H200",
+    "B200",
+)
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+
+
+def parse_memory_mb(value: str | int | float) -> int:
+    """`64GB`, `64GiB`, `512MB`, or a number of MiB -> MiB."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = _MEMORY.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a memory size like 64GB or 512MB")
+    number, unit = float(match.group(1)), (match.group(2) or "M")[0].upper()
+    return int(number * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit])
+
+
+def parse_duration_s(value: str | int | float) -> int:
+    """`24h`, `90m`, `3600s`, `2d`, or a number of seconds -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like 90m, 24h or 3600")
+    number, unit = float(match.group(1)), (match.group(2) or "s").lower()
+    return int(number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+class VolumeMount(_Strict):
+    name: str = Field(description="A named volume of the backend (Modal: a Volume).")
+    mount: str = Field(description="Where it appears in the container, e.g. /data.")
+
+
+class ImageOverrides(_Strict):
+    base: str | None = Field(default=None, description="Base image instead of Ferry's CUDA one.")
+    pip: list[str] = Field(default_factory=list, description="Extra pip packages (pin them).")
+    apt: list[str] = Field(default_factory=list, description="Extra apt packages.")
+    commands: list[str] = Field(default_factory=list, description="Extra build commands.")
+    extras: list[Literal["flash-attn", "deepspeed", "bitsandbytes"]] = Field(
+        default_factory=list, description="Optional pinned layers."
+    )
+
+
+class LaunchConfig(_Strict):
+    """Where and on what a run goes: Ferry's `launch:` section. The CLI's flags win over
+    it, and it wins over a --profile file."""
+
+    cloud: str | None = Field(default=None, description="Backend: local, modal, ...")
+    gpus: str | int | None = Field(
+        default=None, description="Per node: a count (2) or ACCELERATOR:COUNT (H100:8)."
+    )
+    nodes: PositiveInt | None = Field(default=None, description="Machines (multi-node).")
+    cpu: float | None = Field(default=None, gt=0, description="CPU cores per node.")
+    memory: int | None = Field(default=None, description="Memory per node: 64GB, 512MB, MiB.")
+    timeout: int | None = Field(default=None, description="Stop after: 24h, 90m, seconds.")
+    retries: int | None = Field(default=None, ge=0, description="Restarts after a failure.")
+    region: str | None = Field(default=None, description="Cloud region.")
+    spot: bool | None = Field(default=None, description="Preemptible (spot) machines.")
+    secrets: list[str] = Field(
+        default_factory=list, description="Secrets by name (the backend's), never values."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment (not for secrets: use secrets)."
+    )
+    volumes: list[VolumeMount] = Field(default_factory=list, description="Extra volumes.")
+    image: ImageOverrides | None = Field(default=None, description="Changes to the image.")
+    storage: str | None = Field(default=None, description="Storage URI (as --storage).")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> Any:
+        return None if value is None else parse_memory_mb(value)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> Any:
+        return None if value is None else parse_duration_s(value)
 
 
 class TrainConfig(_Strict):
@@ -240,6 +332,9 @@ class TrainConfig(_Strict):
         description="Ferry: where checkpoints and artifacts are synced (file://, s3://, "
         "volume://). The launcher puts each run under <storage>/<run id>.",
     )
+    launch: LaunchConfig | None = Field(
+        default=None, description="Ferry: where the run goes and what it asks for."
+    )
 
     # ---- distributed and other trainers
     deepspeed: str | dict[str, Any] | None = Field(
@@ -263,8 +358,3 @@ class TrainConfig(_Strict):
     @property
     def effective_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
-
-
-# Nested models, by the key that holds a list of them; the loader uses it to find
-# unknown keys inside list entries.
-NESTED_LISTS: dict[str, type[BaseModel]] = {"datasets": DatasetConfig}

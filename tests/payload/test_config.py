@@ -312,9 +312,41 @@ def test_every_schema_key_is_an_axolotl_key_or_a_documented_extension():
     from payload.config import axolotl_keys
     from payload.config.schema import DatasetConfig, TrainConfig
 
-    assert set(TrainConfig.model_fields) <= axolotl_keys.TOP_LEVEL | {"storage"}
+    assert set(TrainConfig.model_fields) <= axolotl_keys.TOP_LEVEL | {"storage", "launch"}
     extensions = {"field_instruction", "field_input", "field_output"}
     assert set(DatasetConfig.model_fields) <= axolotl_keys.DATASET | extensions
     for model in (TrainConfig, DatasetConfig):
         missing_help = [k for k, f in model.model_fields.items() if not f.description]
         assert not missing_help, f"fields without help: {missing_help}"
+
+
+def test_launch_section_is_checked_at_every_depth():
+    found = problems(
+        {
+            **BASE,
+            "launch": {
+                "gpu": "H100",
+                "memory": "lots",
+                "timeout": "2h",
+                "image": {"bse": "x"},
+                "volumes": [{"name": "v"}],
+            },
+        }
+    )
+    assert "did you mean `gpus`" in found["launch.gpu"]
+    assert "did you mean `base`" in found["launch.image.bse"]
+    assert "'lots' is not a memory size" in found["launch.memory"]
+    assert found["launch.volumes[0].mount"] == "is required."
+
+
+@pytest.mark.parametrize(
+    ("given", "memory_mb", "timeout_s"),
+    [
+        ({"memory": "64GB", "timeout": "24h"}, 65536, 86400),
+        ({"memory": 2048, "timeout": 90}, 2048, 90),
+        ({"memory": "1.5GiB", "timeout": "90m"}, 1536, 5400),
+    ],
+)
+def test_launch_sizes_and_durations(given, memory_mb, timeout_s):
+    cfg = validate_mapping({**BASE, "launch": given})
+    assert (cfg.launch.memory, cfg.launch.timeout) == (memory_mb, timeout_s)
