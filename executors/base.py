@@ -20,6 +20,14 @@ from typing import Any
 from payload.errors import FerryError
 from payload.storage.layout import CONFIG_FILE  # the run folder holds its resolved config too
 
+JOB_FILE = "job.json"
+
+
+def _tuple(value: Any) -> Any:
+    """JSON gives lists where the image spec holds tuples (its env holds pairs)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 ACCELERATOR = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 
@@ -44,9 +52,12 @@ class Resources:
     accelerator: str | None = None  # e.g. "H100", "A100-80GB"; None: whatever is there
     gpus_per_node: int = 1
     nodes: int = 1
-    spot: bool = False
+    spot: bool | None = None  # None: the backend's default
     region: str | None = None
     timeout_s: int | None = None
+    cpu: float | None = None  # cores per node
+    memory_mb: int | None = None  # per node
+    retries: int | None = None  # restarts after a failure
 
     @classmethod
     def from_gpus(cls, gpus: str | int | None, **kwargs: Any) -> Resources:
@@ -80,14 +91,58 @@ class JobSpec:
     config: dict[str, Any]  # resolved: overrides applied, local paths absolute
     resources: Resources
     run_dir: Path  # the launcher's folder for this run (resolved config, logs, state)
-    image: str | None = None
+    image: Any = None  # images.ImageSpec: what the job runs in (container backends)
     storage_uri: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     secrets: list[str] = field(default_factory=list)  # names only; values never travel here
+    volumes: list[dict[str, str]] = field(default_factory=list)  # extra {name, mount}
 
     @property
     def config_path(self) -> Path:
         return self.run_dir / CONFIG_FILE
+
+    def write(self) -> None:
+        """Write the run folder's record of this job: the resolved config.yml, and
+        job.json (image, env, secret names, volumes) for a relaunch to rebuild it."""
+        import yaml
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        launch = {
+            "image": asdict(self.image) if self.image is not None else None,
+            "env": self.env,
+            "secrets": self.secrets,
+            "volumes": self.volumes,
+        }
+        (self.run_dir / JOB_FILE).write_text(json.dumps(launch, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, run_dir: Path, **fields: Any) -> JobSpec:
+        """The job a run folder records (see `write`); `fields` gives the rest."""
+        import yaml
+
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        launch_file = run_dir / JOB_FILE
+        launch = json.loads(launch_file.read_text()) if launch_file.exists() else {}
+        image = None
+        if launch.get("image"):
+            from images.spec import ImageSpec
+
+            image = ImageSpec(
+                **{
+                    k: tuple(map(_tuple, v)) if isinstance(v, list) else v
+                    for k, v in launch["image"].items()
+                }
+            )
+        return cls(
+            config=config,
+            run_dir=run_dir,
+            image=image,
+            env=launch.get("env", {}),
+            secrets=launch.get("secrets", []),
+            volumes=launch.get("volumes", []),
+            **fields,
+        )
 
     def payload_command(self, config_path: str | Path | None = None) -> list[str]:
         """The command every backend runs in the image, under torchrun."""
@@ -157,14 +212,27 @@ class Executor:
         problems.extend(self._check(job))
         return problems
 
+    def warnings(self, job: JobSpec) -> list[str]:
+        """Settings this backend would ignore: said, never silently dropped."""
+        return self._warnings(job)
+
     def check(self, job: JobSpec) -> None:
-        """Raise FerryError listing `problems(job)`, if there are any."""
+        """Raise FerryError listing `problems(job)`, if there are any; log warnings."""
+        import logging
+
+        for warning in self.warnings(job):
+            logging.getLogger("ferry.executors").warning("%s: %s", self.name, warning)
         problems = self.problems(job)
         if problems:
             raise FerryError(
                 f"The {self.name} backend cannot run {job.run_id}:\n"
                 + "\n".join(f"  - {p}" for p in problems)
             )
+
+    def preflight(self, job: JobSpec) -> None:
+        """What only a real launch needs (credentials, quotas), checked before anything
+        is recorded; a dry run skips it. Raise FerryError with the fix."""
+        self._preflight(job)
 
     def default_storage(self, home: Path) -> str | None:
         """Where runs sync to when neither --storage nor the config says (None: nowhere)."""
@@ -195,6 +263,12 @@ class Executor:
 
     # ---- hooks
     def _check(self, job: JobSpec) -> list[str]:
+        return []
+
+    def _preflight(self, job: JobSpec) -> None:
+        return None
+
+    def _warnings(self, job: JobSpec) -> list[str]:
         return []
 
     def _plan(self, job: JobSpec) -> Plan:

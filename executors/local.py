@@ -26,8 +26,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.supervise import EXIT_FILE
 from payload.errors import EXIT_PREEMPTED
@@ -160,6 +158,29 @@ class LocalExecutor(Executor):
                 problems.append("`bf16: true` needs a CUDA GPU; this machine has none (use auto)")
         return problems
 
+    def _warnings(self, job: JobSpec) -> list[str]:
+        r = job.resources
+        ignored = [
+            name
+            for name, value in (
+                ("cpu", r.cpu),
+                ("memory", r.memory_mb),
+                ("timeout", r.timeout_s),
+                ("retries", r.retries),
+                ("region", r.region),
+                ("spot", r.spot),
+                ("secrets", job.secrets),
+                ("volumes", job.volumes),
+            )
+            if value
+        ]
+        notes = []
+        if ignored:
+            notes.append(f"{', '.join(ignored)} ignored: the run uses this machine as it is")
+        if r.accelerator:
+            notes.append(f"accelerator {r.accelerator} ignored: the run uses this machine's GPUs")
+        return notes
+
     def default_storage(self, home: Path) -> str | None:
         # A folder beside the registry: durable across relaunches, needs no service.
         return f"file://{home / 'storage'}"
@@ -199,11 +220,11 @@ class LocalExecutor(Executor):
         return Plan(self.name, job.run_id, rows, self._command(job))
 
     def _submit(self, job: JobSpec) -> Handle:
-        job.run_dir.mkdir(parents=True, exist_ok=True)
+        if not job.config_path.exists():
+            job.write()
         # A relaunch of the same run (a retry) starts with no outcome recorded.
         for stale in (EXIT_FILE, CANCEL_FILE):
             (job.run_dir / stale).unlink(missing_ok=True)
-        job.config_path.write_text(yaml.safe_dump(job.config, sort_keys=False))
         command = self._command(job)
         supervisor = [sys.executable, "-m", "executors.supervise", str(job.run_dir), "--", *command]
         with (job.run_dir / LOG_FILE).open("ab") as log:

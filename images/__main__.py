@@ -27,8 +27,19 @@ def lock() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-             "--quiet", "--report", str(report), spec.torch, f"{ROOT}[train,s3]"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                str(report),
+                spec.torch,
+                f"{ROOT}[train,s3]",
+            ],
             check=True,
         )
         installs = json.loads(report.read_text())["install"]

@@ -19,8 +19,11 @@ PAYLOAD = Path(__file__).resolve().parents[1] / "payload"
 
 def _pip(packages: list[str], index: str | None = None) -> str:
     options = f" --index-url {index}" if index else ""
-    return "python -m pip install --no-cache-dir" + options + " " + " ".join(
-        shlex.quote(p) for p in packages
+    return (
+        "python -m pip install --no-cache-dir"
+        + options
+        + " "
+        + " ".join(shlex.quote(p) for p in packages)
     )
 
 
@@ -31,7 +34,8 @@ def build_steps(spec: ImageSpec) -> list[tuple[str, str]]:
         steps.append(("apt", " ".join(spec.apt)))
     steps.append(("pip", f"{spec.torch} (index {spec.torch_index})"))
     for layer in spec.pip_layers:
-        steps.append(("pip", f"{len(layer)} pinned packages" if len(layer) > 6 else " ".join(layer)))
+        what = f"{len(layer)} pinned packages" if len(layer) > 6 else " ".join(layer)
+        steps.append(("pip", what))
     steps.extend(("run", command) for command in spec.commands)
     steps.append(("env", " ".join(f"{k}={v}" for k, v in spec.env)))
     steps.append(("source", f"payload/ -> {spec.workdir}/payload"))

@@ -7,6 +7,7 @@ is a new tag.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -108,6 +109,7 @@ def read_lock(path: Path = LOCK_FILE) -> tuple[str, ...]:
     return tuple(line for line in lines if line)
 
 
+@functools.cache
 def default_spec() -> ImageSpec:
-    """The image every backend runs unless a config adds to it."""
+    """The image every backend runs unless a config adds to it (immutable: cached)."""
     return ImageSpec(locked=read_lock())

@@ -17,14 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from executors import Handle, JobSpec, Plan, Resources, RunState, get_executor
+from launcher.launch_settings import LaunchSettings
 from launcher.registry import Registry, RunRecord, ferry_home
 from payload.config import TrainConfig, load_config
 from payload.config.loader import is_url
 from payload.errors import FerryError
-from payload.storage.layout import CONFIG_FILE
 from payload.storage.layout import read_summary as read_output_summary
 
 
@@ -50,29 +48,64 @@ def job_for(
     cfg: TrainConfig,
     name: str,
     run_id: str,
-    gpus: str | int | None = None,
+    settings: LaunchSettings | None = None,
     runs_root: Path | None = None,
-    storage: str | None = None,
 ) -> JobSpec:
-    """The JobSpec of a validated config: its own run folder under `runs_root` (default
-    $FERRY_HOME/runs), its output folder there unless the config names one, and its own
-    storage prefix `<storage>/<run id>` (storage: the argument, else the config's).
+    """The JobSpec of a validated config and its launch settings: its own run folder
+    under `runs_root` (default $FERRY_HOME/runs), its output folder there unless the
+    config names one, its own storage prefix `<storage>/<run id>`, and its image.
 
-    The run's storage travels as FERRY_STORAGE_URI, so the config it runs drops `storage`.
+    Storage and launch settings travel outside the config it runs (FERRY_STORAGE_URI,
+    the backend's resources), so those keys are dropped from it.
     """
+    from images import default_spec
+
+    settings = settings or resolve_launch({}, cfg)
     run_dir = (runs_root or ferry_home() / "runs") / run_id
     config = cfg.model_dump(mode="json", exclude_defaults=True)
     config.setdefault("output_dir", str(run_dir / "output"))
-    from_config = config.pop("storage", None)
-    base = storage or from_config
+    config.pop("storage", None)
+    config.pop("launch", None)
+    image = settings.image
     return JobSpec(
         run_id=run_id,
         name=name,
         config=config,
-        resources=Resources.from_gpus(gpus),
+        resources=settings.resources,
         run_dir=run_dir,
-        storage_uri=f"{base.rstrip('/')}/{run_id}" if base else None,
+        image=default_spec().with_overrides(**image) if image else default_spec(),
+        storage_uri=f"{settings.storage.rstrip('/')}/{run_id}" if settings.storage else None,
+        env=dict(settings.env),
+        secrets=list(settings.secrets),
+        volumes=list(settings.volumes),
     )
+
+
+def resolve_launch(flags: dict[str, Any], cfg: TrainConfig, profile: Any = None) -> LaunchSettings:
+    """Flags > the config's `launch:` > the profile > defaults (see launch_settings)."""
+    from launcher.launch_settings import resolve
+
+    return resolve(check_flags(flags), cfg.launch, profile, cfg.storage)
+
+
+def check_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Validate the CLI's launch flags like the config's `launch:` keys, naming the flag."""
+    from pydantic import ValidationError
+
+    from payload.config.schema import LaunchConfig
+
+    given = {k: v for k, v in flags.items() if v not in (None, [], {})}
+    try:
+        checked = LaunchConfig.model_validate(given)
+    except ValidationError as e:
+        lines = [
+            f"--{str(err['loc'][0]).replace('_', '-')}: " + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        ]
+        raise FerryError("Bad launch flag:\n" + "\n".join(f"  - {line}" for line in lines)) from e
+    if given.get("storage"):
+        check_storage_option(given["storage"])
+    return checked.model_dump(exclude_none=True, exclude_defaults=True)
 
 
 def check_storage_option(storage: str | None) -> None:
@@ -85,7 +118,7 @@ def check_storage_option(storage: str | None) -> None:
 
 def with_default_storage(job: JobSpec, backend: str) -> JobSpec:
     """Give a job with no storage the backend's default (the local backend: a folder
-    under $FERRY_HOME)."""
+    under $FERRY_HOME; Modal: a volume)."""
     if job.storage_uri is None:
         base = get_executor(backend).default_storage(ferry_home())
         if base:
@@ -106,27 +139,31 @@ def prepare(
     source: str | Path,
     overrides: list[str] | None = None,
     *,
-    gpus: str | int | None = None,
     run_id: str | None = None,
-    storage: str | None = None,
-) -> JobSpec:
-    """Validate the config and turn it into a JobSpec; nothing is written or started."""
-    check_storage_option(storage)
+    profile: str | Path | None = None,
+    **launch: Any,
+) -> tuple[JobSpec, str]:
+    """Validate the config, merge its launch settings, and turn it into a JobSpec;
+    nothing is written or started. Returns (job, backend name).
+
+    `launch` takes the CLI's launch flags by their config names: cloud, gpus, nodes,
+    cpu, memory, timeout, retries, region, spot, secrets, env, storage."""
     cfg = validate(source, overrides)
+    settings = resolve_launch(launch, cfg, profile)
     name = config_name(source)
-    return job_for(cfg, name, run_id or make_run_id(name), gpus, storage=storage)
+    job = job_for(cfg, name, run_id or make_run_id(name), settings)
+    return with_default_storage(job, settings.cloud), settings.cloud
 
 
 def plan(
     source: str | Path,
     overrides: list[str] | None = None,
     *,
-    cloud: str = "local",
-    gpus: str | int | None = None,
-    storage: str | None = None,
+    profile: str | Path | None = None,
+    **launch: Any,
 ) -> Plan:
     """What `train` would start, without starting it (the dry run)."""
-    job = with_default_storage(prepare(source, overrides, gpus=gpus, storage=storage), cloud)
+    job, cloud = prepare(source, overrides, profile=profile, **launch)
     return get_executor(cloud).plan(job)
 
 
@@ -182,37 +219,37 @@ def submit(record: RunRecord, job: JobSpec, backend: str, registry: Registry) ->
 
 def job_from_record(record: RunRecord) -> JobSpec:
     """Rebuild a recorded run's JobSpec from its run folder (to dispatch or relaunch it)."""
-    run_dir = Path(record.run_dir)
     try:
-        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        return JobSpec.read(
+            Path(record.run_dir),
+            run_id=record.run_id,
+            name=record.name,
+            resources=Resources(**record.resources),
+            storage_uri=record.storage_uri,
+        )
     except OSError as e:
-        raise FerryError(f"{record.run_id}: its run folder lost its config ({e}).") from e
-    return JobSpec(
-        run_id=record.run_id,
-        name=record.name,
-        config=config,
-        resources=Resources(**record.resources),
-        run_dir=run_dir,
-        storage_uri=record.storage_uri,
-    )
+        raise FerryError(f"{record.run_id}: its run folder lost its job files ({e}).") from e
 
 
 def train(
     source: str | Path,
     overrides: list[str] | None = None,
     *,
-    cloud: str = "local",
-    gpus: str | int | None = None,
-    storage: str | None = None,
+    profile: str | Path | None = None,
     registry: Registry | None = None,
+    **launch: Any,
 ) -> RunRecord:
-    """Validate, record and submit one run; returns at once (see `wait`)."""
+    """Validate, record and submit one run; returns at once (see `wait`).
+
+    Launch settings as in `prepare` (e.g. `cloud="modal", gpus="H100:8", nodes=2`)."""
     registry = registry or Registry()
-    job = prepare(source, overrides, gpus=gpus, storage=storage)
+    job, cloud = prepare(source, overrides, profile=profile, **launch)
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
-    check_storage(with_default_storage(job, cloud).storage_uri)
+    executor.preflight(job)  # credentials, quotas: what only a real launch needs
+    check_storage(job.storage_uri)
     record = record_for(job, source, executor.name, storage_uri=job.storage_uri)
+    job.write()
     registry.add(record)
     try:
         return submit(record, job, executor.name, registry)
@@ -301,7 +338,9 @@ def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
             hint="A sweep's queued trials run again with `launch sweep retry`.",
         )
     job = job_from_record(record)
-    get_executor(record.backend).check(job)
+    executor = get_executor(record.backend)
+    executor.check(job)
+    executor.preflight(job)
     check_storage(job.storage_uri)
     return submit(record, job, record.backend, registry)
 
@@ -336,13 +375,13 @@ def sweep_plan(
     overrides: list[str] | None = None,
     *,
     clouds: list[str] | None = None,
-    gpus: str | int | None = None,
     max_parallel: int = 1,
     max_trials: int | None = None,
-    storage: str | None = None,
+    profile: str | Path | None = None,
+    **launch: Any,
 ) -> Any:
     """Expand and validate a sweep without recording or starting anything (the dry run).
-    Returns a `launcher.dispatch.SweepPlan`."""
+    Returns a `launcher.dispatch.SweepPlan`. Launch settings as in `prepare`."""
     from launcher import dispatch
     from launcher.sweeps import DEFAULT_MAX_TRIALS
 
@@ -351,10 +390,10 @@ def sweep_plan(
         sweep_file,
         overrides,
         backends=clouds,
-        gpus=gpus,
         max_parallel=max_parallel,
         max_trials=max_trials or DEFAULT_MAX_TRIALS,
-        storage=storage,
+        profile=profile,
+        **launch,
     )
 
 
@@ -364,13 +403,13 @@ def sweep(
     overrides: list[str] | None = None,
     *,
     clouds: list[str] | None = None,
-    gpus: str | int | None = None,
     max_parallel: int = 1,
     max_trials: int | None = None,
-    storage: str | None = None,
+    profile: str | Path | None = None,
     detach: bool = False,
     on_event: Callable[[str, RunRecord], None] | None = None,
     registry: Registry | None = None,
+    **launch: Any,
 ) -> Any:
     """Plan, record and run a sweep. Blocks until every trial has ended, unless `detach`
     (then a background dispatcher runs it). Returns the `SweepRecord`."""
@@ -382,11 +421,12 @@ def sweep(
         sweep_file,
         overrides,
         clouds=clouds,
-        gpus=gpus,
         max_parallel=max_parallel,
         max_trials=max_trials,
-        storage=storage,
+        profile=profile,
+        **launch,
     )
+    dispatch.preflight(plan)
     record = dispatch.create(plan, registry)
     if detach:
         return dispatch.detach(record.sweep_id, registry)

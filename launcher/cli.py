@@ -44,6 +44,50 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confir
 DetachRunOpt = Annotated[
     bool, typer.Option("--detach", "-d", help="Return after submitting; do not follow the logs.")
 ]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus",
+        "-g",
+        metavar="[ACCELERATOR:]N",
+        help="Per node: GPUs (H100:8), or CPU processes on a machine without GPUs.",
+    ),
+]
+NodesOpt = Annotated[int | None, typer.Option("--nodes", metavar="N", help="Machines.")]
+CpuOpt = Annotated[float | None, typer.Option("--cpu", metavar="CORES", help="Per node.")]
+MemoryOpt = Annotated[
+    str | None, typer.Option("--memory", metavar="SIZE", help="Per node: 64GB, 512MB.")
+]
+TimeoutOpt = Annotated[
+    str | None, typer.Option("--timeout", metavar="DURATION", help="Stop after: 24h, 90m.")
+]
+RetriesOpt = Annotated[
+    int | None, typer.Option("--retries", metavar="N", help="Restarts after a failure.")
+]
+RegionOpt = Annotated[str | None, typer.Option("--region", help="Cloud region.")]
+SpotOpt = Annotated[
+    bool | None, typer.Option("--spot/--no-spot", help="Preemptible machines (or not).")
+]
+SecretOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--secret",
+        metavar="NAME",
+        help="A secret the backend stores, by name (repeat). Never a value.",
+    ),
+]
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option("--env", metavar="KEY=VALUE", help="Extra environment (repeat); not secrets."),
+]
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        metavar="FILE",
+        help="Launch settings from a YAML file (Axolotl cloud YAML works too).",
+    ),
+]
 StorageOpt = Annotated[
     str | None,
     typer.Option(
@@ -77,35 +121,70 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     output.validated(config, cfg)
 
 
+def _launch_flags(env: list[str] | None, **flags):  # type: ignore[no-untyped-def]
+    """The launch flags as `launcher.api` takes them (names as in `launch:`)."""
+    from payload.errors import FerryError
+
+    pairs = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FerryError(f"--env {item!r} is not of the form KEY=VALUE.")
+        pairs[key] = value
+    return {**flags, "env": pairs}
+
+
 @app.command()
 def train(
     config: ConfigArg,
     set_: SetOpt = None,
     cloud: Annotated[
-        str, typer.Option("--cloud", "-c", metavar="BACKEND", help="Backend to run on.")
-    ] = "local",
-    gpus: Annotated[
         str | None,
         typer.Option(
-            "--gpus",
-            "-g",
-            metavar="[ACCELERATOR:]N",
-            help="Processes per node: GPUs (H100:8), or CPU processes without GPUs.",
+            "--cloud",
+            "-c",
+            metavar="BACKEND",
+            help="Backend to run on (default: the config's, else local).",
         ),
     ] = None,
+    gpus: GpusOpt = None,
+    nodes: NodesOpt = None,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    timeout: TimeoutOpt = None,
+    retries: RetriesOpt = None,
+    region: RegionOpt = None,
+    spot: SpotOpt = None,
+    secret: SecretOpt = None,
+    env: EnvOpt = None,
+    storage: StorageOpt = None,
+    profile: ProfileOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
     ] = False,
     detach: DetachRunOpt = False,
-    storage: StorageOpt = None,
 ) -> None:
     """Train one config. Follows the logs until the run ends unless --detach."""
     from launcher import api, output
 
+    launch = _launch_flags(
+        env,
+        cloud=cloud,
+        gpus=gpus,
+        nodes=nodes,
+        cpu=cpu,
+        memory=memory,
+        timeout=timeout,
+        retries=retries,
+        region=region,
+        spot=spot,
+        secrets=secret,
+        storage=storage,
+    )
     if dry_run:
-        output.plan(api.plan(config, set_ or [], cloud=cloud, gpus=gpus, storage=storage))
+        output.plan(api.plan(config, set_ or [], profile=profile, **launch))
         return
-    _follow(api.train(config, set_ or [], cloud=cloud, gpus=gpus, storage=storage), detach)
+    _follow(api.train(config, set_ or [], profile=profile, **launch), detach)
 
 
 @app.command()
@@ -259,9 +338,17 @@ def sweep_run(
             help="Backend(s); repeat to spread trials over several.",
         ),
     ] = None,
-    gpus: Annotated[
-        str | None, typer.Option("--gpus", "-g", metavar="[ACCELERATOR:]N", help="Per trial.")
-    ] = None,
+    gpus: GpusOpt = None,
+    nodes: NodesOpt = None,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    timeout: TimeoutOpt = None,
+    retries: RetriesOpt = None,
+    region: RegionOpt = None,
+    spot: SpotOpt = None,
+    secret: SecretOpt = None,
+    env: EnvOpt = None,
+    profile: ProfileOpt = None,
     max_parallel: Annotated[
         int, typer.Option("--max-parallel", "-k", metavar="K", help="Trials at once per backend.")
     ] = 1,
@@ -277,15 +364,28 @@ def sweep_run(
     """Expand the grid, validate every trial, then run them (the default subcommand)."""
     from launcher import api, output
 
+    launch = _launch_flags(
+        env,
+        gpus=gpus,
+        nodes=nodes,
+        cpu=cpu,
+        memory=memory,
+        timeout=timeout,
+        retries=retries,
+        region=region,
+        spot=spot,
+        secrets=secret,
+        storage=storage,
+    )
     plan = api.sweep_plan(
         config,
         grid,
         set_ or [],
         clouds=cloud,
-        gpus=gpus,
         max_parallel=max_parallel,
         max_trials=max_trials,
-        storage=storage,
+        profile=profile,
+        **launch,
     )
     for warning in plan.warnings:
         output.warning(warning)
@@ -294,6 +394,7 @@ def sweep_run(
         return
     from launcher import dispatch
 
+    dispatch.preflight(plan)
     sweep = dispatch.create(plan)
     output.sweep_started(sweep, len(plan.trials), detach)
     if detach:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from executors import JobSpec, RunState, get_executor
 from launcher import api
+from launcher.launch_settings import load_profile, resolve
 from launcher.registry import Registry, RunRecord, SweepRecord, ferry_home
 from launcher.sweeps import DEFAULT_MAX_TRIALS, Trial, expand
 from payload.config import ConfigError, paths, validate_mapping
@@ -64,20 +63,21 @@ def plan_sweep(
     overrides: list[str] | None = None,
     *,
     backends: list[str] | None = None,
-    gpus: str | int | None = None,
     max_parallel: int = 1,
     max_trials: int = DEFAULT_MAX_TRIALS,
-    storage: str | None = None,
+    profile: str | Path | None = None,
+    **launch: Any,
 ) -> SweepPlan:
     """Expand the grid and validate every trial; raise listing every invalid trial.
 
-    Nothing is written: this is also the dry run.
+    Launch settings come as in `api.prepare` (flags > each trial's `launch:` > profile);
+    trials run on `backends` (default: the base config's backend). Nothing is written:
+    this is also the dry run.
     """
-    backends = list(dict.fromkeys(backends or ["local"]))
     if max_parallel < 1:
         raise FerryError(f"--max-parallel must be at least 1, got {max_parallel}.")
-    executors = {name: get_executor(name) for name in backends}
-    api.check_storage_option(storage)
+    flags = api.check_flags(launch)
+    loaded_profile = load_profile(profile) if profile else None
     spec = parse_yaml(read_text(sweep_file), str(sweep_file))
     trials, warnings = expand(spec, max_trials=max_trials)
     base = read_raw(source, overrides)
@@ -94,6 +94,8 @@ def plan_sweep(
         trial_warnings[key] = (first, count + 1)
 
     runs_root = ferry_home() / "runs"
+    backends = list(dict.fromkeys(backends or []))
+    executors = {b: get_executor(b) for b in backends}
     jobs: list[JobSpec] = []
     invalid: list[str] = []
     invalid_trials: set[int] = set()
@@ -110,14 +112,18 @@ def plan_sweep(
             run_id = f"{sweep_id}-t{trial.index}"
             if cfg.output_dir:  # a shared output_dir from the base config: one folder per trial
                 cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / run_id)})
-            job = api.job_for(cfg, name, run_id, gpus, runs_root, storage=storage)
+            settings = resolve(flags, cfg.launch, loaded_profile, cfg.storage)
+            if not backends:
+                backends = [settings.cloud]
+                executors = {backends[0]: get_executor(backends[0])}
+            job = api.job_for(cfg, name, run_id, settings, runs_root)
             jobs.append(job)
             for backend, executor in executors.items():
                 for problem in executor.problems(job):
                     invalid.append(f"{label}: {backend}: {problem}")
                     invalid_trials.add(trial.index)
-    for base in {job.storage_uri.rsplit("/", 1)[0] for job in jobs if job.storage_uri}:
-        api.check_storage(base)  # once per storage, not once per trial
+    for root in {job.storage_uri.rsplit("/", 1)[0] for job in jobs if job.storage_uri}:
+        api.check_storage(root)  # once per storage, not once per trial
     if invalid:
         shown = invalid[:INVALID_SHOWN]
         more = f"\n  ... and {len(invalid) - len(shown)} more" if len(invalid) > len(shown) else ""
@@ -144,6 +150,12 @@ def plan_sweep(
     )
 
 
+def preflight(plan: SweepPlan) -> None:
+    """Credentials and the like, once per backend, before the sweep is recorded."""
+    for backend in plan.backends:
+        get_executor(backend).preflight(plan.jobs[0])
+
+
 def create(plan: SweepPlan, registry: Registry | None = None) -> SweepRecord:
     """Record the sweep and its trials (pending) and write each trial's resolved config."""
     registry = registry or Registry()
@@ -162,8 +174,7 @@ def create(plan: SweepPlan, registry: Registry | None = None) -> SweepRecord:
     )
     records = []
     for trial, job in zip(plan.trials, plan.jobs, strict=True):
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-        job.config_path.write_text(yaml.safe_dump(job.config, sort_keys=False))
+        job.write()
         trial_info = {"index": trial.index, "name": trial.name, "values": trial.values}
         records.append(api.record_for(job, plan.source, sweep_id=plan.sweep_id, trial=trial_info))
     registry.add_sweep(sweep)

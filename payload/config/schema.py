@@ -116,6 +116,7 @@ ACCELERATORS = (
     "B200",
 )
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
+_GPUS = re.compile(r"^(\d+|[A-Za-z][A-Za-z0-9-]*(:\d+)?)$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 
 
@@ -180,6 +181,16 @@ class LaunchConfig(_Strict):
     volumes: list[VolumeMount] = Field(default_factory=list, description="Extra volumes.")
     image: ImageOverrides | None = Field(default=None, description="Changes to the image.")
     storage: str | None = Field(default=None, description="Storage URI (as --storage).")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if not _GPUS.match(text) or text.split(":")[-1] == "0":
+            raise ValueError(f"{value!r} is not a count (2) or ACCELERATOR:COUNT (H100:8)")
+        return text
 
     @field_validator("memory", mode="before")
     @classmethod
