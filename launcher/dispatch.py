@@ -99,6 +99,7 @@ def plan_sweep(
     jobs: list[JobSpec] = []
     invalid: list[str] = []
     invalid_trials: set[int] = set()
+    settings_seen: dict[tuple[str | None, str | None], Any] = {}
     with paths.memoized():  # every trial names the same files: look each up once
         for trial in trials:
             raw = with_values(base, trial.values)
@@ -112,7 +113,11 @@ def plan_sweep(
             run_id = f"{sweep_id}-t{trial.index}"
             if cfg.output_dir:  # a shared output_dir from the base config: one folder per trial
                 cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / run_id)})
-            settings = resolve(flags, cfg.launch, loaded_profile, cfg.storage)
+            # Most grids leave launch settings alone: resolve each distinct one once.
+            key = (cfg.launch.model_dump_json() if cfg.launch else None, cfg.storage)
+            if key not in settings_seen:
+                settings_seen[key] = resolve(flags, cfg.launch, loaded_profile, cfg.storage)
+            settings = settings_seen[key]
             if not backends:
                 backends = [settings.cloud]
                 executors = {backends[0]: get_executor(backends[0])}

@@ -160,15 +160,15 @@ def _check_keys(
     prefix: str,
     problems: list[Problem],
 ) -> dict[str, Any]:
-    known = _field_names(model)
+    fields = _fields(model)
     clean: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key)
-        if key in known:
+        if key in fields:
             # As in Axolotl, `key: null` means "not set": the default applies.
             if value is None:
                 continue
-            nested, many = _nested(model, key)
+            nested, many = fields[key]
             inner = _AXOLOTL.get(nested, frozenset()) if nested else frozenset()
             if nested and many and isinstance(value, list):
                 value = [
@@ -186,8 +186,15 @@ def _check_keys(
             if value not in (None, False, "", [], {}):
                 problems.append(Problem(f"{prefix}{key}", "is not supported yet by Ferry."))
         else:
-            problems.append(Problem(f"{prefix}{key}", _unknown_message(key, known | axolotl)))
+            known = frozenset(fields) | axolotl
+            problems.append(Problem(f"{prefix}{key}", _unknown_message(key, known)))
     return clean
+
+
+@functools.cache
+def _fields(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel] | None, bool]]:
+    """{field: (the model it holds, whether a list of them)} for each field of `model`."""
+    return {name: _nested(model, name) for name in model.model_fields}
 
 
 @functools.cache
@@ -206,11 +213,6 @@ def _nested(model: type[BaseModel], key: str) -> tuple[type[BaseModel] | None, b
         return None, False
 
     return find(model.model_fields[key].annotation)
-
-
-@functools.cache
-def _field_names(model: type[BaseModel]) -> frozenset[str]:
-    return frozenset(model.model_fields)
 
 
 def _unknown_message(key: str, candidates: frozenset[str]) -> str:

@@ -28,13 +28,13 @@ def looks_local(value: str) -> bool:
     )
 
 
-_memo: dict[tuple[str, Path | None, str], Path | None] | None = None
+_memo: dict[tuple[str, str], Path | None] | None = None
 
 
 @contextlib.contextmanager
 def memoized() -> Iterator[None]:
     """Within the block, each path is looked up on disk once (a sweep validates thousands
-    of trials that name the same files)."""
+    of trials that name the same files; neither they nor the current folder change)."""
     global _memo
     outer, _memo = _memo, {} if _memo is None else _memo
     try:
@@ -47,7 +47,7 @@ def find(value: str, base_dir: Path | None) -> Path | None:
     """The absolute path `value` names, or None when it exists in neither place."""
     if _memo is None:
         return _find(value, base_dir)
-    key = (value, base_dir, os.getcwd())
+    key = (value, str(base_dir))
     if key not in _memo:
         _memo[key] = _find(value, base_dir)
     return _memo[key]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 from payload.config.schema import OPTIMIZERS, SUPPORTED_DATASET_TYPES, TrainConfig
 from payload.errors import Problem
+from payload.storage.stores import check_uri
 
 # A finding is (key, message, is_error); warnings are settings that would be ignored.
 Finding = tuple[str, str, bool]
@@ -183,8 +184,6 @@ def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 
 @rule("storage", "resume_from_checkpoint")
 def _storage(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
-    from payload.storage.stores import check_uri
-
     if cfg.storage and (problem := check_uri(cfg.storage)):
         yield _error("storage", f"{problem}.")
     wanted = cfg.resume_from_checkpoint

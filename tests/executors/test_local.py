@@ -69,7 +69,7 @@ def test_a_backend_outside_ferry_registers_by_entry_point(tmp_path, monkeypatch)
 
 
 def test_plan_names_the_processes_and_the_command(tmp_path):
-    job = api.prepare(str(quickstart_config(tmp_path)), gpus="2")
+    job, _ = api.prepare(str(quickstart_config(tmp_path)), gpus="2")
     plan = get_executor("local").plan(job)
     assert plan.command[-4:] == ["-m", "payload", "train", str(job.config_path)]
     assert (
@@ -81,13 +81,13 @@ def test_plan_names_the_processes_and_the_command(tmp_path):
 
 
 def test_run_ids_follow_the_documented_shape(tmp_path):
-    job = api.prepare(str(quickstart_config(tmp_path, name="My Config.yml")))
+    job, _ = api.prepare(str(quickstart_config(tmp_path, name="My Config.yml")))
     name, date, clock, suffix = job.run_id.rsplit("-", 3)
     assert name == "my-config" and len(date) == 8 and len(clock) == 6 and len(suffix) == 4
 
 
 def test_multi_node_is_refused_locally(tmp_path):
-    job = api.prepare(str(quickstart_config(tmp_path)))
+    job, _ = api.prepare(str(quickstart_config(tmp_path)))
     job.resources = Resources(nodes=2)
     with pytest.raises(FerryError, match="nodes must be 1"):
         get_executor("local").check(job)
