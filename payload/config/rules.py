@@ -10,7 +10,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterator
 
-from payload.config.schema import OPTIMIZERS, SUPPORTED_DATASET_TYPES, TrainConfig
+from payload.config.schema import (
+    OPTIMIZERS,
+    SUPPORTED_DATASET_TYPES,
+    SUPPORTED_PREFERENCE_TYPES,
+    DatasetConfig,
+    TrainConfig,
+)
 from payload.errors import Problem
 from payload.storage.stores import check_uri
 
@@ -66,30 +72,117 @@ def _learning_rate_required(cfg: TrainConfig, given: set[str]) -> Iterator[Findi
         yield _error("learning_rate", "is required, e.g. `learning_rate: 2.0e-4`.")
 
 
-@rule("datasets")
+@rule("datasets", "test_datasets", "pretraining_dataset", "rl")
 def _datasets(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
-    if not cfg.datasets:
+    if not cfg.datasets and not cfg.pretraining_dataset:
         yield _error("datasets", "is required: at least one dataset to train on.")
-    for i, ds in enumerate(cfg.datasets):
-        if ds.type is None:
+    for key, entries in (("datasets", cfg.datasets), ("test_datasets", cfg.test_datasets)):
+        for i, ds in enumerate(entries):
+            yield from _dataset(f"{key}[{i}]", ds, cfg.rl)
+    for i, ds in enumerate(cfg.pretraining_dataset or []):
+        if ds.type not in (None, "pretrain", "completion"):
             yield _error(
-                f"datasets[{i}].type",
-                f"is required; supported: {', '.join(SUPPORTED_DATASET_TYPES)}.",
+                f"pretraining_dataset[{i}].type",
+                f"`{ds.type}` cannot be streamed as raw text; use `pretrain` (or leave it out).",
             )
-        elif ds.type not in SUPPORTED_DATASET_TYPES:
-            yield _error(
-                f"datasets[{i}].type",
-                f"`{ds.type}` is not supported yet; supported: "
-                f"{', '.join(SUPPORTED_DATASET_TYPES)}.",
-            )
-        if ds.type == "completion" and (ds.field_instruction or ds.field_input or ds.field_output):
-            yield _warn(
-                f"datasets[{i}]", "field_instruction/input/output are ignored by `completion`."
-            )
-        if ds.type == "alpaca" and ds.field:
-            yield _warn(
-                f"datasets[{i}].field", "is ignored by `alpaca` (use field_instruction...)."
-            )
+
+
+def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]:
+    family = (rl or "").lower()
+    if family in SUPPORTED_PREFERENCE_TYPES:
+        known = SUPPORTED_PREFERENCE_TYPES[family]
+        name = "user_defined" if isinstance(ds.type, dict) else ds.type
+        if name is None or name not in known:
+            what = "is required" if name is None else f"`{name}` is not a {family} format"
+            yield _error(f"{where}.type", f"{what}; {family} formats: {', '.join(known)}.")
+        return
+    if ds.type is None:
+        yield _error(
+            f"{where}.type", f"is required; supported: {', '.join(SUPPORTED_DATASET_TYPES)}."
+        )
+        return
+    name = ds.type_name
+    if name not in SUPPORTED_DATASET_TYPES:
+        close = difflib.get_close_matches(name, SUPPORTED_DATASET_TYPES, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        yield _error(
+            f"{where}.type",
+            f"`{ds.type}` is not a prompt strategy Ferry knows; {hint}"
+            f"supported: {', '.join(SUPPORTED_DATASET_TYPES)}.",
+        )
+        return
+    alpaca_fields = ds.field_instruction or ds.field_input or ds.field_output
+    if name in ("completion", "pretrain") and alpaca_fields:
+        yield _warn(where, f"field_instruction/input/output are ignored by `{name}`.")
+    if name.startswith("alpaca") and ds.field:
+        yield _warn(f"{where}.field", "is ignored by `alpaca` (use field_instruction...).")
+    chat_keys = [
+        k
+        for k in ("field_messages", "roles_to_train", "train_on_eos", "train_on_eot", "roles")
+        if getattr(ds, k) is not None
+    ]
+    if chat_keys and name not in ("chat_template", "sharegpt"):
+        yield _warn(f"{where}.{chat_keys[0]}", f"is ignored by `{name}` (chat_template only).")
+    if (ds.chat_template == "jinja") != bool(ds.chat_template_jinja):
+        yield _error(
+            f"{where}.chat_template_jinja",
+            "goes with `chat_template: jinja`: set both or neither.",
+        )
+    if ds.shards_idx is not None and ds.shards is None:
+        yield _warn(f"{where}.shards_idx", "is ignored without `shards`.")
+    if ds.shards is not None and (ds.shards_idx or 0) >= ds.shards:
+        yield _error(f"{where}.shards_idx", f"must be below shards ({ds.shards}).")
+
+
+@rule("chat_template", "chat_template_jinja")
+def _chat_template(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if (cfg.chat_template == "jinja") != bool(cfg.chat_template_jinja):
+        yield _error(
+            "chat_template_jinja", "goes with `chat_template: jinja`: set both or neither."
+        )
+
+
+@rule("pretraining_dataset", "streaming", "max_steps")
+def _streaming(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.streaming and not cfg.pretraining_dataset:
+        yield _warn("streaming", "only applies to `pretraining_dataset`; ignored.")
+    if cfg.streaming and cfg.pretraining_dataset and not cfg.max_steps:
+        yield _error(
+            "max_steps", "is required with `streaming: true`: a stream has no length to count."
+        )
+
+
+@rule("dataset_shard_num", "dataset_shard_idx")
+def _dataset_shards(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.dataset_shard_num and (cfg.dataset_shard_idx or 0) >= cfg.dataset_shard_num:
+        yield _error(
+            "dataset_shard_idx", f"must be below dataset_shard_num ({cfg.dataset_shard_num})."
+        )
+
+
+@rule("dataset_processes", "dataset_num_proc")
+def _processes(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if (
+        cfg.dataset_processes
+        and cfg.dataset_num_proc
+        and cfg.dataset_processes != cfg.dataset_num_proc
+    ):
+        yield _error("dataset_num_proc", "and `dataset_processes` disagree; set one.")
+
+
+@rule("val_set_size", "test_datasets")
+def _eval_data(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.val_set_size and cfg.test_datasets:
+        yield _error("val_set_size", "and `test_datasets` both choose the eval set; set one.")
+
+
+@rule("sample_packing", "eval_sample_packing", "sample_packing_sequentially")
+def _packing(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if not cfg.sample_packing:
+        if cfg.eval_sample_packing:
+            yield _warn("eval_sample_packing", "is ignored without `sample_packing: true`.")
+        if cfg.sample_packing_sequentially:
+            yield _warn("sample_packing_sequentially", "is ignored without `sample_packing`.")
 
 
 @rule("adapter", "load_in_4bit", "load_in_8bit")
@@ -169,15 +262,13 @@ def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error(chosen[0], f"and `{chosen[1]}` both choose attention; set one.")
 
 
-@rule("sample_packing", "context_parallel_size", "rl", "plugins")
+@rule("context_parallel_size", "rl", "plugins")
 def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     # Recognised keys whose feature is still being built: refuse rather than ignore.
-    if cfg.sample_packing:
-        yield _error("sample_packing", "is not supported yet; set it to false.")
     if cfg.context_parallel_size > 1:
         yield _error("context_parallel_size", "above 1 is not supported yet.")
     if cfg.rl:
-        yield _error("rl", f"`{cfg.rl}` is not supported yet; Ferry trains SFT today.")
+        yield _error("rl", f"`{cfg.rl}` training is not supported yet; Ferry trains SFT today.")
     if cfg.plugins:
         yield _error("plugins", "are not supported yet.")
 
@@ -189,15 +280,6 @@ def _storage(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     wanted = cfg.resume_from_checkpoint
     if wanted and "://" in wanted and (problem := check_uri(wanted)):
         yield _error("resume_from_checkpoint", f"{problem}.")
-
-
-@rule("dataset_prepared_path")
-def _prepared_path(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
-    if cfg.dataset_prepared_path:
-        yield _warn(
-            "dataset_prepared_path",
-            "ignored for now: datasets are tokenized afresh on every run (no cache yet).",
-        )
 
 
 @rule("max_steps", "num_epochs")

@@ -13,9 +13,48 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-# Dataset formats the payload implements today; `payload.data.strategies` holds the code
-# and a test keeps the two in step (this module must not import the data code).
-SUPPORTED_DATASET_TYPES = ("alpaca", "completion")
+# Dataset formats the payload implements (`payload.data` registers the code under these
+# names; a test keeps the lists in step, since this module must not import the data code).
+# A type may carry a loader suffix, Axolotl style: `alpaca_w_system.load_open_orca`.
+SUPPORTED_DATASET_TYPES = (
+    "alpaca",
+    "alpaca_w_system",
+    "alpaca_chat",
+    "alpaca_instruct",
+    "completion",
+    "input_output",
+    "chat_template",
+    "sharegpt",
+    "user_defined",
+    "pretrain",
+    "stepwise_supervised",
+)
+# Preference formats, read when `rl:` is set; the part before the first dot is the family.
+SUPPORTED_PREFERENCE_TYPES = {
+    "dpo": (
+        "chatml.intel",
+        "chatml.argilla_chat",
+        "chatml.ultra",
+        "llama3.intel",
+        "llama3.argilla_chat",
+        "llama3.ultra",
+        "chat_template.default",
+        "chat_template.argilla_chat",
+        "passthrough",
+        "user_defined",
+    ),
+    "kto": (
+        "chatml.intel",
+        "chatml.argilla_chat",
+        "chatml.ultra",
+        "llama3.intel",
+        "llama3.argilla_chat",
+        "llama3.ultra",
+        "user_defined",
+    ),
+    "orpo": ("chat_template.argilla",),
+}
+TRAIN_ON = Literal["all", "turn", "last", "none"]
 
 # Names as transformers spells them (its `OptimizerNames` and `SchedulerType`); a test
 # keeps these in step with the installed release.
@@ -70,13 +109,19 @@ class _Strict(BaseModel):
 
 
 class DatasetConfig(_Strict):
-    """One entry of `datasets:`: where the rows come from and how they become tokens."""
+    """One entry of `datasets:` (or `test_datasets:`, `pretraining_dataset:`): where the
+    rows come from and how they become tokens. Keys a strategy does not read are warned
+    about by the rules, not silently ignored."""
 
+    # ---- where the rows are
     path: str = Field(
-        description="A local file (.json/.jsonl/.csv/.parquet/.arrow), a folder, or a hub id."
+        description="A local file (.json/.jsonl/.csv/.parquet/.arrow), a folder saved by "
+        "`datasets`, a folder of data files, an s3:// URI, or a hub id."
     )
-    type: str | None = Field(
-        default=None, description="Prompt strategy: `alpaca` or `completion` (more to come)."
+    type: str | dict[str, Any] | None = Field(
+        default=None,
+        description="Prompt strategy, e.g. `alpaca`, `chat_template`, `completion`; a "
+        "mapping of format strings for a user-defined one.",
     )
     split: str = Field(default="train", description="Which split of the dataset to read.")
     data_files: str | list[str] | None = Field(
@@ -87,9 +132,22 @@ class DatasetConfig(_Strict):
         default=None, description="File format when it cannot be told from the extension."
     )
     revision: str | None = Field(default=None, description="Hub revision to read.")
+    shards: PositiveInt | None = Field(
+        default=None, description="Split the dataset into this many shards and keep one."
+    )
+    shards_idx: int | None = Field(
+        default=None, ge=0, description="Which shard to keep (default 0) when `shards` is set."
+    )
+
+    # ---- completion / pretrain
     field: str | None = Field(
         default=None, description="`completion`: the column holding the text (default `text`)."
     )
+    text_column: str | None = Field(
+        default=None, description="`pretrain`: the column holding the text (default `text`)."
+    )
+
+    # ---- alpaca family
     field_instruction: str | None = Field(
         default=None, description="`alpaca`: the instruction column (default `instruction`)."
     )
@@ -99,6 +157,88 @@ class DatasetConfig(_Strict):
     field_output: str | None = Field(
         default=None, description="`alpaca`: the response column (default `output`)."
     )
+    field_system: str | None = Field(
+        default=None, description="Column holding a per-row system prompt (default `system`)."
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System prompt used when a row has none."
+    )
+
+    # ---- chat_template (and legacy ShareGPT rows)
+    field_messages: str | None = Field(
+        default=None,
+        description="`chat_template`: the column holding the list of messages "
+        "(default `messages`; `conversations` rows are read as ShareGPT).",
+    )
+    message_property_mappings: dict[str, str] | None = Field(
+        default=None,
+        description="Message keys by meaning, e.g. {role: from, content: value}.",
+    )
+    message_field_role: str | None = Field(
+        default=None, description="Legacy: the message key holding the role."
+    )
+    message_field_content: str | None = Field(
+        default=None, description="Legacy: the message key holding the content."
+    )
+    message_field_training: str | None = Field(
+        default=None, description="Message key that says whether to train on that message."
+    )
+    message_field_training_detail: str | None = Field(
+        default=None, description="Message key with character spans to train on."
+    )
+    roles: dict[str, list[str]] | None = Field(
+        default=None,
+        description="Roles by template name, each with the names rows use, e.g. "
+        "{user: [human, user], assistant: [gpt, assistant]}.",
+    )
+    roles_to_train: list[str] | None = Field(
+        default=None, description="Roles whose messages are trained (default: [assistant])."
+    )
+    train_on_eos: TRAIN_ON | None = Field(
+        default=None,
+        description="Which end-of-sequence tokens are trained: all, turn (after trained "
+        "turns; default), last, none.",
+    )
+    train_on_eot: TRAIN_ON | None = Field(
+        default=None, description="As train_on_eos, for end-of-turn tokens (`eot_tokens`)."
+    )
+    eot_tokens: list[str] | None = Field(
+        default=None, description="Tokens that end a turn (default: the template's)."
+    )
+    drop_system_message: bool | None = Field(default=None, description="Leave out system messages.")
+    chat_template: str | None = Field(
+        default=None,
+        description="This dataset's template: chatml, llama3, tokenizer_default, jinja.",
+    )
+    chat_template_jinja: str | None = Field(
+        default=None, description="A Jinja chat template, with `chat_template: jinja`."
+    )
+
+    # ---- stepwise_supervised
+    step_separator: str | None = Field(
+        default=None, description="`stepwise_supervised`: text between steps (default \\n)."
+    )
+    max_completion_length: PositiveInt | None = Field(
+        default=None, description="`stepwise_supervised`: longest completion in tokens."
+    )
+    train_on_last_step_only: bool | None = Field(
+        default=None, description="`stepwise_supervised`: label only the last step."
+    )
+
+    # ---- preference formats (`rl:`)
+    field_prompt: str | None = Field(default=None, description="Preference: the prompt column.")
+    field_chosen: str | None = Field(default=None, description="Preference: the chosen column.")
+    field_rejected: str | None = Field(default=None, description="Preference: the rejected column.")
+    field_completion: str | None = Field(default=None, description="KTO: the completion column.")
+    field_label: str | None = Field(default=None, description="KTO: the desirable-label column.")
+
+    @property
+    def type_name(self) -> str:
+        """The strategy's registered name: `user_defined` for a mapping, else the part
+        before a loader suffix (`alpaca_w_system.load_open_orca` -> `alpaca_w_system`)."""
+        if isinstance(self.type, dict):
+            return "user_defined"
+        return (self.type or "").split(".", 1)[0]
 
 
 # Accelerators by the names users write; each backend says which it offers.
@@ -237,22 +377,82 @@ class TrainConfig(_Strict):
     datasets: list[DatasetConfig] = Field(
         default_factory=list, description="Training datasets, mixed in order. Required."
     )
+    test_datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Evaluation datasets (instead of val_set_size)."
+    )
+    pretraining_dataset: list[DatasetConfig] | None = Field(
+        default=None,
+        description="Raw text for continued pretraining, concatenated into sequence_len "
+        "blocks; streamed (needs max_steps) when `streaming: true`.",
+    )
+    streaming: bool | None = Field(
+        default=None, description="Stream `pretraining_dataset` instead of loading it whole."
+    )
     val_set_size: float = Field(
         default=0.0,
         ge=0,
         description="Held out for evaluation: a fraction (<1) or a row count (>=1).",
     )
+    shuffle_merged_datasets: bool = Field(
+        default=True, description="Shuffle the rows after mixing the datasets (with `seed`)."
+    )
     dataset_prepared_path: str | None = Field(
-        default=None, description="Folder for the tokenized-dataset cache."
+        default=None,
+        description="Folder for the tokenized-dataset cache; `launch preprocess` fills it.",
+    )
+    dataset_processes: PositiveInt | None = Field(
+        default=None, description="Processes that tokenize (default: all CPU cores, up to 8)."
+    )
+    dataset_num_proc: PositiveInt | None = Field(
+        default=None, description="Axolotl's newer name for dataset_processes."
+    )
+    dataset_shard_num: PositiveInt | None = Field(
+        default=None, description="Keep one of this many shards of the merged data."
+    )
+    dataset_shard_idx: int | None = Field(
+        default=None, ge=0, description="Which shard of dataset_shard_num to keep."
     )
     sequence_len: PositiveInt = Field(
-        default=512, description="Longest sequence in tokens; longer rows are dropped."
+        default=512, description="Longest sequence in tokens (packing: tokens per bin)."
     )
-    sample_packing: bool = Field(
-        default=False, description="Pack several rows into each sequence (not supported yet)."
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = Field(
+        default="drop",
+        description="Rows longer than sequence_len: drop (counted), truncate, or raise.",
+    )
+    chat_template_jinja: str | None = Field(
+        default=None, description="A Jinja chat template, with `chat_template: jinja`."
+    )
+    default_system_message: str | None = Field(
+        default=None, description="System message for chats that have none."
+    )
+    eot_tokens: list[str] | None = Field(
+        default=None, description="Tokens that end a turn, for every chat_template dataset."
     )
     train_on_inputs: bool = Field(
         default=False, description="Also train on the prompt tokens, not only the response."
+    )
+    sample_packing: bool = Field(
+        default=False,
+        description="Pack several rows into each sequence_len row; attention stays "
+        "within each row.",
+    )
+    eval_sample_packing: bool | None = Field(
+        default=None, description="Pack the eval set too (default: as sample_packing)."
+    )
+    sample_packing_group_size: PositiveInt = Field(
+        default=100_000, description="Rows packed together per group (parallel packing)."
+    )
+    sample_packing_bin_size: PositiveInt = Field(
+        default=200, description="Most rows in one packed sequence."
+    )
+    sample_packing_sequentially: bool = Field(
+        default=False, description="Pack rows in order (no sorting): keeps curriculum order."
+    )
+    sample_packing_eff_est: float | None = Field(
+        default=None, gt=0, le=1, description="Packing efficiency estimate (default: measured)."
+    )
+    pad_to_sequence_len: bool | None = Field(
+        default=None, description="Pad every batch to sequence_len (fixed shapes)."
     )
 
     # ---- adapter

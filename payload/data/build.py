@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from payload.config.schema import DatasetConfig, TrainConfig
-from payload.data.strategies import STRATEGIES, BadRow
+from payload.data.core import BadRow, build_strategy
 from payload.errors import FerryError
 
 SUFFIX_FORMATS = {
@@ -72,13 +72,13 @@ def load_rows(ds: DatasetConfig) -> Any:
 def tokenize_dataset(
     rows: Any, index: int, ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, report: DataReport
 ) -> Any:
-    strategy = STRATEGIES[ds.type or ""]
+    strategy = build_strategy(ds, cfg, tokenizer)
     name = f"datasets[{index}] ({Path(ds.path).name})"
     limit = cfg.sequence_len
 
     def one(row: dict[str, Any], row_index: int) -> dict[str, Any]:
         try:
-            out = strategy(row, tokenizer, ds, cfg.train_on_inputs)
+            out = strategy(row)
         except BadRow as e:
             if cfg.strict:
                 raise FerryError(f"{name} row {row_index}: {e} (strict: true).") from e

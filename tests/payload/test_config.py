@@ -93,7 +93,6 @@ def test_axolotl_key_set_to_its_off_value_is_accepted():
         ({"save_steps": 10, "saves_per_epoch": 2}, "save_steps", "exclusive"),
         ({"gradient_accumulation_steps": -2}, "gradient_accumulation_steps", "greater than 0"),
         ({"num_epochs": 0}, "num_epochs", "greater than 0"),
-        ({"sample_packing": True}, "sample_packing", "not supported yet"),
         ({"rl": "dpo"}, "rl", "not supported yet"),
         ({"optimizer": "adamw_torh"}, "optimizer", "adamw_torch"),
         ({"lr_scheduler": "cosin"}, "lr_scheduler", "cosine"),
@@ -113,8 +112,16 @@ def test_required_keys():
 
 
 def test_unsupported_dataset_type_lists_the_supported_ones():
-    raw = {**BASE, "datasets": [{**BASE["datasets"][0], "type": "sharegpt"}]}
-    assert "alpaca, completion" in problems(raw)["datasets[0].type"]
+    raw = {**BASE, "datasets": [{**BASE["datasets"][0], "type": "chat_templat"}]}
+    message = problems(raw)["datasets[0].type"]
+    assert "did you mean `chat_template`?" in message
+    assert "alpaca, alpaca_w_system" in message
+
+
+def test_preference_formats_are_checked_against_the_rl_family():
+    raw = {**BASE, "rl": "dpo", "datasets": [{**BASE["datasets"][0], "type": "alpaca"}]}
+    message = problems(raw)["datasets[0].type"]
+    assert "`alpaca` is not a dpo format" in message and "chatml.intel" in message
 
 
 def test_union_errors_are_merged_into_one_message():
@@ -303,9 +310,9 @@ def test_optimizer_and_scheduler_names_exist_in_transformers():
 
 def test_supported_dataset_types_match_the_registered_strategies():
     from payload.config.schema import SUPPORTED_DATASET_TYPES
-    from payload.data.strategies import STRATEGIES
+    from payload.data.core import registered
 
-    assert set(SUPPORTED_DATASET_TYPES) == set(STRATEGIES)
+    assert set(SUPPORTED_DATASET_TYPES) == set(registered())
 
 
 def test_every_schema_key_is_an_axolotl_key_or_a_documented_extension():
@@ -313,7 +320,22 @@ def test_every_schema_key_is_an_axolotl_key_or_a_documented_extension():
     from payload.config.schema import DatasetConfig, TrainConfig
 
     assert set(TrainConfig.model_fields) <= axolotl_keys.TOP_LEVEL | {"storage", "launch"}
-    extensions = {"field_instruction", "field_input", "field_output"}
+    # Keys of Axolotl's user-defined and preference dataset formats, accepted flat here.
+    extensions = {
+        "field_instruction",
+        "field_input",
+        "field_output",
+        "field_system",
+        "system_prompt",
+        "text_column",
+        "train_on_eot",
+        "eot_tokens",
+        "field_prompt",
+        "field_chosen",
+        "field_rejected",
+        "field_completion",
+        "field_label",
+    }
     assert set(DatasetConfig.model_fields) <= axolotl_keys.DATASET | extensions
     for model in (TrainConfig, DatasetConfig):
         missing_help = [k for k, f in model.model_fields.items() if not f.description]

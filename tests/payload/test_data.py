@@ -7,16 +7,20 @@ import json
 import pytest
 from helpers import ASSETS, DATA, ROOT
 
-from payload.config import DatasetConfig, FerryError, validate_mapping
+from payload.config import DatasetConfig, FerryError, TrainConfig, validate_mapping
 from payload.data.build import build_datasets
-from payload.data.strategies import (
-    ALPACA_NO_INPUT,
-    ALPACA_WITH_INPUT,
-    IGNORE,
-    BadRow,
-    alpaca,
-    completion,
-)
+from payload.data.core import IGNORE, BadRow, Context
+from payload.data.sft import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+from payload.data.sft import alpaca as _alpaca
+from payload.data.sft import completion as _completion
+
+
+def alpaca(row, tokenizer, ds, train_on_inputs):
+    return _alpaca(row, Context(tokenizer, ds, TrainConfig(train_on_inputs=train_on_inputs)))
+
+
+def completion(row, tokenizer, ds, train_on_inputs):
+    return _completion(row, Context(tokenizer, ds, TrainConfig(train_on_inputs=train_on_inputs)))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Chat strategies: chat_template and legacy ShareGPT rows (being built)."""
