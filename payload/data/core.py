@@ -103,16 +103,18 @@ def from_segments(
     tokenizer: Any, segments: Iterable[tuple[str, bool]], *, bos: bool = True, eos: bool = True
 ) -> Tokenized:
     """<bos> seg1 seg2 ... <eos>, each segment tokenized on its own and labelled when its
-    flag is true (the closing eos is trained when the last segment is).
+    flag is true (bos as the first segment, the closing eos as the last).
 
     Tokenizing segments separately keeps the trained/masked boundary exact where one BPE
     merge could otherwise span it.
     """
+    segments = list(segments)
     input_ids: list[int] = []
     labels: list[int] = []
     if bos and tokenizer.bos_token_id is not None:
+        # Labelled like the segment it opens, so a fully trained row has labels == ids.
         input_ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE)
+        labels.append(tokenizer.bos_token_id if segments and segments[0][1] else IGNORE)
     trained = False
     for text, trained in segments:
         ids = encode(tokenizer, text)
