@@ -26,7 +26,7 @@ RowFn = Callable[[Row], Tokenized]
 STRATEGIES: dict[str, Any] = {}
 
 # Modules whose import registers strategies; imported on first lookup.
-_MODULES = ("payload.data.sft", "payload.data.chat")
+_MODULES = ("payload.data.sft", "payload.data.segments", "payload.data.chat")
 
 
 class BadRow(ValueError):
@@ -124,3 +124,28 @@ def from_segments(
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if trained else IGNORE)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def kind(value: Any) -> str:
+    """`value`'s type as a BadRow reason says it: "a str", "a list", "null"."""
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def list_field(row: Row, name: str) -> list[Any]:
+    """The non-empty list in column `name`; missing, non-list or empty values raise BadRow."""
+    if name not in row or row[name] is None:
+        raise BadRow(f"missing field `{name}`")
+    value = row[name]
+    if not isinstance(value, list):
+        raise BadRow(f"field `{name}` is {kind(value)}, not a list")
+    if not value:
+        raise BadRow(f"field `{name}` is empty")
+    return value
+
+
+def require_trained(out: Tokenized, reason: str) -> Tokenized:
+    """`out` unchanged, or BadRow(reason) when no label is trained: such a row adds
+    nothing to the loss and only costs compute (and can make a batch's loss 0/0)."""
+    if all(label == IGNORE for label in out["labels"]):
+        raise BadRow(reason)
+    return out

@@ -1,0 +1,153 @@
+"""A chat row's messages as turns: the message transform before the template.
+
+Reads the message list (`field_messages`; else `messages`, else the legacy ShareGPT
+`conversations`), maps each message's keys (`message_property_mappings`, the legacy
+`message_field_role`/`message_field_content`, or per message `role`/`content` with
+`from`/`value` as the ShareGPT fallback), maps role names (`roles`), and applies the
+system-message settings. Every problem with a row is a BadRow naming the field and the
+message, counting messages from 0 as they appear in the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from payload.config.schema import DatasetConfig, TrainConfig
+from payload.data.core import BadRow, Row, kind, list_field
+
+# Role names rows use -> the template's; `roles:` adds to (or overrides) these.
+DEFAULT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+@dataclass
+class Turn:
+    """One message as the template sees it, plus how the row asks to train on it:
+    `train` (message_field_training) and `detail` (message_field_training_detail:
+    character spans of `content`, `end_offset` inclusive)."""
+
+    role: str
+    content: str
+    train: bool | None = None
+    detail: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def message(self, content: str | None = None) -> dict[str, Any]:
+        """The template's message, optionally with other content (see chat.py)."""
+        return {
+            **self.extra,
+            "role": self.role,
+            "content": self.content if content is None else content,
+        }
+
+
+def role_map(roles: dict[str, list[str]] | None) -> dict[str, str]:
+    """Row role name -> template role; each template role also maps to itself."""
+    mapping = dict(DEFAULT_ROLES)
+    for target, names in (roles or {}).items():
+        mapping[target] = target
+        mapping.update(dict.fromkeys(names, target))
+    return mapping
+
+
+class Conversation:
+    """Turns a row into `list[Turn]`; built once per dataset."""
+
+    def __init__(self, ds: DatasetConfig, cfg: TrainConfig, *, prefer_sharegpt: bool = False):
+        order = ("conversations", "messages") if prefer_sharegpt else ("messages", "conversations")
+        self.fields = (ds.field_messages,) if ds.field_messages else order
+        keys = dict(ds.message_property_mappings or {})
+        if ds.message_field_role:
+            keys["role"] = ds.message_field_role
+        if ds.message_field_content:
+            keys["content"] = ds.message_field_content
+        # No mapping: each message is read as {role, content}, else ShareGPT's {from, value}.
+        self.keys = keys or None
+        self.roles = role_map(ds.roles)
+        self.train_key = ds.message_field_training
+        self.detail_key = ds.message_field_training_detail
+        self.system_key = ds.field_system or "system"
+        self.drop_system = bool(ds.drop_system_message)
+        self.default_system = cfg.default_system_message
+
+    def __call__(self, row: Row) -> list[Turn]:
+        name = next((f for f in self.fields if row.get(f) is not None), self.fields[0])
+        turns = [self.turn(i, m) for i, m in enumerate(list_field(row, name))]
+        system = row.get(self.system_key)
+        if isinstance(system, str) and system and not (turns and turns[0].role == "system"):
+            turns.insert(0, Turn("system", system))
+        if self.drop_system:
+            turns = [t for t in turns if t.role != "system"]
+        if self.default_system and not (turns and turns[0].role == "system"):
+            turns.insert(0, Turn("system", self.default_system))
+        if not turns:
+            raise BadRow(f"field `{name}` has only system messages (drop_system_message)")
+        return turns
+
+    def _keys(self, message: dict[str, Any]) -> dict[str, str]:
+        if self.keys is not None:
+            return {"role": "role", "content": "content", **self.keys}
+        sharegpt = message.get("role") is None and message.get("from") is not None
+        return (
+            {"role": "from", "content": "value"}
+            if sharegpt
+            else {"role": "role", "content": "content"}
+        )
+
+    def turn(self, i: int, message: Any) -> Turn:
+        if not isinstance(message, dict):
+            raise BadRow(f"message {i} is {kind(message)}, not a mapping")
+        keys = self._keys(message)
+        role_key, content_key = keys["role"], keys["content"]
+        role = message.get(role_key)
+        if role is None:
+            raise BadRow(f"message {i} has no `{role_key}`")
+        if role not in self.roles:
+            raise BadRow(f"unknown role `{role}` in message {i} (map it under `roles:`)")
+        content = message.get(content_key)
+        if content is None:
+            raise BadRow(f"message {i} has no `{content_key}`")
+        if not isinstance(content, str):
+            raise BadRow(f"message {i} `{content_key}` is {kind(content)}, not text")
+        turn = Turn(self.roles[role], content)
+        used = {role_key, content_key, self.train_key, self.detail_key}
+        for prop, source in keys.items():
+            if prop not in ("role", "content") and message.get(source) is not None:
+                turn.extra[prop] = message[source]
+                used.add(source)
+        for key, value in message.items():
+            if key not in used and value is not None:
+                turn.extra.setdefault(key, value)
+        if self.train_key and message.get(self.train_key) is not None:
+            train = message[self.train_key]
+            if not isinstance(train, bool):
+                raise BadRow(f"message {i} `{self.train_key}` is {kind(train)}, not true/false")
+            turn.train = train
+        if self.detail_key and message.get(self.detail_key) is not None:
+            turn.detail = _detail(i, self.detail_key, message[self.detail_key])
+        return turn
+
+
+def _detail(i: int, key: str, spans: Any) -> list[dict[str, Any]]:
+    """Validated training-detail spans: [{begin_offset, end_offset, train}]."""
+    if not isinstance(spans, list):
+        raise BadRow(f"message {i} `{key}` is {kind(spans)}, not a list")
+    for j, span in enumerate(spans):
+        ok = (
+            isinstance(span, dict)
+            and all(isinstance(span.get(k), int) for k in ("begin_offset", "end_offset"))
+            and isinstance(span.get("train"), bool)
+        )
+        if not ok:
+            raise BadRow(
+                f"message {i} `{key}` item {j} needs integer `begin_offset` and `end_offset` "
+                "and a true/false `train`"
+            )
+    return spans
