@@ -13,8 +13,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from payload.config.schema import TrainConfig
+from payload.config.schema import DatasetConfig, TrainConfig
 from payload.errors import Problem
+from payload.storage.stores import check_uri
 
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".yml", ".yaml"}
 
@@ -99,18 +100,46 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
         update["resume_from_checkpoint"] = _resolve_one(
             "resume_from_checkpoint", cfg.resume_from_checkpoint, base_dir, problems, hub_ok=False
         )
-    datasets = []
-    for i, ds in enumerate(cfg.datasets):
-        if "://" in ds.path:
-            datasets.append(ds)
-            continue
-        path = _resolve_one(f"datasets[{i}].path", ds.path, base_dir, problems, hub_ok=True)
-        datasets.append(ds.model_copy(update={"path": path}))
-    update["datasets"] = datasets
+    for name in ("datasets", "test_datasets", "pretraining_dataset"):
+        entries = getattr(cfg, name)
+        if entries:
+            update[name] = [
+                _resolve_dataset(f"{name}[{i}]", ds, base_dir, problems)
+                for i, ds in enumerate(entries)
+            ]
     # Output folders may not exist yet: anchor them to the current folder so that every
     # process of the run, whatever its working directory, writes to the same place.
     for key in ("output_dir", "dataset_prepared_path"):
         value = getattr(cfg, key)
         if value and "://" not in value:
             update[key] = str(Path(value).expanduser().resolve())
+    if cfg.dataset_prepared_path and "://" in cfg.dataset_prepared_path:
+        problems.append(
+            Problem("dataset_prepared_path", "must be a local folder (the cache is locked there).")
+        )
     return cfg.model_copy(update=update), problems
+
+
+def _resolve_dataset(
+    key: str, ds: DatasetConfig, base_dir: Path | None, problems: list[Problem]
+) -> DatasetConfig:
+    """The entry with a local path made absolute; an s3:// URI is checked for form only
+    (the payload lists it when it runs), other URLs are refused."""
+    if "://" in ds.path:
+        if not ds.path.startswith("s3://"):
+            problems.append(
+                Problem(
+                    f"{key}.path", f"`{ds.path}`: Ferry reads s3:// URIs, local paths and hub ids."
+                )
+            )
+        elif problem := check_uri(ds.path):
+            problems.append(Problem(f"{key}.path", f"{problem}."))
+        return ds
+    path = _resolve_one(f"{key}.path", ds.path, base_dir, problems, hub_ok=True)
+    folder = Path(path)
+    if folder.is_dir() and ds.data_files:
+        names = [ds.data_files] if isinstance(ds.data_files, str) else ds.data_files
+        for name in names:
+            if not any(c in name for c in "*?[") and not (folder / name).exists():
+                problems.append(Problem(f"{key}.data_files", f"`{name}` is not in {folder}."))
+    return ds.model_copy(update={"path": path})

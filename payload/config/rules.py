@@ -11,12 +11,14 @@ import difflib
 from collections.abc import Callable, Iterator
 
 from payload.config.schema import (
+    DATASET_TYPE_LOADERS,
     OPTIMIZERS,
     SUPPORTED_DATASET_TYPES,
     SUPPORTED_PREFERENCE_TYPES,
     DatasetConfig,
     TrainConfig,
 )
+from payload.config.user_formats import user_defined_problems
 from payload.errors import Problem
 from payload.storage.stores import check_uri
 
@@ -111,6 +113,24 @@ def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]
             f"supported: {', '.join(SUPPORTED_DATASET_TYPES)}.",
         )
         return
+    if isinstance(ds.type, dict):
+        for problem in user_defined_problems(ds.type):
+            yield _error(f"{where}.{problem.key}", f"{problem.message}.")
+    elif "." in ds.type:
+        loader = ds.type.split(".", 1)[1]
+        loaders = DATASET_TYPE_LOADERS.get(name, ())
+        if loader not in loaders:
+            choices = f"one of: {', '.join(loaders)}" if loaders else "none"
+            yield _error(
+                f"{where}.type",
+                f"`{ds.type}`: `{name}` has no loader `{loader}` ({choices}).",
+            )
+    if name == "stepwise_supervised":
+        yield _error(
+            f"{where}.type",
+            "`stepwise_supervised` rows train a process reward model (a token-classification "
+            "head), which Ferry cannot train yet; its tokenization is ready for when it can.",
+        )
     alpaca_fields = ds.field_instruction or ds.field_input or ds.field_output
     if name in ("completion", "pretrain") and alpaca_fields:
         yield _warn(where, f"field_instruction/input/output are ignored by `{name}`.")

@@ -29,6 +29,19 @@ SUPPORTED_DATASET_TYPES = (
     "pretrain",
     "stepwise_supervised",
 )
+# The loader suffixes each type takes (`type: alpaca_chat.load_qa`); other types take none.
+# A test keeps these in step with the strategies' own tables.
+DATASET_TYPE_LOADERS = {
+    "alpaca_chat": ("load", "load_concise", "load_qa", "load_camel_ai", "load_no_prompt"),
+    "alpaca_w_system": (
+        "load",
+        "load_chat",
+        "load_instruct",
+        "load_open_orca",
+        "load_open_orca_chatml",
+    ),
+    "chat_template": ("load", "default"),
+}
 # Preference formats, read when `rl:` is set; the part before the first dot is the family.
 SUPPORTED_PREFERENCE_TYPES = {
     "dpo": (

@@ -10,14 +10,13 @@ model trained here sees the same text as one trained there.
 
 from __future__ import annotations
 
-import difflib
 import logging
-import string
 from dataclasses import dataclass, replace
 
 from payload.config.schema import DatasetConfig
+from payload.config.user_formats import user_defined_problems
 from payload.data.core import Context, Row, Tokenized, from_segments, register, text_field
-from payload.errors import ConfigError, FerryError, Problem
+from payload.errors import ConfigError, FerryError
 
 log = logging.getLogger("ferry.data")
 
@@ -203,53 +202,6 @@ def pretrain(row: Row, ctx: Context) -> Tokenized:
 
 
 # Axolotl's user-defined format keys, and the placeholders each format string may use.
-USER_DEFINED_KEYS = (
-    "system_prompt",
-    "system_format",
-    "field_system",
-    "field_instruction",
-    "field_input",
-    "field_output",
-    "format",
-    "no_input_format",
-    "field",
-)
-_PLACEHOLDERS = {
-    "format": {"instruction", "input"},
-    "no_input_format": {"instruction"},
-    "system_format": {"system"},
-}
-
-
-def user_defined_problems(spec: dict) -> list[Problem]:
-    """Everything wrong with a user-defined `type:` mapping, each naming its key."""
-    problems = []
-    for key, value in spec.items():
-        if key not in USER_DEFINED_KEYS:
-            close = difflib.get_close_matches(str(key), USER_DEFINED_KEYS, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            problems.append(Problem(f"type.{key}", f"is not a user-defined format key{hint}"))
-        elif value is not None and not isinstance(value, str):
-            problems.append(Problem(f"type.{key}", f"must be text, not {type(value).__name__}"))
-    if not spec.get("format"):
-        problems.append(Problem("type.format", "is required: the prompt, with {instruction}"))
-    for key, allowed in _PLACEHOLDERS.items():
-        value = spec.get(key)
-        if not isinstance(value, str):
-            continue
-        try:
-            used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as e:
-            problems.append(Problem(f"type.{key}", f"is not a valid format string ({e})"))
-            continue
-        for name in sorted(used - allowed):
-            words = ", ".join("{" + a + "}" for a in sorted(allowed))
-            problems.append(Problem(f"type.{key}", f"uses {{{name}}}; it may use only {words}"))
-        if key == "format" and "instruction" not in used:
-            problems.append(Problem("type.format", "has no {instruction}"))
-    return problems
-
-
 @register("user_defined")
 class UserDefined:
     """A format written in the config as a `type:` mapping (Axolotl's user-defined SFT

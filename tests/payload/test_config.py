@@ -372,3 +372,30 @@ def test_launch_section_is_checked_at_every_depth():
 def test_launch_sizes_and_durations(given, memory_mb, timeout_s):
     cfg = validate_mapping({**BASE, "launch": given})
     assert (cfg.launch.memory, cfg.launch.timeout) == (memory_mb, timeout_s)
+
+
+def test_user_defined_mapping_is_checked_at_validate():
+    spec = {"formt": "{instruction}", "format": "{instruction}", "no_input_format": "{q}"}
+    found = problems({**BASE, "datasets": [{**BASE["datasets"][0], "type": spec}]})
+    assert "did you mean `format`?" in found["datasets[0].type.formt"]
+    assert "uses {q}" in found["datasets[0].type.no_input_format"]
+
+
+def test_loader_suffixes_are_checked_per_type():
+    def type_problem(name: str) -> str:
+        ds = {**BASE["datasets"][0], "type": name}
+        return problems({**BASE, "datasets": [ds]})["datasets[0].type"]
+
+    assert "has no loader `load_q` (one of: load, load_concise, load_qa" in type_problem(
+        "alpaca_chat.load_q"
+    )
+    assert "`completion` has no loader `load` (none)" in type_problem("completion.load")
+    assert "process reward model" in type_problem("stepwise_supervised")
+
+
+def test_loader_tables_match_the_strategies():
+    from payload.config.schema import DATASET_TYPE_LOADERS
+    from payload.data.sft import AlpacaChat, AlpacaWithSystem
+
+    assert set(DATASET_TYPE_LOADERS["alpaca_chat"]) == set(AlpacaChat.LOADERS)
+    assert set(DATASET_TYPE_LOADERS["alpaca_w_system"]) == set(AlpacaWithSystem.LOADERS)
