@@ -6,7 +6,8 @@ import pytest
 from helpers import ASSETS, DATA
 
 from payload.config import FerryError, validate_mapping
-from payload.model import CHAT_TEMPLATES, load_model, load_tokenizer
+from payload.data.templates import BUILTIN_TEMPLATES
+from payload.model import load_model, load_tokenizer
 
 
 def _cfg(**extra):
@@ -26,7 +27,7 @@ def test_special_tokens_replace_the_tokenizer_defaults():
 
 
 def test_chat_template_by_name_or_jinja():
-    assert load_tokenizer(_cfg(chat_template="chatml")).chat_template == CHAT_TEMPLATES["chatml"]
+    assert load_tokenizer(_cfg(chat_template="chatml")).chat_template == BUILTIN_TEMPLATES["chatml"]
     jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tokenizer = load_tokenizer(_cfg(chat_template=jinja))
     assert (
