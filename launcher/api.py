@@ -563,3 +563,47 @@ def pull(plan: PullPlan, progress: Callable[[int], None] | None = None) -> list[
     for prefix, target, _ in plan.items:
         download_folder(plan.store, prefix, target, progress=progress)
     return [target for _, target, _ in plan.items]
+
+
+# ---- preprocess: tokenize into the prepared-dataset cache, without training
+
+
+@dataclass
+class PreprocessResult:
+    path: str  # the cache folder
+    hit: bool  # it was there already
+    default_path: bool  # the config named no dataset_prepared_path
+    lines: list[str]  # the data report, as a training run prints it
+    rows: dict[str, Any]  # counts: in, kept, train, eval, tokens, skipped per reason...
+    rate: str | None = None  # "tokenized N rows in Xs (R rows/s, P processes)"
+
+
+def preprocess(source: str | Path, overrides: list[str] | None = None) -> PreprocessResult:
+    """Validate the config, then tokenize its datasets into the prepared cache
+    (`dataset_prepared_path`, else $FERRY_HOME/prepared) on this machine, or find them
+    there. The work runs as `python -m payload preprocess` in a subprocess with this
+    terminal (the launcher never imports the training stack); raises FerryError."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    cfg = validate(source, overrides)
+    with tempfile.TemporaryDirectory(prefix="ferry-preprocess-") as tmp:
+        config = Path(tmp) / "config.yml"
+        config.write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        )
+        result = Path(tmp) / "result.json"
+        env = {**os.environ, "FERRY_HOME": str(ferry_home())}
+        command = [sys.executable, "-m", "payload", "preprocess", str(config)]
+        done = subprocess.run([*command, "--result", str(result)], env=env)
+        data = json.loads(result.read_text()) if result.is_file() else None
+    if data is None:
+        raise FerryError(f"preprocess failed (exit {done.returncode}); see its messages above.")
+    if "error" in data:
+        raise FerryError(data["error"], hint=data.get("hint"))
+    return PreprocessResult(**data)

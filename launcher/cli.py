@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -119,6 +121,26 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
     cfg = api.validate(config, set_ or [])
     output.validated(config, cfg)
+
+
+@app.command()
+def preprocess(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Tokenize a config's datasets into the prepared cache (dataset_prepared_path), or
+    find them there, without training. A run with the same data settings loads it."""
+    from launcher import api, output
+
+    result = api.preprocess(config, set_ or [])
+    if json_:
+        print(json.dumps(asdict(result), indent=2))
+        return
+    output.say(f"prepared {result.path} ({'cache hit' if result.hit else 'tokenized now'})")
+    for line in result.lines:
+        output.say(f"  {line}")
+    if result.default_path:
+        output.warning(
+            f"dataset_prepared_path is not set, so this went under {Path(result.path).parent}; "
+            f"set `dataset_prepared_path: {Path(result.path).parent}` for training to use it."
+        )
 
 
 def _launch_flags(env: list[str] | None, **flags):  # type: ignore[no-untyped-def]

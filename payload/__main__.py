@@ -1,6 +1,10 @@
-"""`python -m payload train CONFIG [--set key=value ...]`: what runs inside the image.
+"""`python -m payload train|preprocess CONFIG [--set key=value ...]`: what runs inside the
+image.
 
-Exit codes: 0 trained; 1 a problem the user can fix (printed as one paragraph); 75
+`train` fine-tunes; `preprocess` only tokenizes, into the prepared-dataset cache
+(`dataset_prepared_path`, by default $FERRY_HOME/prepared), and prints what it found.
+
+Exit codes: 0 done; 1 a problem the user can fix (printed as one paragraph); 75
 (EXIT_PREEMPTED) stopped by SIGTERM after saving a checkpoint, relaunch to resume; any
 other failure keeps its traceback.
 """
@@ -8,33 +12,47 @@ other failure keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from payload.errors import FerryError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m payload")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune as the config says")
-    train.add_argument("config", help="config path or https URL")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (dotted keys allowed)",
+    prep = commands.add_parser("preprocess", help="tokenize into the prepared-dataset cache")
+    prep.add_argument(
+        "--result",
+        metavar="FILE",
+        help="write the outcome (or the error) as JSON here instead of printing it",
     )
-    args = parser.parse_args(argv)
+    for command in (train, prep):
+        command.add_argument("config", help="config path or https URL")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key (dotted keys allowed)",
+        )
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
     )
+    if args.command == "preprocess":
+        return _preprocess(args)
     try:
         from payload.config import load_config
 
@@ -51,6 +69,38 @@ def main(argv: list[str] | None = None) -> int:
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    result_file = Path(args.result) if args.result else None
+    try:
+        from payload.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        import datasets
+
+        from payload.data.build import preprocess
+
+        datasets.disable_progress_bars()  # ours is enough
+        result = preprocess(cfg)
+    except FerryError as e:
+        if result_file is None:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            result_file.write_text(json.dumps({"error": e.message, "hint": e.hint}))
+        return 1
+    if result_file is not None:
+        result_file.write_text(json.dumps(result, indent=2))
+        return 0
+    for line in result["lines"]:
+        print(f"data: {line}", flush=True)
+    if result["default_path"]:
+        print(
+            f"dataset_prepared_path is not set: prepared under {Path(result['path']).parent}. "
+            "Set it in the config so that training loads this cache.",
+            flush=True,
+        )
     return 0
 
 

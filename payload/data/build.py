@@ -1,139 +1,182 @@
-"""Build the tokenized train (and eval) sets from the config's `datasets:`.
+"""Build the tokenized train (and eval) sets from the config's data section.
+
+    datasets            each tokenized by its strategy (payload.data.tokenize), then mixed:
+                        concatenated in order, and shuffled with `seed` when there are
+                        several and `shuffle_merged_datasets` (one dataset keeps its order;
+                        the trainer's sampler shuffles anyway)
+    pretraining_dataset raw text in sequence_len blocks (payload.data.pretrain), added
+    dataset_shard_num   one contiguous shard of the mixed rows is kept
+    test_datasets       the eval set, tokenized the same way; else `val_set_size` holds out
+                        a fraction (< 1) or a count (>= 1) of the rows, with `seed`
 
 Rows that cannot be used are skipped and counted by reason, or raise on the first one
-with `strict: true`; rows longer than `sequence_len` are dropped and counted. Nothing is
-dropped without appearing in the returned `DataReport`.
+with `strict: true`; rows longer than `sequence_len` follow `excess_length_strategy`.
+Nothing is dropped without appearing in the returned `DataReport`. With
+`dataset_prepared_path` the result is cached there (payload.data.cache).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import functools
 from pathlib import Path
 from typing import Any
 
 from payload.config.schema import DatasetConfig, TrainConfig
-from payload.data.core import BadRow, build_strategy
+from payload.data import cache, pretrain
+from payload.data.report import DataReport
+from payload.data.sources import data_home, load_rows, shard
+from payload.data.tokenize import COLUMNS, processes, row_function, tokenize_rows
 from payload.errors import FerryError
 
-SUFFIX_FORMATS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
-COLUMNS = ["input_ids", "attention_mask", "labels"]
-
-
-@dataclass
-class DataReport:
-    """What happened to the rows: kept, skipped per reason, and examples of each."""
-
-    rows_in: int = 0
-    rows_kept: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)  # reason -> "dataset row N"
-    train_rows: int = 0
-    eval_rows: int = 0
-
-    def lines(self) -> list[str]:
-        out = [
-            f"{self.rows_kept} of {self.rows_in} rows kept "
-            f"({self.train_rows} train, {self.eval_rows} eval)"
-        ]
-        for reason, n in self.skipped.most_common():
-            out.append(f"skipped {n}: {reason} (first: {self.examples[reason]})")
-        return out
-
-
-def load_rows(ds: DatasetConfig) -> Any:
-    """The dataset's rows as a `datasets.Dataset`, from a local file, folder or the hub."""
-    import datasets
-
-    path = Path(ds.path)
-    try:
-        if path.is_file():
-            fmt = ds.ds_type or SUFFIX_FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                raise FerryError(f"{ds.path}: cannot tell the file format; set `ds_type`.")
-            return datasets.load_dataset(fmt, data_files=str(path), split=ds.split)
-        if path.is_dir() and (path / "dataset_info.json").exists():
-            loaded = datasets.load_from_disk(str(path))
-            return loaded[ds.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(
-            ds.path, name=ds.name, data_files=ds.data_files, split=ds.split, revision=ds.revision
-        )
-    except (FileNotFoundError, ValueError) as e:
-        raise FerryError(f"Could not read dataset {ds.path} (split {ds.split!r}): {e}") from e
+__all__ = ["COLUMNS", "DataReport", "build_datasets", "default_prepared_path", "preprocess"]
 
 
 def tokenize_dataset(
-    rows: Any, index: int, ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, report: DataReport
+    key: str,
+    index: int,
+    ds: DatasetConfig,
+    cfg: TrainConfig,
+    tokenizer: Any,
+    report: DataReport,
+    progress: bool | None = None,
 ) -> Any:
-    strategy = build_strategy(ds, cfg, tokenizer)
-    name = f"datasets[{index}] ({Path(ds.path).name})"
-    limit = cfg.sequence_len
-
-    def one(row: dict[str, Any], row_index: int) -> dict[str, Any]:
-        try:
-            out = strategy(row)
-        except BadRow as e:
-            if cfg.strict:
-                raise FerryError(f"{name} row {row_index}: {e} (strict: true).") from e
-            return {**dict.fromkeys(COLUMNS, []), "skip": str(e)}
-        if len(out["input_ids"]) > limit:
-            reason = f"longer than sequence_len ({limit} tokens)"
-            if cfg.strict:
-                raise FerryError(
-                    f"{name} row {row_index}: {len(out['input_ids'])} tokens, {reason}."
-                )
-            return {**dict.fromkeys(COLUMNS, []), "skip": reason}
-        return {**out, "skip": ""}
-
-    mapped = rows.map(
-        one,
-        with_indices=True,
-        remove_columns=rows.column_names,
-        keep_in_memory=True,
-        desc=f"tokenizing {name}",
-    )
-    report.rows_in += len(mapped)
-    reasons = mapped["skip"]
-    for row_index, reason in enumerate(reasons):
-        if reason:
-            report.skipped[reason] += 1
-            report.examples.setdefault(reason, f"{name} row {row_index}")
-    kept = mapped.filter(lambda r: not r, input_columns="skip", keep_in_memory=True)
-    report.rows_kept += len(kept)
-    return kept.remove_columns("skip")
+    """One entry of `key` (datasets, test_datasets) read, sharded and tokenized."""
+    where = f"{key}[{index}] ({ds.path})"
+    rows, offset = shard(load_rows(ds, where), ds.shards, ds.shards_idx)
+    fn = row_function(ds, cfg, tokenizer, where, limit=True)
+    return tokenize_rows(rows, fn, where, offset, report, processes(cfg, len(rows)), progress)
 
 
-def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:
-    """(train, eval or None, report). Eval is held out by `val_set_size` with the seed."""
+def _mix(parts: list[Any], shuffle: bool, seed: int) -> Any:
     import datasets
 
+    if len(parts) == 1:
+        return parts[0]
+    mixed = datasets.concatenate_datasets(parts)
+    return mixed.shuffle(seed=seed) if shuffle else mixed
+
+
+def _tokens(rows: Any) -> int:
+    import pyarrow.compute as pc
+
+    if rows is None or len(rows) == 0:
+        return 0
+    lengths = pc.list_value_length(rows.with_format("arrow")[:]["input_ids"])
+    return int(pc.sum(lengths).as_py())
+
+
+def _build(cfg: TrainConfig, tokenizer: Any, progress: bool | None) -> cache.Built:
     report = DataReport()
     parts = [
-        tokenize_dataset(load_rows(ds), i, ds, cfg, tokenizer, report)
+        tokenize_dataset("datasets", i, ds, cfg, tokenizer, report, progress)
         for i, ds in enumerate(cfg.datasets)
     ]
-    merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if len(merged) == 0:
-        raise FerryError(
-            "No usable rows in any dataset: " + "; ".join(report.lines()[1:] or ["all empty"])
+    if cfg.pretraining_dataset:
+        parts.append(pretrain.blocks(cfg, tokenizer, report, progress))
+    train = _mix(parts, cfg.shuffle_merged_datasets, cfg.seed) if parts else None
+    if train is None or len(train) == 0:
+        reasons = [f"{n} {reason}" for reason, n in report.skipped.most_common()]
+        raise FerryError("No usable rows in any dataset: " + ("; ".join(reasons) or "all empty"))
+    if cfg.dataset_shard_num:
+        before = len(train)
+        index = cfg.dataset_shard_idx or 0
+        train = train.shard(num_shards=cfg.dataset_shard_num, index=index, contiguous=True)
+        report.notes.append(
+            f"dataset_shard_num: kept shard {index} of {cfg.dataset_shard_num} "
+            f"({len(train)} of {before} rows)"
         )
     eval_set = None
-    size = cfg.val_set_size
-    if size:
+    if cfg.test_datasets:
+        evals = [
+            tokenize_dataset("test_datasets", i, ds, cfg, tokenizer, report, progress)
+            for i, ds in enumerate(cfg.test_datasets)
+        ]
+        eval_set = _mix(evals, False, cfg.seed)
+        if len(eval_set) == 0:
+            raise FerryError("test_datasets: no usable rows: see the skipped rows above.")
+    elif cfg.val_set_size:
+        size = cfg.val_set_size
         test_size: float | int = int(size) if size >= 1 else size
-        if isinstance(test_size, int) and test_size >= len(merged):
+        if isinstance(test_size, int) and test_size >= len(train):
             raise FerryError(
-                f"val_set_size: {test_size} rows leaves nothing to train on ({len(merged)} rows)."
+                f"val_set_size: {test_size} rows leaves nothing to train on ({len(train)} rows)."
             )
-        split = merged.train_test_split(test_size=test_size, seed=cfg.seed, shuffle=True)
-        merged, eval_set = split["train"], split["test"]
-    report.train_rows = len(merged)
+        split = train.train_test_split(test_size=test_size, seed=cfg.seed, shuffle=True)
+        train, eval_set = split["train"], split["test"]
+    report.train_rows = len(train)
     report.eval_rows = len(eval_set) if eval_set is not None else 0
-    return merged, eval_set, report
+    report.tokens = _tokens(train) + _tokens(eval_set)
+    return train, eval_set, report
+
+
+def build_datasets(
+    cfg: TrainConfig,
+    tokenizer: Any,
+    *,
+    prepared_path: str | Path | None = None,
+    progress: bool | None = None,
+) -> tuple[Any, Any | None, DataReport]:
+    """(train, eval or None, report). With `dataset_prepared_path` (or `prepared_path`)
+    the sets come from the prepared cache, built first if missing; without, they are
+    tokenized in memory, each rank on its own (they share no files, so none can race).
+    `progress`: draw a bar (default: when stdout is a terminal)."""
+    if cfg.pretraining_dataset and cfg.streaming:
+        return _build_stream(cfg, tokenizer)
+    build = functools.partial(_build, cfg, tokenizer, progress)
+    root = prepared_path or cfg.dataset_prepared_path
+    if root is None:
+        return build()
+    return cache.prepared(Path(root).expanduser().resolve(), cfg, tokenizer, build)
+
+
+def _build_stream(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:
+    if cfg.datasets:
+        raise FerryError(
+            "`datasets` cannot be mixed into a streamed pretraining_dataset.",
+            hint="Set streaming: false to train on both, or move the rows to their own run.",
+        )
+    if cfg.val_set_size:
+        raise FerryError(
+            "val_set_size cannot hold rows out of a stream.",
+            hint="Name the eval rows under test_datasets instead.",
+        )
+    report = DataReport()
+    train = pretrain.stream(cfg, tokenizer, report)
+    eval_set = None
+    if cfg.test_datasets:
+        evals = [
+            tokenize_dataset("test_datasets", i, ds, cfg, tokenizer, report)
+            for i, ds in enumerate(cfg.test_datasets)
+        ]
+        eval_set = _mix(evals, False, cfg.seed)
+        report.eval_rows = len(eval_set)
+    return train, eval_set, report
+
+
+def default_prepared_path() -> Path:
+    """Where `preprocess` puts the cache when the config names no dataset_prepared_path."""
+    return data_home() / "prepared"
+
+
+def preprocess(cfg: TrainConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Tokenize into the prepared cache (or find it there) without training; returns
+    where it is, whether it was a hit, and the report."""
+    from payload.model import load_tokenizer
+
+    if cfg.pretraining_dataset and cfg.streaming:
+        raise FerryError(
+            "Nothing to prepare: with `streaming: true` the pretraining text is tokenized "
+            "while training reads it.",
+            hint="Set streaming: false to prepare its blocks ahead.",
+        )
+    default = cfg.dataset_prepared_path is None
+    root = Path(cfg.dataset_prepared_path or default_prepared_path())
+    _, _, report = build_datasets(cfg, load_tokenizer(cfg), prepared_path=root, progress=progress)
+    return {
+        "path": report.cache_path,
+        "hit": report.cache_hit,
+        "default_path": default,
+        "lines": report.lines(),
+        "rate": report.rate_line() if report.tokenized_rows and not report.cache_hit else None,
+        "rows": report.summary(),
+    }

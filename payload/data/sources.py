@@ -1,0 +1,289 @@
+"""Where a dataset's rows come from, and what they are, for the cache key.
+
+    path: data/rows.jsonl            one file: .json/.jsonl, .csv, .parquet, .arrow, .txt
+    path: data/saved                 a folder written by `datasets` (save_to_disk); of a
+                                     DatasetDict, the dataset's `split`
+    path: data/parts                 a folder of data files: `data_files` inside it, else
+                                     every file of the one data format it holds
+    path: s3://bucket/key-or-prefix  downloaded once into a local cache (keyed by each
+                                     object's ETag and size), then read as above
+    path: org/name                   a hub dataset, through datasets.load_dataset
+
+`fingerprint` says what the rows are without parsing them (each file's size and sha256,
+each S3 object's ETag), so that a cache hit reads nothing but the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from payload.config.schema import DatasetConfig
+from payload.errors import FerryError
+from payload.storage.stores import sha256_file
+
+SUFFIX_FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
+SAVED_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+def data_home() -> Path:
+    """Ferry's folder on this machine: $FERRY_HOME, else ~/.ferry (as the launcher's)."""
+    return Path(os.environ.get("FERRY_HOME") or Path.home() / ".ferry").expanduser()
+
+
+@dataclass(frozen=True)
+class Located:
+    """A dataset found on this machine: data `files` of format `fmt`, a `saved` folder,
+    or neither (a hub id)."""
+
+    files: tuple[Path, ...] = ()
+    fmt: str | None = None
+    saved: Path | None = None
+
+
+def _is_saved(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in SAVED_MARKERS)
+
+
+def locate(ds: DatasetConfig, where: str, local: Path | None = None) -> Located:
+    """Find the dataset's files (`local` replaces `ds.path`: an S3 download)."""
+    path = local or Path(ds.path).expanduser()
+    if path.is_file():
+        return Located((path,), _format(ds, [path], where))
+    if not path.is_dir():
+        return Located()
+    if _is_saved(path) and not ds.data_files:
+        return Located(saved=path)
+    if ds.data_files:
+        names = [ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files)
+        files = []
+        for name in names:
+            found = sorted(p for p in path.glob(name) if p.is_file())
+            if not found:
+                raise FerryError(f"{where}: data_files `{name}` matches no file in {path}.")
+            files += found
+    else:
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS and not _hidden(p, path)
+        )
+        if ds.ds_type:
+            files = [p for p in files if SUFFIX_FORMATS[p.suffix.lower()] == ds.ds_type]
+        if not files:
+            raise FerryError(
+                f"{where}: {path} holds no data files ({', '.join(SUFFIX_FORMATS)}) and "
+                "was not written by `datasets` save_to_disk.",
+                hint="Point `path` at a file, or list the files under `data_files`.",
+            )
+    return Located(tuple(files), _format(ds, files, where))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _format(ds: DatasetConfig, files: list[Path], where: str) -> str:
+    if ds.ds_type:
+        return ds.ds_type
+    formats = {SUFFIX_FORMATS.get(p.suffix.lower()) for p in files}
+    if None in formats:
+        odd = next(p for p in files if p.suffix.lower() not in SUFFIX_FORMATS)
+        raise FerryError(
+            f"{where}: cannot tell the format of {odd.name}; set `ds_type` "
+            f"(one of {', '.join(sorted(set(SUFFIX_FORMATS.values())))})."
+        )
+    if len(formats) > 1:
+        raise FerryError(
+            f"{where}: the folder mixes {', '.join(sorted(f for f in formats if f))} files.",
+            hint="Pick one format with `ds_type`, or list the files under `data_files`.",
+        )
+    return formats.pop() or "json"
+
+
+def load_rows(ds: DatasetConfig, where: str, *, streaming: bool = False) -> Any:
+    """All the dataset's rows (`shard` picks its shard): a `datasets.Dataset`, or an
+    `IterableDataset` when streaming. `where` names the dataset in errors."""
+    import datasets
+
+    local = s3_download(ds.path, where) if ds.path.startswith("s3://") else None
+    found = locate(ds, where, local)
+    try:
+        if found.saved is not None:
+            rows = datasets.load_from_disk(str(found.saved))
+            if isinstance(rows, datasets.DatasetDict):
+                if ds.split not in rows:
+                    raise FerryError(
+                        f"{where}: the saved dataset has no split `{ds.split}`; "
+                        f"it has {', '.join(rows)}. Set `split`."
+                    )
+                rows = rows[ds.split]
+            return rows.to_iterable_dataset() if streaming else rows
+        if found.files:
+            if not ds.split.startswith("train"):
+                raise FerryError(
+                    f"{where}: local data files form one split, `train` (slices such as "
+                    f"`train[:10%]` work); got split `{ds.split}`."
+                )
+            rows = datasets.load_dataset(
+                found.fmt,
+                data_files=[str(p) for p in found.files],
+                split=ds.split,
+                streaming=streaming,
+            )
+        else:
+            rows = datasets.load_dataset(
+                ds.path,
+                name=ds.name,
+                data_files=ds.data_files,
+                split=ds.split,
+                revision=ds.revision,
+                streaming=streaming,
+            )
+    except FerryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets' and pyarrow's many errors, named here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FerryError(
+            f"Could not read {where}: {first}",
+            hint="Check `path`, `split`, `data_files` and `ds_type` (FERRY_DEBUG=1 for more).",
+        ) from e
+    return rows
+
+
+def shard(rows: Any, shards: int | None, index: int | None) -> tuple[Any, int]:
+    """(shard `index` (default 0) of `shards` contiguous shards, the row number its first
+    row had). A stream is sharded by its files instead, and reports offset 0."""
+    if not shards:
+        return rows, 0
+    index = index or 0
+    if not hasattr(rows, "__len__"):
+        return rows.shard(num_shards=shards, index=index), 0
+    offset = (len(rows) // shards) * index + min(index, len(rows) % shards)
+    return rows.shard(num_shards=shards, index=index, contiguous=True), offset
+
+
+# ---- fingerprints
+
+
+def fingerprint(ds: DatasetConfig, where: str) -> str:
+    """A digest of the rows' source: every local file's size and sha256, every S3
+    object's ETag and size. A hub dataset is known only by its name and `revision`
+    (pin `revision` for a cache that follows the hub)."""
+    if ds.path.startswith("s3://"):
+        parts: Any = [(o.rel, o.etag, o.size) for o in s3_objects(ds.path, where)]
+    else:
+        found = locate(ds, where)
+        if found.saved is not None:
+            files = [p for p in sorted(found.saved.rglob("*")) if p.is_file()]
+            parts = [(str(p), *_file_digest(p)) for p in files]
+        elif found.files:
+            parts = [(str(p), *_file_digest(p)) for p in found.files]
+        else:
+            parts = ["hub", ds.path, ds.name, ds.revision]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    stat = path.stat()
+    return stat.st_size, _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime too: the same process may hash a file again after an edit.
+    return sha256_file(Path(path))
+
+
+# ---- S3
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    rel: str  # the path under the download folder
+    etag: str
+    size: int
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def s3_objects(uri: str, where: str) -> list[S3Object]:
+    """The object `uri` names, or every object under it as a prefix."""
+    from payload.storage import open_store
+
+    bucket, key = _split_uri(uri)
+    store = open_store(f"s3://{bucket}")
+    try:
+        pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        items = [item for page in pages for item in page.get("Contents", [])]
+    except Exception as e:  # noqa: BLE001 - botocore's errors: credentials, endpoint, bucket
+        raise FerryError(
+            f"{where}: cannot list {uri}: {e}",
+            hint="Check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID), AWS_ENDPOINT_URL "
+            "and the bucket name.",
+        ) from e
+    exact = [i for i in items if i["Key"] == key and key]
+    if exact:
+        item = exact[0]
+        return [S3Object(key, Path(key).name, item["ETag"].strip('"'), item["Size"])]
+    prefix = key.rstrip("/") + "/" if key else ""
+    found = [
+        S3Object(i["Key"], i["Key"][len(prefix) :], i["ETag"].strip('"'), i["Size"])
+        for i in items
+        if i["Key"].startswith(prefix) and not i["Key"].endswith("/")
+    ]
+    if not found:
+        raise FerryError(f"{where}: there is no object at {uri} (nor under it).")
+    return sorted(found, key=lambda o: o.key)
+
+
+def s3_download(uri: str, where: str) -> Path:
+    """A local copy of `uri` (a file, or a folder for a prefix). The copy lives under
+    $FERRY_HOME/cache/s3 and is reused while every object's ETag and size are unchanged;
+    a lock keeps processes that want the same copy from fetching it twice."""
+    from filelock import FileLock
+
+    from payload.storage import open_store
+
+    objects = s3_objects(uri, where)
+    identity = json.dumps([(o.key, o.etag, o.size) for o in objects]).encode()
+    root = data_home() / "cache" / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = root / hashlib.sha256(identity).hexdigest()[:16]
+    single = len(objects) == 1 and objects[0].key == _split_uri(uri)[1]
+    result = target / objects[0].rel if single else target
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        if target.is_dir():
+            return result
+        partial = root / f".partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            for o in objects:
+                (partial / o.rel).parent.mkdir(parents=True, exist_ok=True)
+            store = open_store(f"s3://{_split_uri(uri)[0]}")
+            store.get_files([(o.key, partial / o.rel) for o in objects])
+            for old in root.iterdir():  # earlier versions of these objects
+                if old.is_dir() and not old.name.startswith("."):
+                    shutil.rmtree(old, ignore_errors=True)
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return result
