@@ -6,18 +6,10 @@ import logging
 from typing import Any
 
 from payload.config.schema import TrainConfig
+from payload.data.templates import TOKENIZER_DEFAULT, resolve_template
 from payload.errors import FerryError
 
 log = logging.getLogger("ferry.model")
-
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-}
 
 
 def _transformers_class(name: str | None, default: str) -> Any:
@@ -46,14 +38,9 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         raise FerryError(
             f"The tokenizer from {source} has no eos_token; set special_tokens.eos_token."
         )
-    if cfg.chat_template and cfg.chat_template != "tokenizer_default":
-        template = CHAT_TEMPLATES.get(cfg.chat_template)
-        if template is None and "{%" not in cfg.chat_template:
-            raise FerryError(
-                f"chat_template: `{cfg.chat_template}` is neither a built-in "
-                f"({', '.join(CHAT_TEMPLATES)}, tokenizer_default) nor a Jinja template."
-            )
-        tokenizer.chat_template = template or cfg.chat_template
+    if (cfg.chat_template or cfg.chat_template_jinja) and cfg.chat_template != TOKENIZER_DEFAULT:
+        # On the tokenizer, the top-level template is saved with the model (templates.py).
+        tokenizer.chat_template = resolve_template(cfg, None, tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -131,7 +118,9 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or cfg.sample_packing:
+        # Packing also needs it off: with a KV cache transformers no longer builds the
+        # per-row mask from position_ids, and packed rows attend to each other.
         model.config.use_cache = False
     if cfg.adapter:
         model = apply_lora(cfg, model)

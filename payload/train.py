@@ -30,19 +30,31 @@ log = logging.getLogger("ferry.train")
 DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default, for `python -m payload` run by hand
 
 
-def steps_per_epoch(cfg: TrainConfig, rows: int, world_size: int) -> int:
-    """Optimizer steps in one epoch, as the HF Trainer counts them."""
-    batches = math.ceil(rows / (cfg.micro_batch_size * world_size))
+def steps_per_epoch(
+    cfg: TrainConfig, rows: int | None, world_size: int, batches: int | None = None
+) -> int:
+    """Optimizer steps in one epoch, as the HF Trainer counts them. `batches` (per rank)
+    replaces the count from rows where packing decides it; a stream (no row count) has
+    no epochs, so its `max_steps` stand in."""
+    if batches is None and rows is None:
+        return max(cfg.max_steps or 1, 1)
+    if batches is None:
+        batches = math.ceil(rows / (cfg.micro_batch_size * world_size))
     return max(batches // cfg.gradient_accumulation_steps, 1)
 
 
 def training_arguments(
-    cfg: TrainConfig, dist: distributed.DistInfo, output_dir: str, train_rows: int, has_eval: bool
+    cfg: TrainConfig,
+    dist: distributed.DistInfo,
+    output_dir: str,
+    train_rows: int | None,
+    has_eval: bool,
+    batches: int | None = None,
 ) -> Any:
     import torch
     from transformers import TrainingArguments
 
-    per_epoch = steps_per_epoch(cfg, train_rows, dist.world_size)
+    per_epoch = steps_per_epoch(cfg, train_rows, dist.world_size, batches)
     save: dict[str, Any] = {"save_strategy": "epoch"}
     if cfg.save_steps or cfg.saves_per_epoch:
         every = cfg.save_steps or max(per_epoch // (cfg.saves_per_epoch or 1), 1)
@@ -102,6 +114,18 @@ def training_arguments(
     )
 
 
+def unpacked_collator(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """One row per example, padded to the longest in the batch, or to sequence_len with
+    `pad_to_sequence_len` (fixed shapes). Packed batches have their own collator."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if cfg.pad_to_sequence_len:
+        return DataCollatorForSeq2Seq(
+            tokenizer, padding="max_length", max_length=cfg.sequence_len, label_pad_token_id=-100
+        )
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
 def _quiet_libraries(is_main: bool) -> None:
     """Keep the run's log to what the user can act on."""
     import warnings
@@ -137,7 +161,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     from payload import durability
 
@@ -156,7 +180,20 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     model = load_model(cfg, tokenizer)
     if dist.is_main:
         _print_model(model, cfg, dist)
-    args = training_arguments(cfg, dist, output_dir, len(train_set), eval_set is not None)
+    packing = None
+    if cfg.sample_packing:
+        from payload.packed_trainer import packing_setup
+
+        attention = getattr(model.config, "_attn_implementation", None)
+        packing = packing_setup(cfg, tokenizer, train_set, eval_set, dist, attention)
+    args = training_arguments(
+        cfg,
+        dist,
+        output_dir,
+        len(train_set) if hasattr(train_set, "__len__") else None,
+        eval_set is not None,
+        len(packing.train) if packing else None,
+    )
     callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
     sync = None
     if store is not None:
@@ -164,14 +201,21 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
             store, output_dir, run_id, cfg.save_total_limit, dist.is_main, dist.backend is not None
         )
         callbacks.append(sync)
-    trainer = Trainer(
+    trainer_cls: Any = Trainer
+    extra: dict[str, Any] = {}
+    if packing:
+        from payload.packed_trainer import PackedTrainer
+
+        trainer_cls, extra = PackedTrainer, {"packing": packing}
+    trainer = trainer_cls(
         model=model,
         args=args,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=unpacked_collator(cfg, tokenizer),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
     resume = durability.resume_point(cfg, output_dir, dist, store)
