@@ -1,4 +1,4 @@
-"""Write `alpaca_tiny.jsonl`: small instruction-following tasks, generated for Ferry.
+"""Write `alpaca_tiny.jsonl` and `chat_tiny.jsonl`: small tasks, generated for Ferry.
 
 Every answer follows from its instruction and input by a simple rule (add, reverse, sort,
 spell, ...), so even a tiny model's loss falls visibly within a couple of epochs. The
@@ -188,12 +188,41 @@ def rows(seed: int = 0) -> list[dict[str, str]]:
     return out
 
 
-def main() -> None:
-    path = HERE / "alpaca_tiny.jsonl"
+SYSTEM = "You are a careful assistant. Answer in one short sentence."
+
+
+def chats(seed: int = 1) -> list[dict]:
+    """The same tasks as conversations of one to four exchanges, in ShareGPT form
+    (`conversations` of {from, value}); every other one opens with a system message.
+    Their lengths differ a lot, which is what sample packing is for."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(CHATS):
+        turns = []
+        if i % 2 == 0:
+            turns.append({"from": "system", "value": SYSTEM})
+        for _ in range(rng.choice([1, 1, 2, 4])):
+            task = rng.choice(TASKS)(rng)
+            question = f"{task['instruction']} {task['input']}".strip()
+            turns.append({"from": "human", "value": question})
+            turns.append({"from": "gpt", "value": task["output"]})
+        out.append({"conversations": turns})
+    return out
+
+
+CHATS = 240
+
+
+def _write(path: Path, records: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
-        for row in rows():
-            f.write(json.dumps(row) + "\n")
-    print(f"wrote {path} ({len(TASKS) * ROWS_PER_TASK} rows)")
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print(f"wrote {path} ({len(records)} rows)")
+
+
+def main() -> None:
+    _write(HERE / "alpaca_tiny.jsonl", rows())
+    _write(HERE / "chat_tiny.jsonl", chats())
 
 
 if __name__ == "__main__":
