@@ -279,13 +279,7 @@ def _write_summary(
         "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "wall_s": round(time.time() - started, 1),
         "resumed_from_step": resumed,
-        "rows": {
-            "in": report.rows_in,
-            "kept": report.rows_kept,
-            "train": report.train_rows,
-            "eval": report.eval_rows,
-            "skipped": dict(report.skipped),
-        },
+        "rows": report.summary(),
         "output_dir": str(Path(output_dir).resolve()),
         "artifact": "adapter" if cfg.adapter else "model",
     }

@@ -116,3 +116,26 @@ def test_strict_training_run_fails_naming_the_row(tmp_path):
     assert f"datasets[0] ({data}) row 64: missing field `output` (strict: true)" in (
         result.stdout + result.stderr
     )
+
+
+@pytest.mark.slow
+def test_streamed_pretraining_trains_for_max_steps(tmp_path, ferry_home):
+    """`streaming: true` reads the corpus lazily: the run has no row count, so the step
+    count comes from max_steps, and the stream is read again when it runs out."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"body": f"{r['instruction']} {r['output']}"}) + "\n" for r in ROWS)
+    )
+    config = tmp_path / "stream.yml"
+    config.write_text(
+        f"base_model: {ROOT / 'examples/assets/tiny-llama'}\n"
+        f"pretraining_dataset:\n  - path: {corpus}\n    text_column: body\n"
+        "streaming: true\nmax_steps: 6\nsequence_len: 64\nmicro_batch_size: 4\n"
+        "learning_rate: 3.0e-3\noptimizer: adamw_torch\nadapter: lora\n"
+        "lora_target_linear: true\nlogging_steps: 1\n"
+    )
+    result = launch("train", str(config), check=True, timeout=300)
+    assert "pretraining_dataset streams" in result.stdout
+    summary = json.loads(next((ferry_home / "runs").glob("*/output/summary.json")).read_text())
+    assert summary["steps"] == 6
+    assert summary["final_loss"] < summary["first_loss"]

@@ -196,8 +196,25 @@ def _eval_data(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error("val_set_size", "and `test_datasets` both choose the eval set; set one.")
 
 
-@rule("sample_packing", "eval_sample_packing", "sample_packing_sequentially")
+@rule(
+    "sample_packing",
+    "eval_sample_packing",
+    "sample_packing_sequentially",
+    "sample_packing_eff_est",
+    "streaming",
+)
 def _packing(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.sample_packing_eff_est is not None:
+        yield _warn(
+            "sample_packing_eff_est",
+            "is ignored: rows are packed before training and the step count is exact.",
+        )
+    if cfg.sample_packing and cfg.streaming and cfg.pretraining_dataset:
+        yield _error(
+            "sample_packing",
+            "needs the whole train set up front; a streamed pretraining_dataset is already "
+            "cut into full sequence_len blocks, so turn packing off.",
+        )
     if not cfg.sample_packing:
         if cfg.eval_sample_packing:
             yield _warn("eval_sample_packing", "is ignored without `sample_packing: true`.")

@@ -399,3 +399,25 @@ def test_loader_tables_match_the_strategies():
 
     assert set(DATASET_TYPE_LOADERS["alpaca_chat"]) == set(AlpacaChat.LOADERS)
     assert set(DATASET_TYPE_LOADERS["alpaca_w_system"]) == set(AlpacaWithSystem.LOADERS)
+
+
+def test_packing_settings_that_would_be_ignored_or_cannot_work():
+    from payload.config import validate_mapping
+
+    seen: list[str] = []
+    validate_mapping(
+        {**BASE, "sample_packing": True, "sample_packing_eff_est": 0.9}, warn=seen.append
+    )
+    assert seen == [
+        "config: sample_packing_eff_est: is ignored: rows are packed before training and the "
+        "step count is exact."
+    ]
+    stream = {
+        **BASE,
+        "datasets": [],
+        "pretraining_dataset": [{"path": str(DATA)}],
+        "streaming": True,
+        "max_steps": 5,
+        "sample_packing": True,
+    }
+    assert "streamed pretraining_dataset" in problems(stream)["sample_packing"]

@@ -162,3 +162,5 @@ def test_bundled_data_is_what_its_script_writes(tmp_path):
     written = [json.loads(line) for line in DATA.read_text().splitlines()]
     assert written == module.rows()
     assert len(written) >= 200
+    chats = ROOT / "examples/data/chat_tiny.jsonl"
+    assert [json.loads(line) for line in chats.read_text().splitlines()] == module.chats()
