@@ -45,7 +45,16 @@ GPUS = {
     "B200": 8,
 }
 CLUSTER_GPUS = ("H100", "H200", "B200", "A100-80GB")
-INPUT_KEYS = ("base_model", "base_model_config", "tokenizer_config", "deepspeed")
+INPUT_KEYS = (
+    "base_model",
+    "base_model_config",
+    "tokenizer_config",
+    "deepspeed",
+    "chat_template_jinja",
+)
+DATASET_LISTS = ("datasets", "test_datasets", "pretraining_dataset")
+# The prepared-dataset cache lives on the runs volume, so every run shares it.
+PREPARED = f"{VOLUME_ROOT}/{RUNS_VOLUME}/prepared"
 INSTALL_HINT = "pip install 'ferry[modal]'"
 
 
@@ -100,7 +109,10 @@ def gpu_string(job: JobSpec) -> str | None:
 def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
     """The config with local files rewritten to where they appear in the container, and
     the (local, remote) pairs to mount there."""
-    config = {**config, "datasets": [dict(d) for d in config.get("datasets", [])]}
+    config = {
+        **config,
+        **{key: [dict(d) for d in config[key]] for key in DATASET_LISTS if config.get(key)},
+    }
     inputs: list[tuple[Path, str]] = []
     seen: dict[str, str] = {}
 
@@ -115,8 +127,14 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
     for key in INPUT_KEYS:
         if key in config:
             config[key] = ship(config[key])
-    for dataset in config["datasets"]:
-        dataset["path"] = ship(dataset.get("path"))
+    for key in DATASET_LISTS:
+        for dataset in config.get(key) or []:
+            dataset["path"] = ship(dataset.get("path"))
+            if "chat_template_jinja" in dataset:
+                dataset["chat_template_jinja"] = ship(dataset["chat_template_jinja"])
+    if config.get("dataset_prepared_path"):
+        # A laptop folder means nothing in the container; the volume keeps the cache.
+        config["dataset_prepared_path"] = PREPARED
     return config, inputs
 
 

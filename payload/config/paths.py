@@ -96,6 +96,10 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
         update["deepspeed"] = _resolve_one(
             "deepspeed", cfg.deepspeed, base_dir, problems, hub_ok=False
         )
+    if is_template_path(cfg.chat_template_jinja):
+        update["chat_template_jinja"] = _resolve_one(
+            "chat_template_jinja", cfg.chat_template_jinja, base_dir, problems, hub_ok=False
+        )
     if cfg.resume_from_checkpoint and "://" not in cfg.resume_from_checkpoint:
         update["resume_from_checkpoint"] = _resolve_one(
             "resume_from_checkpoint", cfg.resume_from_checkpoint, base_dir, problems, hub_ok=False
@@ -142,4 +146,15 @@ def _resolve_dataset(
         for name in names:
             if not any(c in name for c in "*?[") and not (folder / name).exists():
                 problems.append(Problem(f"{key}.data_files", f"`{name}` is not in {folder}."))
-    return ds.model_copy(update={"path": path})
+    update = {"path": path}
+    if is_template_path(ds.chat_template_jinja):
+        update["chat_template_jinja"] = _resolve_one(
+            f"{key}.chat_template_jinja", ds.chat_template_jinja, base_dir, problems, hub_ok=False
+        )
+    return ds.model_copy(update=update)
+
+
+def is_template_path(value: str | None) -> bool:
+    """`chat_template_jinja` holds a file's path rather than the template itself: one
+    line with no Jinja braces (the data code reads the file in that case)."""
+    return bool(value) and not any(c in value for c in "{}\n")

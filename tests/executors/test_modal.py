@@ -119,6 +119,22 @@ def test_local_files_travel_with_the_job_and_the_config_points_at_them(tmp_path)
     assert job.config["datasets"][0]["path"].startswith(str(ROOT))  # the job itself untouched
 
 
+def test_every_dataset_list_and_the_prepared_cache_travel(tmp_path):
+    job = modal_job(tmp_path)
+    chats = str(ROOT / "examples/data/chat_tiny.jsonl")
+    config = {
+        **job.config,
+        "test_datasets": [{"path": chats, "type": "chat_template"}],
+        "pretraining_dataset": [{"path": str(ROOT / "examples/assets/corpus.txt")}],
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+    }
+    shipped, inputs = shipped_inputs(config)
+    assert shipped["test_datasets"][0]["path"] == "/ferry/inputs/2-chat_tiny.jsonl"
+    assert shipped["pretraining_dataset"][0]["path"] == "/ferry/inputs/3-corpus.txt"
+    assert shipped["dataset_prepared_path"] == "/vol/ferry-runs/prepared"
+    assert len(inputs) == 4 and config["test_datasets"][0]["path"] == chats
+
+
 class FakeCluster:
     """Stands in for modal.Cluster.from_context(), which exists only inside a cluster."""
 

@@ -421,3 +421,21 @@ def test_packing_settings_that_would_be_ignored_or_cannot_work():
         "sample_packing": True,
     }
     assert "streamed pretraining_dataset" in problems(stream)["sample_packing"]
+
+
+def test_chat_template_jinja_paths_are_resolved_and_checked(tmp_path, monkeypatch):
+    from payload.config import load_config
+
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config = quickstart_config(
+        tmp_path,
+        "chat_template: jinja\nchat_template_jinja: chat.jinja\n"
+        "datasets:\n  - path: " + str(DATA) + "\n    type: alpaca\n"
+        "    chat_template: jinja\n    chat_template_jinja: nowhere.jinja\n",
+    )
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(config))
+    found = {p.key: p.message for p in info.value.problems}
+    assert found["datasets[0].chat_template_jinja"].startswith("`nowhere.jinja` does not exist")
+    assert "chat_template_jinja" not in found  # found beside the config file
