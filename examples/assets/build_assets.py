@@ -53,7 +53,7 @@ def build_tokenizer(out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from payload.model import CHAT_TEMPLATES
+    from payload.data.templates import BUILTIN_TEMPLATES
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -80,7 +80,7 @@ def build_tokenizer(out: Path):
         model_max_length=MODEL["max_position_embeddings"],
         padding_side="right",
     )
-    fast.chat_template = CHAT_TEMPLATES["chatml"]
+    fast.chat_template = BUILTIN_TEMPLATES["chatml"]
     fast.save_pretrained(out)
     return fast
 
