@@ -202,10 +202,37 @@ def _file_digest(path: Path) -> tuple[int, str]:
     return stat.st_size, _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+DIGESTS = "digests.json"  # in $FERRY_HOME/cache: {path: [size, mtime_ns, sha256]}
+MAX_DIGESTS = 10_000
+
+
 @functools.lru_cache(maxsize=4096)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    # Keyed by size and mtime too: the same process may hash a file again after an edit.
-    return sha256_file(Path(path))
+    """A data file's sha256, remembered on disk while its size and mtime stay the same,
+    so a multi-GB file is read once rather than on every run and by every rank (as `make`
+    and rsync trust mtimes; any edit through normal tools changes it)."""
+    book = data_home() / "cache" / DIGESTS
+    try:
+        known = json.loads(book.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(path)
+    if isinstance(entry, list) and entry[:2] == [size, mtime_ns]:
+        return entry[2]
+    digest = sha256_file(Path(path))
+    known[path] = [size, mtime_ns, digest]
+    if len(known) > MAX_DIGESTS:  # the oldest entries go first (dicts keep order)
+        known = dict(list(known.items())[-MAX_DIGESTS:])
+    # Written whole and renamed: a reader never sees half a file. Two writers at once
+    # can only lose each other's new entry, which is hashed again next time.
+    try:
+        book.parent.mkdir(parents=True, exist_ok=True)
+        partial = book.with_name(f".{DIGESTS}.{os.getpid()}")
+        partial.write_text(json.dumps(known))
+        os.replace(partial, book)
+    except OSError:
+        pass  # a read-only home: the file is simply hashed again next run
+    return digest
 
 
 # ---- S3

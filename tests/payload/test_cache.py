@@ -140,3 +140,28 @@ def test_concurrent_builders_make_one_cache_and_both_load_it(tmp_path):
     assert results[0]["rows"]["kept"] == results[1]["rows"]["kept"] == 4000
     assert len(folders(tmp_path / "prepared")) == 1
     assert not [p for p in (tmp_path / "prepared").iterdir() if ".partial" in p.name]
+
+
+def test_file_digests_are_remembered_until_the_file_changes(tmp_path, ferry_home, monkeypatch):
+    """A big data file is read for its digest once, not on every run: a later process (here:
+    the in-process memo cleared) takes it from $FERRY_HOME/cache/digests.json while size
+    and mtime match, and hashes again after an edit."""
+    from payload.config.schema import DatasetConfig
+    from payload.data import sources
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    ds = DatasetConfig(path=str(data), type="alpaca")
+    first = sources.fingerprint(ds, "datasets[0]")
+    assert str(data) in json.loads((ferry_home / "cache" / sources.DIGESTS).read_text())
+
+    hashed: list[str] = []
+    real = sources.sha256_file
+    monkeypatch.setattr(sources, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    sources._sha256.cache_clear()
+    assert sources.fingerprint(ds, "datasets[0]") == first and hashed == []
+
+    with data.open("a") as f:
+        f.write(json.dumps(ROWS[0]) + "\n")
+    sources._sha256.cache_clear()
+    assert sources.fingerprint(ds, "datasets[0]") != first and hashed == [str(data)]
