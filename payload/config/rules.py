@@ -97,6 +97,9 @@ def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]
         if name is None or name not in known:
             what = "is required" if name is None else f"`{name}` is not a {family} format"
             yield _error(f"{where}.type", f"{what}; {family} formats: {', '.join(known)}.")
+        elif isinstance(ds.type, dict):
+            for problem in user_defined_problems(ds.type, family):
+                yield _error(f"{where}.{problem.key}", f"{problem.message}.")
         return
     if ds.type is None:
         yield _error(

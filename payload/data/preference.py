@@ -21,18 +21,23 @@ shares; the markup and chat-template formats are in `preference_formats`.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
-import string
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from payload.config.schema import SUPPORTED_PREFERENCE_TYPES, DatasetConfig, TrainConfig
+from payload.config.user_formats import (
+    PREFERENCE,
+    PREFERENCE_EXTRA_FIELDS,
+    PREFERENCE_PARTS,
+    mapping_problems,
+    placeholders,
+)
 from payload.data.conversation import role_map
 from payload.data.core import BadRow, Context, Row, text_field
-from payload.errors import ConfigError, FerryError, Problem
+from payload.errors import ConfigError, FerryError
 
 Pair = dict[str, Any]
 PairFn = Callable[[Row], Pair]
@@ -140,17 +145,6 @@ def passthrough(row: Row, ctx: Context) -> Pair:
 
 # Per family: the parts a user_defined row has, each read from column `field_<part>`
 # (default: the part's name), and the placeholders each `<part>_format` may use.
-USER_DEFINED = {
-    "dpo": {"prompt": ("prompt", "system"), "chosen": ("chosen",), "rejected": ("rejected",)},
-    "kto": {"prompt": ("prompt", "system"), "completion": ("completion",)},
-}
-_EXTRA_FIELDS = {"dpo": ("system",), "kto": ("system", "label")}
-
-
-def _placeholders(fmt: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
-
-
 @preference("dpo", "user_defined")
 @preference("kto", "user_defined")
 class UserDefined:
@@ -167,47 +161,15 @@ class UserDefined:
         self.ctx = ctx
         self.family = (ctx.cfg.rl or "").lower()
         spec = ctx.ds.type if isinstance(ctx.ds.type, dict) else {}
-        self._check(spec)
-        parts = [*USER_DEFINED[self.family], *_EXTRA_FIELDS[self.family]]
+        if problems := mapping_problems(spec, PREFERENCE[self.family]):
+            raise ConfigError(f"{self.family} `user_defined` dataset {ctx.ds.path}", problems)
+        self.parts = PREFERENCE_PARTS[self.family]
+        columns = [*self.parts, *PREFERENCE_EXTRA_FIELDS[self.family]]
         self.fields = {
-            p: spec.get(f"field_{p}") or getattr(ctx.ds, f"field_{p}") or p for p in parts
+            p: spec.get(f"field_{p}") or getattr(ctx.ds, f"field_{p}") or p for p in columns
         }
-        self.formats = {p: spec.get(f"{p}_format") or f"{{{p}}}" for p in USER_DEFINED[self.family]}
-        self.needs_system = "system" in _placeholders(self.formats["prompt"])
-
-    def _check(self, spec: dict[str, Any]) -> None:
-        parts = USER_DEFINED[self.family]
-        known = [f"field_{p}" for p in [*parts, *_EXTRA_FIELDS[self.family]]]
-        known += [f"{p}_format" for p in parts]
-        problems = []
-        for key, value in spec.items():
-            where = f"type.{key}"
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean `{close[0]}`? " if close else ""
-                problems.append(Problem(where, f"unknown key; {hint}known: {', '.join(known)}."))
-            elif not isinstance(value, str) or not value.strip():
-                problems.append(Problem(where, "must be non-empty text."))
-            elif key.endswith("_format"):
-                problems += self._check_format(where, key.removesuffix("_format"), value)
-        if problems:
-            raise ConfigError(f"{self.family} `user_defined` dataset {self.ctx.ds.path}", problems)
-
-    def _check_format(self, where: str, part: str, fmt: str) -> list[Problem]:
-        allowed = USER_DEFINED[self.family][part]
-        may_use = ", ".join(f"{{{a}}}" for a in allowed)
-        try:
-            names = _placeholders(fmt)
-        except ValueError as e:
-            return [
-                Problem(where, f"is not a format string ({e}); write {{{{ and }}}} for braces.")
-            ]
-        bad = [n for n in names if n not in allowed]
-        if bad:
-            return [Problem(where, f"uses {{{bad[0]}}}; it may use {may_use}.")]
-        if part not in names:
-            return [Problem(where, f"must contain {{{part}}}.")]
-        return []
+        self.formats = {p: spec.get(f"{p}_format") or f"{{{p}}}" for p in self.parts}
+        self.needs_system = "system" in placeholders(self.formats["prompt"])
 
     def __call__(self, row: Row) -> Pair:
         fields, formats = self.fields, self.formats
@@ -216,7 +178,7 @@ class UserDefined:
         if self.needs_system and not values["system"]:
             raise BadRow(f"missing field `{fields['system']}` (prompt_format uses {{system}})")
         out: Pair = {"prompt": formats["prompt"].format_map(values)}
-        for part in (p for p in USER_DEFINED[self.family] if p != "prompt"):
+        for part in self.parts[1:]:
             out[part] = formats[part].format_map({part: text_field(row, fields[part])})
         if self.family == "kto":
             out["label"] = label_field(row, fields["label"])

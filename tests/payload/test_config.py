@@ -381,6 +381,14 @@ def test_user_defined_mapping_is_checked_at_validate():
     assert "uses {q}" in found["datasets[0].type.no_input_format"]
 
 
+def test_preference_mapping_is_checked_at_validate():
+    ds = {**BASE["datasets"][0], "type": {"prompt_format": "Q: {question}", "chosen_fmt": "x"}}
+    found = problems({**BASE, "rl": "dpo", "datasets": [ds]})
+    assert "did you mean `chosen_format`?" in found["datasets[0].type.chosen_fmt"]
+    # It has two problems; `problems` keeps the last one reported for a key.
+    assert found["datasets[0].type.prompt_format"] == "has no {prompt}."
+
+
 def test_loader_suffixes_are_checked_per_type():
     def type_problem(name: str) -> str:
         ds = {**BASE["datasets"][0], "type": name}

@@ -220,16 +220,17 @@ def test_user_defined_mapping_is_checked_up_front_every_problem_at_once():
         formatter(bad)
     text = str(info.value)
     assert "prefs.jsonl" in text
-    assert "type.field_promt: unknown key; did you mean `field_prompt`?" in text
-    assert "type.prompt_format: uses {question}; it may use {prompt}, {system}." in text
-    assert "type.chosen_format: must contain {chosen}." in text
+    assert "type.field_promt: is not a key of this format; did you mean `field_prompt`?" in text
+    assert "type.prompt_format: uses {question}; it may use only {prompt}, {system}" in text
+    assert "type.prompt_format: has no {prompt}" in text
+    assert "type.chosen_format: has no {chosen}" in text
     assert "type.rejected_format: is not a format string" in text
-    assert "type.field_chosen: must be non-empty text." in text
-    assert len(info.value.problems) == 5
+    assert "type.field_chosen: must be text, not int" in text
+    assert len(info.value.problems) == 6
 
 
 def test_user_defined_kto_keys_differ_from_dpo():
-    with pytest.raises(ConfigError, match="type.chosen_format: unknown key"):
+    with pytest.raises(ConfigError, match="type.chosen_format: is not a key of this format"):
         formatter({"chosen_format": "{chosen}"}, rl="kto")
 
 

@@ -231,7 +231,7 @@ def test_user_defined_mistakes_are_reported_together(tokenizer):
         run(tokenizer, ROW, spec)
     message = str(raised.value)
     assert "The user-defined format of dataset rows.jsonl has 4 problems" in message
-    assert "type.formt: is not a user-defined format key; did you mean `format`?" in message
+    assert "type.formt: is not a key of this format; did you mean `format`?" in message
     assert "type.no_input_format: uses {input}; it may use only {instruction}" in message
     assert "type.system_format: must be text, not int" in message
     assert "type.format: is required" in message
