@@ -216,6 +216,15 @@ def label_field(row: Row, name: str) -> bool:
     raise BadRow(f"field `{name}` is {value!r}, not true or false")
 
 
+def prompt_turns(row: Row, name: str, ctx: Context) -> list[Message]:
+    """The prompt in column `name` as turns: text is one user turn, a list is read as
+    messages (`messages_field`)."""
+    value = column(row, name)
+    if isinstance(value, str):
+        return [{"role": "user", "content": text_field(row, name)}]
+    return messages_field(value, name, ctx)
+
+
 def messages_field(value: Any, name: str, ctx: Context) -> list[Message]:
     """The turns in `value` (column `name`) as {role, content}, read as the SFT chat
     formats read them: keys through `message_property_mappings` (or the legacy

@@ -17,8 +17,8 @@ from payload.data.preference import (
     Pair,
     column,
     label_field,
-    messages_field,
     preference,
+    prompt_turns,
     row_system,
     split_reply,
     with_system,
@@ -152,12 +152,7 @@ def kto_argilla_chat(row: Row, ctx: Context) -> Pair:
     name = ds.field_completion or "completion"
     history, reply = split_reply(column(row, name), name, ctx)
     if not history:
-        prompt_name = ds.field_prompt or "prompt"
-        value = column(row, prompt_name)
-        if isinstance(value, str):
-            history = [{"role": "user", "content": text_field(row, prompt_name)}]
-        else:
-            history = messages_field(value, prompt_name, ctx)
+        history = prompt_turns(row, ds.field_prompt or "prompt", ctx)
     return {
         "prompt": markup.prompt(with_system(history, row_system(row, ctx))),
         "completion": markup.reply(reply["content"]),
@@ -232,11 +227,7 @@ class ChatTemplateDefault(Templated):
     def __call__(self, row: Row) -> Pair:
         ds, ctx = self.ctx.ds, self.ctx
         name = ds.field_messages or "messages"
-        value = column(row, name)
-        if isinstance(value, str):
-            history = [{"role": "user", "content": text_field(row, name)}]
-        else:
-            history = messages_field(value, name, ctx)
+        history = prompt_turns(row, name, ctx)
         if history[-1]["role"] == "assistant":
             raise BadRow(f"field `{name}` ends with the assistant's turn; it is the prompt only")
         chosen, rejected = ds.field_chosen or "chosen", ds.field_rejected or "rejected"

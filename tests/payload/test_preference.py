@@ -548,23 +548,15 @@ def _tiny_rows(rl, rows):
     return tok, data
 
 
-@pytest.mark.slow
-def test_trl_dpo_trains_a_step_on_chatml_intel_rows(tmp_path):
-    """DPOTrainer takes our columns as they are. At the first step the policy is the
-    reference, so every reward is 0 and the loss is exactly log 2; another value means
-    TRL did not score chosen against rejected the way our rows intend."""
+def _one_trl_step(family, rows, trainer_cls, config_cls, batch, tmp_path) -> dict:
+    """Train one step of a real TRL trainer on the tiny model with our `chatml.intel`
+    rows; the first log record, its loss checked to be finite."""
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
 
-    rows = [
-        {"question": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
-        for i in range(4)
-    ]
-    tok, data = _tiny_rows("dpo", rows)
-    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama")
-    trainer = DPOTrainer(
-        model=model,
-        args=_trl_args(DPOConfig, tmp_path, 2),
+    tok, data = _tiny_rows(family, rows)
+    trainer = trainer_cls(
+        model=AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama"),
+        args=_trl_args(config_cls, tmp_path, batch),
         train_dataset=data,
         processing_class=tok,
     )
@@ -572,6 +564,21 @@ def test_trl_dpo_trains_a_step_on_chatml_intel_rows(tmp_path):
     assert trainer.state.global_step == 1
     logged = trainer.state.log_history[0]
     assert math.isfinite(logged["loss"])
+    return logged
+
+
+@pytest.mark.slow
+def test_trl_dpo_trains_a_step_on_chatml_intel_rows(tmp_path):
+    """DPOTrainer takes our columns as they are. At the first step the policy is the
+    reference, so every reward is 0 and the loss is exactly log 2; another value means
+    TRL did not score chosen against rejected the way our rows intend."""
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [
+        {"question": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
+        for i in range(4)
+    ]
+    logged = _one_trl_step("dpo", rows, DPOTrainer, DPOConfig, 2, tmp_path)
     assert logged["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert math.isfinite(logged["logps/chosen"]) and logged["logps/chosen"] < 0
 
@@ -580,23 +587,11 @@ def test_trl_dpo_trains_a_step_on_chatml_intel_rows(tmp_path):
 def test_trl_kto_trains_a_step_on_chatml_intel_rows(tmp_path):
     """KTOTrainer takes prompt/completion/label as they are; with the policy equal to the
     reference the KL term and rewards are 0, so the first loss is sigmoid(0) = 0.5."""
-    from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
     rows = [
         {"question": f"What is {i}+{i}?", "completion": str(2 * i + i % 2), "label": i % 2 == 0}
         for i in range(4)
     ]
-    tok, data = _tiny_rows("kto", rows)
-    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama")
-    trainer = KTOTrainer(
-        model=model,
-        args=_trl_args(KTOConfig, tmp_path, 4),
-        train_dataset=data,
-        processing_class=tok,
-    )
-    trainer.train()
-    assert trainer.state.global_step == 1
-    logged = trainer.state.log_history[0]
-    assert math.isfinite(logged["loss"])
+    logged = _one_trl_step("kto", rows, KTOTrainer, KTOConfig, 4, tmp_path)
     assert logged["loss"] == pytest.approx(0.5, abs=1e-4)

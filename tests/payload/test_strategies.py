@@ -40,6 +40,8 @@ def assert_prompt_then_response(tokenizer, out, prompt, response):
 
 
 ROW = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+# Axolotl's prompt texts, written out here on purpose rather than imported from
+# payload.data.sft: an edit to the module's text (which changes what models see) must fail.
 STANFORD = (
     "Below is an instruction that describes a task, paired with an input that provides "
     "further context. Write a response that appropriately completes the request."
