@@ -121,7 +121,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=False, protected_namespaces=())
 
 
-class DatasetConfig(_Strict):
+class _ChatTemplateKeys(_Strict):
+    """Keys set for the whole config or for one dataset; a dataset's own wins."""
+
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template: chatml, llama3, gemma, phi_3, tokenizer_default (the "
+        "tokenizer's own), or jinja; a dataset's own overrides the top-level one.",
+    )
+    chat_template_jinja: str | None = Field(
+        default=None,
+        description="A Jinja chat template (inline or a .jinja file), with `chat_template: jinja`.",
+    )
+    eot_tokens: list[str] | None = Field(
+        default=None, description="Tokens that end a turn (default: the template's)."
+    )
+
+
+class DatasetConfig(_ChatTemplateKeys):
     """One entry of `datasets:` (or `test_datasets:`, `pretraining_dataset:`): where the
     rows come from and how they become tokens. Keys a strategy does not read are warned
     about by the rules, not silently ignored."""
@@ -215,17 +232,7 @@ class DatasetConfig(_Strict):
     train_on_eot: TRAIN_ON | None = Field(
         default=None, description="As train_on_eos, for end-of-turn tokens (`eot_tokens`)."
     )
-    eot_tokens: list[str] | None = Field(
-        default=None, description="Tokens that end a turn (default: the template's)."
-    )
     drop_system_message: bool | None = Field(default=None, description="Leave out system messages.")
-    chat_template: str | None = Field(
-        default=None,
-        description="This dataset's template: chatml, llama3, tokenizer_default, jinja.",
-    )
-    chat_template_jinja: str | None = Field(
-        default=None, description="A Jinja chat template, with `chat_template: jinja`."
-    )
 
     # ---- stepwise_supervised
     step_separator: str | None = Field(
@@ -356,7 +363,7 @@ class LaunchConfig(_Strict):
         return None if value is None else parse_duration_s(value)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(_ChatTemplateKeys):
     """A whole fine-tune: model, data, adapter, optimisation, saving."""
 
     # ---- model and tokenizer
@@ -381,9 +388,6 @@ class TrainConfig(_Strict):
     special_tokens: dict[str, str] = Field(
         default_factory=dict,
         description="Tokens to set on the tokenizer, e.g. {pad_token: '<pad>'}.",
-    )
-    chat_template: str | None = Field(
-        default=None, description="Chat template to put on the tokenizer (name or Jinja)."
     )
 
     # ---- data
@@ -432,14 +436,8 @@ class TrainConfig(_Strict):
         default="drop",
         description="Rows longer than sequence_len: drop (counted), truncate, or raise.",
     )
-    chat_template_jinja: str | None = Field(
-        default=None, description="A Jinja chat template, with `chat_template: jinja`."
-    )
     default_system_message: str | None = Field(
         default=None, description="System message for chats that have none."
-    )
-    eot_tokens: list[str] | None = Field(
-        default=None, description="Tokens that end a turn, for every chat_template dataset."
     )
     train_on_inputs: bool = Field(
         default=False, description="Also train on the prompt tokens, not only the response."
