@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
+from executors.procs import alive_with
 from executors.supervise import EXIT_FILE
 from payload.errors import EXIT_PREEMPTED
 
@@ -112,23 +113,6 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
-
-
-def _alive(pid: int, run_dir: str) -> bool:
-    """Is `pid` still this run's supervisor (not a recycled pid)?"""
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.parent.exists():
-        try:
-            return run_dir in cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -255,7 +239,7 @@ class LocalExecutor(Executor):
             if code == EXIT_PREEMPTED:
                 detail = f"{detail} (`launch resume {handle.run_id}` continues it)"
             return Status(RunState.FAILED, detail, code, ended)
-        if _alive(handle.data["pid"], str(run_dir)):
+        if alive_with(handle.data["pid"], str(run_dir)):
             return Status(RunState.RUNNING)
         if cancelled:
             return Status(RunState.CANCELLED, "cancelled by the user")
@@ -280,7 +264,7 @@ class LocalExecutor(Executor):
     def _cancel(self, handle: Handle) -> Status:
         run_dir = Path(handle.data["run_dir"])
         pid = handle.data["pid"]
-        if not _alive(pid, str(run_dir)):
+        if not alive_with(pid, str(run_dir)):
             return self._status(handle)  # already over: keep how it really ended
         (run_dir / CANCEL_FILE).touch()
         # SIGTERM to every process of the run at once: the supervisor records the exit,

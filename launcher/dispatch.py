@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from executors import JobSpec, RunState, get_executor
+from executors.procs import alive_with
 from launcher import api
 from launcher.launch_settings import load_profile, resolve
 from launcher.registry import Registry, RunRecord, SweepRecord, ferry_home
@@ -307,17 +308,7 @@ def dispatcher_alive(sweep: SweepRecord) -> bool:
     pid = (sweep.dispatcher or {}).get("pid")
     if not pid:
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.parent.parent.is_dir():
-        try:
-            return sweep.sweep_id in cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return alive_with(pid, sweep.sweep_id)
 
 
 def _stop_dispatcher(dispatcher: dict[str, Any]) -> None:

@@ -180,15 +180,7 @@ class StorageSync(TrainerCallback):
     def _upload(self, snapshot: Path, step: int) -> None:
         try:
             result = upload_checkpoint(snapshot, self.store, step, self.run_id, self.keep)
-            metrics = self.output_dir / METRICS_FILE
-            if metrics.exists():
-                self.store.write_bytes(METRICS_FILE, metrics.read_bytes())
-            self.store.commit()
-            print(
-                f"storage: checkpoint-{step} synced to {self.store.uri} "
-                f"({result.files_sent} files, {result.bytes_sent:,} bytes)",
-                flush=True,
-            )
+            self._publish(f"checkpoint-{step}", self.store.uri, result)
         except Exception as e:  # noqa: BLE001 - reported by wait(); training goes on meanwhile
             self.errors.append(f"checkpoint-{step}: {e}")
             log.error("upload of checkpoint-%s to %s failed: %s", step, self.store.uri, e)
@@ -212,12 +204,17 @@ class StorageSync(TrainerCallback):
         result = upload_folder(
             self.output_dir, self.store, FINAL, run_id=self.run_id, exclude=(*skip, STAGING)
         )
+        self._publish("final artifacts", self.store.child(FINAL), result)
+
+    def _publish(self, what: str, where: object, result: Any) -> None:
+        """After an upload: the metrics so far beside it, a commit (a volume shows nothing
+        to other readers before one), and one line in the log."""
         metrics = self.output_dir / METRICS_FILE
         if metrics.exists():
             self.store.write_bytes(METRICS_FILE, metrics.read_bytes())
         self.store.commit()
         print(
-            f"storage: final artifacts synced to {self.store.child(FINAL)} "
+            f"storage: {what} synced to {where} "
             f"({result.files_sent} files, {result.bytes_sent:,} bytes)",
             flush=True,
         )
