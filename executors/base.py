@@ -17,7 +17,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from payload.errors import FerryError
+from payload.errors import EXIT_PREEMPTED, FerryError
+from payload.runtime.job import DEFAULT_STOP_GRACE_S, RemoteJob
 from payload.storage.layout import CONFIG_FILE  # the run folder holds its resolved config too
 
 JOB_FILE = "job.json"
@@ -38,10 +39,24 @@ class RunState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PREEMPTED = "preempted"  # stopped after a checkpoint (exit 75): `launch resume` goes on
 
     @property
     def finished(self) -> bool:
-        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+        """Nothing of the run is running (it may still be resumed)."""
+        return self not in (RunState.PENDING, RunState.RUNNING)
+
+    @classmethod
+    def after_exit(cls, code: int) -> RunState:
+        """The state a run's exit code means, for every backend: 0 done, 75 stopped
+        after a checkpoint (resumable), anything else failed."""
+        if code == 0:
+            return cls.SUCCEEDED
+        return cls.PREEMPTED if code == EXIT_PREEMPTED else cls.FAILED
+
+
+class NotStarted(Exception):  # noqa: N818 - a fact the backend reports, not a fault
+    """A submit failed and the backend is sure it started nothing: safe to try again."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,7 @@ class Resources:
     cpu: float | None = None  # cores per node
     memory_mb: int | None = None  # per node
     retries: int | None = None  # restarts after a failure
+    stop_grace_s: int = DEFAULT_STOP_GRACE_S  # to save and upload after a stop signal
 
     @classmethod
     def from_gpus(cls, gpus: str | int | None, **kwargs: Any) -> Resources:
@@ -238,6 +254,12 @@ class Executor:
         """Where runs sync to when neither --storage nor the config says (None: nowhere)."""
         return None
 
+    def find(self, job: JobSpec) -> Handle | None:
+        """The live submission of this run id, if the backend has one (an earlier submit
+        that started it but was not recorded). The run id is the idempotency key: a
+        submit is repeated only when this says nothing is there."""
+        return self._find(job)
+
     def plan(self, job: JobSpec) -> Plan:
         self.check(job)
         return self._plan(job)
@@ -268,6 +290,9 @@ class Executor:
     def _preflight(self, job: JobSpec) -> None:
         return None
 
+    def _find(self, job: JobSpec) -> Handle | None:
+        return None
+
     def _warnings(self, job: JobSpec) -> list[str]:
         return []
 
@@ -285,3 +310,30 @@ class Executor:
 
     def _cancel(self, handle: Handle) -> Status:
         raise NotImplementedError
+
+
+def remote_job(
+    job: JobSpec,
+    config: dict[str, Any],
+    cluster: str,
+    volume_mounts: dict[str, str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> RemoteJob:
+    """The job contract a remote backend sends for `job` (`config` as the container
+    sees it). Refused if any secret of this machine's environment (`environ`, default
+    os.environ) would travel in it."""
+    import os
+
+    remote = RemoteJob(
+        run_id=job.run_id,
+        config=config,
+        storage_uri=job.storage_uri,
+        env=dict(job.env),
+        nodes=job.resources.nodes,
+        procs_per_node=job.resources.gpus_per_node,
+        cluster=cluster,
+        volume_mounts=dict(volume_mounts or {}),
+        stop_grace_s=job.resources.stop_grace_s,
+    )
+    remote.check_no_secret_values(dict(os.environ if environ is None else environ))
+    return remote

@@ -1,25 +1,27 @@
 """The local backend: torchrun on this machine, as a detached process group.
 
-    python -m executors.supervise RUN_DIR -- python -m payload.torchrun \
-        --standalone --nproc-per-node N -m payload train RUN_DIR/config.yml
+    python -m executors.supervise RUN_DIR -- python -m payload.entry.torchrun \
+        --standalone --nproc-per-node N --shutdown-timeout GRACE \
+        -m payload train RUN_DIR/config.yml
 
-(`payload.torchrun` is torch's torchrun with tidier failures.)
+(`payload.entry.torchrun` is torch's torchrun with tidier failures.)
 
 The supervisor leads a new session (so the run outlives the terminal and can be
 cancelled as one group), its output goes to RUN_DIR/train.log, and its exit lands in
-RUN_DIR/exit.json. Without GPUs, N is the number of CPU processes (gloo).
+RUN_DIR/exit.json. Without GPUs, N is the number of CPU processes (gloo). A cancel
+sends SIGTERM to every process of the run; the ranks save and upload a checkpoint and
+exit, and whatever is still running after the stop grace period (`launch.stop_grace`,
+torchrun's `--shutdown-timeout` too) is killed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,13 +29,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
-from executors.procs import alive_with
 from executors.supervise import EXIT_FILE
-from payload.errors import EXIT_PREEMPTED
+from payload.runtime.cluster import SINGLE, torchrun_args
+from payload.runtime.job import DEFAULT_STOP_GRACE_S, MASTER_PORT
+from payload.runtime.procs import alive_with, stop_tree
 
 LOG_FILE = "train.log"
 CANCEL_FILE = "cancel_requested"
-CANCEL_GRACE_S = 15.0
+HANDLE_FILE = "local-handle.json"  # the supervisor's pid, written the moment it starts
+# torchrun itself needs a moment after its workers' grace period to reap them and exit.
+AGENT_MARGIN_S = 15
 TRAIN_MODULES = ("torch", "transformers", "peft", "accelerate", "datasets")
 # Config keys that only work on CUDA GPUs, and what each needs.
 GPU_ONLY = {
@@ -66,54 +71,6 @@ def local_gpu_count() -> int:
 def _missing_modules() -> list[str]:
     """Parts of the training stack that are not installed (found, never imported)."""
     return [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants. torchrun starts each rank in a session of its own,
-    so the process group alone does not reach them."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    else:  # macOS and other Unixes
-        listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
-        for line in listing.stdout.splitlines():
-            child, parent = map(int, line.split())
-            children.setdefault(parent, []).append(child)
-    tree, stack = [pid], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            tree.append(child)
-            stack.append(child)
-    return tree
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _running(pid: int) -> bool:
-    """Still running (not gone, not a zombie waiting to be reaped)."""
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.parent.parent.is_dir():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class LocalExecutor(Executor):
@@ -170,13 +127,12 @@ class LocalExecutor(Executor):
         return f"file://{home / 'storage'}"
 
     def _command(self, job: JobSpec) -> list[str]:
+        r = job.resources
         return [
             sys.executable,
             "-m",
-            "payload.torchrun",
-            "--standalone",
-            "--nproc-per-node",
-            str(job.resources.gpus_per_node),
+            "payload.entry.torchrun",
+            *torchrun_args(r.gpus_per_node, SINGLE, MASTER_PORT, r.stop_grace_s),
             *job.payload_command(),
         ]
 
@@ -200,6 +156,7 @@ class LocalExecutor(Executor):
             ("output_dir", str(job.config.get("output_dir"))),
             ("log", str(job.run_dir / LOG_FILE)),
             ("storage", job.storage_uri or "-"),
+            ("stop grace", f"{job.resources.stop_grace_s} s to save and upload after a stop"),
         ]
         return Plan(self.name, job.run_id, rows, self._command(job))
 
@@ -207,7 +164,7 @@ class LocalExecutor(Executor):
         if not job.config_path.exists():
             job.write()
         # A relaunch of the same run (a retry) starts with no outcome recorded.
-        for stale in (EXIT_FILE, CANCEL_FILE):
+        for stale in (EXIT_FILE, CANCEL_FILE, HANDLE_FILE):
             (job.run_dir / stale).unlink(missing_ok=True)
         command = self._command(job)
         supervisor = [sys.executable, "-m", "executors.supervise", str(job.run_dir), "--", *command]
@@ -222,7 +179,28 @@ class LocalExecutor(Executor):
                 env=self._env(job),
                 start_new_session=True,  # its own session: the run outlives this terminal
             )
-        return Handle(self.name, job.run_id, {"pid": process.pid, "run_dir": str(job.run_dir)})
+        handle = Handle(
+            self.name,
+            job.run_id,
+            {
+                "pid": process.pid,
+                "run_dir": str(job.run_dir),
+                "stop_grace_s": job.resources.stop_grace_s,
+            },
+        )
+        # Before anything else can fail: a retried submit finds this run instead of
+        # starting a second one on the same folder.
+        (job.run_dir / HANDLE_FILE).write_text(handle.to_json())
+        return handle
+
+    def _find(self, job: JobSpec) -> Handle | None:
+        try:
+            handle = Handle.from_json((job.run_dir / HANDLE_FILE).read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+        if handle.backend != self.name or not alive_with(handle.data["pid"], str(job.run_dir)):
+            return None
+        return handle
 
     def _status(self, handle: Handle) -> Status:
         run_dir = Path(handle.data["run_dir"])
@@ -233,12 +211,13 @@ class LocalExecutor(Executor):
             code, ended = record["exit_code"], record.get("finished_at")
             if cancelled:
                 return Status(RunState.CANCELLED, "cancelled by the user", code, ended)
-            if code == 0:
-                return Status(RunState.SUCCEEDED, None, 0, ended)
+            state = RunState.after_exit(code)
+            if state == RunState.SUCCEEDED:
+                return Status(state, None, 0, ended)
             detail = _failure_detail(run_dir, code)
-            if code == EXIT_PREEMPTED:
+            if state == RunState.PREEMPTED:
                 detail = f"{detail} (`launch resume {handle.run_id}` continues it)"
-            return Status(RunState.FAILED, detail, code, ended)
+            return Status(state, detail, code, ended)
         if alive_with(handle.data["pid"], str(run_dir)):
             return Status(RunState.RUNNING)
         if cancelled:
@@ -268,14 +247,10 @@ class LocalExecutor(Executor):
             return self._status(handle)  # already over: keep how it really ended
         (run_dir / CANCEL_FILE).touch()
         # SIGTERM to every process of the run at once: the supervisor records the exit,
-        # torchrun stops its agent, each rank may save and leave.
-        tree = process_tree(pid)
-        _signal_all(tree, signal.SIGTERM)
-        deadline = time.monotonic() + CANCEL_GRACE_S
-        while time.monotonic() < deadline and any(_running(p) for p in tree):
-            time.sleep(0.1)
-        # Whatever is left (a rank stuck in a collective, a child it started) goes now.
-        _signal_all([p for p in process_tree(pid) + tree if _running(p)], signal.SIGKILL)
+        # torchrun stops its agent, each rank saves, uploads and leaves. Whatever is still
+        # there after the grace period (a rank stuck in a collective) is killed.
+        grace = handle.data.get("stop_grace_s", DEFAULT_STOP_GRACE_S)
+        stop_tree(pid, grace + AGENT_MARGIN_S)
         return self._status(handle)
 
 

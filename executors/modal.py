@@ -3,25 +3,47 @@
 One Modal function per job, built from the image spec with the job's accelerator,
 timeout, retries and named secrets, and two volumes: the runs volume (its storage,
 `volume://ferry-runs/<run id>` by default, committed after each checkpoint upload) and a
-Hugging Face cache. The resolved config and the local files it names travel with the
+Hugging Face cache. The function is `payload.entry.modal.ferry_train`, which Modal
+serializes by reference and finds in the image; it receives the job contract
+(`RemoteJob`, JSON) and nothing secret. The local files the config names travel with the
 job (mounted, not baked into the image). A multi-node job is `modal.clustered`; each
 container finds its rank and the first container's address from the cluster context
-(payload.remote). The Modal SDK is imported only here, and only when needed.
+(payload.runtime.cluster).
+
+Every call to Modal's API has a deadline. The submit, which creates what costs money,
+runs in a child process (`executors.modal_submit`) that is killed, not abandoned, when
+it overruns; a half-started app is then found by its name and stopped. The Modal SDK is
+imported only here, and only when needed.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
-from payload.errors import EXIT_PREEMPTED, FerryError
+from executors.base import (
+    Executor,
+    Handle,
+    JobSpec,
+    NotStarted,
+    Plan,
+    Resources,
+    RunState,
+    Status,
+    remote_job,
+)
+from payload.errors import FerryError
+from payload.runtime.cluster import SINGLE, Node, torchrun_args
+from payload.runtime.deadline import DeadlineExceeded, call_within
+from payload.runtime.job import MASTER_PORT, RemoteJob, default_workdir
 
 RUNS_VOLUME = "ferry-runs"
 HF_CACHE_VOLUME = "ferry-hf-cache"
@@ -29,7 +51,11 @@ VOLUME_ROOT = "/vol"
 HF_CACHE = "/cache/hf"
 INPUTS = "/ferry/inputs"
 DEFAULT_TIMEOUT_S = 24 * 3600  # Modal's longest
-REMOTE_TIMEOUT_S = 60.0  # any single call to Modal's API
+API_TIMEOUT_S = 20.0  # any single call to Modal's API that reads or stops something
+CONNECT_TIMEOUT_S = 6.0  # the submit's first answer from Modal (the SDK retries ~60 s)
+SUBMIT_TIMEOUT_S = 3600.0  # the whole submit: the first one builds the image
+LOGS_TIMEOUT_S = 15.0  # `launch logs` without -f
+HANDLE_FILE = "modal-handle.json"  # {app_id, call_id}, written the moment the call exists
 # GPUs Modal offers, and the most one container may ask for.
 GPUS = {
     "T4": 8,
@@ -76,27 +102,25 @@ def credentials_present() -> bool:
     return any(isinstance(p, dict) and p.get("token_id") for p in profiles.values())
 
 
-def with_timeout(fn, seconds: float = REMOTE_TIMEOUT_S, what: str = "Modal"):  # type: ignore[no-untyped-def]
-    """Run a call to Modal's API with a deadline (a bad token retries for a minute)."""
-    box: dict[str, Any] = {}
+def unreachable(what: str, seconds: float) -> NotStarted:
+    """The one paragraph for "Modal's API did not answer"."""
+    from modal.config import config
 
-    def call() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            box["error"] = e
+    return NotStarted(
+        f"Modal's API at {config.get('server_url')} did not answer {what} within "
+        f"{seconds:.0f} s, so nothing was started on Modal.",
+        hint="Check your network or proxy (can this machine reach it?), "
+        "https://status.modal.com, and `modal token info`; then `launch resume` the run.",
+    )
 
-    worker = threading.Thread(target=call, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise FerryError(
-            f"{what} did not answer within {seconds:.0f} s.",
-            hint="Check your network and `modal token info`.",
-        )
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+
+def api_call(fn, what: str, seconds: float = API_TIMEOUT_S):  # type: ignore[no-untyped-def]
+    """A call to Modal's API that reads or stops something, with a deadline (a dead
+    connection is otherwise retried for about a minute)."""
+    try:
+        return call_within(fn, seconds, f"Modal: {what}")
+    except DeadlineExceeded as e:
+        raise unreachable(what, seconds) from e
 
 
 def gpu_string(job: JobSpec) -> str | None:
@@ -138,10 +162,17 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
     return config, inputs
 
 
-def job_payload(job: JobSpec) -> dict[str, Any]:
-    """What the Modal function receives: everything but secrets (which Modal injects)."""
-    config, _ = shipped_inputs(job.config)
-    config["output_dir"] = f"/tmp/ferry/{job.run_id}/output"  # the durable copy is storage
+def remote_config(job: JobSpec) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """The config as the containers see it (local files at their mount points, output in
+    the container's work folder: the durable copy is storage), and the files to mount."""
+    config, inputs = shipped_inputs(job.config)
+    config["output_dir"] = f"{default_workdir(job.run_id)}/output"
+    return config, inputs
+
+
+def volume_mounts(job: JobSpec) -> dict[str, str]:
+    """{volume name: mount path} the function mounts: the runs volume, the storage's
+    volume, the user's volumes, and the Hugging Face cache."""
     mounts = {RUNS_VOLUME: f"{VOLUME_ROOT}/{RUNS_VOLUME}"}
     storage = job.storage_uri or ""
     if storage.startswith("volume://"):
@@ -149,25 +180,39 @@ def job_payload(job: JobSpec) -> dict[str, Any]:
         mounts[name] = f"{VOLUME_ROOT}/{name}"
     for volume in job.volumes:
         mounts[volume["name"]] = volume["mount"]
-    return {
-        "run_id": job.run_id,
-        "config": config,
-        "storage_uri": job.storage_uri,
-        "env": {**job.env, "HF_HOME": HF_CACHE},
-        "nodes": job.resources.nodes,
-        "gpus_per_node": job.resources.gpus_per_node,
-        "volume_mounts": mounts,
-    }
+    mounts[HF_CACHE_VOLUME] = HF_CACHE
+    return mounts
 
 
-def ferry_train(job: dict[str, Any]) -> int:
-    """The Modal function body: train, and fail loudly so Modal's retries apply."""
-    from payload.remote import run_job
+def modal_job(job: JobSpec) -> RemoteJob:
+    """The job contract the function receives: everything but secrets (Modal injects
+    those by name)."""
+    config, _ = remote_config(job)
+    ferry_volumes = {k: v for k, v in volume_mounts(job).items() if k != HF_CACHE_VOLUME}
+    job = _with_env(job, HF_HOME=HF_CACHE)
+    return remote_job(job, config, "modal" if job.resources.nodes > 1 else "single", ferry_volumes)
 
-    code = run_job(job)
-    if code != 0:
-        raise RuntimeError(f"training exited with code {code}")
-    return code
+
+def _with_env(job: JobSpec, **extra: str) -> JobSpec:
+    import dataclasses
+
+    return dataclasses.replace(job, env={**job.env, **extra})
+
+
+def status_from_outcome(value: Any = None, error: BaseException | None = None) -> Status:
+    """What a finished call means: the function's returned `{"exit_code", "detail"}`,
+    or the exception it raised (`RunStopped` carries `exit_code`). Read from the code,
+    never from the text."""
+    if error is not None:
+        code = getattr(error, "exit_code", None)
+        if isinstance(code, int):
+            return Status(RunState.after_exit(code), str(error)[:500], code)
+        return Status(RunState.FAILED, f"{type(error).__name__}: {error}"[:500])
+    code = value.get("exit_code") if isinstance(value, dict) else None
+    if not isinstance(code, int):
+        return Status(RunState.FAILED, f"the function returned {value!r}, not an exit code")
+    detail = value.get("detail") or (None if code == 0 else f"exit code {code}")
+    return Status(RunState.after_exit(code), detail, code)
 
 
 class ModalExecutor(Executor):
@@ -196,6 +241,12 @@ class ModalExecutor(Executor):
                     "each node of a Modal cluster takes all 8 GPUs of its host "
                     f"(--gpus {accelerator}:8)"
                 )
+        if accelerator and r.spot is False:
+            problems.append(
+                "Modal runs GPU functions on preemptible capacity only (`nonpreemptible` is "
+                "for CPU functions); drop --no-spot / `spot: false`: a preempted run saves a "
+                "checkpoint, Modal restarts it, and it resumes from there"
+            )
         if r.timeout_s and r.timeout_s > DEFAULT_TIMEOUT_S:
             problems.append(
                 "Modal functions run at most 24h; set timeout <= 24h and rely on "
@@ -220,22 +271,41 @@ class ModalExecutor(Executor):
                 hint="Run `modal token new` once, then launch again.",
             )
 
+    def command(self, job: JobSpec) -> list[str]:
+        """What each container runs, with the cluster's values as placeholders."""
+        r = job.resources
+        node = SINGLE
+        if r.nodes > 1:
+            node = Node("<container rank>", r.nodes, "<rank 0 container ip>")
+        return [
+            "python",
+            "-m",
+            "payload.entry.torchrun",
+            *torchrun_args(r.gpus_per_node, node, MASTER_PORT, r.stop_grace_s),
+            "-m",
+            "payload",
+            "train",
+            f"{default_workdir(job.run_id)}/config.yml",
+        ]
+
     def _plan(self, job: JobSpec) -> Plan:
         from images.render import build_steps
 
         r = job.resources
-        payload = job_payload(job)
-        _, inputs = shipped_inputs(job.config)
+        _, inputs = remote_config(job)
         rows = [
             ("backend", "modal"),
             ("run id", job.run_id),
             ("app", f"ferry-{job.run_id}"),
+            ("function", "payload.entry.modal.ferry_train (from the image's payload/)"),
             ("image", job.image.tag),
             *((f"  {kind}", what) for kind, what in build_steps(job.image)),
             ("gpu", gpu_string(job) or "none (CPU)"),
             ("nodes", f"{r.nodes} (modal.clustered, rdma)" if r.nodes > 1 else "1"),
             ("timeout", f"{r.timeout_s or DEFAULT_TIMEOUT_S} s"),
-            ("retries", str(r.retries or 0)),
+            ("retries", f"{r.retries or 0} (after a crash; never after a user error)"),
+            ("preemption", "Modal sends SIGINT and restarts the call; it resumes from storage"),
+            ("stop grace", f"{r.stop_grace_s} s to save and upload after a stop signal"),
         ]
         for key, value in (
             ("cpu", r.cpu),
@@ -246,61 +316,25 @@ class ModalExecutor(Executor):
             if value:
                 rows.append((key, str(value)))
         rows.append(
-            (
-                "volumes",
-                ", ".join(f"{path} <- {name}" for name, path in self._volumes(payload).items()),
-            )
+            ("volumes", ", ".join(f"{path} <- {name}" for name, path in volume_mounts(job).items()))
         )
         rows.append(("secrets", ", ".join(job.secrets) or "none"))
         if job.env:
             rows.append(("env", ", ".join(sorted(job.env))))
         rows.append(("storage", job.storage_uri or "-"))
         rows.extend(("input", f"{local} -> {remote}") for local, remote in inputs)
-        from payload.remote import torchrun_args
+        return Plan(self.name, job.run_id, rows, self.command(job))
 
-        command = [
-            "python",
-            "-m",
-            "payload.torchrun",
-            *self._rendezvous(r.nodes, r.gpus_per_node, torchrun_args),
-            "-m",
-            "payload",
-            "train",
-            f"/tmp/ferry/{job.run_id}/config.yml",
-        ]
-        return Plan(self.name, job.run_id, rows, command)
-
-    @staticmethod
-    def _rendezvous(nodes: int, gpus: int, torchrun_args) -> list[str]:  # type: ignore[no-untyped-def]
-        if nodes <= 1:
-            return torchrun_args(1, gpus, None)
-        return [
-            "--nnodes",
-            str(nodes),
-            "--node-rank",
-            "<container rank>",
-            "--master-addr",
-            "<rank 0 container ip>",
-            "--master-port",
-            "29500",
-            "--nproc-per-node",
-            str(gpus),
-        ]
-
-    @staticmethod
-    def _volumes(payload: dict[str, Any]) -> dict[str, str]:
-        """{name: mount path} of every volume the function mounts."""
-        return {**payload["volume_mounts"], HF_CACHE_VOLUME: HF_CACHE}
-
-    def build(self, job: JobSpec) -> tuple[Any, Any, dict[str, Any]]:
-        """The real Modal objects for this job: (app, function, payload). Nothing is sent
-        anywhere: building is lazy in the SDK."""
+    def build(self, job: JobSpec) -> tuple[Any, Any, str]:
+        """The real Modal objects for this job: (app, function, the job's JSON). Nothing
+        is sent anywhere: building is lazy in the SDK."""
         import modal
 
         from images.render import modal_image
+        from payload.entry.modal import ferry_train
 
-        payload = job_payload(job)
-        _, inputs = shipped_inputs(job.config)
+        contract = modal_job(job)
+        _, inputs = remote_config(job)
         image = modal_image(job.image)
         for local, remote in inputs:
             image = (
@@ -310,7 +344,7 @@ class ModalExecutor(Executor):
             )
         volumes = {
             path: modal.Volume.from_name(name, create_if_missing=True)
-            for name, path in self._volumes(payload).items()
+            for name, path in volume_mounts(job).items()
         }
         r = job.resources
         options: dict[str, Any] = {
@@ -331,56 +365,53 @@ class ModalExecutor(Executor):
             options["memory"] = r.memory_mb
         if r.region:
             options["region"] = r.region
-        if r.spot is False:
+        if r.spot is False and not r.accelerator:  # _check refuses it for GPU functions
             options["nonpreemptible"] = True
         app = modal.App(f"ferry-{job.run_id}")
-        body = ferry_train
+        body: Any = ferry_train
         if r.nodes > 1:
             body = modal.clustered(size=r.nodes, rdma=True)(body)
         function = app.function(**options)(body)
-        return app, function, payload
+        return app, function, contract.to_json()
 
     def _submit(self, job: JobSpec) -> Handle:
-        import modal
+        from executors import modal_submit
 
-        app, function, payload = self.build(job)
+        return modal_submit.submit(self, job)
 
-        def launch() -> tuple[str, str]:
-            with modal.enable_output(), app.run(detach=True):
-                call = function.spawn(payload)
-                return app.app_id, call.object_id
-
-        # The first launch builds the image, which may take many minutes; later ones,
-        # seconds. Building is Modal's work in progress, not a hung call.
-        app_id, call_id = with_timeout(launch, 3600, "Modal (image build and launch)")
-        return Handle(self.name, job.run_id, {"app_id": app_id, "call_id": call_id})
+    def _find(self, job: JobSpec) -> Handle | None:
+        """The call this run's last submit created, while it is still running."""
+        try:
+            data = json.loads((job.run_dir / HANDLE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        handle = Handle(self.name, job.run_id, data)
+        return handle if not self._status(handle).state.finished else None
 
     def _status(self, handle: Handle) -> Status:
         import modal
 
         call = modal.FunctionCall.from_id(handle.data["call_id"])
         try:
-            with_timeout(lambda: call.get(timeout=0))
+            value = api_call(lambda: call.get(timeout=0), "a status request")
         except TimeoutError:
             return Status(RunState.RUNNING)
         except modal.exception.InputCancellation:
             return Status(RunState.CANCELLED, "cancelled")
         except FerryError:
             raise
-        except Exception as e:  # noqa: BLE001 - the function's own failure
-            text = str(e)
-            if f"code {EXIT_PREEMPTED}" in text:
-                return Status(RunState.FAILED, f"preempted: {text}", EXIT_PREEMPTED)
-            return Status(RunState.FAILED, text[:500])
-        return Status(RunState.SUCCEEDED, None, 0)
+        except Exception as e:  # noqa: BLE001 - the function's own ending
+            return status_from_outcome(error=e)
+        return status_from_outcome(value)
 
     def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
-        # The SDK has no stable log-streaming call; its CLI does.
+        # The SDK has no stable log-streaming call; its CLI does. Without -f the listing
+        # is cut at LOGS_TIMEOUT_S; with -f it runs until the app stops or Ctrl-C.
         command = [sys.executable, "-m", "modal", "app", "logs", handle.data["app_id"]]
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        timer = None if follow else threading.Timer(15, process.terminate)
+        timer = None if follow else threading.Timer(LOGS_TIMEOUT_S, process.terminate)
         if timer:
             timer.start()
         try:
@@ -395,5 +426,28 @@ class ModalExecutor(Executor):
         import modal
 
         call = modal.FunctionCall.from_id(handle.data["call_id"])
-        with_timeout(lambda: call.cancel(terminate_containers=False))
-        return Status(RunState.CANCELLED, "cancelled by the user")
+        # terminate_containers: stop the GPUs now, not after the input finishes.
+        api_call(lambda: call.cancel(terminate_containers=True), "a cancel request")
+        return Status(RunState.CANCELLED, "cancelled by the user", None, time.time())
+
+
+def job_spec_fields(job: JobSpec) -> dict[str, Any]:
+    """What `JobSpec.read` needs besides the run folder, for the submit child."""
+    from dataclasses import asdict
+
+    return {
+        "run_id": job.run_id,
+        "name": job.name,
+        "resources": asdict(job.resources),
+        "storage_uri": job.storage_uri,
+    }
+
+
+def job_from_fields(run_dir: Path, data: dict[str, Any]) -> JobSpec:
+    return JobSpec.read(
+        run_dir,
+        run_id=data["run_id"],
+        name=data["name"],
+        resources=Resources(**data["resources"]),
+        storage_uri=data["storage_uri"],
+    )

@@ -9,12 +9,9 @@ SkyPilot's setup from the synced workdir, and shipped as a py_module to Ray.
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Any
 
-from images.spec import ImageSpec
-
-PAYLOAD = Path(__file__).resolve().parents[1] / "payload"
+from images.spec import PAYLOAD, ImageSpec
 
 
 def _pip(packages: list[str], index: str | None = None) -> str:
@@ -46,7 +43,7 @@ def dockerfile(spec: ImageSpec) -> str:
     """The Dockerfile, checked in at images/Dockerfile (`python -m images render`)."""
     lines = [
         "# Rendered from images/spec.py by `python -m images render`; do not edit by hand.",
-        f"# Tag: {spec.tag}",
+        "# The tag (`python -m images tag`) hashes the spec and the payload/ it copies.",
         f"FROM {spec.base}",
         "ENV DEBIAN_FRONTEND=noninteractive",
         "RUN apt-get update && apt-get install -y --no-install-recommends "

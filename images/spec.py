@@ -1,8 +1,8 @@
 """The runtime image, described once. Every backend's image is rendered from this spec
 (`images.render`): the checked-in Dockerfile, a `modal.Image`, SkyPilot's docker image
-and setup, and a Ray runtime_env. The spec's content hash names the image tag, so a
-change to anything in it (a pinned version, an apt package, a user's extra pip line)
-is a new tag.
+and setup, and a Ray runtime_env. The image tag hashes the spec and the payload source
+the image ships, so a change to either (a pinned version, an apt package, a user's extra
+pip line, an edit under payload/) is a new tag.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PAYLOAD = HERE.parent / "payload"  # the source every image ships
 LOCK_FILE = HERE / "requirements.lock"
 DOCKERFILE = HERE / "Dockerfile"
 REPOSITORY = "ferry"  # image name; the tag is the spec's hash
@@ -70,7 +71,8 @@ class ImageSpec:
 
     @property
     def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        """The spec's content and the payload source's, hashed together."""
+        text = json.dumps(asdict(self), sort_keys=True) + payload_digest(PAYLOAD)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -102,6 +104,18 @@ class ImageSpec:
             commands=self.commands + tuple(commands or ()),
             extras=tuple(dict.fromkeys((*self.extras, *(extras or ())))),
         )
+
+
+@functools.cache
+def payload_digest(root: Path) -> str:
+    """sha256 over every file the image copies from `root` (paths and contents; bytecode
+    caches left out). Once per process: a sweep plans many jobs with one payload."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def read_lock(path: Path = LOCK_FILE) -> tuple[str, ...]:

@@ -8,151 +8,32 @@ print(record.state, record.summary["final_loss"])
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from executors import Handle, JobSpec, Plan, Resources, RunState, get_executor
-from launcher.launch_settings import LaunchSettings
+from executors import Plan, RunState, get_executor
+from launcher import runs as _runs
 from launcher.registry import Registry, RunRecord, ferry_home
-from payload.config import TrainConfig, load_config
-from payload.config.loader import is_url
+from launcher.runs import (  # noqa: F401 - part of the API
+    check_flags,
+    check_storage,
+    config_name,
+    job_for,
+    job_from_record,
+    make_run_id,
+    prepare,
+    read_summary,
+    record_for,
+    refresh,
+    resolve_launch,
+    submit,
+    validate,
+    with_default_storage,
+)
 from payload.errors import FerryError
-from payload.storage.layout import read_summary as read_output_summary
-
-
-def validate(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load and validate a config; raises ConfigError listing every problem."""
-    return load_config(source, overrides)
-
-
-def config_name(source: str | Path) -> str:
-    """A run-id-safe name from the config's file name: `ex/Quick Start.yml` -> `quick-start`."""
-    stem = Path(str(source).split("?")[0]).stem.lower()
-    name = re.sub(r"[^a-z0-9]+", "-", stem).strip("-")
-    return (name or "run")[:40]
-
-
-def make_run_id(name: str, now: datetime | None = None) -> str:
-    """`<config-name>-<yyyymmdd-hhmmss>-<4 hex>`."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return f"{name}-{stamp}-{secrets.token_hex(2)}"
-
-
-def job_for(
-    cfg: TrainConfig,
-    name: str,
-    run_id: str,
-    settings: LaunchSettings | None = None,
-    runs_root: Path | None = None,
-) -> JobSpec:
-    """The JobSpec of a validated config and its launch settings: its own run folder
-    under `runs_root` (default $FERRY_HOME/runs), its output folder there unless the
-    config names one, its own storage prefix `<storage>/<run id>`, and its image.
-
-    Storage and launch settings travel outside the config it runs (FERRY_STORAGE_URI,
-    the backend's resources), so those keys are dropped from it.
-    """
-    from images import default_spec
-
-    settings = settings or resolve_launch({}, cfg)
-    run_dir = (runs_root or ferry_home() / "runs") / run_id
-    config = cfg.model_dump(mode="json", exclude_defaults=True)
-    config.setdefault("output_dir", str(run_dir / "output"))
-    config.pop("storage", None)
-    config.pop("launch", None)
-    image = settings.image
-    return JobSpec(
-        run_id=run_id,
-        name=name,
-        config=config,
-        resources=settings.resources,
-        run_dir=run_dir,
-        image=default_spec().with_overrides(**image) if image else default_spec(),
-        storage_uri=f"{settings.storage.rstrip('/')}/{run_id}" if settings.storage else None,
-        env=dict(settings.env),
-        secrets=list(settings.secrets),
-        volumes=list(settings.volumes),
-    )
-
-
-def resolve_launch(flags: dict[str, Any], cfg: TrainConfig, profile: Any = None) -> LaunchSettings:
-    """Flags > the config's `launch:` > the profile > defaults (see launch_settings)."""
-    from launcher.launch_settings import resolve
-
-    return resolve(check_flags(flags), cfg.launch, profile, cfg.storage)
-
-
-def check_flags(flags: dict[str, Any]) -> dict[str, Any]:
-    """Validate the CLI's launch flags like the config's `launch:` keys, naming the flag."""
-    from pydantic import ValidationError
-
-    from payload.config.schema import LaunchConfig
-
-    given = {k: v for k, v in flags.items() if v not in (None, [], {})}
-    try:
-        checked = LaunchConfig.model_validate(given)
-    except ValidationError as e:
-        lines = [
-            f"--{str(err['loc'][0]).replace('_', '-')}: " + err["msg"].removeprefix("Value error, ")
-            for err in e.errors()
-        ]
-        raise FerryError("Bad launch flag:\n" + "\n".join(f"  - {line}" for line in lines)) from e
-    if given.get("storage"):
-        check_storage_option(given["storage"])
-    return checked.model_dump(exclude_none=True, exclude_defaults=True)
-
-
-def check_storage_option(storage: str | None) -> None:
-    """A --storage value must be a storage URI Ferry can use."""
-    from payload.storage import check_uri
-
-    if storage and (problem := check_uri(storage)):
-        raise FerryError(f"--storage: {problem}.")
-
-
-def with_default_storage(job: JobSpec, backend: str) -> JobSpec:
-    """Give a job with no storage the backend's default (the local backend: a folder
-    under $FERRY_HOME; Modal: a volume)."""
-    if job.storage_uri is None:
-        base = get_executor(backend).default_storage(ferry_home())
-        if base:
-            job.storage_uri = f"{base.rstrip('/')}/{job.run_id}"
-    return job
-
-
-def check_storage(uri: str | None) -> None:
-    """Can the run write to its storage? Asked before anything is spent (for S3: the
-    credentials and the bucket)."""
-    if uri:
-        from payload.storage import open_store
-
-        open_store(uri).check()
-
-
-def prepare(
-    source: str | Path,
-    overrides: list[str] | None = None,
-    *,
-    run_id: str | None = None,
-    profile: str | Path | None = None,
-    **launch: Any,
-) -> tuple[JobSpec, str]:
-    """Validate the config, merge its launch settings, and turn it into a JobSpec;
-    nothing is written or started. Returns (job, backend name).
-
-    `launch` takes the CLI's launch flags by their config names: cloud, gpus, nodes,
-    cpu, memory, timeout, retries, region, spot, secrets, env, storage."""
-    cfg = validate(source, overrides)
-    settings = resolve_launch(launch, cfg, profile)
-    name = config_name(source)
-    job = job_for(cfg, name, run_id or make_run_id(name), settings)
-    return with_default_storage(job, settings.cloud), settings.cloud
 
 
 def plan(
@@ -167,70 +48,6 @@ def plan(
     return get_executor(cloud).plan(job)
 
 
-def record_for(job: JobSpec, source: str | Path, backend: str = "", **extra: Any) -> RunRecord:
-    """A registry row for a job not yet submitted."""
-    now = time.time()
-    return RunRecord(
-        run_id=job.run_id,
-        name=job.name,
-        source=str(source) if is_url(source) else str(Path(source).resolve()),
-        backend=backend,
-        state=RunState.PENDING.value,
-        created_at=now,
-        updated_at=now,
-        run_dir=str(job.run_dir),
-        output_dir=job.config.get("output_dir"),
-        resources=asdict(job.resources),
-        **extra,
-    )
-
-
-def submit(record: RunRecord, job: JobSpec, backend: str, registry: Registry) -> RunRecord:
-    """Submit a recorded job to `backend` (again, for a retry) and record the handle.
-
-    A FerryError from the backend marks the run failed; other errors (a network blip)
-    leave it pending for the caller to retry."""
-    executor = get_executor(backend)
-    with_default_storage(job, backend)
-    try:
-        handle = executor.submit(job)
-    except FerryError as e:
-        registry.update(
-            record.run_id,
-            state=RunState.FAILED.value,
-            backend=backend,
-            detail=f"submit failed: {e.message}",
-            finished_at=time.time(),
-        )
-        raise
-    return registry.update(
-        record.run_id,
-        state=RunState.RUNNING.value,
-        backend=backend,
-        handle=handle.to_json(),
-        detail=None,
-        summary=None,
-        started_at=time.time(),
-        finished_at=None,
-        attempts=record.attempts + 1,
-        storage_uri=job.storage_uri,
-    )
-
-
-def job_from_record(record: RunRecord) -> JobSpec:
-    """Rebuild a recorded run's JobSpec from its run folder (to dispatch or relaunch it)."""
-    try:
-        return JobSpec.read(
-            Path(record.run_dir),
-            run_id=record.run_id,
-            name=record.name,
-            resources=Resources(**record.resources),
-            storage_uri=record.storage_uri,
-        )
-    except OSError as e:
-        raise FerryError(f"{record.run_id}: its run folder lost its job files ({e}).") from e
-
-
 def train(
     source: str | Path,
     overrides: list[str] | None = None,
@@ -241,7 +58,8 @@ def train(
 ) -> RunRecord:
     """Validate, record and submit one run; returns at once (see `wait`).
 
-    Launch settings as in `prepare` (e.g. `cloud="modal", gpus="H100:8", nodes=2`)."""
+    Launch settings as in `prepare` (e.g. `cloud="modal", gpus="H100:8", nodes=2`).
+    A submit that fails is recorded as failed, with the reason, and raised."""
     registry = registry or Registry()
     job, cloud = prepare(source, overrides, profile=profile, **launch)
     executor = get_executor(cloud)
@@ -253,35 +71,15 @@ def train(
     registry.add(record)
     try:
         return submit(record, job, executor.name, registry)
-    except FerryError:
+    except KeyboardInterrupt:
+        registry.transition(
+            job.run_id,
+            RunState.FAILED.value,
+            expect=(RunState.PENDING.value,),
+            detail="submit interrupted",
+            finished_at=time.time(),
+        )
         raise
-    except BaseException as e:
-        registry.update(job.run_id, state=RunState.FAILED.value, detail=f"submit failed: {e}")
-        raise
-
-
-def _handle(record: RunRecord) -> Handle:
-    assert record.handle, f"{record.run_id} has no handle"
-    return Handle.from_json(record.handle)
-
-
-def refresh(record: RunRecord, registry: Registry) -> RunRecord:
-    """Ask the backend how an unfinished run is doing and record the answer."""
-    if RunState(record.state).finished or not record.handle:
-        return record
-    status = get_executor(record.backend).status(_handle(record))
-    if status.state.value == record.state and status.detail == record.detail:
-        return record
-    changes: dict[str, Any] = {"state": status.state.value, "detail": status.detail}
-    if status.state.finished:
-        changes["summary"] = read_summary(record)
-        changes["finished_at"] = status.finished_at or time.time()
-    return registry.update(record.run_id, **changes)
-
-
-def read_summary(record: RunRecord) -> dict[str, Any] | None:
-    """The payload's summary.json, when the run's output is on this machine."""
-    return read_output_summary(record.output_dir) if record.output_dir else None
 
 
 def status(run_id: str, registry: Registry | None = None) -> RunRecord:
@@ -300,29 +98,17 @@ def logs(run_id: str, follow: bool = False, registry: Registry | None = None) ->
     record = registry.get(run_id)
     if not record.handle:
         return iter([f"{run_id} never started: {record.detail or 'no handle recorded'}\n"])
-    return get_executor(record.backend).logs(_handle(record), follow=follow)
+    return get_executor(record.backend).logs(_runs.handle_of(record), follow=follow)
 
 
 def cancel(run_id: str, registry: Registry | None = None) -> RunRecord:
-    """Stop a run (SIGTERM, then SIGKILL after a grace period on the local backend)."""
-    registry = registry or Registry()
-    record = registry.get(run_id)
-    if RunState(record.state).finished:
-        return record
-    if not record.handle:  # recorded but never submitted (a sweep's queued trial)
-        return registry.update(run_id, state=RunState.CANCELLED.value, finished_at=time.time())
-    result = get_executor(record.backend).cancel(_handle(record))
-    return registry.update(
-        run_id,
-        state=result.state.value,
-        detail=result.detail,
-        summary=read_summary(record),
-        finished_at=result.finished_at or time.time(),
-    )
+    """Stop a run. Its ranks save and upload a checkpoint first (within the run's stop
+    grace period); on the local backend whatever is left after it is killed."""
+    return _runs.cancel(run_id, registry or Registry())
 
 
 def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
-    """Relaunch a run that stopped (failed, preempted, cancelled) under the same run id, on
+    """Relaunch a run that stopped (preempted, failed, cancelled) under the same run id, on
     the same backend. With storage it continues from its newest complete checkpoint."""
     registry = registry or Registry()
     record = refresh(registry.get(run_id), registry)
@@ -342,7 +128,7 @@ def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
     executor.check(job)
     executor.preflight(job)
     check_storage(job.storage_uri)
-    return submit(record, job, record.backend, registry)
+    return submit(_runs.claim(run_id, registry), job, record.backend, registry)
 
 
 def wait(
@@ -397,6 +183,32 @@ def sweep_plan(
     )
 
 
+def sweep_start(plan: Any, detach: bool = False, registry: Registry | None = None) -> Any:
+    """Check the plan's backends (credentials), record the sweep and its trials, and,
+    with `detach`, hand it to a background dispatcher. Returns the `SweepRecord`."""
+    from launcher import dispatch
+
+    registry = registry or Registry()
+    dispatch.preflight(plan)
+    record = dispatch.create(plan, registry)
+    if detach:
+        return dispatch.detach(record.sweep_id, registry)
+    return record
+
+
+def sweep_dispatch(
+    sweep_id: str,
+    on_event: Callable[[str, RunRecord], None] | None = None,
+    registry: Registry | None = None,
+) -> list[RunRecord]:
+    """Run a recorded sweep's queued trials here, K at a time per backend, until every
+    trial has ended or the sweep is cancelled (also from another shell). Ctrl-C cancels
+    the sweep. Returns the trials."""
+    from launcher import dispatch
+
+    return dispatch.dispatch(sweep_id, registry or Registry(), on_event=on_event)
+
+
 def sweep(
     source: str | Path,
     sweep_file: str | Path,
@@ -413,8 +225,6 @@ def sweep(
 ) -> Any:
     """Plan, record and run a sweep. Blocks until every trial has ended, unless `detach`
     (then a background dispatcher runs it). Returns the `SweepRecord`."""
-    from launcher import dispatch
-
     registry = registry or Registry()
     plan = sweep_plan(
         source,
@@ -426,11 +236,9 @@ def sweep(
         profile=profile,
         **launch,
     )
-    dispatch.preflight(plan)
-    record = dispatch.create(plan, registry)
-    if detach:
-        return dispatch.detach(record.sweep_id, registry)
-    dispatch.dispatch(record.sweep_id, registry, on_event=on_event)
+    record = sweep_start(plan, detach, registry)
+    if not detach:
+        sweep_dispatch(record.sweep_id, on_event, registry)
     return registry.get_sweep(record.sweep_id)
 
 
@@ -459,6 +267,27 @@ def sweep_report(
     return built, data, png
 
 
+def sweep_requeue(sweep_id: str, failed: bool = True, registry: Registry | None = None) -> list:
+    """Queue the sweep's failed and preempted trials again (with `failed`); trials still
+    pending stay queued. Returns the queued trials; raises if there are none."""
+    from launcher import dispatch
+
+    queued = dispatch.retry(sweep_id, failed, registry or Registry())
+    if not queued:
+        raise FerryError(
+            f"Sweep {sweep_id} has nothing to run"
+            + ("." if failed else "; pass --failed to rerun its failed trials.")
+        )
+    return queued
+
+
+def sweep_detach(sweep_id: str, registry: Registry | None = None) -> Any:
+    """Dispatch a recorded sweep in a background process that outlives this terminal."""
+    from launcher import dispatch
+
+    return dispatch.detach(sweep_id, registry or Registry())
+
+
 def sweep_retry(
     sweep_id: str,
     failed: bool = True,
@@ -467,16 +296,12 @@ def sweep_retry(
     registry: Registry | None = None,
 ) -> list[RunRecord]:
     """Rerun the sweep's failed trials (and any left pending); returns the trials after."""
-    from launcher import dispatch
-
     registry = registry or Registry()
-    queued = dispatch.retry(sweep_id, failed, registry)
-    if not queued:
-        raise FerryError(f"Sweep {sweep_id} has no failed or pending trials to run.")
+    sweep_requeue(sweep_id, failed, registry)
     if detach:
-        dispatch.detach(sweep_id, registry)
+        sweep_detach(sweep_id, registry)
         return registry.trials(sweep_id)
-    return dispatch.dispatch(sweep_id, registry, on_event=on_event)
+    return sweep_dispatch(sweep_id, on_event, registry)
 
 
 def sweep_cancel(sweep_id: str, registry: Registry | None = None) -> list[RunRecord]:

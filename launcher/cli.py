@@ -414,27 +414,21 @@ def sweep_run(
     if dry_run:
         output.sweep_dry_run(plan)
         return
-    from launcher import dispatch
-
-    dispatch.preflight(plan)
-    sweep = dispatch.create(plan)
+    sweep = api.sweep_start(plan, detach=detach)
     output.sweep_started(sweep, len(plan.trials), detach)
-    if detach:
-        dispatch.detach(sweep.sweep_id)
-        return
-    _follow_sweep(sweep.sweep_id)
+    if not detach:
+        _follow_sweep(sweep.sweep_id)
 
 
 def _follow_sweep(sweep_id: str) -> None:
     """Dispatch in the foreground, one line per event; then the summary and the report.
     Ctrl-C cancels the sweep."""
-    from launcher import api, dispatch, output
+    from launcher import api, output
 
     try:
-        dispatch.dispatch(sweep_id, on_event=output.sweep_event)
+        api.sweep_dispatch(sweep_id, on_event=output.sweep_event)
     except KeyboardInterrupt:
-        output.note(f"\ninterrupted: cancelling sweep {sweep_id} ...")
-        api.sweep_cancel(sweep_id)
+        output.note(f"\ninterrupted: cancelled sweep {sweep_id}")
     sweep, trials = api.sweep_status(sweep_id)
     output.sweep_summary(sweep, trials)
     if any(t.state == "succeeded" for t in trials):
@@ -495,22 +489,15 @@ def sweep_retry(
     detach: DetachOpt = False,
 ) -> None:
     """Rerun failed trials (--failed) and any the dispatcher never started."""
-    from launcher import dispatch, output
+    from launcher import api, output
 
-    queued = dispatch.retry(sweep_id, failed)
-    if not queued:
-        from payload.errors import FerryError
-
-        raise FerryError(
-            f"Sweep {sweep_id} has nothing to run"
-            + ("." if failed else "; pass --failed to rerun its failed trials.")
-        )
+    queued = api.sweep_requeue(sweep_id, failed)
     output.say(
         f"retrying {len(queued)} trial(s): "
         + ", ".join(f"t{t.trial['index']} ({t.trial['name']})" for t in queued)
     )
     if detach:
-        dispatch.detach(sweep_id)
+        api.sweep_detach(sweep_id)
         return
     _follow_sweep(sweep_id)
 

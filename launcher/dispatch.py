@@ -6,8 +6,10 @@
 
 The dispatcher is a loop over the registry: it refreshes running trials, and as a backend
 frees capacity it submits the next pending trial there. A trial that fails does not stop
-the others. A submit that fails for a passing reason (a network error, anything but a
-FerryError) is retried with backoff; a FerryError fails that trial with its message.
+the others. A submit the backend says started nothing (a network error) is retried with
+backoff; a FerryError fails that trial with its message (launcher.runs.submit). Before
+each submit it reads the sweep and the trial again, so a `launch sweep cancel` from
+another shell stops it before it starts anything more.
 `python -m launcher.dispatch SWEEP_ID` runs the same loop detached from the terminal.
 """
 
@@ -23,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from executors import JobSpec, RunState, get_executor
-from executors.procs import alive_with
-from launcher import api
+from launcher import runs
 from launcher.launch_settings import load_profile, resolve
 from launcher.registry import Registry, RunRecord, SweepRecord, ferry_home
 from launcher.sweeps import DEFAULT_MAX_TRIALS, Trial, expand
@@ -32,9 +33,9 @@ from payload.config import ConfigError, paths, validate_mapping
 from payload.config.loader import is_url, parse_yaml, read_raw, read_text
 from payload.config.overrides import with_values
 from payload.errors import FerryError
+from payload.runtime.procs import alive_with
 
-SUBMIT_RETRIES = 3
-SUBMIT_BACKOFF_S = 2.0  # doubled after each failed attempt
+SUBMIT_RETRIES = 3  # after a submit that started nothing (runs.submit backs off)
 INVALID_SHOWN = 20  # invalid trials listed in full before "and N more"
 
 Event = Callable[[str, RunRecord], None]  # ("submitted" | "finished" | "retrying", trial)
@@ -77,14 +78,14 @@ def plan_sweep(
     """
     if max_parallel < 1:
         raise FerryError(f"--max-parallel must be at least 1, got {max_parallel}.")
-    flags = api.check_flags(launch)
+    flags = runs.check_flags(launch)
     loaded_profile = load_profile(profile) if profile else None
     spec = parse_yaml(read_text(sweep_file), str(sweep_file))
     trials, warnings = expand(spec, max_trials=max_trials)
     base = read_raw(source, overrides)
     base_dir = None if is_url(source) else Path(source).expanduser().resolve().parent
-    name = api.config_name(source)
-    sweep_id = api.make_run_id(name)
+    name = runs.config_name(source)
+    sweep_id = runs.make_run_id(name)
     trial_warnings: dict[str, tuple[str, int]] = {}  # key -> (first message, trials)
 
     def collect(message: str) -> None:
@@ -122,14 +123,14 @@ def plan_sweep(
             if not backends:
                 backends = [settings.cloud]
                 executors = {backends[0]: get_executor(backends[0])}
-            job = api.job_for(cfg, name, run_id, settings, runs_root)
+            job = runs.job_for(cfg, name, run_id, settings, runs_root)
             jobs.append(job)
             for backend, executor in executors.items():
                 for problem in executor.problems(job):
                     invalid.append(f"{label}: {backend}: {problem}")
                     invalid_trials.add(trial.index)
     for root in {job.storage_uri.rsplit("/", 1)[0] for job in jobs if job.storage_uri}:
-        api.check_storage(root)  # once per storage, not once per trial
+        runs.check_storage(root)  # once per storage, not once per trial
     if invalid:
         shown = invalid[:INVALID_SHOWN]
         more = f"\n  ... and {len(invalid) - len(shown)} more" if len(invalid) > len(shown) else ""
@@ -182,38 +183,27 @@ def create(plan: SweepPlan, registry: Registry | None = None) -> SweepRecord:
     for trial, job in zip(plan.trials, plan.jobs, strict=True):
         job.write()
         trial_info = {"index": trial.index, "name": trial.name, "values": trial.values}
-        records.append(api.record_for(job, plan.source, sweep_id=plan.sweep_id, trial=trial_info))
+        records.append(runs.record_for(job, plan.source, sweep_id=plan.sweep_id, trial=trial_info))
     registry.add_sweep(sweep)
     registry.add_many(records)
     return sweep
 
 
-def _submit_with_retry(
+def _submit(
     record: RunRecord, backend: str, registry: Registry, on_event: Event | None
 ) -> RunRecord:
-    """Submit one trial; retry passing failures with backoff, give up after a few."""
-    job = api.job_from_record(record)
-    delay = SUBMIT_BACKOFF_S
-    for attempt in range(SUBMIT_RETRIES + 1):
-        try:
-            return api.submit(record, job, backend, registry)
-        except FerryError:
-            return registry.get(record.run_id)  # recorded as failed, with the reason
-        except Exception as e:  # noqa: BLE001 - any other failure may be passing
-            if attempt == SUBMIT_RETRIES:
-                return registry.update(
-                    record.run_id,
-                    state=RunState.FAILED.value,
-                    backend=backend,
-                    detail=f"submit failed {SUBMIT_RETRIES + 1} times; last: {e!r}",
-                    finished_at=time.time(),
-                )
-            record = registry.update(record.run_id, detail=f"submit retry {attempt + 1}: {e!r}")
-            if on_event:
-                on_event("retrying", record)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    """Submit one trial; its failure is recorded on the trial, not raised."""
+    try:
+        return runs.submit(
+            record,
+            runs.job_from_record(record),
+            backend,
+            registry,
+            retries=SUBMIT_RETRIES,
+            on_retry=(lambda r: on_event("retrying", r)) if on_event else None,
+        )
+    except FerryError:
+        return registry.get(record.run_id)  # recorded as failed, with the reason
 
 
 def dispatch(
@@ -223,16 +213,16 @@ def dispatch(
     on_event: Event | None = None,
 ) -> list[RunRecord]:
     """Run the sweep's pending trials, at most `max_parallel` at a time per backend, until
-    none is pending or running. Returns the trials as they ended."""
+    none is pending or running, or the sweep is cancelled. Returns the trials."""
     registry = registry or Registry()
     sweep = registry.get_sweep(sweep_id)
     trials = registry.trials(sweep_id)
-    queue = [t for t in trials if t.state == RunState.PENDING.value]
+    queue = [t.run_id for t in trials if t.state == RunState.PENDING.value]
     running = {t.run_id: t for t in trials if t.state == RunState.RUNNING.value}
     try:
         while queue or running:
             for run_id in list(running):
-                record = api.refresh(registry.get(run_id), registry)
+                record = runs.refresh(registry.get(run_id), registry)
                 if RunState(record.state).finished:
                     del running[run_id]
                     if on_event:
@@ -240,7 +230,13 @@ def dispatch(
             for backend in sweep.backends:
                 busy = sum(1 for r in running.values() if r.backend == backend)
                 while queue and busy < sweep.max_parallel:
-                    record = _submit_with_retry(queue.pop(0), backend, registry, on_event)
+                    if registry.get_sweep(sweep_id).state == "cancelled":
+                        queue.clear()  # cancelled elsewhere: start nothing more
+                        break
+                    record = registry.get(queue.pop(0))
+                    if record.state != RunState.PENDING.value:
+                        continue  # cancelled on its own meanwhile
+                    record = _submit(record, backend, registry, on_event)
                     if record.state == RunState.RUNNING.value:
                         running[record.run_id] = record
                         busy += 1
@@ -252,26 +248,26 @@ def dispatch(
     except KeyboardInterrupt:
         cancel(sweep_id, registry)
         raise
-    if registry.get_sweep(sweep_id).state == "running":
-        registry.update_sweep(sweep_id, state="finished")
+    registry.transition_sweep(sweep_id, "finished", expect=("running",))
     return registry.trials(sweep_id)
 
 
 def cancel(sweep_id: str, registry: Registry | None = None) -> list[RunRecord]:
     """Stop the sweep: its dispatcher, its running trials, and the trials still queued."""
     registry = registry or Registry()
-    sweep = registry.update_sweep(sweep_id, state="cancelled")
+    registry.transition_sweep(sweep_id, "cancelled", expect=("running",))
+    sweep = registry.get_sweep(sweep_id)
     if sweep.dispatcher and sweep.dispatcher.get("pid") != os.getpid():
         _stop_dispatcher(sweep.dispatcher)
     for record in registry.trials(sweep_id):
         if not RunState(record.state).finished:
-            api.cancel(record.run_id, registry)
+            runs.cancel(record.run_id, registry)
     return registry.trials(sweep_id)
 
 
 def retry(sweep_id: str, failed: bool, registry: Registry | None = None) -> list[RunRecord]:
-    """Queue the failed trials again (with `failed`); trials still pending (a dispatcher
-    that stopped early) stay queued. Returns the trials now pending. Trials that
+    """Queue the failed and preempted trials again (with `failed`); trials still pending
+    (a dispatcher that stopped early) stay queued. Returns the trials now pending. Trials that
     succeeded are never rerun."""
     registry = registry or Registry()
     sweep = registry.get_sweep(sweep_id)
@@ -280,10 +276,13 @@ def retry(sweep_id: str, failed: bool, registry: Registry | None = None) -> list
             f"Sweep {sweep_id} is still being dispatched (pid {sweep.dispatcher['pid']}); "
             "retry it once it ends, or cancel it first."
         )
+    again = (RunState.FAILED.value, RunState.PREEMPTED.value)
     for record in registry.trials(sweep_id):
-        if failed and record.state == RunState.FAILED.value:
-            registry.update(record.run_id, state=RunState.PENDING.value, detail=None, summary=None)
-    registry.update_sweep(sweep_id, state="running", dispatcher=None)
+        if failed and record.state in again:
+            runs.claim(record.run_id, registry, again)
+    registry.transition_sweep(
+        sweep_id, "running", expect=("running", "finished", "cancelled"), dispatcher=None
+    )
     return [t for t in registry.trials(sweep_id) if t.state == RunState.PENDING.value]
 
 

@@ -133,6 +133,7 @@ def resolve(
         cpu=merged.get("cpu"),
         memory_mb=merged.get("memory"),
         retries=merged.get("retries"),
+        **({"stop_grace_s": merged["stop_grace"]} if merged.get("stop_grace") is not None else {}),
     )
     return LaunchSettings(
         cloud=merged.get("cloud") or "local",

@@ -27,6 +27,7 @@ STATE_STYLE = {
     "succeeded": "green",
     "failed": "red",
     "cancelled": "magenta",
+    "preempted": "yellow",
 }
 
 
@@ -154,7 +155,7 @@ def finished(record: RunRecord) -> None:
     nxt = [f"launch status {record.run_id}", f"launch logs {record.run_id}"]
     if record.state == "succeeded" and record.storage_uri:
         nxt.append(f"launch pull {record.run_id}")
-    if record.state in ("failed", "cancelled"):
+    if record.state in ("failed", "cancelled", "preempted"):
         nxt.append(f"launch resume {record.run_id}")
     out().print("   next        " + " | ".join(nxt))
 
@@ -185,7 +186,7 @@ def runs_table(records: list[RunRecord]) -> None:
         table.add_column(column, no_wrap=True)
     now = time.time()
     for r in records:
-        end = r.updated_at if r.state in ("succeeded", "failed", "cancelled") else now
+        end = r.updated_at if r.state not in ("pending", "running") else now
         table.add_row(
             r.run_id,
             f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",

@@ -3,6 +3,11 @@
 WAL journaling lets readers proceed while one process writes, and a busy timeout makes a
 second writer wait its turn instead of failing (several sweep trials finish at once).
 Each write is a single short transaction.
+
+A run's or a sweep's state changes only by compare-and-set (`transition`): the write
+names the states it expects to find and does nothing if another process moved the run
+meanwhile. So a run cancelled from one shell is never written back to running by a
+dispatcher or a status refresh in another.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -172,14 +177,36 @@ class Registry:
             db.execute("COMMIT")
 
     def update(self, run_id: str, **changes: Any) -> RunRecord:
+        """Change a run's other fields; its state changes only through `transition`."""
+        assert "state" not in changes, "state changes go through Registry.transition"
         self._update("runs", "run_id", run_id, changes)
+        return self.get(run_id)
+
+    def transition(
+        self, run_id: str, state: str, expect: Iterable[str], **changes: Any
+    ) -> RunRecord | None:
+        """Move the run to `state` (with `changes`) if its state is one of `expect` now;
+        the new record, or None if it was in another state (and nothing was written)."""
+        if not self._update("runs", "run_id", run_id, {**changes, "state": state}, expect):
+            return None
         return self.get(run_id)
 
     def add_sweep(self, sweep: SweepRecord) -> None:
         self._insert("sweeps", self._to_row(sweep))
 
     def update_sweep(self, sweep_id: str, **changes: Any) -> SweepRecord:
+        """Change a sweep's other fields; its state changes only through
+        `transition_sweep`."""
+        assert "state" not in changes, "state changes go through Registry.transition_sweep"
         self._update("sweeps", "sweep_id", sweep_id, changes)
+        return self.get_sweep(sweep_id)
+
+    def transition_sweep(
+        self, sweep_id: str, state: str, expect: Iterable[str], **changes: Any
+    ) -> SweepRecord | None:
+        """Compare-and-set of a sweep's state, as `transition` for runs."""
+        if not self._update("sweeps", "sweep_id", sweep_id, {**changes, "state": state}, expect):
+            return None
         return self.get_sweep(sweep_id)
 
     def get_sweep(self, sweep_id: str) -> SweepRecord:
@@ -198,14 +225,31 @@ class Registry:
         with self._connect() as db:
             db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
-    def _update(self, table: str, key: str, value: str, changes: dict[str, Any]) -> None:
+    def _update(
+        self,
+        table: str,
+        key: str,
+        value: str,
+        changes: dict[str, Any],
+        expect: Iterable[str] | None = None,
+    ) -> bool:
+        """One UPDATE; with `expect`, only where the state is one of those. True if a row
+        was written."""
         changes = {**changes, "updated_at": time.time()}
         for column in _JSON_COLUMNS:
             if changes.get(column) is not None:
                 changes[column] = json.dumps(changes[column])
         sets = ", ".join(f"{k} = ?" for k in changes)
+        where, args = f"{key} = ?", [value]
+        if expect is not None:
+            states = list(expect)
+            where += f" AND state IN ({', '.join('?' for _ in states)})"
+            args += states
         with self._connect() as db:
-            db.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", [*changes.values(), value])
+            cursor = db.execute(
+                f"UPDATE {table} SET {sets} WHERE {where}", [*changes.values(), *args]
+            )
+            return cursor.rowcount == 1
 
     def get(self, run_id: str) -> RunRecord:
         with self._connect() as db:

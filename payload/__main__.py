@@ -4,9 +4,10 @@ image.
 `train` fine-tunes; `preprocess` only tokenizes, into the prepared-dataset cache
 (`dataset_prepared_path`, by default $FERRY_HOME/prepared), and prints what it found.
 
-Exit codes: 0 done; 1 a problem the user can fix (printed as one paragraph); 75
-(EXIT_PREEMPTED) stopped by SIGTERM after saving a checkpoint, relaunch to resume; any
-other failure keeps its traceback.
+Exit codes: 0 done; 1 a problem the user can fix (printed as one paragraph, and written
+to FERRY_ERROR_FILE when the remote wrapper sets it, for the backend to report); 75
+(EXIT_PREEMPTED) stopped by SIGTERM or SIGINT after saving and uploading a checkpoint,
+relaunch to resume; any other failure keeps its traceback.
 """
 
 from __future__ import annotations
@@ -68,8 +69,20 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        _record_error(os.environ.get("FERRY_ERROR_FILE"), e)
         return 1
     return 0
+
+
+def _record_error(path: str | None, error: FerryError) -> None:
+    """The first rank to fail tells the wrapper why (the others may fail because of it)."""
+    if not path:
+        return
+    try:
+        with open(path, "x") as f:
+            json.dump({"error": error.message, "hint": error.hint}, f)
+    except OSError:
+        pass  # another rank was first, or the folder is gone: the log has it anyway
 
 
 def _preprocess(args: argparse.Namespace) -> int:

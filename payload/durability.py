@@ -8,9 +8,12 @@ The run's storage is FERRY_STORAGE_URI (set by every backend), else the config's
     checkpoints/checkpoint-<step>/     each HF checkpoint, complete once its manifest is in
     final/                             the final adapter or model, metrics, summary, config
 
-SIGTERM is what every cloud sends before it takes a machine back. On it the payload
-finishes the current step, saves a checkpoint, uploads it, and exits with
-EXIT_PREEMPTED (75); a relaunch of the same run continues from that checkpoint.
+SIGTERM is what clouds send before they take a machine back, SIGINT what Modal sends.
+On either the payload finishes the current step, saves a checkpoint, and rank 0 uploads
+it while every other rank waits (`distributed.on_rank0`); then all exit with
+EXIT_PREEMPTED (75), and a relaunch of the same run continues from that checkpoint.
+torchrun, the local supervisor and the remote wrapper give the ranks `launch.stop_grace`
+seconds for this before they kill them.
 """
 
 from __future__ import annotations
@@ -46,15 +49,15 @@ STAGING = ".ferry-staging"  # hard-linked snapshots of checkpoints waiting to up
 
 
 class Preempted(Exception):  # noqa: N818 - it is a way of stopping, not a fault
-    """Training stopped on SIGTERM after saving a checkpoint at `step`."""
+    """Training stopped on a stop signal after saving a checkpoint at `step`."""
 
     exit_code = EXIT_PREEMPTED
 
-    def __init__(self, step: int | None, where: str | None):
+    def __init__(self, signame: str, step: int | None, where: str | None):
         self.step, self.where = step, where
         at = f"at step {step}" if step is not None else "before training started"
         saved = f"; checkpoint saved to {where}" if where and step is not None else ""
-        super().__init__(f"stopped by SIGTERM {at}{saved}. Relaunch the run to resume.")
+        super().__init__(f"stopped by {signame} {at}{saved}. Relaunch the run to resume.")
 
 
 def storage_uri(cfg: TrainConfig) -> str | None:
@@ -118,16 +121,12 @@ def resume_point(
     cfg: TrainConfig, output_dir: str, dist: distributed.DistInfo, store: Store | None
 ) -> str | None:
     """The local checkpoint folder to resume from, or None for a fresh start. The first
-    process on each node downloads; every process gets the same answer."""
-    path = _fetch(cfg, Path(output_dir), store) if dist.local_rank == 0 else None
-    if dist.backend:
-        import torch.distributed as torch_dist
-
-        torch_dist.barrier()  # every node has its copy before anyone reads it
-        box = [path]
-        torch_dist.broadcast_object_list(box, src=0)
-        path = box[0]
-    return path
+    process on each node downloads, under the ddp_timeout deadline; every process waits
+    until every node has its copy, and gets rank 0's answer (or a node's error)."""
+    found = distributed.on_each_node(
+        dist, "the resume download", lambda: _fetch(cfg, Path(output_dir), store)
+    )
+    return found[0]
 
 
 def _snapshot(source: Path, staging: Path) -> Path:
@@ -198,6 +197,11 @@ class StorageSync(TrainerCallback):
                 + "; ".join(self.errors)
             )
 
+    def finish(self) -> None:
+        """The end of a run: every checkpoint upload done, then the final artifacts."""
+        self.wait()
+        self.upload_final()
+
     def upload_final(self) -> None:
         """The final artifacts: everything in output_dir but checkpoints and staging."""
         skip = tuple(p.name for p in self.output_dir.iterdir() if CHECKPOINT_DIR.match(p.name))
@@ -220,38 +224,58 @@ class StorageSync(TrainerCallback):
         )
 
 
-class StopOnSigterm(TrainerCallback):
-    """SIGTERM asks for a checkpoint and a stop at the end of the current step. All ranks
-    agree on the step (the flag is all-reduced), so their checkpoint is one checkpoint."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, dist: distributed.DistInfo):
-        self.dist = dist
-        self.requested = False
-        self.stopped_at: int | None = None
-        signal.signal(signal.SIGTERM, self._on_signal)
+
+class StopRequest:
+    """From `install()` on, SIGTERM and SIGINT mean "save a checkpoint and stop": the
+    first one is remembered (and said once); later ones change nothing, since torchrun
+    passes on the signal it got too and a cloud may send it to every process."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.signame: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signame is not None
+
+    def install(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        return self
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # Later SIGTERMs (torchrun forwards the one it got too) change nothing.
-        if not self.requested:
-            self.requested = True
+        if self.signame is None:
+            self.signame = signal.Signals(signum).name
             print(
-                f"[rank {self.dist.rank}] SIGTERM: saving a checkpoint at the end of this step",
+                f"[rank {self.rank}] {self.signame}: saving a checkpoint at the end of this step",
                 flush=True,
             )
 
+
+class StopOnSignal(TrainerCallback):
+    """A stop request ends training at the end of the current step with a checkpoint.
+    All ranks agree on the step (the flag is all-reduced), so their checkpoint is one
+    checkpoint."""
+
+    def __init__(self, request: StopRequest, dist: distributed.DistInfo):
+        self.request, self.dist = request, dist
+        self.stopped_at: int | None = None
+
     def _agreed(self) -> bool:
         if not self.dist.backend:
-            return self.requested
+            return self.request.requested
         import torch
         import torch.distributed as torch_dist
 
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.dist.device)
+        flag = torch.tensor([1.0 if self.request.requested else 0.0], device=self.dist.device)
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.stopped_at is None and self._agreed():
-            self.requested = True
+            self.request.signame = self.request.signame or "a stop signal on another rank"
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True

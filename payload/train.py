@@ -106,6 +106,7 @@ def training_arguments(
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         ddp_backend=dist.backend,
+        ddp_timeout=dist.timeout_s,
         ddp_find_unused_parameters=False if dist.backend else None,
         use_cpu=not cuda,
         **save,
@@ -145,10 +146,14 @@ def _quiet_libraries(is_main: bool) -> None:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; return the summary (also written to `summary.json`)."""
-    dist = distributed.setup()
+    from payload.durability import StopRequest
+
+    # From here on, SIGTERM and SIGINT mean "save and stop", even before training starts.
+    stop = StopRequest(int(os.environ.get("RANK", "0"))).install()
+    dist = distributed.setup(cfg.ddp_timeout)
     finished = False
     try:
-        summary = _train(cfg, dist)
+        summary = _train(cfg, dist, stop)
         finished = True
         return summary
     finally:
@@ -160,12 +165,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         distributed.teardown(synchronize=finished)
 
 
-def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: Any) -> dict[str, Any]:
     from transformers import PrinterCallback, Trainer, set_seed
 
     from payload import durability
 
-    stop = durability.StopOnSigterm(dist)  # from here on, SIGTERM means "save and stop"
+    stop = durability.StopOnSignal(request, dist)
     _quiet_libraries(dist.is_main)
     output_dir = cfg.output_dir or DEFAULT_OUTPUT_DIR
     run_id = os.environ.get("FERRY_RUN_ID")
@@ -222,22 +227,22 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     resumed_step = _checkpoint_step(resume)
     if resume and dist.is_main:
         print(f"resuming from step {resumed_step} ({resume})", flush=True)
-    if stop.requested:
-        raise durability.Preempted(None, None)
+    if request.requested:
+        raise durability.Preempted(request.signame, None, None)
     trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_at is not None:
-        if sync:
-            sync.wait()
-        where = store.child(f"checkpoints/checkpoint-{stop.stopped_at}") if store else output_dir
-        raise durability.Preempted(stop.stopped_at, where)
+        step = stop.stopped_at
+        if sync:  # every rank stays until rank 0's upload is done (or has failed)
+            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait)
+        where = store.child(f"checkpoints/checkpoint-{step}") if store else output_dir
+        raise durability.Preempted(request.signame, step, where)
     trainer.save_model(output_dir)
     summary: dict[str, Any] = {}
     if dist.is_main:
         tokenizer.save_pretrained(output_dir)
         summary = _write_summary(cfg, output_dir, report, started, resumed_step)
-        if sync:
-            sync.wait()
-            sync.upload_final()
+    if sync:
+        distributed.on_rank0(dist, "the final upload", sync.finish)
     return summary
 
 

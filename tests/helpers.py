@@ -67,3 +67,11 @@ def make_folder(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(size))
     return root
+
+
+def plan_row(plan_text: str, key: str) -> str | None:
+    """The value of one row of a printed plan (`key   value`), whatever the column width."""
+    import re
+
+    match = re.search(rf"^{re.escape(key)}\s{{2,}}(.*)$", plan_text, re.M)
+    return match.group(1) if match else None

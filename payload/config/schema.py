@@ -341,6 +341,12 @@ class LaunchConfig(_Strict):
     volumes: list[VolumeMount] = Field(default_factory=list, description="Extra volumes.")
     image: ImageOverrides | None = Field(default=None, description="Changes to the image.")
     storage: str | None = Field(default=None, description="Storage URI (as --storage).")
+    stop_grace: int | None = Field(
+        default=None,
+        ge=0,
+        description="After a stop signal (preemption, cancel), how long the run may take to "
+        "save and upload a checkpoint before it is killed: 120s, 10m. Default 120 s.",
+    )
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -357,10 +363,23 @@ class LaunchConfig(_Strict):
     def _memory(cls, value: Any) -> Any:
         return None if value is None else parse_memory_mb(value)
 
-    @field_validator("timeout", mode="before")
+    @field_validator("timeout", "stop_grace", mode="before")
     @classmethod
-    def _timeout(cls, value: Any) -> Any:
+    def _duration(cls, value: Any) -> Any:
         return None if value is None else parse_duration_s(value)
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        from payload.runtime.job import secret_like
+
+        named = sorted(name for name in value if secret_like(name))
+        if named:
+            raise ValueError(
+                f"{', '.join(named)} looks like a credential; env values travel in the job "
+                "in plain text, so pass it as a secret by name (secrets: [NAME], --secret NAME)"
+            )
+        return value
 
 
 class TrainConfig(_ChatTemplateKeys):
@@ -559,6 +578,12 @@ class TrainConfig(_ChatTemplateKeys):
     )
 
     # ---- distributed and other trainers
+    ddp_timeout: PositiveInt | None = Field(
+        default=None,
+        description="Seconds a rank waits for the others before failing: in collectives, "
+        "and while rank 0 uploads a checkpoint or the final artifacts (which must finish "
+        "within it). Default 1800.",
+    )
     deepspeed: str | dict[str, Any] | None = Field(
         default=None, description="DeepSpeed config: a JSON path or an inline mapping."
     )

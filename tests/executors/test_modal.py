@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import ROOT, launch, quickstart_config
+from payload.remote import torchrun_args
 
 from executors import get_executor
 from executors.modal import ModalExecutor, job_payload, shipped_inputs
 from launcher import api
-from payload.remote import torchrun_args
 from payload.storage import MANIFEST, latest_complete_checkpoint, open_store
 
 SECRET_VALUE = "hf_live_tOkEn_9f8e7d"  # what must never appear in anything we build

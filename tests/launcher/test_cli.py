@@ -119,7 +119,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(ferry_home):
         check=True,
     )
     assert "nothing was started" in result.stdout
-    assert "--nproc-per-node 2 -m payload train" in result.stdout
+    assert "--nproc-per-node 2 --shutdown-timeout 120 -m payload train" in result.stdout
     assert "2 x CPU process (gloo)" in result.stdout or "2 x GPU" in result.stdout
     assert json.loads(launch("runs", "--json", check=True).stdout) == []
     assert not (ferry_home / "runs").exists()

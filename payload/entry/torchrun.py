@@ -1,13 +1,15 @@
-"""`python -m payload.torchrun [torchrun args] -m payload train CFG`: torchrun, tidied.
+"""`python -m payload.entry.torchrun [torchrun args] -m payload train CFG`: torchrun, tidied.
 
-Every backend starts training through this module. It is torch's own launcher
+Every backend starts training through this module, with arguments from
+`payload.runtime.cluster.torchrun_args`. It is torch's own launcher
 (`torch.distributed.run`) with two changes a user sees only when something stops:
 - a rank that exits with an error leaves one line here instead of the agent's traceback
   (the rank's own message is already in the log above it), and the first failed rank's
   exit code becomes this process's, so a distinct code from the payload survives;
-- SIGTERM (a preemption) ends it with EXIT_PREEMPTED (75) once torchrun has passed the
-  signal on and the ranks have stopped (they save a checkpoint first, see
-  payload.durability); SIGINT and SIGHUP end it with 128+signal. One line, no traceback.
+- SIGTERM (a cloud's preemption notice) and SIGINT (Modal's) end it with EXIT_PREEMPTED
+  (75) once torchrun has passed the signal on and the ranks have saved, uploaded and
+  stopped (see payload.durability); torchrun waits `--shutdown-timeout` seconds for that
+  before it kills them. SIGHUP ends it with 128+signal. One line, no traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import signal
 import sys
 
 from payload.errors import EXIT_PREEMPTED
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # "save and stop", from a cloud or Modal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except SignalException as e:
         print(f"torchrun: stopped by {e.sigval.name}", file=sys.stderr, flush=True)
-        if e.sigval == signal.SIGTERM:
+        if e.sigval in STOP_SIGNALS:
             return EXIT_PREEMPTED
         return 128 + int(e.sigval)
     return 0

@@ -1,0 +1,28 @@
+"""`python -m payload.entry run JOB.json|-`: run a RemoteJob on this node and exit with
+its code (0 done, 1 a user error, 75 stopped after a checkpoint). `-` reads the job from
+stdin. SkyPilot's `run` script and Ray's driver start jobs this way."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "run":
+        print("usage: python -m payload.entry run JOB.json|-", file=sys.stderr)
+        return 2
+    from payload.entry.remote import run_job
+    from payload.errors import FerryError
+    from payload.runtime.job import RemoteJob
+
+    try:
+        text = sys.stdin.read() if argv[1] == "-" else open(argv[1]).read()  # noqa: SIM115
+        job = RemoteJob.from_json(text)
+    except (OSError, FerryError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return run_job(job).exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

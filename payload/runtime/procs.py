@@ -1,0 +1,102 @@
+"""Processes by pid: is a recorded one still ours, every descendant of one, and stopping
+a whole tree with a grace period. The local supervisor, the launcher and the remote
+wrapper all stop runs this way. Standard library only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+_PROC = Path("/proc")
+
+
+def alive_with(pid: int, marker: str) -> bool:
+    """Is `pid` running a command whose line contains `marker` (a run folder, a sweep id)?
+    The marker tells our process from an unrelated one that got a recycled pid. Without
+    /proc (macOS) only "some process has this pid" can be known."""
+    cmdline = _PROC / str(pid) / "cmdline"
+    if _PROC.is_dir():
+        try:
+            return marker in cmdline.read_bytes().decode(errors="replace") and running(pid)
+        except OSError:
+            return False
+    return running(pid)
+
+
+def running(pid: int) -> bool:
+    """Still running: not gone, and not a zombie waiting to be reaped."""
+    stat = _PROC / str(pid) / "stat"
+    if _PROC.is_dir():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants. torchrun starts each rank in a session of its own,
+    so a process group alone does not reach them."""
+    children: dict[int, list[int]] = {}
+    if _PROC.is_dir():
+        for entry in _PROC.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    else:  # macOS and other Unixes
+        listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+        for line in listing.stdout.splitlines():
+            child, parent = map(int, line.split())
+            children.setdefault(parent, []).append(child)
+    tree, stack = [pid], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            tree.append(child)
+            stack.append(child)
+    return tree
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def wait_gone(pids: list[int], seconds: float) -> bool:
+    """Wait up to `seconds` for every pid to stop running; True if they all did."""
+    deadline = time.monotonic() + seconds
+    while any(running(p) for p in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop_tree(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Send `sig` to `pid` and every descendant, give them `grace_s` to finish (a run
+    saves and uploads a checkpoint in that time), then SIGKILL what is left. True if
+    everything stopped within the grace period."""
+    tree = process_tree(pid)
+    signal_all(tree, sig)
+    if wait_gone(tree, grace_s):
+        return True
+    # What is left (a rank stuck in a collective, a child it started) goes now; ranks
+    # started since the first look are found again.
+    left = [p for p in {*process_tree(pid), *tree} if running(p)]
+    signal_all(left, signal.SIGKILL)
+    wait_gone(left, 5)
+    return False
