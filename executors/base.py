@@ -55,8 +55,9 @@ class RunState(str, Enum):
         return cls.PREEMPTED if code == EXIT_PREEMPTED else cls.FAILED
 
 
-class NotStarted(Exception):  # noqa: N818 - a fact the backend reports, not a fault
-    """A submit failed and the backend is sure it started nothing: safe to try again."""
+class NotStarted(FerryError):  # noqa: N818 - a fact the backend reports
+    """A submit failed and the backend is sure it started nothing: safe to try again
+    (a sweep does, with backoff; `launch train` reports it at once)."""
 
 
 @dataclass(frozen=True)

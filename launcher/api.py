@@ -59,18 +59,18 @@ def train(
     """Validate, record and submit one run; returns at once (see `wait`).
 
     Launch settings as in `prepare` (e.g. `cloud="modal", gpus="H100:8", nodes=2`).
-    A submit that fails is recorded as failed, with the reason, and raised."""
+    Its storage is checked (a probe object written and deleted) once it is recorded; a
+    check or submit that fails is recorded as failed, with the reason, and raised."""
     registry = registry or Registry()
     job, cloud = prepare(source, overrides, profile=profile, **launch)
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
     executor.preflight(job)  # credentials, quotas: what only a real launch needs
-    check_storage(job.storage_uri)
     record = record_for(job, source, executor.name, storage_uri=job.storage_uri)
     job.write()
     registry.add(record)
     try:
-        return submit(record, job, executor.name, registry)
+        return _runs.start(record, job, executor.name, registry)
     except KeyboardInterrupt:
         registry.transition(
             job.run_id,
@@ -127,8 +127,7 @@ def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
     executor = get_executor(record.backend)
     executor.check(job)
     executor.preflight(job)
-    check_storage(job.storage_uri)
-    return submit(_runs.claim(run_id, registry), job, record.backend, registry)
+    return _runs.start(_runs.claim(run_id, registry), job, record.backend, registry)
 
 
 def wait(

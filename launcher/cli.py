@@ -522,6 +522,7 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         os.environ["FERRY_DEBUG"] = "1"
     _route_warnings()
+    code = 0
     try:
         app()
     except FerryError as e:
@@ -532,13 +533,24 @@ def main() -> None:
 
             traceback.print_exc()
         output.error(e)
-        sys.exit(1)
+        code = 1
+    except SystemExit as e:  # typer's own exit, with its code
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         # Nothing is left to collect: skip the interpreter's last full GC pass over
         # everything pydantic and typer built, about 0.1 s of every command's exit.
         import gc
 
         gc.freeze()
+    from payload.runtime.deadline import abandoned
+
+    if abandoned():
+        # A cloud SDK call we gave up on is still running in its thread; the
+        # interpreter's teardown would wait for it or print its noise. Leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _route_warnings() -> None:

@@ -135,13 +135,49 @@ def with_default_storage(job: JobSpec, backend: str) -> JobSpec:
     return job
 
 
-def check_storage(uri: str | None) -> None:
-    """Can the run write to its storage? Asked before anything is spent (for S3: the
-    credentials and the bucket)."""
-    if uri:
-        from payload.storage import open_store
+def check_storage(uri: str | None) -> str | None:
+    """Can the run write to its storage? A small object is written there and deleted,
+    before anything is spent. Returns whose credentials that used."""
+    if not uri:
+        return None
+    from payload.storage import open_store
 
-        open_store(uri).check()
+    return open_store(uri).check()
+
+
+def start(record: RunRecord, job: JobSpec, backend: str, registry: Registry) -> RunRecord:
+    """Check a recorded, pending run's storage, then submit it; a failure of either is
+    recorded on the run (its state says why) and raised."""
+    import logging
+
+    from payload.storage import StorageCheckError
+
+    warn = logging.getLogger("ferry.storage").warning
+    other_credentials = bool(job.secrets) and backend != "local"  # the run gets its own
+    try:
+        used = check_storage(job.storage_uri)
+    except StorageCheckError as e:
+        if not (e.credentials_problem and other_credentials):
+            _fail(record, backend, f"storage check failed: {e.message}", registry)
+            raise
+        warn(
+            "%s The run uses the secret(s) %s instead; make sure those may write there.",
+            e.message,
+            ", ".join(job.secrets),
+        )
+    except FerryError as e:
+        _fail(record, backend, f"storage check failed: {e.message}", registry)
+        raise
+    else:
+        if used and other_credentials:
+            warn(
+                "storage %s: writing was checked with %s; the run uses the secret(s) %s, "
+                "which must be able to write there too.",
+                job.storage_uri,
+                used,
+                ", ".join(job.secrets),
+            )
+    return submit(record, job, backend, registry)
 
 
 def prepare(

@@ -93,42 +93,39 @@ def _within(fn: Callable[[], T], seconds: float, what: str) -> T:
     try:
         return call_within(fn, seconds, what)
     except DeadlineExceeded as e:
-        raise FerryError(f"{e} (ddp_timeout).") from e
+        raise FerryError(f"{what} did not finish within {seconds:.0f} s (ddp_timeout).") from e
+
+
+def _attempt(fn: Callable[[], T], seconds: float, what: str) -> tuple[str, Any]:
+    """("ok", value) or ("error", message): what this rank tells the others."""
+    try:
+        return ("ok", _within(fn, seconds, what))
+    except FerryError as e:
+        message = e.message if e.message.startswith(what) else f"{what} failed: {e.message}"
+        return ("error", message)
+    except Exception as e:  # noqa: BLE001 - told to every rank, then raised
+        return ("error", f"{what} failed: {type(e).__name__}: {e}")
 
 
 def on_rank0(dist: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
     """Run `fn` on rank 0 under the `ddp_timeout` deadline; every rank waits for it and
-    returns its value, or raises its error (naming rank 0 on the others). The ranks
-    meet after the work, so none leaves while rank 0 is still uploading."""
-    outcome: list[Any] = [None]
-    if dist.is_main:
-        try:
-            outcome = [("ok", _within(fn, dist.timeout_s, what))]
-        except FerryError as e:
-            outcome = [("error", e.message)]
-        except Exception as e:  # noqa: BLE001 - told to every rank, then raised
-            outcome = [("error", f"{type(e).__name__}: {e}")]
+    returns its value, or raises its error (saying on the others that it was rank 0's).
+    The ranks meet after the work, so none leaves while rank 0 is still uploading."""
+    outcome: list[Any] = [_attempt(fn, dist.timeout_s, what) if dist.is_main else None]
     if dist.backend:
         import torch.distributed as torch_dist
 
         torch_dist.broadcast_object_list(outcome, src=0, group=dist.io_group)
     kind, value = outcome[0]
     if kind == "error":
-        raise FerryError(value if dist.is_main else f"rank 0 failed: {what}: {value}")
+        raise FerryError(value if dist.is_main else f"on rank 0, {value}")
     return value
 
 
 def on_each_node(dist: DistInfo, what: str, fn: Callable[[], T]) -> list[T]:
     """Run `fn` on the first process of every node under the deadline; return every
     node's value (rank order) to every rank, or raise the first error on all of them."""
-    mine: Any = None
-    if dist.local_rank == 0:
-        try:
-            mine = ("ok", _within(fn, dist.timeout_s, what))
-        except FerryError as e:
-            mine = ("error", e.message)
-        except Exception as e:  # noqa: BLE001 - told to every rank, then raised
-            mine = ("error", f"{type(e).__name__}: {e}")
+    mine = _attempt(fn, dist.timeout_s, what) if dist.local_rank == 0 else None
     found = [mine]
     if dist.backend:
         import torch.distributed as torch_dist
@@ -137,6 +134,5 @@ def on_each_node(dist: DistInfo, what: str, fn: Callable[[], T]) -> list[T]:
         torch_dist.all_gather_object(found, mine, group=dist.io_group)
     for rank, outcome in enumerate(found):
         if outcome and outcome[0] == "error":
-            where = "" if rank == dist.rank else f"rank {rank} failed: {what}: "
-            raise FerryError(f"{where}{outcome[1]}")
+            raise FerryError(outcome[1] if rank == dist.rank else f"on rank {rank}, {outcome[1]}")
     return [outcome[1] for outcome in found if outcome]

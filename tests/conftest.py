@@ -104,3 +104,105 @@ def s3_bucket(s3_server, monkeypatch, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-bkt"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+class ThrottledProxy:
+    """A TCP proxy in front of the S3 server whose upload rate can be capped at any
+    moment: a slow link between a cloud machine and its bucket. Requests pass through
+    unchanged; only the bytes towards the server are paced, over all connections
+    together."""
+
+    CHUNK = 16 * 1024
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        target = urlparse(upstream)
+        self.upstream = (target.hostname, target.port)
+        self.rate: float | None = None  # bytes per second towards the server; None: no cap
+        self._lock = threading.Lock()
+        self._next_slot = 0.0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pace(self, size: int) -> None:
+        import time
+
+        rate = self.rate
+        if not rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_slot)
+            self._next_slot = start + size / rate
+        time.sleep(max(self._next_slot - now, 0))
+
+    def _pump(self, src, dst, upload: bool) -> None:  # type: ignore[no-untyped-def]
+        import contextlib
+        import socket
+
+        try:
+            while data := src.recv(self.CHUNK):
+                if upload:
+                    self._pace(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+@pytest.fixture(scope="session")
+def throttle_proxy(s3_server):
+    proxy = ThrottledProxy(s3_server)
+    yield proxy
+    proxy.listener.close()
+
+
+@pytest.fixture
+def slow_s3_bucket(s3_bucket, throttle_proxy, monkeypatch):
+    """The test's bucket, reached through the throttling proxy (uncapped until the test
+    sets `throttle_proxy.rate`)."""
+    throttle_proxy.rate = None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", throttle_proxy.url)
+    yield s3_bucket
+    throttle_proxy.rate = None
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of TWO_RANK_RUN on 2 gloo ranks, never interrupted: what every
+    stopped and resumed run must reproduce."""
+    from helpers import TWO_RANK_RUN, quickstart_config
+
+    from payload.storage.layout import read_metrics
+
+    home = tmp_path_factory.mktemp("two-rank-reference")
+    cfg = quickstart_config(home, TWO_RANK_RUN)
+    env = {"FERRY_HOME": str(home / "ferry")}
+    launch("train", str(cfg), "--gpus", "2", env=env, check=True, timeout=300)
+    (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
+    losses = {r["step"]: r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r}
+    assert sorted(losses) == list(range(1, 25))
+    return losses

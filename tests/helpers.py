@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yml"
 ASSETS = ROOT / "examples" / "assets"
 DATA = ROOT / "examples" / "data" / "alpaca_tiny.jsonl"
+# Two ranks, 24 steps, no periodic checkpoint: the preemption tests' run (the quickstart
+# with these keys on top), and the reference they must reproduce.
+TWO_RANK_RUN = (
+    "max_steps: 24\nnum_epochs: null\nsave_steps: 1000\nlogging_steps: 1\nwarmup_steps: 2\n"
+)
 
 
 def launch_command() -> list[str]:

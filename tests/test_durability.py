@@ -1,12 +1,15 @@
-"""Runs that survive: killed at a random step and relaunched, stopped by SIGTERM and
-relaunched, an upload killed mid-way, and a pull that refuses to write outside its
-destination. All through the real CLI, torchrun and storage (a folder or moto's S3)."""
+"""Runs that survive: killed at a random step and relaunched, stopped by SIGTERM on 2
+ranks while the upload crawls and relaunched, a final upload that fails or hangs on rank
+0, an upload killed mid-way, and a pull that refuses to write outside its destination.
+All through the real CLI, torchrun and storage (a folder, or moto's S3 server behind a
+throttling proxy that stands in for a slow link)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import launch, make_folder, quickstart_config
+from helpers import TWO_RANK_RUN, launch, make_folder, quickstart_config
 
-from executors.local import process_tree
 from launcher import api
+from payload.runtime.procs import process_tree
 from payload.storage import latest_complete_checkpoint, list_checkpoints, open_store
 from payload.storage.layout import read_metrics, read_summary
 
@@ -82,7 +85,11 @@ def test_sigkill_at_any_step_then_relaunch_resumes_and_finishes_exactly(
 
     store = open_store(dead.storage_uri)
     newest = latest_complete_checkpoint(store)
-    assert newest is not None and newest.step <= kill_at
+    log = (Path(dead.run_dir) / "train.log").read_text()
+    last = max(int(m) for m in re.findall(r"\[step (\d+)/", log))
+    assert kill_at <= last < STEPS, "the kill should land mid-run"
+    # Training went on between the log line and the kill; nothing can be newer than it.
+    assert newest is not None and newest.step <= last
 
     result = launch("resume", run_id, timeout=300, check=True)
     assert f"resuming from step {newest.step}" in result.stdout
@@ -97,33 +104,103 @@ def test_sigkill_at_any_step_then_relaunch_resumes_and_finishes_exactly(
     assert losses == pytest.approx(reference, rel=1e-5)
 
 
+# Bytes per second towards S3 once the stop signal is sent: a ~2 MB checkpoint then takes
+# about 40 s to upload, longer than torchrun's own default grace period (30 s).
+CRAWL = 50_000
+
+
 @pytest.mark.slow
-def test_sigterm_saves_uploads_exits_75_and_a_relaunch_resumes_there(
-    tmp_path, s3_bucket, reference
+def test_sigterm_on_two_ranks_saves_uploads_slowly_exits_75_and_resumes_exactly(
+    tmp_path, slow_s3_bucket, throttle_proxy, two_rank_reference
 ):
-    storage = f"s3://{s3_bucket}/runs"
-    run_id = _start(quickstart_config(tmp_path, RUN), "--storage", storage)
+    """What a cloud does before taking the machine: SIGTERM to every process. Both ranks
+    agree on a step, save one checkpoint, and stay until rank 0 has uploaded it over a
+    crawling link (longer than torchrun's default 30 s grace); then the run exits 75, is
+    recorded preempted, and `launch resume` ends at the planned step with the losses of
+    a run that was never stopped."""
+    storage = f"s3://{slow_s3_bucket}/runs"
+    run_id = _start(quickstart_config(tmp_path, TWO_RANK_RUN), "--gpus", "2", "--storage", storage)
     _wait_for_step(run_id, 9)
-    _signal_tree(run_id, signal.SIGTERM)  # a cloud's preemption notice, to every process
-    stopped = _wait_finished(run_id)
+    throttle_proxy.rate = CRAWL
+    signalled = time.monotonic()
+    _signal_tree(run_id, signal.SIGTERM)
+    stopped = _wait_finished(run_id, timeout=240)
+    took = time.monotonic() - signalled
+    throttle_proxy.rate = None
     log = (Path(stopped.run_dir) / "train.log").read_text()
     exit_code = json.loads((Path(stopped.run_dir) / "exit.json").read_text())["exit_code"]
     assert exit_code == 75, log
-    assert stopped.state == "failed" and f"launch resume {run_id}" in stopped.detail
+    assert stopped.state == "preempted" and f"launch resume {run_id}" in stopped.detail
     step = int(log.split("stopped by SIGTERM at step ")[1].split(";")[0])
-    assert step >= 9
+    assert 9 <= step < 24
+    assert took > 30, f"the upload took {took:.0f}s: not slow enough to prove the grace period"
+    assert "forcefully exiting" not in log and "SIGKILL" not in log, log  # nobody was killed
     store = open_store(f"{storage}/{run_id}")
-    assert stopped.storage_uri == store.uri
-    assert latest_complete_checkpoint(store).step == step  # saved at the step it stopped
+    assert latest_complete_checkpoint(store).step == step  # saved and uploaded, whole
+    assert f"checkpoints/checkpoint-{step}/ferry-manifest.json" in store.list("checkpoints")
+    assert log.index(f"storage: checkpoint-{step} synced") < log.index("torchrun: stopped by")
 
     resumed = launch("resume", run_id, timeout=300, check=True)
     assert f"resuming from step {step}" in resumed.stdout
     record = api.status(run_id)
-    assert record.state == "succeeded"
-    assert read_summary(record.output_dir)["resumed_from_step"] == step
-    assert _losses(record.output_dir) == pytest.approx(reference, rel=1e-5)
+    assert record.state == "succeeded" and record.attempts == 2
+    summary = read_summary(record.output_dir)
+    assert summary["resumed_from_step"] == step and summary["steps"] == 24
+    losses = _losses(record.output_dir)
+    assert sorted(losses) == list(range(1, 25))
+    assert losses == pytest.approx(two_rank_reference, rel=1e-5)
     final = store.list("final")
     assert "final/adapter_model.safetensors" in final and "final/ferry-manifest.json" in final
+
+
+def _block_final(storage_root: Path, deadline_s: float = 120) -> None:
+    """Wait for the run's storage folder, then put a file where `final/` must go."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        runs = [p for p in storage_root.glob("*") if p.is_dir()]
+        if runs:
+            (runs[0] / "final").write_text("in the way")
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run never wrote to its storage")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["fails", "hangs"])
+def test_a_final_upload_that_fails_or_hangs_on_rank_0_ends_both_ranks_with_an_error(
+    tmp_path, how, request
+):
+    """Rank 0 uploads the final artifacts while rank 1 waits. When the upload fails (a
+    file stands where `final/` must go) or hangs (a crawling link, past ddp_timeout),
+    both ranks must end with an error naming it, within ddp_timeout plus the waiting
+    ranks' margin; not hang until torchrun or a person kills them."""
+    timeout_s = 25
+    extra = f"ddp_timeout: {timeout_s}\nmax_steps: 8\nnum_epochs: null\nlogging_steps: 1\n"
+    cfg = quickstart_config(tmp_path, extra)
+    if how == "fails":
+        root = tmp_path / "storage"
+        run_id = _start(cfg, "--gpus", "2", "--storage", f"file://{root}", "--set", "save_steps=2")
+        _block_final(root)
+    else:
+        bucket = request.getfixturevalue("slow_s3_bucket")
+        proxy = request.getfixturevalue("throttle_proxy")
+        run_id = _start(cfg, "--gpus", "2", "--storage", f"s3://{bucket}/runs")
+        _wait_for_step(run_id, 8)
+        proxy.rate = 2_000  # the final artifacts (~700 kB) would take minutes
+    started = time.monotonic()
+    record = _wait_finished(run_id, timeout=timeout_s + 120)
+    took = time.monotonic() - started
+    if how == "hangs":
+        request.getfixturevalue("throttle_proxy").rate = None
+    log = (Path(record.run_dir) / "train.log").read_text()
+    assert record.state == "failed", log
+    assert took < timeout_s + 60, f"ended {took:.0f}s after training: a hang"
+    if how == "fails":
+        said = "the final upload failed: FileExistsError"
+    else:
+        said = f"the final upload did not finish within {timeout_s} s (ddp_timeout)"
+    assert re.search(rf"^error: {re.escape(said)}", log, re.M), log  # rank 0
+    assert re.search(rf"^error: on rank 0, {re.escape(said)}", log, re.M), log  # rank 1
 
 
 UPLOADER = """

@@ -14,6 +14,16 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+_THREAD_PREFIX = "deadline: "
+
+
+def abandoned() -> bool:
+    """Is a call this process gave up on still running? (A program about to exit then
+    leaves with os._exit: the interpreter's teardown would wait on it, or print the
+    library's complaints about being cut off.)"""
+    return any(t.name.startswith(_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
+
+
 class DeadlineExceeded(Exception):  # noqa: N818 - named for what happened
     """The call did not return in time."""
 
@@ -28,7 +38,7 @@ def call_within(fn: Callable[[], T], seconds: float, what: str = "the call") -> 
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller below
             box["error"] = e
 
-    worker = threading.Thread(target=call, name=f"deadline: {what}", daemon=True)
+    worker = threading.Thread(target=call, name=f"{_THREAD_PREFIX}{what}", daemon=True)
     worker.start()
     worker.join(seconds)
     if worker.is_alive():

@@ -2,7 +2,7 @@
 checkpoints and artifacts are synced to (`stores`, `sync`). Torch-free: the launcher
 reads runs through it; boto3 and modal load only when a store of their kind opens."""
 
-from payload.storage.stores import Store, check_uri, open_store
+from payload.storage.stores import StorageCheckError, Store, check_uri, open_store
 from payload.storage.sync import (
     CHECKPOINTS,
     FINAL,
@@ -24,6 +24,7 @@ __all__ = [
     "MANIFEST",
     "Checkpoint",
     "Manifest",
+    "StorageCheckError",
     "Store",
     "Transfer",
     "apply_retention",

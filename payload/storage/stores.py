@@ -26,6 +26,11 @@ from payload.errors import FerryError
 SCHEMES = ("file", "s3", "volume")
 CHUNK = 8 * 1024 * 1024
 PARALLEL_FILES = 4
+PROBE = ".ferry-write-probe"  # written and deleted by `check` before a launch
+# Modal's API from this machine: small calls, and whole-file transfers (a laptop pulling
+# a model). Without a deadline the SDK retries a dead connection for about a minute.
+VOLUME_CALL_TIMEOUT_S = 6.0
+VOLUME_TRANSFER_TIMEOUT_S = 3600.0
 
 
 def sha256_file(path: Path) -> str:
@@ -34,6 +39,16 @@ def sha256_file(path: Path) -> str:
         while block := f.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+class StorageCheckError(FerryError):
+    """The probe write before a launch failed. `credentials_problem`: the credentials
+    used here were refused or missing (a run that gets other credentials, a backend's
+    secrets, may still write there); otherwise the place itself is wrong."""
+
+    def __init__(self, message: str, hint: str | None = None, credentials_problem: bool = False):
+        super().__init__(message, hint)
+        self.credentials_problem = credentials_problem
 
 
 class Store:
@@ -93,8 +108,35 @@ class Store:
     def commit(self) -> None:
         """Make what was written visible elsewhere (Modal volumes need it)."""
 
-    def check(self) -> None:
-        """Raise FerryError if this store cannot be written (checked before launch)."""
+    def check(self) -> str:
+        """Write and delete a small probe object here, with this machine's credentials;
+        raise FerryError if that fails. Returns which credentials were used."""
+        import uuid
+
+        key = f"{PROBE}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_bytes(key, b"ferry checks that it can write here\n")
+            self.delete(key)
+        except FerryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to write is the user's to fix
+            raise StorageCheckError(
+                f"Storage {self.uri}: cannot write there with {self.credentials()} "
+                f"({type(e).__name__}: {e}).",
+                hint=self.check_hint,
+                credentials_problem=self._credentials_problem(e),
+            ) from e
+        return self.credentials()
+
+    check_hint: str | None = None
+
+    def _credentials_problem(self, error: Exception) -> bool:
+        """Did the probe fail for want of rights (not because the place is wrong)?"""
+        return isinstance(error, PermissionError)
+
+    def credentials(self) -> str:
+        """Whose rights the probe used, in words."""
+        return "this machine's"
 
     def child(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
@@ -156,12 +198,23 @@ class FileStore(Store):
         path = self._path(key)
         return sha256_file(path) if path.is_file() else None
 
-    def check(self) -> None:
-        existing = self.root
-        while not existing.exists():
-            existing = existing.parent
-        if not os.access(existing, os.W_OK):
-            raise FerryError(f"Storage {self.uri}: {existing} is not writable.")
+    def credentials(self) -> str:
+        return "this machine's file permissions"
+
+
+# S3 error codes that mean "these credentials may not", not "this bucket is wrong".
+CREDENTIAL_ERRORS = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "403",
+    }
+)
 
 
 class S3Store(Store):
@@ -178,6 +231,7 @@ class S3Store(Store):
     def __init__(self, bucket: str, prefix: str, uri: str):
         self.bucket, self.prefix, self.uri = bucket, prefix.strip("/"), uri
         self._client = None
+        self._session = None
 
     @property
     def client(self):  # type: ignore[no-untyped-def]
@@ -195,7 +249,7 @@ class S3Store(Store):
                 connect_timeout=10,
                 read_timeout=120,
             )
-            session = boto3.session.Session()
+            session = self._session = boto3.session.Session()
             region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
             self._client = session.client("s3", config=config, region_name=region)
         return self._client
@@ -294,17 +348,25 @@ class S3Store(Store):
             return None
         return head.get("Metadata", {}).get("sha256")
 
-    def check(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+    check_hint = (
+        "Check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID), AWS_ENDPOINT_URL, that the "
+        "bucket exists, and that these credentials may write (s3:PutObject, s3:DeleteObject)."
+    )
 
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as e:
-            raise FerryError(
-                f"Storage {self.uri}: cannot reach bucket {self.bucket!r}: {e}",
-                hint="Check AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID), AWS_ENDPOINT_URL "
-                "and that the bucket exists.",
-            ) from e
+    def _credentials_problem(self, error: Exception) -> bool:
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(error, NoCredentialsError):
+            return True
+        code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else ""
+        return code in CREDENTIAL_ERRORS
+
+    def credentials(self) -> str:
+        self.client  # noqa: B018 - opens the session the credentials come from
+        found = self._session.get_credentials()
+        if found is None:
+            return "no AWS credentials (none found on this machine)"
+        return f"AWS credentials from {getattr(found, 'method', None) or 'an unknown source'}"
 
 
 class VolumeStore(Store):
@@ -327,8 +389,28 @@ class VolumeStore(Store):
                 raise FerryError(
                     f"Storage {self.uri} needs the Modal SDK.", hint="pip install 'ferry[modal]'"
                 ) from e
-            self._volume = modal.Volume.from_name(self.name)
+            # The runs volume appears with the first launch; a check before it creates it.
+            self._volume = modal.Volume.from_name(self.name, create_if_missing=True)
         return self._volume
+
+    def _api(self, fn, what: str, seconds: float = VOLUME_CALL_TIMEOUT_S):  # type: ignore[no-untyped-def]
+        """A call to Modal's API with a deadline."""
+        from payload.runtime.deadline import DeadlineExceeded, call_within
+
+        try:
+            return call_within(fn, seconds, what)
+        except DeadlineExceeded as e:
+            from modal.config import config
+
+            raise FerryError(
+                f"Storage {self.uri}: Modal's API at {config.get('server_url')} did not "
+                f"answer ({what}) within {seconds:.0f} s.",
+                hint="Check your network or proxy, https://status.modal.com, and "
+                "`modal token info`.",
+            ) from e
+
+    def credentials(self) -> str:
+        return "the mounted volume" if self.local else "this machine's Modal token"
 
     def _key(self, key: str) -> str:
         return f"{self.path}/{key}" if self.path else key
@@ -340,7 +422,9 @@ class VolumeStore(Store):
 
         strip = len(self.path) + 1 if self.path else 0
         try:
-            entries = self.volume.listdir(self._key(prefix) or "/", recursive=True)
+            entries = self._api(
+                lambda: self.volume.listdir(self._key(prefix) or "/", recursive=True), "a listing"
+            )
         except FileNotFoundError:
             return {}
         return {e.path.lstrip("/")[strip:]: e.size for e in entries if e.type == FileEntryType.FILE}
@@ -348,28 +432,41 @@ class VolumeStore(Store):
     def put_file(self, local: Path, key: str, sha256: str) -> None:
         if self.local:
             return self.local.put_file(local, key, sha256)
-        with self.volume.batch_upload(force=True) as batch:
-            batch.put_file(str(local), "/" + self._key(key))
+
+        def put() -> None:
+            with self.volume.batch_upload(force=True) as batch:
+                batch.put_file(str(local), "/" + self._key(key))
+
+        self._api(put, f"an upload of {key}", VOLUME_TRANSFER_TIMEOUT_S)
 
     def get_file(self, key: str, local: Path) -> None:
         if self.local:
             return self.local.get_file(key, local)
         with local.open("wb") as f:
-            self.volume.read_file_into_fileobj("/" + self._key(key), f)
+            self._api(
+                lambda: self.volume.read_file_into_fileobj("/" + self._key(key), f),
+                f"a download of {key}",
+                VOLUME_TRANSFER_TIMEOUT_S,
+            )
 
     def write_bytes(self, key: str, data: bytes) -> None:
         if self.local:
             return self.local.write_bytes(key, data)
         import io
 
-        with self.volume.batch_upload(force=True) as batch:
-            batch.put_file(io.BytesIO(data), "/" + self._key(key))
+        def put() -> None:
+            with self.volume.batch_upload(force=True) as batch:
+                batch.put_file(io.BytesIO(data), "/" + self._key(key))
+
+        self._api(put, f"a write of {key}")
 
     def read_bytes(self, key: str) -> bytes | None:
         if self.local:
             return self.local.read_bytes(key)
         try:
-            return b"".join(self.volume.read_file("/" + self._key(key)))
+            return self._api(
+                lambda: b"".join(self.volume.read_file("/" + self._key(key))), f"a read of {key}"
+            )
         except FileNotFoundError:
             return None
 
@@ -377,13 +474,16 @@ class VolumeStore(Store):
         if self.local:
             return self.local.delete(key)
         with contextlib.suppress(FileNotFoundError):
-            self.volume.remove_file("/" + self._key(key))
+            self._api(lambda: self.volume.remove_file("/" + self._key(key)), f"a delete of {key}")
 
     def delete_prefix(self, prefix: str) -> None:
         if self.local:
             return self.local.delete_prefix(prefix)
         with contextlib.suppress(FileNotFoundError):
-            self.volume.remove_file("/" + self._key(prefix), recursive=True)
+            self._api(
+                lambda: self.volume.remove_file("/" + self._key(prefix), recursive=True),
+                f"a delete of {prefix}",
+            )
 
     def checksum(self, key: str) -> str | None:
         return self.local.checksum(key) if self.local else None
@@ -391,7 +491,7 @@ class VolumeStore(Store):
     def commit(self) -> None:
         # Inside Modal, writes to the mount stay private to this container until commit.
         if self.local and os.environ.get("MODAL_TASK_ID"):
-            self.volume.commit()
+            self._api(self.volume.commit, "a commit", VOLUME_TRANSFER_TIMEOUT_S)
 
 
 def mounts() -> dict[str, str]:

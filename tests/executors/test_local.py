@@ -12,9 +12,10 @@ import pytest
 from helpers import launch, quickstart_config
 
 from executors import Executor, Resources, available, get_executor
-from executors.local import LocalExecutor, process_tree
+from executors.local import LocalExecutor
 from launcher import api
 from payload.errors import FerryError
+from payload.runtime.procs import process_tree
 
 
 @pytest.mark.parametrize(

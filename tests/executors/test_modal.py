@@ -1,27 +1,25 @@
 """The Modal backend with the real Modal SDK (offline): the app, image, volumes and
-function it builds; the multi-node wiring; the plan; a launch with no token; and the
-function body trained in-process.
+function it builds; the plan; how a finished call's value or exception becomes a state;
+a launch with no token, and one with a token but no route to Modal's API.
 
-Only the network edge is missing here: nothing is sent to Modal. `.local()` runs the
-function body in this process, but it mounts no volume and injects no secret, which is
-why the in-process test hands the body a temp folder as the runs volume and no secrets.
+Only the network edge is missing here: nothing is sent to Modal. The function body,
+serialized as Modal ships it and run where only the image's files exist, is trained in
+tests/test_remote.py.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, launch, quickstart_config
-from payload.remote import torchrun_args
+from helpers import ROOT, launch, plan_row, quickstart_config
 
-from executors import get_executor
-from executors.modal import ModalExecutor, job_payload, shipped_inputs
+from executors import RunState, get_executor
+from executors.modal import ModalExecutor, modal_job, shipped_inputs, status_from_outcome
 from launcher import api
-from payload.storage import MANIFEST, latest_complete_checkpoint, open_store
+from payload.runtime.job import RemoteJob
 
 SECRET_VALUE = "hf_live_tOkEn_9f8e7d"  # what must never appear in anything we build
 
@@ -34,7 +32,7 @@ def no_modal_token(tmp_path, monkeypatch):
     monkeypatch.delenv("MODAL_CONFIG_PATH", raising=False)
 
 
-def modal_job(tmp_path, extra: str = "", **launch):
+def prepared(tmp_path, extra: str = "", **launch):
     cfg = quickstart_config(tmp_path, extra)
     job, cloud = api.prepare(cfg, cloud="modal", **launch)
     assert cloud == "modal"
@@ -62,7 +60,7 @@ def test_the_app_image_volumes_and_function_built_with_the_real_sdk(tmp_path, mo
 
     monkeypatch.setenv("HF_TOKEN", SECRET_VALUE)  # a secret on the laptop must stay there
     spy = Spy(monkeypatch)
-    job = modal_job(
+    job = prepared(
         tmp_path,
         gpus="H100:4",
         timeout="6h",
@@ -71,9 +69,11 @@ def test_the_app_image_volumes_and_function_built_with_the_real_sdk(tmp_path, mo
         secrets=["hf-token", "wandb"],
         env={"WANDB_MODE": "offline"},
     )
-    app, function, payload = ModalExecutor().build(job)
+    app, function, job_json = ModalExecutor().build(job)
+    payload = json.loads(job_json)
 
     assert isinstance(app, modal.App) and isinstance(function, modal.Function)
+    assert RemoteJob.from_json(job_json).run_id == job.run_id  # the contract, typed
     spec = function._spec_
     assert spec.gpus == "H100:4"
     assert {path: repr(v) for path, v in spec.volumes.items()} == {
@@ -88,8 +88,10 @@ def test_the_app_image_volumes_and_function_built_with_the_real_sdk(tmp_path, mo
         "modal.Secret.from_name('wandb')",
     ]
     assert payload["storage_uri"] == f"volume://ferry-runs/{job.run_id}"
-    assert payload["volume_mounts"]["ferry-runs"] == "/vol/ferry-runs"
-    assert payload["env"]["WANDB_MODE"] == "offline"
+    assert payload["volume_mounts"] == {"ferry-runs": "/vol/ferry-runs"}
+    assert payload["env"] == {"WANDB_MODE": "offline", "HF_HOME": "/cache/hf"}
+    assert payload["cluster"] == "single" and payload["procs_per_node"] == 4
+    assert payload["stop_grace_s"] == 120
 
     # No secret value anywhere: config shipped, function arguments, image, plan.
     from images.render import dockerfile
@@ -108,7 +110,7 @@ def test_the_app_image_volumes_and_function_built_with_the_real_sdk(tmp_path, mo
 
 
 def test_local_files_travel_with_the_job_and_the_config_points_at_them(tmp_path):
-    job = modal_job(tmp_path)
+    job = prepared(tmp_path)
     config, inputs = shipped_inputs(job.config)
     assert [str(local) for local, _ in inputs] == [
         str(ROOT / "examples/assets/tiny-llama"),
@@ -120,7 +122,7 @@ def test_local_files_travel_with_the_job_and_the_config_points_at_them(tmp_path)
 
 
 def test_every_dataset_list_and_the_prepared_cache_travel(tmp_path):
-    job = modal_job(tmp_path)
+    job = prepared(tmp_path)
     chats = str(ROOT / "examples/data/chat_tiny.jsonl")
     config = {
         **job.config,
@@ -135,51 +137,12 @@ def test_every_dataset_list_and_the_prepared_cache_travel(tmp_path):
     assert len(inputs) == 4 and config["test_datasets"][0]["path"] == chats
 
 
-class FakeCluster:
-    """Stands in for modal.Cluster.from_context(), which exists only inside a cluster."""
-
-    def __init__(self, rank: int, ips: list[str]):
-        self.rank, self.ips = rank, ips
-
-    def container_rank(self) -> int:
-        return self.rank
-
-    def container_ips(self) -> list[str]:
-        return self.ips
-
-
-def test_multi_node_torchrun_arguments_come_from_the_cluster():
-    args = torchrun_args(2, 8, FakeCluster(1, ["fd00::a", "fd00::b"]))
-    assert args == [
-        "--nnodes",
-        "2",
-        "--node-rank",
-        "1",
-        "--master-addr",
-        "fd00::a",
-        "--master-port",
-        "29500",
-        "--nproc-per-node",
-        "8",
-    ]
-
-
-def test_without_a_cluster_context_it_falls_back_to_one_node():
-    assert torchrun_args(2, 8, None) == ["--standalone", "--nproc-per-node", "8"]
-    assert torchrun_args(1, 4, FakeCluster(0, ["fd00::a"])) == [
-        "--standalone",
-        "--nproc-per-node",
-        "4",
-    ]
-    with pytest.raises(RuntimeError, match="expected a cluster of 3"):
-        torchrun_args(3, 8, FakeCluster(0, ["a", "b"]))
-
-
 def test_clustered_function_for_multi_node(tmp_path, monkeypatch):
     spy = Spy(monkeypatch)
-    job = modal_job(tmp_path, gpus="H100:8", nodes=2)
-    _, function, payload = ModalExecutor().build(job)
-    assert payload["nodes"] == 2 and payload["gpus_per_node"] == 8
+    job = prepared(tmp_path, gpus="H100:8", nodes=2)
+    _, function, job_json = ModalExecutor().build(job)
+    contract = RemoteJob.from_json(job_json)
+    assert (contract.nodes, contract.procs_per_node, contract.cluster) == (2, 8, "modal")
     assert spy.calls[0]["gpu"] == "H100:8"
     assert function is not None
 
@@ -194,12 +157,13 @@ def test_clustered_function_for_multi_node(tmp_path, monkeypatch):
         ({"gpus": "H100:1", "timeout": "30h"}, "at most 24h"),
         ({"storage": "file:///tmp/x"}, "out of a Modal job's reach"),
         ({"storage": "s3://b/p"}, "needs AWS credentials"),
+        ({"gpus": "H100:1", "spot": False}, "preemptible capacity only"),
     ],
 )
 def test_impossible_requests_are_refused_before_launch(tmp_path, launch_args, words):
     from payload.errors import FerryError
 
-    job = modal_job(tmp_path, **launch_args)
+    job = prepared(tmp_path, **launch_args)
     with pytest.raises(FerryError, match=words):
         get_executor("modal").check(job)
 
@@ -220,15 +184,17 @@ def test_dry_run_prints_the_whole_plan_without_a_token(no_modal_token):
         check=True,
     )
     out = result.stdout
+    assert plan_row(out, "image").startswith("ferry:")
+    assert plan_row(out, "gpu") == "H100:8"
+    assert plan_row(out, "nodes") == "2 (modal.clustered, rdma)"
+    assert plan_row(out, "secrets") == "hf-token"
+    assert plan_row(out, "stop grace") == "120 s to save and upload after a stop signal"
+    assert plan_row(out, "function").startswith("payload.entry.modal.ferry_train")
     for expected in (
-        "image     ferry:",
-        "gpu       H100:8",
-        "nodes     2 (modal.clustered",
-        "secrets   hf-token",
         "/vol/ferry-runs <- ferry-runs",
         "/cache/hf <- ferry-hf-cache",
-        "--nnodes 2",
-        "-m payload train",
+        "--nnodes 2 --node-rank '<container rank>' --master-addr '<rank 0 container ip>'",
+        "--shutdown-timeout 120 -m payload train",
     ):
         assert expected in out, expected
 
@@ -244,36 +210,93 @@ def test_a_real_launch_without_a_token_fails_fast_with_the_fix(no_modal_token):
     assert json.loads(launch("runs", "--json", check=True).stdout) == []  # nothing recorded
 
 
-@pytest.mark.slow
-def test_the_function_body_trains_in_process_into_the_runs_volume(tmp_path, monkeypatch):
-    """`.local()` runs the real Modal function body here: it trains the quickstart on CPU
-    and syncs to a temp folder standing in for the mounted runs volume."""
-    job = modal_job(tmp_path, "max_steps: 4\nnum_epochs: null\nsave_steps: 2\n")
-    _, function, payload = ModalExecutor().build(job)
-    volume = tmp_path / "volume"
-    payload["config"] = {**job.config, "output_dir": str(tmp_path / "out")}  # paths as here
-    payload["volume_mounts"] = {"ferry-runs": str(volume)}  # .local() mounts nothing
-    payload["workdir"] = str(tmp_path / "work")
-    payload["env"] = {**payload["env"], "HF_HOME": str(tmp_path / "hf")}
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-
-    assert function.local(payload) == 0
-
-    run = volume / job.run_id
-    store = open_store(f"file://{run}")
-    assert latest_complete_checkpoint(store).step == 4
-    assert (run / "checkpoints" / "checkpoint-2" / MANIFEST).is_file()
-    assert (run / "final" / "adapter_model.safetensors").is_file()
-    assert (run / "final" / MANIFEST).is_file() and (run / "metrics.jsonl").is_file()
-    assert Path(tmp_path / "work" / "config.yml").is_file()
-
-
 def test_every_example_plans_for_modal():
     for example in sorted((ROOT / "examples").glob("*.yml")):
         job, _ = api.prepare(example, cloud="modal", gpus="H100:1")
-        assert "gpu       H100:1" in get_executor("modal").plan(job).text()
+        assert plan_row(get_executor("modal").plan(job).text(), "gpu") == "H100:1"
 
 
-def test_payload_gets_no_output_dir_from_the_laptop(tmp_path):
-    job = modal_job(tmp_path)
-    assert job_payload(job)["config"]["output_dir"] == f"/tmp/ferry/{job.run_id}/output"
+def test_the_job_gets_no_output_dir_from_the_laptop(tmp_path):
+    job = prepared(tmp_path)
+    contract = modal_job(job)
+    assert contract.config["output_dir"] == f"/tmp/ferry/{job.run_id}/output"
+    assert contract.workdir == f"/tmp/ferry/{job.run_id}"
+
+
+class Stopped(Exception):
+    """Stands in for payload.entry.modal.RunStopped as Modal hands it back: any exception
+    carrying `exit_code`."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"training failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never answers: what a proxy or firewall
+    that swallows traffic looks like to the SDK."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+@pytest.mark.parametrize("server", ["silent", "refused"])
+@pytest.mark.parametrize("storage", ["volume", "s3"])
+def test_an_unreachable_modal_api_fails_within_10s_in_one_paragraph(
+    request, server, storage, tmp_path
+):
+    """Credentials present, no route to Modal's API (the network edge, replaced by a
+    local port that never answers, or one that refuses). With the default volume
+    storage the storage check meets it first; with S3 storage, the launch does. Either
+    way: under 10 s, one paragraph naming the service, the timeout and what to check, no
+    traceback, and the run recorded as failed with the reason."""
+    url = request.getfixturevalue("silent_server") if server == "silent" else "http://127.0.0.1:1"
+    env = {"MODAL_TOKEN_ID": "ak-test", "MODAL_TOKEN_SECRET": "as-test", "MODAL_SERVER_URL": url}
+    extra = ["--storage", "s3://some-bucket/runs", "--secret", "aws"] if storage == "s3" else []
+    started = time.monotonic()
+    result = launch(
+        "train", "examples/quickstart.yml", "--cloud", "modal", "--gpus", "H100:1", *extra, env=env
+    )
+    took = time.monotonic() - started
+    assert took < 10, f"took {took:.1f}s"
+    assert result.returncode == 1
+    error = result.stderr[result.stderr.index("error: ") :]
+    assert "Traceback" not in result.stderr and "unhandled exception" not in result.stderr
+    assert f"Modal's API at {url} did not answer" in error and "within 6 s" in error
+    assert "Check your network or proxy" in error
+    assert len(error.strip().splitlines()) == 2  # the message and its hint
+    (run,) = json.loads(launch("runs", "--json", check=True).stdout)
+    assert run["state"] == "failed" and f"Modal's API at {url} did not answer" in run["detail"]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "state", "code"),
+    [
+        ({"exit_code": 0, "detail": None}, None, RunState.SUCCEEDED, 0),
+        ({"exit_code": 1, "detail": "datasets.0.path: missing"}, None, RunState.FAILED, 1),
+        (None, Stopped(75), RunState.PREEMPTED, 75),
+        (None, Stopped(137), RunState.FAILED, 137),
+        # The text says 75, the code does not: the code decides.
+        (None, RuntimeError("exit code 75"), RunState.FAILED, None),
+    ],
+)
+def test_a_finished_call_is_read_by_its_exit_code(value, error, state, code):
+    status = status_from_outcome(value, error)
+    assert (status.state, status.exit_code) == (state, code)
+    if value and value.get("detail"):
+        assert status.detail == value["detail"]
+
+
+def test_the_real_run_stopped_exception_survives_pickling_with_its_code():
+    """Modal pickles the function's exception back to the launcher."""
+    import pickle
+
+    from payload.entry.modal import RunStopped
+
+    back = pickle.loads(pickle.dumps(RunStopped(75)))
+    assert back.exit_code == 75 and status_from_outcome(error=back).state == RunState.PREEMPTED

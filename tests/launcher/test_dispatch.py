@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from helpers import ROOT, launch, quickstart_config
 
-from launcher import api, dispatch
+from launcher import api, dispatch, runs
 from launcher.registry import Registry
 from payload.errors import FerryError
 
@@ -150,7 +150,7 @@ def test_trials_spread_over_backends_and_passing_submit_errors_are_retried(tmp_p
         "[ferry.executors]\nflaky = flaky_backend:FlakyExecutor\n"
     )
     monkeypatch.syspath_prepend(str(plugin))
-    monkeypatch.setattr(dispatch, "SUBMIT_BACKOFF_S", 0.05)
+    monkeypatch.setattr(runs, "SUBMIT_BACKOFF_S", 0.05)
 
     events = []
     sweep = api.sweep(
