@@ -57,6 +57,31 @@ def test_every_rendering_carries_the_same_pins(monkeypatch):
     assert "deepspeed==" + spec.pins["deepspeed"] in expected
 
 
+def test_the_tag_covers_the_payload_source_the_image_ships(tmp_path, monkeypatch):
+    """The Dockerfile copies payload/ and the Modal image adds it: an edit there is a new
+    image, so a new tag. Bytecode caches are not shipped and do not count."""
+    import shutil
+
+    from images import spec as image_spec
+
+    copy = tmp_path / "payload"
+    shutil.copytree(image_spec.PAYLOAD, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(image_spec, "PAYLOAD", copy)
+    image_spec.payload_digest.cache_clear()
+    try:
+        before = default_spec().tag
+        (copy / "__pycache__").mkdir(exist_ok=True)
+        (copy / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"cache")
+        image_spec.payload_digest.cache_clear()
+        assert default_spec().tag == before
+        train = copy / "train.py"
+        train.write_text(train.read_text() + "\n# an edit\n")
+        image_spec.payload_digest.cache_clear()
+        assert default_spec().tag != before
+    finally:
+        image_spec.payload_digest.cache_clear()
+
+
 def test_the_tag_is_the_spec_content_hash():
     base = default_spec()
     assert base.tag == f"ferry:{base.digest}" and len(base.digest) == 12

@@ -252,7 +252,9 @@ def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Prob
     problems = []
     for key, messages in by_key.items():
         text = messages[0] + "".join(" or " + m.removeprefix("should be ") for m in messages[1:])
-        got = f" (got {values[key]!r})" if key in values else ""
+        # An env mapping may hold a credential by mistake: never echo it.
+        shown = key in values and not key.endswith("env")
+        got = f" (got {values[key]!r})" if shown else ""
         problems.append(Problem(key, f"{text}{got}."))
     return problems
 

@@ -376,8 +376,8 @@ class LaunchConfig(_Strict):
         named = sorted(name for name in value if secret_like(name))
         if named:
             raise ValueError(
-                f"{', '.join(named)} looks like a credential; env values travel in the job "
-                "in plain text, so pass it as a secret by name (secrets: [NAME], --secret NAME)"
+                f"would carry a credential in plain text ({', '.join(named)}); pass it as a "
+                "secret by name instead (secrets: [NAME], --secret NAME)"
             )
         return value
 

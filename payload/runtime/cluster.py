@@ -85,7 +85,7 @@ def discover(job: RemoteJob, env: Mapping[str, str]) -> Node:
     """Where this node sits in `job`, from the provider the job names; checked against
     the job's node count."""
     if job.cluster == "single":
-        found: Node | None = SINGLE
+        found: Node | None = SINGLE if job.nodes == 1 else None
     elif job.cluster == "static":
         try:
             rank = int(env.get("FERRY_NODE_RANK", "0"))

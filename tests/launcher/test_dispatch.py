@@ -4,7 +4,10 @@ spread over backends, with passing submit failures retried."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 from helpers import ROOT, launch, quickstart_config
@@ -169,3 +172,71 @@ def test_trials_spread_over_backends_and_passing_submit_errors_are_retried(tmp_p
     assert (plugin / "flaky-submits").read_text() == "3"
     assert events.count(("retrying", 1)) == 2
     assert all(t.attempts == 1 for t in trials)
+
+
+@pytest.mark.slow
+def test_sweep_cancel_from_another_shell_stops_a_foreground_sweep_before_its_next_submit(
+    tmp_path,
+):
+    """A foreground `launch sweep` runs t0; `launch sweep cancel` in a second process must
+    stop it there: t0 cancelled, t1 and t2 never submitted, the foreground sweep ends."""
+    import subprocess
+
+    from helpers import launch_command
+
+    sweep_cmd = [
+        *launch_command(),
+        "sweep",
+        str(quickstart_config(tmp_path, "num_epochs: 50\n")),
+        "--sweep",
+        str(grid(tmp_path, "learning_rate: [1.0e-3, 2.0e-3, 3.0e-3]\n")),
+    ]
+    foreground = subprocess.Popen(
+        sweep_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    first = foreground.stdout.readline()
+    sweep_id = re.match(r"sweep (\S+): 3 trials", first).group(1)
+    deadline = time.monotonic() + 120
+    while Registry().trials(sweep_id)[0].state != "running":
+        assert time.monotonic() < deadline and foreground.poll() is None, first
+        time.sleep(0.2)
+
+    launch("sweep", "cancel", sweep_id, "--yes", check=True, timeout=300)
+    rest, _ = foreground.communicate(timeout=120)
+    assert foreground.returncode == 1, first + rest
+    t0, t1, t2 = Registry().trials(sweep_id)
+    assert t0.state == "cancelled" and t0.attempts == 1
+    for trial in (t1, t2):
+        assert (trial.state, trial.attempts, trial.handle) == ("cancelled", 0, None)
+    assert Registry().get_sweep(sweep_id).state == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_submit_whose_registry_write_fails_does_not_start_a_second_run(tmp_path, monkeypatch):
+    """The run's supervisor starts, then the registry write that records it fails (a locked
+    database: SQLite's failure, injected once). The dispatcher tries again: it must find
+    the run that started and record it, never start a second supervisor on its folder."""
+    import sqlite3
+
+    real = Registry.transition
+    failed = []
+
+    def flaky(self, run_id, state, expect, **changes):  # type: ignore[no-untyped-def]
+        if state == "running" and not failed:
+            failed.append(run_id)
+            raise sqlite3.OperationalError("database is locked")
+        return real(self, run_id, state, expect, **changes)
+
+    monkeypatch.setattr(Registry, "transition", flaky)
+    monkeypatch.setattr(runs, "SUBMIT_BACKOFF_S", 0.05)
+    events = []
+    sweep = api.sweep(
+        quickstart_config(tmp_path, "max_steps: 3\nnum_epochs: null\n"),
+        grid(tmp_path, "learning_rate: [1.0e-3]\n"),
+        on_event=lambda kind, record: events.append(kind),
+    )
+    (trial,) = Registry().trials(sweep.sweep_id)
+    assert failed == [trial.run_id] and "retrying" in events
+    assert trial.state == "succeeded" and trial.attempts == 1
+    log = (Path(trial.run_dir) / "train.log").read_text()
+    assert sum(line.startswith("$ ") for line in log.splitlines()) == 1, log  # one start

@@ -223,3 +223,38 @@ def test_s3_multipart_upload_of_a_large_file(s3_bucket, tmp_path, monkeypatch):
     assert counter.calls.count("POST") >= 2  # create and complete a multipart upload
     download_folder(store, "final", tmp_path / "back")
     assert (tmp_path / "back" / "shard.bin").read_bytes() == (folder / "shard.bin").read_bytes()
+
+
+def test_the_launch_check_writes_a_probe_and_leaves_nothing_behind(store):
+    """`check` proves the store takes a write (S3: a PutObject and a DeleteObject on the
+    real server), names the credentials it used, and cleans up after itself."""
+    used = store.check()
+    expected = "AWS credentials from env" if store.uri.startswith("s3://") else "file permissions"
+    assert expected in used
+    assert store.list() == {}
+
+
+def test_a_store_that_cannot_be_written_fails_the_check_naming_why(tmp_path):
+    from payload.storage import StorageCheckError
+
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StorageCheckError, match="cannot write there") as info:
+        open_store(f"file://{tmp_path}/a-file/runs").check()
+    assert not info.value.credentials_problem
+
+
+def test_s3_check_tells_a_wrong_bucket_from_missing_credentials(s3_bucket, monkeypatch):
+    from payload.storage import StorageCheckError
+
+    with pytest.raises(StorageCheckError, match="NoSuchBucket") as info:
+        open_store("s3://no-such-bucket-here/runs").check()
+    assert not info.value.credentials_problem  # the place is wrong: never a warning
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageCheckError, match="with no AWS credentials") as info:
+        open_store(f"s3://{s3_bucket}/runs").check()
+    assert info.value.credentials_problem  # a run with its own credentials may still write
