@@ -63,6 +63,15 @@ MemoryOpt = Annotated[
 TimeoutOpt = Annotated[
     str | None, typer.Option("--timeout", metavar="DURATION", help="Stop after: 24h, 90m.")
 ]
+StopGraceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--stop-grace",
+        metavar="DURATION",
+        help="After a stop signal (preemption, cancel): time to save and upload a "
+        "checkpoint before the run is killed. Default 120s.",
+    ),
+]
 RetriesOpt = Annotated[
     int | None, typer.Option("--retries", metavar="N", help="Restarts after a failure.")
 ]
@@ -180,6 +189,7 @@ def train(
     secret: SecretOpt = None,
     env: EnvOpt = None,
     storage: StorageOpt = None,
+    stop_grace: StopGraceOpt = None,
     profile: ProfileOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
@@ -202,6 +212,7 @@ def train(
         spot=spot,
         secrets=secret,
         storage=storage,
+        stop_grace=stop_grace,
     )
     if dry_run:
         output.plan(api.plan(config, set_ or [], profile=profile, **launch))
@@ -308,12 +319,16 @@ def pull(
 
 @app.command()
 def cancel(run_id: RunArg, yes: YesOpt = False) -> None:
-    """Stop a run: SIGTERM to all its processes, SIGKILL after a grace period."""
+    """Stop a run: it saves and uploads a checkpoint first (within its stop grace
+    period); on the local backend what is left after that is killed."""
     from launcher import api, output
 
     output.confirm(f"Cancel run {run_id}?", yes)
-    record = api.cancel(run_id)
-    output.cancelled(record)
+    record = api.status(run_id)
+    if record.state == "running":
+        grace = record.resources.get("stop_grace_s", 120)
+        output.note(f"stopping {run_id}: it saves and uploads a checkpoint first (up to {grace} s)")
+    output.cancelled(api.cancel(run_id))
 
 
 # ---- sweeps: `launch sweep CFG --sweep GRID.yml` runs one; subcommands look after it
@@ -382,6 +397,7 @@ def sweep_run(
     ] = False,
     detach: DetachOpt = False,
     storage: StorageOpt = None,
+    stop_grace: StopGraceOpt = None,
 ) -> None:
     """Expand the grid, validate every trial, then run them (the default subcommand)."""
     from launcher import api, output
@@ -398,6 +414,7 @@ def sweep_run(
         spot=spot,
         secrets=secret,
         storage=storage,
+        stop_grace=stop_grace,
     )
     plan = api.sweep_plan(
         config,
