@@ -73,11 +73,22 @@ CONTAINER = textwrap.dedent(
 
     from modal._serialization import deserialize
 
+    if sys.argv[4:] == ["--cancel-on-usr1"]:
+        # Modal's container cancels a sync function's input so: SIGUSR1, whose handler
+        # raises InputCancellation in the main thread, where the function runs.
+        import signal
+
+        from modal.exception import InputCancellation
+
+        def cancel(signum, frame):
+            raise InputCancellation("Input was cancelled by user")
+
+        signal.signal(signal.SIGUSR1, cancel)
     function = deserialize(Path(sys.argv[1]).read_bytes(), None)
     job_json = Path(sys.argv[2]).read_text()
     try:
         outcome = ("value", function(job_json))
-    except Exception as e:
+    except BaseException as e:
         outcome = ("error", e)
     Path(sys.argv[3]).write_bytes(pickle.dumps(outcome))
     """
@@ -99,7 +110,7 @@ class Image:
         (root / "function.bin").write_bytes(function_bytes)
 
     def start(
-        self, job_json: str, name: str, env: dict[str, str]
+        self, job_json: str, name: str, env: dict[str, str], *flags: str
     ) -> tuple[subprocess.Popen, Path, Path]:
         """Run the function in a fresh interpreter here; (process, log, outcome file)."""
         job = self.root / f"{name}.json"
@@ -114,7 +125,7 @@ class Image:
         }
         with log.open("w") as out:
             process = subprocess.Popen(
-                [sys.executable, "container.py", "function.bin", str(job), str(outcome)],
+                [sys.executable, "container.py", "function.bin", str(job), str(outcome), *flags],
                 cwd=self.root,
                 env=full_env,
                 stdout=out,
@@ -228,3 +239,36 @@ def test_sigint_as_modal_preempts_saves_uploads_and_the_restart_resumes_exactly(
     }
     assert sorted(losses) == list(range(1, 25))
     assert losses == pytest.approx(two_rank_reference, rel=1e-5)
+
+
+def test_a_cancelled_input_stops_torchrun_and_its_ranks_before_the_function_returns(tmp_path):
+    """Modal cancels an input by raising InputCancellation in the function's thread,
+    interrupting its wait on torchrun. The wrapper must not leave torchrun (and the GPUs)
+    running: every process it started is gone when the function returns, and the ranks
+    were stopped the graceful way (a checkpoint saved), not killed."""
+    from payload.runtime.procs import process_tree, running
+
+    function_bytes, job = built(
+        tmp_path, "num_epochs: 50\nlogging_steps: 1\nsave_steps: 1000\n", gpus="2"
+    )
+    volume = tmp_path / "volume"
+    job["volume_mounts"] = {"ferry-runs": str(volume)}
+    process, log, outcome = Image(tmp_path / "image", function_bytes).start(
+        json.dumps(job), "run", {}, "--cancel-on-usr1"
+    )
+    deadline = time.monotonic() + 240
+    while "[step 3/" not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    tree = process_tree(process.pid)
+    assert len(tree) >= 4, tree  # the function's process, torchrun, 2 ranks
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=240) == 0, log.read_text()
+    kind, error = pickle.loads(outcome.read_bytes())
+    assert kind == "error" and type(error).__name__ == "InputCancellation"
+    assert not [pid for pid in tree if running(pid)]
+    text = log.read_text()
+    assert "ferry: stopping torchrun before leaving" in text
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", text).group(1))
+    store = open_store(f"file://{volume / job['run_id']}")
+    assert latest_complete_checkpoint(store).step == step
