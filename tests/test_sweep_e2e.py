@@ -123,7 +123,7 @@ def test_a_failing_trial_does_not_stop_the_others_and_retry_reruns_only_it(tmp_p
     status = _wait_for_sweep(sweep_id)
     first, second = status["trials"]
     assert status["state"] == "finished"
-    assert first["state"] == "succeeded"
+    assert first["state"] == "succeeded", first["detail"]  # the reason, should it ever fail
     assert second["state"] == "failed" and "No usable rows" in second["detail"]
 
     bad.write_text(DATA.read_text())  # fix the data, then rerun the failed trial only
