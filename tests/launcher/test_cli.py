@@ -56,6 +56,17 @@ def test_help_validate_and_dry_run_never_import_torch_or_cloud_sdks(tmp_path):
         ["--help"],
         ["validate", "examples/quickstart.yml"],
         ["train", "examples/quickstart.yml", "--dry-run", "--gpus", "2"],
+        [
+            "train",
+            "examples/quickstart.yml",
+            "--dry-run",
+            "--cloud",
+            "modal",
+            "--gpus",
+            "H100:8",
+            "--nodes",
+            "2",
+        ],
     ):
         result = launch(*args, env=env)
         assert result.returncode == 0, f"launch {args}: {result.stdout}{result.stderr}"
