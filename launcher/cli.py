@@ -571,18 +571,23 @@ def main() -> None:
 
 
 def _route_warnings() -> None:
-    """Config warnings (settings that would be ignored) print as yellow lines."""
+    """Config warnings (settings that would be ignored) print as yellow lines; what a
+    launch checked (`ferry.launch`, info) prints as a plain note."""
     import logging
 
     class _Handler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             from launcher import output
 
-            output.warning(record.getMessage())
+            if record.levelno >= logging.WARNING:
+                output.warning(record.getMessage())
+            else:
+                output.note(record.getMessage())
 
     logger = logging.getLogger("ferry")
-    logger.addHandler(_Handler(level=logging.WARNING))
+    logger.addHandler(_Handler(level=logging.INFO))
     logger.propagate = False
+    logging.getLogger("ferry.launch").setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def start(record: RunRecord, job: JobSpec, backend: str, registry: Registry) -> 
 
     from payload.storage import StorageCheckError
 
-    warn = logging.getLogger("ferry.storage").warning
+    log = logging.getLogger("ferry.launch")
     other_credentials = bool(job.secrets) and backend != "local"  # the run gets its own
     try:
         used = check_storage(job.storage_uri)
@@ -160,7 +160,7 @@ def start(record: RunRecord, job: JobSpec, backend: str, registry: Registry) -> 
         if not (e.credentials_problem and other_credentials):
             _fail(record, backend, f"storage check failed: {e.message}", registry)
             raise
-        warn(
+        log.warning(
             "%s The run uses the secret(s) %s instead; make sure those may write there.",
             e.message,
             ", ".join(job.secrets),
@@ -170,13 +170,15 @@ def start(record: RunRecord, job: JobSpec, backend: str, registry: Registry) -> 
         raise
     else:
         if used and other_credentials:
-            warn(
-                "storage %s: writing was checked with %s; the run uses the secret(s) %s, "
+            log.warning(
+                "storage %s: write checked with %s; the run uses the secret(s) %s, "
                 "which must be able to write there too.",
                 job.storage_uri,
                 used,
                 ", ".join(job.secrets),
             )
+        elif used:
+            log.info("storage %s: write checked with %s", job.storage_uri, used)
     return submit(record, job, backend, registry)
 
 

@@ -5,9 +5,10 @@ image.
 (`dataset_prepared_path`, by default $FERRY_HOME/prepared), and prints what it found.
 
 Exit codes: 0 done; 1 a problem the user can fix (printed as one paragraph, and written
-to FERRY_ERROR_FILE when the remote wrapper sets it, for the backend to report); 75
-(EXIT_PREEMPTED) stopped by SIGTERM or SIGINT after saving and uploading a checkpoint,
-relaunch to resume; any other failure keeps its traceback.
+to FERRY_ERROR_FILE when the remote wrapper sets it, for the backend to report; never
+retried); 75 (EXIT_PREEMPTED) stopped by SIGTERM or SIGINT after saving and uploading a
+checkpoint, relaunch to resume; 70 (EXIT_FAILED) anything else (a crash keeps its
+traceback, a failed upload says what failed): another attempt may succeed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from payload.errors import FerryError
+from payload.errors import EXIT_FAILED, FerryError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,13 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(cfg)
         except Preempted as e:
+            from payload.entry.torchrun import confirm_stop
+
             if rank == 0:
                 print(f"preempted: {e}", file=sys.stderr, flush=True)
+            confirm_stop(rank)
             return e.exit_code
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _record_error(os.environ.get("FERRY_ERROR_FILE"), e)
-        return 1
+        code = getattr(e, "exit_code", 1)
+        if code == 1:  # only the user's own problems go to the wrapper as such
+            _record_error(os.environ.get("FERRY_ERROR_FILE"), e)
+        return code
+    except Exception:  # a crash: its traceback, and a code that allows another attempt
+        import traceback
+
+        traceback.print_exc()
+        return EXIT_FAILED
     return 0
 
 

@@ -6,20 +6,31 @@ single-process run and gets no process group at all.
 
 Two groups, two timeouts. The default group (nccl with CUDA, gloo without) carries
 training's collectives and gives up after `ddp_timeout` seconds. A second, gloo group
-carries the small messages of the waits that follow one rank's long I/O: rank 0's
-checkpoint and final uploads, each node's resume download. That I/O runs under a
-deadline of `ddp_timeout` (`on_rank0`), and the gloo group waits a margin longer, so
-the other ranks hear rank 0's error rather than time out — and never wait forever.
+carries the small messages of the waits around one rank's long I/O: rank 0's checkpoint
+and final uploads, each node's resume download (`on_rank0`, `on_each_node`). While that
+I/O runs, the ranks compare notes every few seconds; it may take as long as it keeps
+moving bytes, and gives up once it moved none for `ddp_timeout` seconds. Its error (or
+its stall) reaches every rank as an error, never as a hang.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from payload.errors import FerryError
+from payload.errors import EXIT_FAILED, FerryError
+from payload.runtime.deadline import Meter
+
+
+class RankIOError(FerryError):
+    """One rank's long I/O (an upload, the resume download) failed or stalled. Worth
+    another attempt (storage was checked writable before launch), so not a user error."""
+
+    exit_code = EXIT_FAILED
+
 
 DEFAULT_TIMEOUT_S = 1800  # HF TrainingArguments' ddp_timeout default (and Axolotl's)
 IO_MARGIN_S = 60  # the waiting ranks' extra patience over rank 0's own I/O deadline
@@ -87,52 +98,78 @@ def teardown(synchronize: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def _within(fn: Callable[[], T], seconds: float, what: str) -> T:
-    from payload.runtime.deadline import DeadlineExceeded, call_within
-
-    try:
-        return call_within(fn, seconds, what)
-    except DeadlineExceeded as e:
-        raise FerryError(f"{what} did not finish within {seconds:.0f} s (ddp_timeout).") from e
+HEARTBEAT_S = 5.0  # how often the ranks compare notes while one rank's I/O runs
 
 
-def _attempt(fn: Callable[[], T], seconds: float, what: str) -> tuple[str, Any]:
-    """("ok", value) or ("error", message): what this rank tells the others."""
-    try:
-        return ("ok", _within(fn, seconds, what))
-    except FerryError as e:
-        message = e.message if e.message.startswith(what) else f"{what} failed: {e.message}"
-        return ("error", message)
-    except Exception as e:  # noqa: BLE001 - told to every rank, then raised
-        return ("error", f"{what} failed: {type(e).__name__}: {e}")
+def run_shared(
+    dist: DistInfo, what: str, fn: Callable[[], T] | None, meter: Meter
+) -> list[tuple[str, Any] | None]:
+    """Run `fn` on this rank (None: this rank only waits) while every rank waits for all
+    of them, comparing notes over the gloo group every HEARTBEAT_S: ("working", bytes),
+    ("ok", value), ("error", message), None for a rank with nothing to do. A worker that
+    moves no byte for `ddp_timeout` seconds gives up with an error; a rank that cannot
+    even answer (wedged) makes the others' exchange time out after `ddp_timeout` plus a
+    margin. Returns every rank's final note, in rank order."""
+    box: dict[str, Any] = {}
+    worker = None
+    if fn is not None:
+        meter.restart()
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - told to every rank below
+                box["error"] = e
+
+        worker = threading.Thread(target=work, name=f"ferry-{what}", daemon=True)
+        worker.start()
+    final: tuple[str, Any] | None = None
+    while True:
+        if worker is not None and final is None:
+            worker.join(HEARTBEAT_S)
+            if "error" in box:
+                final = ("error", _message(what, box["error"]))
+            elif not worker.is_alive():
+                final = ("ok", box.get("value"))
+            elif meter.idle_s() > dist.timeout_s:  # given up on: it dies with the process
+                final = ("error", f"{what} made no progress for {dist.timeout_s} s (ddp_timeout)")
+        mine = final or (("working", meter.bytes) if worker is not None else None)
+        notes: list[Any] = [mine]
+        if dist.backend:
+            import torch.distributed as torch_dist
+
+            notes = [None] * dist.world_size
+            torch_dist.all_gather_object(notes, mine, group=dist.io_group)
+        if not any(note and note[0] == "working" for note in notes):
+            return notes
 
 
-def on_rank0(dist: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
-    """Run `fn` on rank 0 under the `ddp_timeout` deadline; every rank waits for it and
-    returns its value, or raises its error (saying on the others that it was rank 0's).
-    The ranks meet after the work, so none leaves while rank 0 is still uploading."""
-    outcome: list[Any] = [_attempt(fn, dist.timeout_s, what) if dist.is_main else None]
-    if dist.backend:
-        import torch.distributed as torch_dist
-
-        torch_dist.broadcast_object_list(outcome, src=0, group=dist.io_group)
-    kind, value = outcome[0]
-    if kind == "error":
-        raise FerryError(value if dist.is_main else f"on rank 0, {value}")
-    return value
+def _message(what: str, error: BaseException) -> str:
+    if isinstance(error, FerryError):
+        return (
+            error.message if error.message.startswith(what) else f"{what} failed: {error.message}"
+        )
+    return f"{what} failed: {type(error).__name__}: {error}"
 
 
-def on_each_node(dist: DistInfo, what: str, fn: Callable[[], T]) -> list[T]:
-    """Run `fn` on the first process of every node under the deadline; return every
-    node's value (rank order) to every rank, or raise the first error on all of them."""
-    mine = _attempt(fn, dist.timeout_s, what) if dist.local_rank == 0 else None
-    found = [mine]
-    if dist.backend:
-        import torch.distributed as torch_dist
+def _raise_first(dist: DistInfo, notes: list[tuple[str, Any] | None]) -> None:
+    for rank, note in enumerate(notes):
+        if note and note[0] == "error":
+            raise RankIOError(note[1] if rank == dist.rank else f"on rank {rank}, {note[1]}")
 
-        found = [None] * dist.world_size
-        torch_dist.all_gather_object(found, mine, group=dist.io_group)
-    for rank, outcome in enumerate(found):
-        if outcome and outcome[0] == "error":
-            raise FerryError(outcome[1] if rank == dist.rank else f"on rank {rank}, {outcome[1]}")
-    return [outcome[1] for outcome in found if outcome]
+
+def on_rank0(dist: DistInfo, what: str, fn: Callable[[], T], meter: Meter) -> T | None:
+    """Run `fn` on rank 0 while every rank waits (see `run_shared`); every rank returns
+    its value or raises its error (on the others: "on rank 0, ..."). The ranks meet
+    after the work, so none leaves while rank 0 is still uploading."""
+    notes = run_shared(dist, what, fn if dist.is_main else None, meter)
+    _raise_first(dist, notes)
+    return notes[0][1] if notes[0] else None
+
+
+def on_each_node(dist: DistInfo, what: str, fn: Callable[[], T], meter: Meter) -> list[T]:
+    """Run `fn` on the first process of every node while every rank waits; every rank
+    gets each node's value, in rank order, or the first error."""
+    notes = run_shared(dist, what, fn if dist.local_rank == 0 else None, meter)
+    _raise_first(dist, notes)
+    return [note[1] for note in notes if note]

@@ -31,6 +31,8 @@ from transformers import TrainerCallback
 from payload import distributed
 from payload.config.schema import TrainConfig
 from payload.errors import EXIT_PREEMPTED, FerryError
+from payload.runtime.deadline import Meter
+from payload.runtime.procs import STOP_SIGNALS
 from payload.storage import (
     FINAL,
     Store,
@@ -76,7 +78,7 @@ def _step_of(folder_name: str) -> int:
     return int(match.group(1))
 
 
-def _fetch(cfg: TrainConfig, output_dir: Path, store: Store | None) -> str | None:
+def _fetch(cfg: TrainConfig, output_dir: Path, store: Store | None, progress: Meter) -> str | None:
     """Resolve the checkpoint to resume from into a local folder (first process per node)."""
     wanted = cfg.resume_from_checkpoint
     auto = cfg.auto_resume_from_checkpoints
@@ -86,7 +88,7 @@ def _fetch(cfg: TrainConfig, output_dir: Path, store: Store | None) -> str | Non
         parent, name = wanted.rstrip("/").rsplit("/", 1)
         step = _step_of(name)
         local = output_dir / name
-        download_folder(open_store(parent), name, local)
+        download_folder(open_store(parent), name, local, progress)
         return _keep_up_to(output_dir, step, str(local))
     if wanted:
         return wanted
@@ -97,7 +99,7 @@ def _fetch(cfg: TrainConfig, output_dir: Path, store: Store | None) -> str | Non
         if latest is None:
             return None
         local = output_dir / f"checkpoint-{latest.step}"
-        download_folder(store, latest.prefix, local)
+        download_folder(store, latest.prefix, local, progress)
         metrics = store.read_bytes(METRICS_FILE)
         if metrics is not None:  # the history so far, for metrics.jsonl to carry on from
             (output_dir / METRICS_FILE).write_bytes(metrics)
@@ -121,10 +123,11 @@ def resume_point(
     cfg: TrainConfig, output_dir: str, dist: distributed.DistInfo, store: Store | None
 ) -> str | None:
     """The local checkpoint folder to resume from, or None for a fresh start. The first
-    process on each node downloads, under the ddp_timeout deadline; every process waits
-    until every node has its copy, and gets rank 0's answer (or a node's error)."""
+    process on each node downloads while the others wait (`distributed.on_each_node`);
+    every process gets rank 0's answer, or a node's error."""
+    meter = Meter()
     found = distributed.on_each_node(
-        dist, "the resume download", lambda: _fetch(cfg, Path(output_dir), store)
+        dist, "the resume download", lambda: _fetch(cfg, Path(output_dir), store, meter), meter
     )
     return found[0]
 
@@ -159,6 +162,7 @@ class StorageSync(TrainerCallback):
         self.store, self.output_dir, self.run_id, self.keep = store, Path(output_dir), run_id, keep
         self.is_main, self.distributed_run = is_main, distributed_run
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-upload")
+        self.meter = Meter()  # bytes moved by every upload, for the waits on them
         self.pending: list[Future[None]] = []
         self.errors: list[str] = []
 
@@ -178,7 +182,9 @@ class StorageSync(TrainerCallback):
 
     def _upload(self, snapshot: Path, step: int) -> None:
         try:
-            result = upload_checkpoint(snapshot, self.store, step, self.run_id, self.keep)
+            result = upload_checkpoint(
+                snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
+            )
             self._publish(f"checkpoint-{step}", self.store.uri, result)
         except Exception as e:  # noqa: BLE001 - reported by wait(); training goes on meanwhile
             self.errors.append(f"checkpoint-{step}: {e}")
@@ -206,7 +212,12 @@ class StorageSync(TrainerCallback):
         """The final artifacts: everything in output_dir but checkpoints and staging."""
         skip = tuple(p.name for p in self.output_dir.iterdir() if CHECKPOINT_DIR.match(p.name))
         result = upload_folder(
-            self.output_dir, self.store, FINAL, run_id=self.run_id, exclude=(*skip, STAGING)
+            self.output_dir,
+            self.store,
+            FINAL,
+            run_id=self.run_id,
+            exclude=(*skip, STAGING),
+            progress=self.meter,
         )
         self._publish("final artifacts", self.store.child(FINAL), result)
 
@@ -222,9 +233,6 @@ class StorageSync(TrainerCallback):
             f"({result.files_sent} files, {result.bytes_sent:,} bytes)",
             flush=True,
         )
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 # The payload's exit code after a SIGTERM stop (a preemption): a checkpoint was saved and
 # uploaded, and a relaunch of the run resumes from it. 75 is EX_TEMPFAIL: try again later.
 EXIT_PREEMPTED = 75
+# Anything else that went wrong (a crash, a failed upload): not the user's to fix in the
+# config, so backends may try again (Modal's `retries`). 70 is EX_SOFTWARE.
+EXIT_FAILED = 70
 
 
 class FerryError(Exception):

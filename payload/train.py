@@ -233,7 +233,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: Any) -> dict[s
     if stop.stopped_at is not None:
         step = stop.stopped_at
         if sync:  # every rank stays until rank 0's upload is done (or has failed)
-            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait)
+            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
         where = store.child(f"checkpoints/checkpoint-{step}") if store else output_dir
         raise durability.Preempted(request.signame, step, where)
     trainer.save_model(output_dir)
@@ -242,7 +242,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: Any) -> dict[s
         tokenizer.save_pretrained(output_dir)
         summary = _write_summary(cfg, output_dir, report, started, resumed_step)
     if sync:
-        distributed.on_rank0(dist, "the final upload", sync.finish)
+        distributed.on_rank0(dist, "the final upload", sync.finish, sync.meter)
     return summary
 
 

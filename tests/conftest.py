@@ -121,10 +121,14 @@ class ThrottledProxy:
 
         target = urlparse(upstream)
         self.upstream = (target.hostname, target.port)
-        self.rate: float | None = None  # bytes per second towards the server; None: no cap
+        # Bytes per second towards the server; None: no cap; 0: nothing passes (a stall).
+        self.rate: float | None = None
         self._lock = threading.Lock()
         self._next_slot = 0.0
         self.listener = socket.socket()
+        # A small receive buffer (inherited by each accepted connection): the client's
+        # bytes wait on its side, as on a slow link, instead of piling up in this host.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -146,6 +150,8 @@ class ThrottledProxy:
     def _pace(self, size: int) -> None:
         import time
 
+        while self.rate == 0:  # stalled until the test says otherwise
+            time.sleep(0.05)
         rate = self.rate
         if not rate:
             return

@@ -8,6 +8,7 @@ process that is killed instead, see executors.modal)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -46,3 +47,27 @@ def call_within(fn: Callable[[], T], seconds: float, what: str = "the call") -> 
     if "error" in box:
         raise box["error"]
     return box.get("value")  # type: ignore[return-value]
+
+
+class Meter:
+    """Counts bytes as a transfer moves them, and when the last ones moved: a transfer
+    is judged by its progress, not by its total time. Called from the transfer's
+    threads (it is a storage `progress` callback)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.last = time.monotonic()
+
+    def __call__(self, moved: int) -> None:
+        with self._lock:
+            self.bytes += moved
+            self.last = time.monotonic()
+
+    def restart(self) -> None:
+        """Count idleness from now (a new piece of work begins)."""
+        with self._lock:
+            self.last = time.monotonic()
+
+    def idle_s(self) -> float:
+        return time.monotonic() - self.last

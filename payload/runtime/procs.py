@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 _PROC = Path("/proc")
+# What clouds (SIGTERM) and Modal (SIGINT) send before they take a machine back: for a
+# training run, "save a checkpoint and stop".
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def alive_with(pid: int, marker: str) -> bool:

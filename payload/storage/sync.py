@@ -261,11 +261,21 @@ def latest_complete_checkpoint(store: Store) -> Checkpoint | None:
 
 
 def upload_checkpoint(
-    folder: Path, store: Store, step: int, run_id: str | None = None, keep: int | None = None
+    folder: Path,
+    store: Store,
+    step: int,
+    run_id: str | None = None,
+    keep: int | None = None,
+    progress: Progress | None = None,
 ) -> Transfer:
     """Upload one `checkpoint-<step>` folder, then apply retention."""
     result = upload_folder(
-        folder, store, f"{CHECKPOINTS}/checkpoint-{step}", run_id=run_id, step=step
+        folder,
+        store,
+        f"{CHECKPOINTS}/checkpoint-{step}",
+        run_id=run_id,
+        step=step,
+        progress=progress,
     )
     if keep:
         apply_retention(store, keep)
