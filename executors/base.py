@@ -161,10 +161,6 @@ class JobSpec:
             **fields,
         )
 
-    def payload_command(self, config_path: str | Path | None = None) -> list[str]:
-        """The command every backend runs in the image, under torchrun."""
-        return ["-m", "payload", "train", str(config_path or self.config_path)]
-
     def payload_env(self) -> dict[str, str]:
         env = dict(self.env)
         env["FERRY_RUN_ID"] = self.run_id

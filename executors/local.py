@@ -30,6 +30,7 @@ from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.supervise import EXIT_FILE
+from payload.entry.remote import training_command
 from payload.runtime.cluster import SINGLE, torchrun_args
 from payload.runtime.job import DEFAULT_STOP_GRACE_S, MASTER_PORT
 from payload.runtime.procs import alive_with, stop_tree
@@ -128,13 +129,8 @@ class LocalExecutor(Executor):
 
     def _command(self, job: JobSpec) -> list[str]:
         r = job.resources
-        return [
-            sys.executable,
-            "-m",
-            "payload.entry.torchrun",
-            *torchrun_args(r.gpus_per_node, SINGLE, MASTER_PORT, r.stop_grace_s),
-            *job.payload_command(),
-        ]
+        args = torchrun_args(r.gpus_per_node, SINGLE, MASTER_PORT, r.stop_grace_s)
+        return training_command(sys.executable, args, job.config_path)
 
     def _env(self, job: JobSpec) -> dict[str, str]:
         env = {**os.environ, **job.payload_env()}

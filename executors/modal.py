@@ -44,6 +44,7 @@ from payload.errors import FerryError
 from payload.runtime.cluster import SINGLE, Node, torchrun_args
 from payload.runtime.deadline import DeadlineExceeded, call_within
 from payload.runtime.job import MASTER_PORT, RemoteJob, default_workdir
+from payload.storage.stores import modal_call, modal_silent
 
 RUNS_VOLUME = "ferry-runs"
 HF_CACHE_VOLUME = "ferry-hf-cache"
@@ -103,24 +104,8 @@ def credentials_present() -> bool:
 
 
 def unreachable(what: str, seconds: float) -> NotStarted:
-    """The one paragraph for "Modal's API did not answer"."""
-    from modal.config import config
-
-    return NotStarted(
-        f"Modal's API at {config.get('server_url')} did not answer {what} within "
-        f"{seconds:.0f} s, so nothing was started on Modal.",
-        hint="Check your network or proxy (can this machine reach it?), "
-        "https://status.modal.com, and `modal token info`; then `launch resume` the run.",
-    )
-
-
-def api_call(fn, what: str, seconds: float = API_TIMEOUT_S):  # type: ignore[no-untyped-def]
-    """A call to Modal's API that reads or stops something, with a deadline (a dead
-    connection is otherwise retried for about a minute)."""
-    try:
-        return call_within(fn, seconds, f"Modal: {what}")
-    except DeadlineExceeded as e:
-        raise unreachable(what, seconds) from e
+    """Modal did not answer a launch: nothing was started, so it may be tried again."""
+    return modal_silent(what, seconds, NotStarted, ", so nothing was started on Modal")
 
 
 def gpu_string(job: JobSpec) -> str | None:
@@ -257,6 +242,10 @@ class ModalExecutor(Executor):
                 "file:// storage is on this machine, out of a Modal job's reach; "
                 "use volume:// (the default) or s3://"
             )
+        try:  # the contract itself: valid, and no secret of this machine in it
+            modal_job(job)
+        except FerryError as e:
+            problems.append(e.message)
         if (job.storage_uri or "").startswith("s3://") and not job.secrets:
             problems.append(
                 "s3:// storage needs AWS credentials in the job: add a Modal "
@@ -273,20 +262,14 @@ class ModalExecutor(Executor):
 
     def command(self, job: JobSpec) -> list[str]:
         """What each container runs, with the cluster's values as placeholders."""
+        from payload.entry.remote import CONFIG_FILE, training_command
+
         r = job.resources
         node = SINGLE
         if r.nodes > 1:
             node = Node("<container rank>", r.nodes, "<rank 0 container ip>")
-        return [
-            "python",
-            "-m",
-            "payload.entry.torchrun",
-            *torchrun_args(r.gpus_per_node, node, MASTER_PORT, r.stop_grace_s),
-            "-m",
-            "payload",
-            "train",
-            f"{default_workdir(job.run_id)}/config.yml",
-        ]
+        args = torchrun_args(r.gpus_per_node, node, MASTER_PORT, r.stop_grace_s)
+        return training_command("python", args, f"{default_workdir(job.run_id)}/{CONFIG_FILE}")
 
     def _plan(self, job: JobSpec) -> Plan:
         from images.render import build_steps
@@ -390,16 +373,19 @@ class ModalExecutor(Executor):
 
     def _status(self, handle: Handle) -> Status:
         import modal
+        from modal.exception import AuthError, ClientClosed
+        from modal.exception import ConnectionError as ModalConnectionError
 
         call = modal.FunctionCall.from_id(handle.data["call_id"])
         try:
-            value = api_call(lambda: call.get(timeout=0), "a status request")
-        except TimeoutError:
+            value = call_within(lambda: call.get(timeout=0), API_TIMEOUT_S, "Modal: status")
+        except TimeoutError:  # the call has no result yet
             return Status(RunState.RUNNING)
         except modal.exception.InputCancellation:
             return Status(RunState.CANCELLED, "cancelled")
-        except FerryError:
-            raise
+        except (DeadlineExceeded, ModalConnectionError, AuthError, ClientClosed) as e:
+            # Modal did not say how the call is: not an ending; ask again next time.
+            return Status(RunState.RUNNING, f"state unknown: Modal did not answer ({e})")
         except Exception as e:  # noqa: BLE001 - the function's own ending
             return status_from_outcome(error=e)
         return status_from_outcome(value)
@@ -427,7 +413,7 @@ class ModalExecutor(Executor):
 
         call = modal.FunctionCall.from_id(handle.data["call_id"])
         # terminate_containers: stop the GPUs now, not after the input finishes.
-        api_call(lambda: call.cancel(terminate_containers=True), "a cancel request")
+        modal_call(lambda: call.cancel(terminate_containers=True), "a cancel", API_TIMEOUT_S)
         return Status(RunState.CANCELLED, "cancelled by the user", None, time.time())
 
 

@@ -11,8 +11,10 @@ the parent waits with two deadlines:
   sweep may try again later);
 - SUBMIT_TIMEOUT_S for the rest (the first launch builds the image): past it the child is
   killed, and an app it may have started is looked up by its name, `ferry-<run id>`, and
-  stopped before anything else happens.
+  stopped before anything else happens. If that cannot be done, the submit fails without
+  "nothing was started", so it is not tried again on its own.
 
+A Ctrl-C while it waits stops the child too, and then the call it made (or its app).
 The child's output (Modal's build log) goes to this terminal.
 """
 
@@ -38,6 +40,7 @@ from executors.modal import (
     unreachable,
 )
 from payload.errors import FerryError
+from payload.storage.stores import modal_silent
 
 SPEC_FILE = "modal-submit.json"  # what the child needs to rebuild the JobSpec
 ERROR_FILE = "modal-submit-error.json"  # {"kind": "unreachable" | "error", "message"}
@@ -56,6 +59,7 @@ def submit(executor: Any, job: JobSpec, connect_s: float = CONNECT_TIMEOUT_S) ->
     )
     started = time.monotonic()
     overran = None
+    handle_file = run_dir / HANDLE_FILE
     try:
         while child.poll() is None:
             connected = (run_dir / CONNECTED_FILE).exists()
@@ -64,19 +68,27 @@ def submit(executor: Any, job: JobSpec, connect_s: float = CONNECT_TIMEOUT_S) ->
                 overran = "connect" if not connected else "submit"
                 break
             time.sleep(0.05)
+    except KeyboardInterrupt:
+        _kill(child)
+        _undo(executor, job, handle_file)
+        raise
     finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-    handle_file = run_dir / HANDLE_FILE
+        _kill(child)
     if handle_file.exists():  # the call exists: it is this run, whatever came after
         return Handle(executor.name, job.run_id, json.loads(handle_file.read_text()))
     if overran == "connect":
         raise unreachable("the launch", connect_s)
     if overran == "submit":
-        stopped = stop_apps(f"ferry-{job.run_id}")
+        what = f"Modal did not finish launching {job.run_id} within {SUBMIT_TIMEOUT_S:.0f} s"
+        try:
+            stopped = stop_apps(f"ferry-{job.run_id}")
+        except FerryError as e:
+            raise FerryError(
+                f"{what}, and its app may still be running: {e.message}",
+                hint=f"Look for app ferry-{job.run_id} in `modal app list` and stop it.",
+            ) from e
         raise NotStarted(
-            f"Modal did not finish launching {job.run_id} within {SUBMIT_TIMEOUT_S:.0f} s; "
+            f"{what}; "
             + (f"stopped the app it had started ({', '.join(stopped)})." if stopped else "")
         )
     try:
@@ -86,6 +98,24 @@ def submit(executor: Any, job: JobSpec, connect_s: float = CONNECT_TIMEOUT_S) ->
     if error["kind"] == "unreachable":
         raise unreachable("the launch", connect_s)
     raise FerryError(f"Modal refused the launch of {job.run_id}: {error['message']}")
+
+
+def _kill(child: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def _undo(executor: Any, job: JobSpec, handle_file: Path) -> None:
+    """After a Ctrl-C: cancel the call the child made, or stop the app it started."""
+    try:
+        if handle_file.exists():
+            handle = Handle(executor.name, job.run_id, json.loads(handle_file.read_text()))
+            executor.cancel(handle)
+        else:
+            stop_apps(f"ferry-{job.run_id}")
+    except FerryError as e:
+        print(f"could not stop what the launch had started: {e.message}", file=sys.stderr)
 
 
 def stop_apps(name: str) -> list[str]:
@@ -110,7 +140,7 @@ def _modal_cli(*args: str) -> str:
             timeout=API_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as e:
-        raise unreachable(f"`modal {' '.join(args)}`", API_TIMEOUT_S) from e
+        raise modal_silent(f"`modal {' '.join(args)}`", API_TIMEOUT_S) from e
     if done.returncode != 0:
         raise FerryError(f"`modal {' '.join(args)}` failed: {done.stderr.strip()[-500:]}")
     return done.stdout
@@ -127,8 +157,8 @@ def main(run_dir: Path) -> int:
 
     from executors.modal import ModalExecutor
 
-    job = job_from_fields(run_dir, json.loads((run_dir / SPEC_FILE).read_text()))
     try:
+        job = job_from_fields(run_dir, json.loads((run_dir / SPEC_FILE).read_text()))
         client = modal.Client.from_env()
         client.hello()
     except modal.exception.ConnectionError as e:

@@ -325,8 +325,10 @@ def cancel(run_id: RunArg, yes: YesOpt = False) -> None:
 
     output.confirm(f"Cancel run {run_id}?", yes)
     record = api.status(run_id)
-    if record.state == "running":
-        grace = record.resources.get("stop_grace_s", 120)
+    if record.state == "running" and record.backend == "local":
+        from payload.runtime.job import DEFAULT_STOP_GRACE_S
+
+        grace = record.resources.get("stop_grace_s", DEFAULT_STOP_GRACE_S)
         output.note(f"stopping {run_id}: it saves and uploads a checkpoint first (up to {grace} s)")
     output.cancelled(api.cancel(run_id))
 

@@ -129,8 +129,6 @@ def plan_sweep(
                 for problem in executor.problems(job):
                     invalid.append(f"{label}: {backend}: {problem}")
                     invalid_trials.add(trial.index)
-    for root in {job.storage_uri.rsplit("/", 1)[0] for job in jobs if job.storage_uri}:
-        runs.check_storage(root)  # once per storage, not once per trial
     if invalid:
         shown = invalid[:INVALID_SHOWN]
         more = f"\n  ... and {len(invalid) - len(shown)} more" if len(invalid) > len(shown) else ""
@@ -158,9 +156,20 @@ def plan_sweep(
 
 
 def preflight(plan: SweepPlan) -> None:
-    """Credentials and the like, once per backend, before the sweep is recorded."""
+    """What only a real sweep needs, before it is recorded: each backend's credentials,
+    and a probe write to every storage the trials may sync to (a trial without its own
+    goes to its backend's default). Once per backend and per storage, not per trial."""
+    roots: set[str] = set()
     for backend in plan.backends:
-        get_executor(backend).preflight(plan.jobs[0])
+        executor = get_executor(backend)
+        executor.preflight(plan.jobs[0])
+        default = executor.default_storage(ferry_home())
+        for job in plan.jobs:
+            uri = job.storage_uri.rsplit("/", 1)[0] if job.storage_uri else default
+            if uri:
+                roots.add(uri.rstrip("/"))
+    for root in sorted(roots):
+        runs.check_storage(root)
 
 
 def create(plan: SweepPlan, registry: Registry | None = None) -> SweepRecord:

@@ -307,10 +307,13 @@ def _started(
         attempts=record.attempts + 1,
         storage_uri=job.storage_uri,
     )
-    if started is None:  # cancelled while it was being submitted: stop what started
-        get_executor(backend).cancel(handle)
-        return registry.get(record.run_id)
-    return started
+    if started is not None:
+        return started
+    now = registry.get(record.run_id)
+    if now.state == RunState.RUNNING.value and now.handle == handle.to_json():
+        return now  # an earlier attempt recorded this very submission
+    get_executor(backend).cancel(handle)  # cancelled while it was submitted: stop it
+    return registry.get(record.run_id)
 
 
 def claim(run_id: str, registry: Registry, expect: tuple[str, ...] = RESUMABLE) -> RunRecord:
@@ -360,9 +363,13 @@ def cancel(run_id: str, registry: Registry) -> RunRecord:
         return record
     if not record.handle:  # recorded but not submitted (a sweep's queued trial)
         cancelled = registry.transition(
-            run_id, RunState.CANCELLED.value, expect=UNFINISHED, finished_at=time.time()
+            run_id,
+            RunState.CANCELLED.value,
+            expect=(RunState.PENDING.value,),
+            finished_at=time.time(),
         )
-        return cancelled or cancel(run_id, registry)  # it was submitted meanwhile
+        # Not pending any more: it was submitted (or ended) meanwhile; cancel that.
+        return cancelled or cancel(run_id, registry)
     result = get_executor(record.backend).cancel(handle_of(record))
     done = registry.transition(
         run_id,

@@ -271,7 +271,8 @@ class StopOnSignal(TrainerCallback):
         self.request, self.dist = request, dist
         self.stopped_at: int | None = None
 
-    def _agreed(self) -> bool:
+    def agreed(self) -> bool:
+        """Has any rank been asked to stop? (A collective: every rank must ask.)"""
         if not self.dist.backend:
             return self.request.requested
         import torch
@@ -282,7 +283,7 @@ class StopOnSignal(TrainerCallback):
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.stopped_at is None and self._agreed():
+        if self.stopped_at is None and self.agreed():
             self.request.signame = self.request.signame or "a stop signal on another rank"
             self.stopped_at = state.global_step
             control.should_save = True

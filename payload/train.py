@@ -227,8 +227,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: Any) -> dict[s
     resumed_step = _checkpoint_step(resume)
     if resume and dist.is_main:
         print(f"resuming from step {resumed_step} ({resume})", flush=True)
-    if request.requested:
-        raise durability.Preempted(request.signame, None, None)
+    if stop.agreed():  # all ranks together: a signal may have reached only some so far
+        raise durability.Preempted(request.signame or "a stop signal on another rank", None, None)
     trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_at is not None:
         step = stop.stopped_at

@@ -272,3 +272,48 @@ def test_a_cancelled_input_stops_torchrun_and_its_ranks_before_the_function_retu
     step = int(re.search(r"stopped by SIGTERM at step (\d+)", text).group(1))
     store = open_store(f"file://{volume / job['run_id']}")
     assert latest_complete_checkpoint(store).step == step
+
+
+RUN_SCRIPT = """\
+#!/usr/bin/env bash
+# What a SkyPilot task's `run:` does on each node: start the job contract's entry.
+set -euo pipefail
+python -m payload.entry run "$1"
+"""
+
+
+def test_the_entry_for_skypilot_and_ray_runs_a_job_from_bash(tmp_path):
+    """`python -m payload.entry run JOB.json`, started by bash where only the image's
+    files exist: one node trains into its storage; a 2-node job outside any cluster stops
+    at once with exit 1 and says why (it never trains on one node)."""
+    from executors.base import remote_job
+
+    cfg = quickstart_config(tmp_path, "max_steps: 2\nnum_epochs: null\n")
+    job, _ = api.prepare(cfg, storage=f"file://{tmp_path / 'storage'}")
+    config = {**job.config, "output_dir": str(tmp_path / "work" / "output")}
+    contract = remote_job(job, config, "single")
+    image = Image(tmp_path / "image", b"")
+    (image.root / "run.sh").write_text(RUN_SCRIPT)
+    (image.root / "job.json").write_text(contract.to_json())
+    env = {
+        **os.environ,
+        # `python` is the image's: the one with the training stack.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": f"{image.root}{os.pathsep}{image.root / 'site'}",
+        "OMP_NUM_THREADS": "1",
+    }
+    run = subprocess.run(
+        ["bash", "run.sh", "job.json"], cwd=image.root, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    store = open_store(job.storage_uri)
+    assert "final/adapter_model.safetensors" in store.list("final")
+
+    two = json.loads(contract.to_json()) | {"nodes": 2, "cluster": "skypilot"}
+    (image.root / "two.json").write_text(json.dumps(two))
+    refused = subprocess.run(
+        ["bash", "run.sh", "two.json"], cwd=image.root, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 1
+    assert "asks for 2 nodes, but this container found no skypilot cluster" in refused.stderr
+    assert "[step" not in refused.stdout

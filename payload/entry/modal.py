@@ -4,9 +4,11 @@ It is defined here, in the payload, because Modal serializes it by reference
 (`payload.entry.modal.ferry_train`) and the image holds `payload/` only.
 
 How it ends decides what Modal does next:
-- training done (0) or a user error (1): it returns `{"exit_code", "detail"}`. Modal
-  records a result and never retries it: a config that cannot work costs nothing more.
-- stopped after a checkpoint (75, a preemption) or crashed (anything else): it raises
+- training done (0) or a user error (1, with the payload's message): it returns
+  `{"exit_code", "detail"}`. Modal records a result and never retries it: a config that
+  cannot work costs nothing more.
+- stopped after a checkpoint (75, a preemption) or anything else (70: a crash, a failed
+  upload; or 1 without the payload's message, which is no user error): it raises
   `RunStopped`, so Modal restarts it on the same input (preemption) or retries it
   (`retries`); every restart resumes from the newest complete checkpoint.
 The launcher reads the exit code from the value or from the exception's `exit_code`,
@@ -43,7 +45,7 @@ def ferry_train(job_json: str) -> dict[str, Any]:
     from payload.runtime.job import RemoteJob
 
     result = run_job(RemoteJob.from_json(job_json))
-    if result.exit_code in (0, 1):
+    if result.exit_code == 0 or (result.exit_code == 1 and result.detail):
         return result.to_dict()
     detail = result.detail if result.exit_code != EXIT_PREEMPTED else None
     raise RunStopped(result.exit_code, detail)

@@ -49,18 +49,24 @@ class JobResult:
         return asdict(self)
 
 
-def command(job: RemoteJob, node: Node, config_path: Path) -> list[str]:
-    """The command this node runs."""
+def training_command(python: str, torchrun: list[str], config_path: str | Path) -> list[str]:
+    """The command every backend runs on every node: torchrun (with `torchrun`, from
+    payload.runtime.cluster.torchrun_args) around `python -m payload train CONFIG`."""
     return [
-        sys.executable,
+        python,
         "-m",
         "payload.entry.torchrun",
-        *job_torchrun_args(job, node),
+        *torchrun,
         "-m",
         "payload",
         "train",
         str(config_path),
     ]
+
+
+def command(job: RemoteJob, node: Node, config_path: Path) -> list[str]:
+    """The command this node runs."""
+    return training_command(sys.executable, job_torchrun_args(job, node), config_path)
 
 
 def process_env(job: RemoteJob, environ: Mapping[str, str]) -> dict[str, str]:

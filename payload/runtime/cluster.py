@@ -87,6 +87,11 @@ def discover(job: RemoteJob, env: Mapping[str, str]) -> Node:
     if job.cluster == "single":
         found: Node | None = SINGLE if job.nodes == 1 else None
     elif job.cluster == "static":
+        if job.nodes > 1 and "FERRY_NODE_RANK" not in env:
+            raise ClusterError(
+                f"run {job.run_id} runs on {job.nodes} static hosts, but FERRY_NODE_RANK does "
+                "not say which of them this is; every node would take rank 0."
+            )
         try:
             rank = int(env.get("FERRY_NODE_RANK", "0"))
         except ValueError as e:

@@ -52,6 +52,36 @@ def default_workdir(run_id: str) -> str:
     return f"/tmp/ferry/{run_id}"
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,),
+    "config": (dict,),
+    "storage_uri": (str, type(None)),
+    "env": (dict,),
+    "nodes": (int,),
+    "procs_per_node": (int,),
+    "cluster": (str,),
+    "hosts": (list,),
+    "volume_mounts": (dict,),
+    "workdir": (str,),
+    "stop_grace_s": (int,),
+    "master_port": (int,),
+    "version": (int,),
+}
+
+
+def _strings(value: Any) -> Any:
+    """Every string in a JSON-like value, keys included, as it is (not JSON-escaped)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
 @dataclass(frozen=True)
 class RemoteJob:
     """One run as a remote container starts it. `config` is resolved, with paths as
@@ -72,6 +102,16 @@ class RemoteJob:
     version: int = VERSION
 
     def __post_init__(self) -> None:
+        wrong = [
+            f"{name} should be {' or '.join(t.__name__ for t in kinds)}, "
+            f"not {type(getattr(self, name)).__name__}"
+            for name, kinds in _FIELD_TYPES.items()
+            if not isinstance(getattr(self, name), kinds) or isinstance(getattr(self, name), bool)
+        ]
+        if wrong:
+            raise FerryError(
+                f"Job {self.run_id!r} is not valid:\n" + "\n".join(f"  - {w}" for w in wrong)
+            )
         problems = []
         if self.version != VERSION:
             problems.append(
@@ -129,11 +169,16 @@ class RemoteJob:
         """Refuse the job if the value of any secret-named variable in `environ` (the
         launching machine's environment) appears anywhere in it. Names the variable,
         never the value."""
-        text = self.to_json()
-        leaked = sorted(
-            name
+        secrets = {
+            name: value
             for name, value in environ.items()
-            if secret_like(name) and len(value) >= _MIN_SECRET_LEN and value in text
+            if secret_like(name) and len(value) >= _MIN_SECRET_LEN
+        }
+        if not secrets:
+            return
+        texts = list(_strings(asdict(self)))
+        leaked = sorted(
+            name for name, value in secrets.items() if any(value in text for text in texts)
         )
         if leaked:
             raise FerryError(

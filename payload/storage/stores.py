@@ -395,19 +395,7 @@ class VolumeStore(Store):
 
     def _api(self, fn, what: str, seconds: float = VOLUME_CALL_TIMEOUT_S):  # type: ignore[no-untyped-def]
         """A call to Modal's API with a deadline."""
-        from payload.runtime.deadline import DeadlineExceeded, call_within
-
-        try:
-            return call_within(fn, seconds, what)
-        except DeadlineExceeded as e:
-            from modal.config import config
-
-            raise FerryError(
-                f"Storage {self.uri}: Modal's API at {config.get('server_url')} did not "
-                f"answer ({what}) within {seconds:.0f} s.",
-                hint="Check your network or proxy, https://status.modal.com, and "
-                "`modal token info`.",
-            ) from e
+        return modal_call(fn, f"{what} on {self.uri}", seconds)
 
     def credentials(self) -> str:
         return "the mounted volume" if self.local else "this machine's Modal token"
@@ -492,6 +480,29 @@ class VolumeStore(Store):
         # Inside Modal, writes to the mount stay private to this container until commit.
         if self.local and os.environ.get("MODAL_TASK_ID"):
             self._api(self.volume.commit, "a commit", VOLUME_TRANSFER_TIMEOUT_S)
+
+
+def modal_silent(what: str, seconds: float, cls: type[FerryError] = FerryError, then: str = ""):  # type: ignore[no-untyped-def]
+    """The one paragraph for "Modal's API did not answer" (`then`: what that means)."""
+    from modal.config import config
+
+    return cls(
+        f"Modal's API at {config.get('server_url')} did not answer {what} within "
+        f"{seconds:.0f} s{then}.",
+        hint="Check your network or proxy (can this machine reach it?), "
+        "https://status.modal.com, and `modal token info`.",
+    )
+
+
+def modal_call(fn, what: str, seconds: float):  # type: ignore[no-untyped-def]
+    """A call to Modal's API that reads, writes or stops something, with a deadline (the
+    SDK otherwise retries a dead connection for about a minute)."""
+    from payload.runtime.deadline import DeadlineExceeded, call_within
+
+    try:
+        return call_within(fn, seconds, f"Modal: {what}")
+    except DeadlineExceeded as e:
+        raise modal_silent(what, seconds) from e
 
 
 def mounts() -> dict[str, str]:

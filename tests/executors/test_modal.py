@@ -300,3 +300,15 @@ def test_the_real_run_stopped_exception_survives_pickling_with_its_code():
 
     back = pickle.loads(pickle.dumps(RunStopped(75)))
     assert back.exit_code == 75 and status_from_outcome(error=back).state == RunState.PREEMPTED
+
+
+def test_a_secret_value_bound_for_the_job_is_refused_before_launch(tmp_path, monkeypatch):
+    """A token pasted as a plain env value (any name) is caught when the job is checked,
+    dry run included, and the error names the variable, not the value."""
+    from payload.errors import FerryError
+
+    monkeypatch.setenv("HF_TOKEN", SECRET_VALUE)
+    job = prepared(tmp_path, gpus="H100:1", env={"NOTE": SECRET_VALUE})
+    with pytest.raises(FerryError, match="The value of HF_TOKEN appears") as info:
+        get_executor("modal").plan(job)
+    assert SECRET_VALUE not in str(info.value)

@@ -74,6 +74,8 @@ def test_a_job_from_another_version_or_with_unknown_fields_is_refused_clearly():
         RemoteJob.from_json(json.dumps({**data, "secrets": {"HF_TOKEN": SECRET}}))
     with pytest.raises(FerryError, match="not valid JSON"):
         RemoteJob.from_json("{")
+    with pytest.raises(FerryError, match="nodes should be int, not str"):
+        RemoteJob.from_json(json.dumps({**data, "nodes": "2"}))
 
 
 @pytest.mark.parametrize(
@@ -109,6 +111,11 @@ def test_no_secret_value_can_enter_a_job(tmp_path, monkeypatch):
     with pytest.raises(FerryError, match="The value of HF_TOKEN appears"):
         _job(config={"base_model": "m", "hub_note": f"token={SECRET}"}).check_no_secret_values(
             laptop
+        )
+    quoted = 'p"w\\d\u00e9-secret'  # JSON escapes it: the check reads values, not the text
+    with pytest.raises(FerryError, match="The value of DB_PASSWORD appears"):
+        _job(config={"base_model": "m", "dsn": f"x:{quoted}@h"}).check_no_secret_values(
+            {"DB_PASSWORD": quoted}
         )
 
     monkeypatch.setenv("HF_TOKEN", SECRET)

@@ -258,3 +258,11 @@ def test_s3_check_tells_a_wrong_bucket_from_missing_credentials(s3_bucket, monke
     with pytest.raises(StorageCheckError, match="with no AWS credentials") as info:
         open_store(f"s3://{s3_bucket}/runs").check()
     assert info.value.credentials_problem  # a run with its own credentials may still write
+
+
+def test_the_launch_check_of_a_mounted_volume_writes_there(tmp_path, monkeypatch):
+    """Inside Modal the volume is a folder; the check writes and deletes its probe there."""
+    monkeypatch.setenv("FERRY_VOLUME_MOUNTS", f"ferry-runs={tmp_path / 'mnt'}")
+    store = open_store("volume://ferry-runs/run-1")
+    assert store.check() == "the mounted volume"
+    assert (tmp_path / "mnt" / "run-1").is_dir() and store.list() == {}
