@@ -312,3 +312,40 @@ def test_a_secret_value_bound_for_the_job_is_refused_before_launch(tmp_path, mon
     with pytest.raises(FerryError, match="The value of HF_TOKEN appears") as info:
         get_executor("modal").plan(job)
     assert SECRET_VALUE not in str(info.value)
+
+
+def test_status_and_cancel_have_deadlines_and_cancel_stops_the_containers(
+    silent_server, monkeypatch
+):
+    """Against an API that never answers (the network edge, as above), a status request
+    gives up within its deadline and says the state is unknown (not an ending: the run
+    stays unfinished), and a cancel gives up with the one paragraph. Then, with the call
+    object replaced (nothing else can stand in for Modal here), a cancel asks Modal to
+    terminate the containers, not just to drop the input."""
+    import modal
+
+    from executors import Handle
+    from executors import modal as modal_backend
+    from payload.errors import FerryError
+
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    monkeypatch.setenv("MODAL_SERVER_URL", silent_server)
+    monkeypatch.setattr(modal_backend, "API_TIMEOUT_S", 2.0)
+    handle = Handle("modal", "r-1", {"app_id": "ap-1", "call_id": "fc-1"})
+    started = time.monotonic()
+    status = ModalExecutor().status(handle)
+    assert time.monotonic() - started < 5
+    assert status.state == RunState.RUNNING and status.detail.startswith("state unknown")
+    with pytest.raises(FerryError, match="did not answer a cancel within 2 s"):
+        ModalExecutor().cancel(handle)
+
+    asked = {}
+
+    class Call:
+        def cancel(self, **kwargs):  # type: ignore[no-untyped-def]
+            asked.update(kwargs)
+
+    monkeypatch.setattr(modal.FunctionCall, "from_id", staticmethod(lambda call_id: Call()))
+    assert ModalExecutor().cancel(handle).state == RunState.CANCELLED
+    assert asked == {"terminate_containers": True}
