@@ -191,6 +191,7 @@ class Status:
     detail: str | None = None  # why it failed, or what it is waiting for
     exit_code: int | None = None
     finished_at: float | None = None  # when it ended (epoch seconds), if the backend knows
+    unknown: bool = False  # the backend did not answer: `state` is only the last guess
 
 
 @dataclass

@@ -369,7 +369,14 @@ class ModalExecutor(Executor):
         except (OSError, ValueError):
             return None
         handle = Handle(self.name, job.run_id, data)
-        return handle if not self._status(handle).state.finished else None
+        status = self._status(handle)
+        if status.unknown:
+            raise FerryError(
+                f"Cannot tell whether {job.run_id}'s last call on Modal is still running: "
+                f"{status.detail}. Nothing new was started.",
+                hint="Try again once Modal answers (`launch status` shows it).",
+            )
+        return handle if not status.state.finished else None
 
     def _status(self, handle: Handle) -> Status:
         import modal
@@ -385,7 +392,8 @@ class ModalExecutor(Executor):
             return Status(RunState.CANCELLED, "cancelled")
         except (DeadlineExceeded, ModalConnectionError, AuthError, ClientClosed) as e:
             # Modal did not say how the call is: not an ending; ask again next time.
-            return Status(RunState.RUNNING, f"state unknown: Modal did not answer ({e})")
+            detail = f"state unknown: Modal did not answer ({e})"
+            return Status(RunState.RUNNING, detail, unknown=True)
         except Exception as e:  # noqa: BLE001 - the function's own ending
             return status_from_outcome(error=e)
         return status_from_outcome(value)

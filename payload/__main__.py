@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        code = getattr(e, "exit_code", 1)
+        code = e.exit_code
         if code == 1:  # only the user's own problems go to the wrapper as such
             _record_error(os.environ.get("FERRY_ERROR_FILE"), e)
         return code

@@ -21,16 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from payload.errors import EXIT_FAILED, FerryError
+from payload.errors import EXIT_FAILED, FerryError, TransferError
 from payload.runtime.deadline import Meter
-
-
-class RankIOError(FerryError):
-    """One rank's long I/O (an upload, the resume download) failed or stalled. Worth
-    another attempt (storage was checked writable before launch), so not a user error."""
-
-    exit_code = EXIT_FAILED
-
 
 DEFAULT_TIMEOUT_S = 1800  # HF TrainingArguments' ddp_timeout default (and Axolotl's)
 IO_MARGIN_S = 60  # the waiting ranks' extra patience over rank 0's own I/O deadline
@@ -106,7 +98,8 @@ def run_shared(
 ) -> list[tuple[str, Any] | None]:
     """Run `fn` on this rank (None: this rank only waits) while every rank waits for all
     of them, comparing notes over the gloo group every HEARTBEAT_S: ("working", bytes),
-    ("ok", value), ("error", message), None for a rank with nothing to do. A worker that
+    ("ok", value), ("error", message, exit code), None for a rank with nothing to do. A
+    user's error (exit 1) stays one; any other failure or a stall exits 70. A worker that
     moves no byte for `ddp_timeout` seconds gives up with an error; a rank that cannot
     even answer (wedged) makes the others' exchange time out after `ddp_timeout` plus a
     margin. Returns every rank's final note, in rank order."""
@@ -128,11 +121,12 @@ def run_shared(
         if worker is not None and final is None:
             worker.join(HEARTBEAT_S)
             if "error" in box:
-                final = ("error", _message(what, box["error"]))
+                final = ("error", *_failure(what, box["error"]))
             elif not worker.is_alive():
                 final = ("ok", box.get("value"))
             elif meter.idle_s() > dist.timeout_s:  # given up on: it dies with the process
-                final = ("error", f"{what} made no progress for {dist.timeout_s} s (ddp_timeout)")
+                stalled = f"{what} made no progress for {dist.timeout_s} s (ddp_timeout)"
+                final = ("error", stalled, EXIT_FAILED)
         mine = final or (("working", meter.bytes) if worker is not None else None)
         notes: list[Any] = [mine]
         if dist.backend:
@@ -144,18 +138,20 @@ def run_shared(
             return notes
 
 
-def _message(what: str, error: BaseException) -> str:
+def _failure(what: str, error: BaseException) -> tuple[str, int]:
+    """(message, exit code) of a worker's exception."""
     if isinstance(error, FerryError):
-        return (
-            error.message if error.message.startswith(what) else f"{what} failed: {error.message}"
-        )
-    return f"{what} failed: {type(error).__name__}: {error}"
+        said = error.message
+        return (said if said.startswith(what) else f"{what} failed: {said}", error.exit_code)
+    return f"{what} failed: {type(error).__name__}: {error}", EXIT_FAILED
 
 
-def _raise_first(dist: DistInfo, notes: list[tuple[str, Any] | None]) -> None:
+def _raise_first(dist: DistInfo, notes: list[tuple[Any, ...] | None]) -> None:
     for rank, note in enumerate(notes):
         if note and note[0] == "error":
-            raise RankIOError(note[1] if rank == dist.rank else f"on rank {rank}, {note[1]}")
+            _, message, code = note
+            where = message if rank == dist.rank else f"on rank {rank}, {message}"
+            raise TransferError(where, exit_code=code)
 
 
 def on_rank0(dist: DistInfo, what: str, fn: Callable[[], T], meter: Meter) -> T | None:

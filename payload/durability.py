@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from payload import distributed
 from payload.config.schema import TrainConfig
-from payload.errors import EXIT_PREEMPTED, FerryError
+from payload.errors import EXIT_PREEMPTED, FerryError, TransferError
 from payload.runtime.deadline import Meter
 from payload.runtime.procs import STOP_SIGNALS
 from payload.storage import (
@@ -182,6 +182,10 @@ class StorageSync(TrainerCallback):
 
     def _upload(self, snapshot: Path, step: int) -> None:
         try:
+            # The history first: once the checkpoint is complete (its manifest, written
+            # last), the metrics up to its step are in storage too, whenever the run dies.
+            # A resumed run keeps the records up to its step and drops the rest.
+            self._put_metrics()
             result = upload_checkpoint(
                 snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
             )
@@ -198,7 +202,7 @@ class StorageSync(TrainerCallback):
             future.result()
         self.pending.clear()
         if self.errors:
-            raise FerryError(
+            raise TransferError(
                 f"{len(self.errors)} checkpoint upload(s) to {self.store.uri} failed: "
                 + "; ".join(self.errors)
             )
@@ -221,12 +225,15 @@ class StorageSync(TrainerCallback):
         )
         self._publish("final artifacts", self.store.child(FINAL), result)
 
-    def _publish(self, what: str, where: object, result: Any) -> None:
-        """After an upload: the metrics so far beside it, a commit (a volume shows nothing
-        to other readers before one), and one line in the log."""
+    def _put_metrics(self) -> None:
         metrics = self.output_dir / METRICS_FILE
         if metrics.exists():
             self.store.write_bytes(METRICS_FILE, metrics.read_bytes())
+
+    def _publish(self, what: str, where: object, result: Any) -> None:
+        """After an upload: the metrics so far beside it, a commit (a volume shows nothing
+        to other readers before one), and one line in the log."""
+        self._put_metrics()
         self.store.commit()
         print(
             f"storage: {what} synced to {where} "

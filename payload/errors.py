@@ -18,7 +18,10 @@ EXIT_FAILED = 70
 
 
 class FerryError(Exception):
-    """A problem the user can fix. `hint` is the next thing to try, if there is one."""
+    """A problem the user can fix. `hint` is the next thing to try, if there is one.
+    `exit_code` is what the payload exits with when it ends a run (1: never retried)."""
+
+    exit_code = 1
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -27,6 +30,17 @@ class FerryError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class TransferError(FerryError):
+    """Storage failed mid-run (an upload or a download that failed or stalled), after the
+    launch checked it could write there: likely passing, so another attempt may work."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_FAILED):
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -24,6 +24,9 @@ from payload.data.build import DataReport, build_datasets
 from payload.metrics import MetricsCallback
 from payload.model import load_model, load_tokenizer, use_bf16
 from payload.storage.layout import CONFIG_FILE, SUMMARY_FILE, read_metrics
+
+if TYPE_CHECKING:
+    from payload.durability import StopRequest
 
 log = logging.getLogger("ferry.train")
 
@@ -165,7 +168,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         distributed.teardown(synchronize=finished)
 
 
-def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: Any) -> dict[str, Any]:
+def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest) -> dict[str, Any]:
     from transformers import PrinterCallback, Trainer, set_seed
 
     from payload import durability

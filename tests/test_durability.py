@@ -294,3 +294,31 @@ def test_pull_refuses_a_crafted_path_and_writes_nothing_outside(tmp_path, ferry_
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
     assert not any(p.is_file() for p in (tmp_path / "a").rglob("*"))
+
+
+def test_a_complete_checkpoint_always_has_its_metrics_beside_it(tmp_path):
+    """A run killed right after a checkpoint's manifest landed resumes from it with the
+    metrics history up to that step (a gap once showed in the SIGKILL test): the history
+    must reach storage before the manifest does. Recorded on a real folder store."""
+    from types import SimpleNamespace
+
+    from payload.durability import StorageSync
+    from payload.storage.stores import FileStore
+
+    writes: list[str] = []
+
+    class Recording(FileStore):
+        def write_bytes(self, key: str, data: bytes) -> None:
+            writes.append(key)
+            super().write_bytes(key, data)
+
+    out = tmp_path / "out"
+    make_folder(out / "checkpoint-4", {"model.safetensors": 2_000, "trainer_state.json": 100})
+    (out / "metrics.jsonl").write_text('{"step": 4, "loss": 1.5}\n')
+    store = Recording(tmp_path / "store")
+    sync = StorageSync(store, str(out), "r-1", None, is_main=True, distributed_run=False)
+    sync.on_save(None, SimpleNamespace(global_step=4), None)
+    sync.wait()
+    manifest = "checkpoints/checkpoint-4/ferry-manifest.json"
+    assert writes.index("metrics.jsonl") < writes.index(manifest), writes
+    assert store.read_bytes("metrics.jsonl") == (out / "metrics.jsonl").read_bytes()
