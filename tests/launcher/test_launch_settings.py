@@ -170,3 +170,18 @@ def test_the_local_backend_warns_about_settings_it_ignores(tmp_path):
         check=True,
     )
     assert "warning: local: memory, secrets ignored" in result.stderr
+
+
+def test_stop_grace_reaches_torchrun_and_the_plan(tmp_path):
+    """One setting for every grace period: the flag wins over the config's `launch:`,
+    and both reach torchrun's --shutdown-timeout and the plan (a cancel waits as long)."""
+    cfg = quickstart_config(tmp_path, "launch:\n  stop_grace: 90s\n")
+    from_config = launch("train", str(cfg), "--dry-run", check=True).stdout
+    assert plan_row(from_config, "stop grace") == "90 s to save and upload after a stop"
+    assert "--shutdown-timeout 90 -m payload train" in from_config
+    from_flag = launch("train", str(cfg), "--stop-grace", "5m", "--dry-run", check=True).stdout
+    assert "--shutdown-timeout 300 -m payload train" in from_flag
+    job, _ = api.prepare(cfg, stop_grace="5m")
+    assert job.resources.stop_grace_s == 300
+    bad = launch("train", str(cfg), "--stop-grace", "soon", "--dry-run")
+    assert bad.returncode == 1 and "--stop-grace: 'soon' is not a duration" in bad.stderr
