@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -220,16 +221,20 @@ def dispatch(
     registry: Registry | None = None,
     poll_s: float = 1.0,
     on_event: Event | None = None,
+    stop: threading.Event | None = None,
 ) -> list[RunRecord]:
     """Run the sweep's pending trials, at most `max_parallel` at a time per backend, until
-    none is pending or running, or the sweep is cancelled. Returns the trials."""
+    none is pending or running, or the sweep is cancelled. `stop` (set by a signal
+    handler) ends the loop between submits, never inside one: a submit in flight is
+    recorded, or cancelled if its trial was. Returns the trials."""
+    stop = stop or threading.Event()
     registry = registry or Registry()
     sweep = registry.get_sweep(sweep_id)
     trials = registry.trials(sweep_id)
     queue = [t.run_id for t in trials if t.state == RunState.PENDING.value]
     running = {t.run_id: t for t in trials if t.state == RunState.RUNNING.value}
     try:
-        while queue or running:
+        while (queue or running) and not stop.is_set():
             for run_id in list(running):
                 record = runs.refresh(registry.get(run_id), registry)
                 if RunState(record.state).finished:
@@ -239,7 +244,7 @@ def dispatch(
             for backend in sweep.backends:
                 busy = sum(1 for r in running.values() if r.backend == backend)
                 while queue and busy < sweep.max_parallel:
-                    if registry.get_sweep(sweep_id).state == "cancelled":
+                    if stop.is_set() or registry.get_sweep(sweep_id).state == "cancelled":
                         queue.clear()  # cancelled elsewhere: start nothing more
                         break
                     record = registry.get(queue.pop(0))
@@ -253,11 +258,12 @@ def dispatch(
                         started = record.state == RunState.RUNNING.value
                         on_event("submitted" if started else "finished", record)
             if queue or running:
-                time.sleep(poll_s)
+                stop.wait(poll_s)
     except KeyboardInterrupt:
         cancel(sweep_id, registry)
         raise
-    registry.transition_sweep(sweep_id, "finished", expect=("running",))
+    if not stop.is_set():  # stopped early: what is left stays queued for `sweep retry`
+        registry.transition_sweep(sweep_id, "finished", expect=("running",))
     return registry.trials(sweep_id)
 
 
@@ -331,8 +337,10 @@ def _main(argv: list[str]) -> int:
     import signal
 
     sweep_id = argv[0]
-    # SIGTERM (from `launch sweep cancel`) ends the loop; cancel() has done the rest.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM (from `launch sweep cancel`) ends the loop at its next safe point; cancel()
+    # does the rest.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     def log(kind: str, record: RunRecord) -> None:
         trial = record.trial or {}
@@ -342,7 +350,7 @@ def _main(argv: list[str]) -> int:
             flush=True,
         )
 
-    dispatch(sweep_id, on_event=log)
+    dispatch(sweep_id, on_event=log, stop=stop)
     return 0
 
 

@@ -230,13 +230,18 @@ def test_sigint_as_modal_preempts_saves_uploads_and_the_restart_resumes_exactly(
     assert latest_complete_checkpoint(store).step == step
     assert f"checkpoints/checkpoint-{step}/{MANIFEST}" in store.list("checkpoints")
 
+    # Modal restarts the input in a new container: nothing of the first one is left.
+    fresh = tmp_path / "second-container"
+    job = {
+        **job,
+        "workdir": str(fresh),
+        "config": {**job["config"], "output_dir": str(fresh / "out")},
+    }
     process, log, outcome = image.start(json.dumps(job), "restart", aws)
     assert process.wait(timeout=300) == 0, log.read_text()
     assert outcome_of(outcome).state == RunState.SUCCEEDED, log.read_text()
     assert f"resuming from step {step}" in log.read_text()
-    losses = {
-        r["step"]: r["loss"] for r in read_metrics(tmp_path / "container" / "output") if "loss" in r
-    }
+    losses = {r["step"]: r["loss"] for r in read_metrics(fresh / "out") if "loss" in r}
     assert sorted(losses) == list(range(1, 25))
     assert losses == pytest.approx(two_rank_reference, rel=1e-5)
 

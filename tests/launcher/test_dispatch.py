@@ -240,3 +240,17 @@ def test_a_submit_whose_registry_write_fails_does_not_start_a_second_run(tmp_pat
     assert trial.state == "succeeded" and trial.attempts == 1
     log = (Path(trial.run_dir) / "train.log").read_text()
     assert sum(line.startswith("$ ") for line in log.splitlines()) == 1, log  # one start
+
+
+def test_a_stopped_dispatcher_starts_nothing_and_leaves_the_queue_for_retry(tmp_path):
+    """A detached dispatcher told to stop (SIGTERM sets its stop event) leaves between
+    submits: nothing started, the trials still queued, the sweep not marked finished."""
+    import threading
+
+    plan = api.sweep_plan(quickstart_config(tmp_path), grid(tmp_path, "lora_r: [4, 8]\n"))
+    sweep = dispatch.create(plan)
+    stop = threading.Event()
+    stop.set()
+    trials = dispatch.dispatch(sweep.sweep_id, stop=stop)
+    assert [(t.state, t.attempts) for t in trials] == [("pending", 0), ("pending", 0)]
+    assert Registry().get_sweep(sweep.sweep_id).state == "running"

@@ -244,8 +244,9 @@ def test_torchrun_arguments_are_built_in_one_place():
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT)
             text = path.read_text()
-            if "--master-port" in text and rel != owner:
-                found.append(f"{rel}: --master-port")
+            for flag in ("--master-port", "--master_port", "--nnodes", "--node-rank"):
+                if flag in text and rel != owner:
+                    found.append(f"{rel}: {flag}")
             if re.search(r"\b29500\b", text) and rel != port_owner:
                 found.append(f"{rel}: 29500")
             if re.search(r"/tmp/ferry/", text) and rel != port_owner:
