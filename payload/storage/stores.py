@@ -406,6 +406,7 @@ class VolumeStore(Store):
     def list(self, prefix: str = "") -> dict[str, int]:
         if self.local:
             return self.local.list(prefix)
+        from modal.exception import NotFoundError
         from modal.volume import FileEntryType
 
         strip = len(self.path) + 1 if self.path else 0
@@ -413,7 +414,7 @@ class VolumeStore(Store):
             entries = self._api(
                 lambda: self.volume.listdir(self._key(prefix) or "/", recursive=True), "a listing"
             )
-        except FileNotFoundError:
+        except (FileNotFoundError, NotFoundError):  # listdir passes the server's NOT_FOUND on
             return {}
         return {e.path.lstrip("/")[strip:]: e.size for e in entries if e.type == FileEntryType.FILE}
 

@@ -93,9 +93,14 @@ def test_the_app_image_volumes_and_function_built_with_the_real_sdk(tmp_path, mo
     assert payload["cluster"] == "single" and payload["procs_per_node"] == 4
     assert payload["stop_grace_s"] == 120
 
-    # No secret value anywhere: config shipped, function arguments, image, plan.
+    # No secret value anywhere: config shipped, function arguments, image, plan, and the
+    # run folder's records, written as `launch.launch` writes them before a submit.
+    from executors.modal import job_spec_fields
     from images.render import dockerfile
 
+    job.write()
+    recorded = (job.run_dir / "job.json").read_text()
+    assert json.loads(recorded)["secrets"] == ["hf-token", "wandb"]  # names travel
     shipped = yaml.safe_dump(payload["config"]) + json.dumps(payload)
     everything = [
         shipped,
@@ -103,10 +108,12 @@ def test_the_app_image_volumes_and_function_built_with_the_real_sdk(tmp_path, mo
         repr(job.image),
         json.dumps(options, default=repr),
         get_executor("modal").plan(job).text(),
-        (job.run_dir / "job.json").read_text() if (job.run_dir / "job.json").exists() else "",
+        recorded,
+        (job.run_dir / "config.yml").read_text(),
+        json.dumps(job_spec_fields(job)),  # what the submit child is handed
     ]
     for text in everything:
-        assert SECRET_VALUE not in text
+        assert text and SECRET_VALUE not in text
 
 
 def test_local_files_travel_with_the_job_and_the_config_points_at_them(tmp_path):
@@ -144,7 +151,13 @@ def test_clustered_function_for_multi_node(tmp_path, monkeypatch):
     contract = RemoteJob.from_json(job_json)
     assert (contract.nodes, contract.procs_per_node, contract.cluster) == (2, 8, "modal")
     assert spy.calls[0]["gpu"] == "H100:8"
-    assert function is not None
+    # What Modal will schedule: one cluster of 2 containers, each with all 8 GPUs of its
+    # host, on RDMA networking (the function's own description, as the SDK builds it).
+    cluster = function.info().cluster_info
+    assert (cluster.size, cluster.rdma) == (2, True)
+    (tmp_path / "one").mkdir()
+    _, single, _ = ModalExecutor().build(prepared(tmp_path / "one", gpus="H100:8"))
+    assert single.info().cluster_info is None
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@ uploads, incremental re-uploads, verified downloads, retention, manifests, safe 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 from helpers import make_folder
@@ -203,12 +205,125 @@ def test_storage_uri_check(uri, problem):
 
 def test_volume_store_inside_modal_is_its_mount(tmp_path, monkeypatch):
     """Inside a Modal container a volume is a mounted folder; FERRY_VOLUME_MOUNTS says
-    where. (The SDK path used from a laptop is covered with the Modal executor.)"""
+    where. (The SDK path used from a laptop: the next test.)"""
     monkeypatch.setenv("FERRY_VOLUME_MOUNTS", f"ferry-runs={tmp_path / 'mnt'}")
     store = open_store("volume://ferry-runs/run-7")
     upload_checkpoint(make_folder(tmp_path / "c", {"w.bin": 100}), store, 3)
     assert (tmp_path / "mnt" / "run-7" / "checkpoints" / "checkpoint-3" / MANIFEST).is_file()
     assert latest_complete_checkpoint(store).step == 3
+
+
+class RemoteVolume:
+    """Stands in for Modal's servers behind `modal.Volume`: each method is one of the
+    volume's remote operations (one RPC, or an RPC and its block transfers), kept in a
+    dict. It behaves as the installed SDK documents: paths are absolute in the volume,
+    `read_file` and `remove_file` raise FileNotFoundError for a missing path, while
+    `listdir` passes the server's NOT_FOUND through as `modal.exception.NotFoundError`.
+    Its signatures are checked against the SDK's in the test."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.calls: list[str] = []
+
+    def listdir(self, path, *, recursive=False):
+        from modal.exception import NotFoundError
+        from modal.volume import FileEntry, FileEntryType
+
+        self.calls.append("listdir")
+        root = path.strip("/")
+        found = {k: v for k, v in self.files.items() if not root or k.startswith(root + "/")}
+        if not found:
+            raise NotFoundError(f"No such file or directory: {path}")
+        assert recursive, "Ferry lists whole prefixes"
+        return [FileEntry("/" + k, FileEntryType.FILE, 0, len(v)) for k, v in found.items()]
+
+    @contextlib.contextmanager
+    def batch_upload(self, force=False):
+        self.calls.append("batch_upload")
+        volume = self
+
+        class Batch:
+            def put_file(self, local_file, remote_path, mode=None):
+                assert force and remote_path.startswith("/")
+                data = (
+                    local_file.read()
+                    if hasattr(local_file, "read")
+                    else Path(local_file).read_bytes()
+                )
+                volume.files[remote_path.lstrip("/")] = data
+
+        yield Batch()
+
+    def _get(self, path):
+        try:
+            return self.files[path.lstrip("/")]
+        except KeyError:
+            raise FileNotFoundError(path) from None
+
+    def read_file(self, path):
+        self.calls.append("read_file")
+        data = self._get(path)
+        yield data[: len(data) // 2]
+        yield data[len(data) // 2 :]
+
+    def read_file_into_fileobj(self, path, fileobj, progress_cb=None):
+        self.calls.append("read_file_into_fileobj")
+        return fileobj.write(self._get(path))
+
+    def remove_file(self, path, recursive=False):
+        self.calls.append("remove_file")
+        key = path.strip("/")
+        gone = [k for k in self.files if k == key or (recursive and k.startswith(key + "/"))]
+        if not gone:
+            raise FileNotFoundError(path)
+        for k in gone:
+            del self.files[k]
+
+
+def test_volume_store_from_a_laptop_goes_through_the_sdk(tmp_path, monkeypatch):
+    """`launch pull`, `resume` and the storage check reach a Modal volume through the SDK
+    (no mount). Only Modal's servers are replaced (RemoteVolume above); the store's own
+    path (keys under the run's folder, listing, manifests, verified downloads, retention,
+    deletes) runs as it does against Modal."""
+    import inspect
+
+    import modal
+
+    for name in ("listdir", "read_file", "read_file_into_fileobj", "remove_file"):
+        sdk = list(inspect.signature(getattr(modal.Volume, name)).parameters)
+        ours = list(inspect.signature(getattr(RemoteVolume, name)).parameters)
+        assert ours[: len(sdk)] == sdk[: len(ours)], name
+    remote = RemoteVolume()
+    asked = []
+    monkeypatch.setattr(
+        modal.Volume,
+        "from_name",
+        lambda name, **kw: asked.append((name, kw)) or remote,
+    )
+    monkeypatch.delenv("FERRY_VOLUME_MOUNTS", raising=False)
+    store = open_store("volume://ferry-runs/run-7")
+    assert store.credentials() == "this machine's Modal token"
+
+    assert latest_complete_checkpoint(store) is None  # a new run: nothing listed yet
+    assert asked == [("ferry-runs", {"create_if_missing": True})]
+    for step in (2, 4, 6):
+        upload_checkpoint(make_folder(tmp_path / f"c{step}", CHECKPOINT), store, step)
+    assert f"run-7/checkpoints/checkpoint-4/{MANIFEST}" in remote.files
+    assert "run-7/checkpoints/checkpoint-4/nested/rng_state.pth" in remote.files
+    assert latest_complete_checkpoint(store).step == 6
+
+    download_folder(store, "checkpoints/checkpoint-4", tmp_path / "back")
+    for name in CHECKPOINT:
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "c4" / name).read_bytes()
+    remote.files["run-7/checkpoints/checkpoint-6/optimizer.pt"] = b"corrupted"
+    with pytest.raises(FerryError, match="optimizer.pt"):
+        download_folder(store, "checkpoints/checkpoint-6", tmp_path / "bad")
+
+    assert apply_retention(store, keep=1) == [2, 4]
+    assert {k.split("/")[2] for k in remote.files} == {"checkpoint-6"}
+    assert store.read_bytes("nothing-here") is None
+    store.delete("nothing-here")  # a missing file is not an error
+    assert {"listdir", "batch_upload", "read_file", "read_file_into_fileobj"} <= set(remote.calls)
 
 
 def test_s3_multipart_upload_of_a_large_file(s3_bucket, tmp_path, monkeypatch):
