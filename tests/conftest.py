@@ -15,12 +15,25 @@ from helpers import QUICKSTART, ROOT, launch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def pytest_collection_modifyitems(config, items):
+def _hide_gpus() -> int:
+    """Count the host's GPUs, then hide them from everything but the GPU tier: the
+    default tier's pinned CPU losses, `2 x cpu (gloo)` runs and "needs a CUDA GPU"
+    refusals then hold on any machine (see helpers.gpu_env)."""
     from executors.local import local_gpu_count
 
-    if local_gpu_count():
+    gpus = local_gpu_count()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    local_gpu_count.cache_clear()
+    return gpus
+
+
+HOST_GPUS = _hide_gpus()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HOST_GPUS:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none): make test-gpu")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

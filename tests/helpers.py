@@ -18,6 +18,17 @@ TWO_RANK_RUN = (
 )
 
 
+# The default tier runs on CPU on every machine: tests/conftest.py hides CUDA devices
+# (CUDA_VISIBLE_DEVICES="") so that the pinned CPU losses and the gloo ranks hold on a GPU
+# host too. GPU tests hand the host's devices back to their runs with `gpu_env()`.
+HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def gpu_env() -> dict[str, str | None]:
+    """Environment for a subprocess that should see the host's GPUs (None: unset)."""
+    return {"CUDA_VISIBLE_DEVICES": HOST_CUDA_VISIBLE_DEVICES}
+
+
 def launch_command() -> list[str]:
     script = Path(sys.executable).with_name("launch")
     return [str(script)] if script.exists() else [sys.executable, "-m", "launcher"]
@@ -25,13 +36,14 @@ def launch_command() -> list[str]:
 
 def launch(
     *args: str,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     timeout: float = 300,
     cwd: Path = ROOT,
     check: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `launch` CLI in a subprocess and capture its output."""
-    full_env = {**os.environ, **(env or {})}
+    """Run the real `launch` CLI in a subprocess and capture its output (an `env` value of
+    None removes that variable)."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     result = subprocess.run(
         [*launch_command(), *args],
         capture_output=True,

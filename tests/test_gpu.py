@@ -1,0 +1,182 @@
+"""The GPU tier: `make test-gpu` (pytest -m gpu) on a machine with a CUDA GPU; skipped,
+with the reason, everywhere else. Sized for one GPU in a few minutes.
+
+- The quickstart in fp32 on CUDA reproduces the CPU losses pinned in
+  tests/recipes/quickstart_losses.json within FP32_CUDA_VS_CPU (the default tier pins
+  them exactly on CPU).
+- The quickstart in bf16 on CUDA trains: its loss falls.
+- 4-bit QLoRA (bitsandbytes) on CUDA trains, on a base whose linear weights are packed.
+- Packing with flash attention: a packed batch through flash attention's varlen path
+  gives each row the logits it has alone, and without the segments it would not.
+
+The default tier hides the host's GPUs (tests/conftest.py); these tests hand them back
+to their subprocesses with `gpu_env()`, so torch in the pytest process never sees CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ASSETS, DATA, ROOT, gpu_env, launch, quickstart_config
+
+from payload.storage.layout import read_metrics
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+RECIPE = Path(__file__).parent / "recipes" / "quickstart_losses.json"
+# fp32 on CUDA against the pinned CPU losses: the same seed, data order and LoRA init (made
+# on the CPU before the model moves), TF32 off; what differs is the kernels' summation
+# order, compounded over 80 Adam steps. Each logged loss must agree to this relative error.
+FP32_CUDA_VS_CPU = 2e-3
+# bf16 logits of one row, packed (varlen) against alone: bf16 rounding is ~0.7% of the
+# logits' norm for this model; a row that attends to its neighbours is off by 60-90%.
+VARLEN_REL = 0.03
+CROSSED_REL = 0.3
+
+
+def _cuda_run(tmp_path: Path, extra: str) -> tuple[str, Path, list[float]]:
+    """`launch train` of the quickstart plus `extra`, seeing the host's GPUs."""
+    home = tmp_path / "ferry-home"
+    env = {**gpu_env(), "FERRY_HOME": str(home)}
+    result = launch("train", str(quickstart_config(tmp_path, extra)), env=env, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    runs = json.loads(launch("runs", "--json", env=env, check=True).stdout)
+    out = Path(runs[0]["output_dir"])
+    return log, out, [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+def _model_line(log: str) -> tuple[str, int]:
+    """(device, total parameters) from the run's `model: ... | N of M parameters trained
+    | 1 x cuda` line."""
+    found = re.search(r"model: .* of ([\d,]+) parameters trained \| 1 x (\w+)", log)
+    assert found, log
+    return found.group(2), int(found.group(1).replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    return _cuda_run(tmp_path_factory.mktemp("bf16"), "bf16: true\n")
+
+
+def test_fp32_on_cuda_reproduces_the_pinned_cpu_losses(tmp_path):
+    log, _, losses = _cuda_run(tmp_path, "bf16: false\ntf32: false\n")
+    assert _model_line(log)[0] == "cuda"
+    pinned = json.loads(RECIPE.read_text())["losses"]
+    assert len(losses) == len(pinned)
+    for got, want in zip(losses, pinned.values(), strict=True):
+        assert got == pytest.approx(want, rel=FP32_CUDA_VS_CPU)
+
+
+def test_bf16_on_cuda_trains(bf16_run):
+    log, out, losses = bf16_run
+    assert _model_line(log)[0] == "cuda"
+    assert losses[-1] <= 0.9 * losses[0], f"loss fell only from {losses[0]} to {losses[-1]}"
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_4bit_on_cuda_trains_on_a_packed_base(tmp_path, bf16_run):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed: `make test-gpu` installs it")
+    log, out, losses = _cuda_run(tmp_path, "adapter: qlora\nload_in_4bit: true\nbf16: true\n")
+    device, total = _model_line(log)
+    assert device == "cuda" and "| qlora |" in log
+    # 4-bit weights are stored two to a byte: the same model counts fewer parameters.
+    assert total < _model_line(bf16_run[0])[1]
+    assert losses[-1] <= 0.9 * losses[0], f"loss fell only from {losses[0]} to {losses[-1]}"
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_packed_rows_through_flash_attention_varlen_keep_to_themselves():
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed (pip install flash-attn: it compiles)")
+    import os
+
+    env = {k: v for k, v in {**os.environ, **gpu_env()}.items() if v is not None}
+    done = subprocess.run(
+        [sys.executable, __file__, "flash-varlen"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["attention"] == "flash_attention_2" and found["rows_in_batch"] == 1
+    assert max(found["segmented"]) < VARLEN_REL, found
+    # The first row attends to nothing before it either way; the others must differ.
+    assert min(found["crossed"][1:]) > CROSSED_REL, found
+    assert found["loss"] == pytest.approx(found["loss_alone"], rel=VARLEN_REL)
+
+
+def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
+    """Four rows of 37, 80, 19 and 120 tokens, packed two bins of two by Ferry's collator
+    for flash attention (flattened to one row, segments in `position_ids`), through the
+    model Ferry loads; each row's logits against the same row run alone. `crossed` is the
+    same batch with positions that run on across rows (no segments)."""
+    import torch
+
+    from payload.config import validate_mapping
+    from payload.data.collator import PackedCollator
+    from payload.model import load_model, load_tokenizer
+
+    cfg = validate_mapping(
+        {
+            "base_model": str(ASSETS / "tiny-llama"),
+            "datasets": [{"path": str(DATA), "type": "alpaca"}],
+            "learning_rate": 1e-4,
+            "sample_packing": True,
+            "sequence_len": 256,
+            "micro_batch_size": 2,
+            **({"flash_attention": True, "bf16": True} if flash else {"bf16": False}),
+        }
+    )
+    model = load_model(cfg, load_tokenizer(cfg)).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(4, 1024, (n,), generator=generator).tolist() for n in (37, 80, 19, 120)]
+    collate = PackedCollator(3, 256, flatten=True, micro_batch_size=2)
+    batch = collate([[{"input_ids": r} for r in rows[:2]], [{"input_ids": r} for r in rows[2:]]])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    crossed_positions = torch.arange(batch["input_ids"].shape[1], device=device)[None]
+
+    def rel(a, b) -> float:  # type: ignore[no-untyped-def]
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    # A full fine-tune keeps fp32 weights and trains under bf16 autocast, as here.
+    precision = torch.autocast(device, dtype=torch.bfloat16, enabled=flash)
+    with torch.no_grad(), precision:
+        out = model(**batch)
+        crossed = model(input_ids=batch["input_ids"], position_ids=crossed_positions).logits
+        alone, losses, targets = [], 0.0, 0
+        for r in rows:
+            ids = torch.tensor([r], device=device)
+            single = model(input_ids=ids, labels=ids)
+            alone.append(single.logits[0])
+            losses += float(single.loss) * (len(r) - 1)
+            targets += len(r) - 1
+    segmented, crossing, start = [], [], 0
+    for logits in alone:
+        n = logits.shape[0]
+        segmented.append(rel(out.logits[0, start : start + n], logits))
+        crossing.append(rel(crossed[0, start : start + n], logits))
+        start += n
+    return {
+        "attention": model.config._attn_implementation,
+        "rows_in_batch": batch["input_ids"].shape[0],
+        "segmented": segmented,
+        "crossed": crossing,
+        "loss": float(out.loss),
+        "loss_alone": losses / targets,
+    }
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["flash-varlen"]:
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(varlen_check()))
