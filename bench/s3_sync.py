@@ -2,12 +2,24 @@
 
     python bench/s3_sync.py [--size-mb 1024] [--aws PATH_TO_aws]
 
-A checkpoint-like folder (three large shards and a few small files, ~1 GB in all) is
-uploaded by Ferry (`payload.storage.upload_folder`, as the training callback calls it)
-and by `aws s3 sync --endpoint-url`, each to its own prefix of a fresh bucket; then the
-unchanged folder is synced again by both. Ferry runs in this process, as it does inside
-a training run, where boto3 is already loaded; `aws` is a new process each time, as it
-is when users script it. Both sides are also reported with Ferry in a new process.
+A checkpoint-like folder (three large shards and a few small files, ~1 GB in all) goes
+to a fresh bucket on moto's S3 server on 127.0.0.1. What each side does:
+
+Full upload, cold (`s3_upload_speedup_vs_aws_cli`). Ferry: a new Python process runs
+`payload.storage.upload_folder` to a new prefix, with the folder's checksum cache
+(`.ferry-sums.json`) deleted first, so it hashes every file (sha256, for its manifest)
+and sends everything. aws: a new process runs `aws s3 sync --endpoint-url` to a new
+prefix. Both pay interpreter start-up and imports. Two runs each, alternating; the best
+counts (the local server's speed drifts ~15% between runs on a 2-core machine). The same
+upload inside a process that has boto3 loaded already, as the training callback runs it,
+is reported apart and labelled in-process.
+
+Unchanged re-sync (`s3_resync_speedup_vs_aws_cli`). Both sides again as new processes,
+on the folder they uploaded. They do not check the same thing: Ferry reads its own
+manifest (one GET) and compares it with the local checksums, cached by size and mtime;
+aws lists the remote prefix and compares sizes and mtimes. So a third figure has Ferry
+list the prefix too before it syncs (`s3_resync_with_listing_speedup_vs_aws_cli`), doing
+at least the remote work aws does. Three runs each, alternating; the median counts.
 
 The AWS CLI is not a Ferry dependency (its botocore pin fights boto3's); install it in
 its own environment (`python -m venv /tmp/aws && /tmp/aws/bin/pip install awscli`) and
@@ -17,6 +29,7 @@ pass --aws /tmp/aws/bin/aws, or have `aws` on PATH.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -72,10 +85,32 @@ def make_checkpoint(folder: Path, total_mb: int) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
+# Ferry as a new process: what `launch pull` or a script would pay; prints its Transfer.
+CHILD = """
+import json, sys
+from pathlib import Path
+from payload.storage import open_store, upload_folder
+folder, uri, listing = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "list"
+store = open_store(uri)
+if listing:
+    store.list("checkpoint-1000")  # the remote listing aws s3 sync starts from
+done = upload_folder(folder, store, "checkpoint-1000")
+print(json.dumps({"bytes_sent": done.bytes_sent, "files_sent": done.files_sent}))
+"""
+
+
 def timed(fn):  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     value = fn()
     return time.perf_counter() - start, value
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def runs(values: list[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
 
 
 def main() -> None:
@@ -99,6 +134,7 @@ def main() -> None:
         import boto3
 
         from payload.storage import open_store, upload_folder
+        from payload.storage.sync import SUMS_CACHE
 
         boto3.client("s3").create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
@@ -106,71 +142,80 @@ def main() -> None:
             total = make_checkpoint(folder, args.size_mb)
             print(f"folder: {total / 1e6:,.0f} MB in {len(list(folder.iterdir()))} files")
 
-            store = open_store("s3://bench/ferry")
-            sent: list[int] = []
-            store.client.meta.events.register(
-                "before-send.s3.*",
-                lambda request, **_: sent.append(
-                    len(request.body or b"") if isinstance(request.body, bytes) else 0
-                ),
-            )
+            def ferry(prefix: str, listing: bool = False) -> dict:
+                done = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(folder), f"s3://bench/{prefix}",
+                     "list" if listing else "plain"],
+                    env=env, cwd=ROOT, check=True, capture_output=True, text=True,
+                )  # fmt: skip
+                return json.loads(done.stdout.strip().splitlines()[-1])
 
-            def aws(prefix: str) -> list[str]:
-                return [
-                    args.aws,
-                    "s3",
-                    "sync",
-                    str(folder),
-                    f"s3://bench/{prefix}",
-                    "--endpoint-url",
-                    url,
-                    "--only-show-errors",
-                ]
+            def aws(prefix: str) -> None:
+                subprocess.run(
+                    [args.aws, "s3", "sync", str(folder), f"s3://bench/{prefix}",
+                     "--endpoint-url", url, "--only-show-errors"],
+                    env=env, check=True,
+                )  # fmt: skip
 
-            # Two full uploads each, alternating, best of two: the local server's speed
-            # drifts by ~15% between runs on a 2-core machine.
-            ferry_times, aws_times = [], []
-            for attempt, target in enumerate([store, open_store("s3://bench/ferry2")]):
-                took, first = timed(lambda t=target: upload_folder(folder, t, "checkpoint-1000"))
-                ferry_times.append(took)
-                aws_times.append(
-                    timed(lambda a=attempt: subprocess.run(aws(f"aws{a}"), env=env, check=True))[0]
-                )
-            ferry_up, aws_up = min(ferry_times), min(aws_times)
-            sent.clear()
-            ferry_again, again = timed(lambda: upload_folder(folder, store, "checkpoint-1000"))
-            resync_bytes = sum(sent)
-            aws_again, _ = timed(lambda: subprocess.run(aws("aws0"), env=env, check=True))
-            code = (
-                "import sys; from pathlib import Path; from payload.storage import "
-                "open_store, upload_folder; upload_folder(Path(sys.argv[1]), "
-                "open_store('s3://bench/ferry'), 'checkpoint-1000')"
-            )
-            ferry_proc, _ = timed(
-                lambda: subprocess.run(
-                    [sys.executable, "-c", code, str(folder)], env=env, check=True
-                )
-            )
+            def cold(fn):  # type: ignore[no-untyped-def]
+                (folder / SUMS_CACHE).unlink(missing_ok=True)  # hash every file again
+                return timed(fn)
+
+            up_ferry, up_aws, up_inproc = [], [], []
+            for a in range(2):
+                took, sent = cold(lambda a=a: ferry(f"ferry{a}"))
+                assert sent["bytes_sent"] == total, sent
+                up_ferry.append(took)
+                up_aws.append(timed(lambda a=a: aws(f"aws{a}"))[0])
+                store = open_store(f"s3://bench/inproc{a}")
+                took, done = cold(lambda s=store: upload_folder(folder, s, "checkpoint-1000"))
+                assert done.bytes_sent == total
+                up_inproc.append(took)
+
+            again_ferry, again_list, again_aws, again_inproc = [], [], [], []
+            sent_again = []
+            store = open_store("s3://bench/ferry0")
+            for _ in range(3):
+                took, sent = timed(lambda: ferry("ferry0"))
+                again_ferry.append(took)
+                sent_again.append(sent["bytes_sent"])
+                took, sent = timed(lambda: ferry("ferry0", listing=True))
+                again_list.append(took)
+                sent_again.append(sent["bytes_sent"])
+                again_aws.append(timed(lambda: aws("aws0"))[0])
+                took, done = timed(lambda: upload_folder(folder, store, "checkpoint-1000"))
+                again_inproc.append(took)
+                sent_again.append(done.bytes_sent)
     finally:
         server.terminate()
 
-    assert first.bytes_sent == total and again.bytes_sent == 0
+    best_ferry, best_aws, best_inproc = min(up_ferry), min(up_aws), min(up_inproc)
     print(
-        f"full upload:    ferry {ferry_up:6.2f} s ({total / ferry_up / 1e6:,.0f} MB/s)   "
-        f"aws s3 sync {aws_up:6.2f} s ({total / aws_up / 1e6:,.0f} MB/s)"
+        f"full upload, cold, new process each: ferry {best_ferry:6.2f} s "
+        f"({total / best_ferry / 1e6:,.0f} MB/s; runs {runs(up_ferry)})   "
+        f"aws s3 sync {best_aws:6.2f} s ({total / best_aws / 1e6:,.0f} MB/s; runs {runs(up_aws)})"
+    )
+    print(f"full upload, cold, in-process ferry: {best_inproc:6.2f} s (runs {runs(up_inproc)})")
+    print(
+        f"unchanged re-sync, new process each (median of 3): ferry {median(again_ferry):.3f} s "
+        f"({runs(again_ferry)}), ferry + listing {median(again_list):.3f} s "
+        f"({runs(again_list)}), aws s3 sync {median(again_aws):.3f} s ({runs(again_aws)})"
     )
     print(
-        f"  (each: ferry {', '.join(f'{t:.2f}' for t in ferry_times)} s; "
-        f"aws {', '.join(f'{t:.2f}' for t in aws_times)} s)"
+        f"unchanged re-sync, in-process ferry: {median(again_inproc):.3f} s ({runs(again_inproc)})"
+    )
+    print(f"RESULT s3_upload_speedup_vs_aws_cli {best_aws / best_ferry:.2f} x")
+    print(f"RESULT s3_upload_in_process_speedup_vs_aws_cli {best_aws / best_inproc:.2f} x")
+    print(f"RESULT s3_resync_bytes {sum(sent_again)} bytes")
+    print(f"RESULT s3_resync_speedup_vs_aws_cli {median(again_aws) / median(again_ferry):.2f} x")
+    print(
+        "RESULT s3_resync_with_listing_speedup_vs_aws_cli "
+        f"{median(again_aws) / median(again_list):.2f} x"
     )
     print(
-        f"unchanged sync: ferry {ferry_again:6.3f} s in-process, {ferry_proc:.3f} s as a new "
-        f"process   aws s3 sync {aws_again:6.3f} s"
+        "RESULT s3_resync_in_process_speedup_vs_aws_cli "
+        f"{median(again_aws) / median(again_inproc):.1f} x"
     )
-    print(f"RESULT s3_upload_speedup_vs_aws_cli {aws_up / ferry_up:.2f} x")
-    print(f"RESULT s3_resync_bytes {resync_bytes} bytes")
-    print(f"RESULT s3_resync_speedup_vs_aws_cli {aws_again / ferry_again:.1f} x")
-    print(f"RESULT s3_resync_speedup_vs_aws_cli_new_process {aws_again / ferry_proc:.1f} x")
 
 
 if __name__ == "__main__":
