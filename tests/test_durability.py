@@ -1,8 +1,9 @@
-"""Runs that survive: killed at a random step and relaunched, stopped by SIGTERM on 2
-ranks while the upload crawls and relaunched, a final upload that fails or hangs on rank
-0, an upload killed mid-way, and a pull that refuses to write outside its destination.
-All through the real CLI, torchrun and storage (a folder, or moto's S3 server behind a
-throttling proxy that stands in for a slow link)."""
+"""Runs that survive: killed between saves, during a checkpoint's save or during its
+upload, and relaunched; stopped by SIGTERM on 2 ranks while the upload crawls and
+relaunched; a final upload that fails or hangs on rank 0, an upload killed mid-way, and
+a pull that refuses to write outside its destination. All through the real CLI,
+torchrun and storage (a folder, or moto's S3 server behind a throttling proxy that
+stands in for a slow link)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,12 @@ from helpers import TWO_RANK_RUN, launch, make_folder, quickstart_config
 
 from launcher import api
 from payload.runtime.procs import process_tree
-from payload.storage import latest_complete_checkpoint, list_checkpoints, open_store
+from payload.storage import (
+    download_folder,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    open_store,
+)
 from payload.storage.layout import read_metrics, read_summary
 
 STEPS = 24
@@ -49,11 +56,14 @@ def _wait_for_step(run_id: str, step: int, timeout: float = 180) -> None:
     raise AssertionError(f"{run_id} did not reach step {step} in {timeout}s")
 
 
-def _signal_tree(run_id: str, sig: signal.Signals) -> None:
-    supervisor = json.loads(api.status(run_id).handle)["data"]["pid"]
-    for pid in process_tree(supervisor):
+def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _signal_tree(run_id: str, sig: signal.Signals) -> None:
+    _signal(process_tree(json.loads(api.status(run_id).handle)["data"]["pid"]), sig)
 
 
 def _wait_finished(run_id: str, timeout: float = 120):
@@ -72,41 +82,160 @@ def reference(tmp_path_factory):
     return _losses(runs[0]["output_dir"])
 
 
+def _wait_for_line(run_id: str, text: str, timeout: float = 180) -> None:
+    log = Path(api.status(run_id).run_dir) / "train.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text():
+            return
+        if api.status(run_id).state != "running":
+            raise AssertionError(f"{run_id} ended before {text!r}:\n{log.read_text()}")
+        time.sleep(0.02)
+    raise AssertionError(f"{run_id} did not log {text!r} in {timeout}s")
+
+
+def _freeze_mid_save(run_id: str, output_dir: Path, complete: set[str]) -> tuple[int, list[int]]:
+    """Freeze the run (SIGSTOP to every process) the moment a new checkpoint folder
+    appears; return its step and the frozen processes if the freeze caught the save
+    half-written. A freeze that came after the save ended is thawed, and the next save
+    tried."""
+    tree = process_tree(json.loads(api.status(run_id).handle)["data"]["pid"])
+    for step in range(8, STEPS + 1, 4):
+        folder = output_dir / f"checkpoint-{step}"
+        deadline = time.monotonic() + 120
+        while not folder.is_dir():  # spin, no sleep: a save takes milliseconds
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{folder} never appeared")
+        _signal(reversed(tree), signal.SIGSTOP)  # children before parents: the rank first
+        written = {p.name for p in folder.iterdir()}
+        if written < complete:
+            return step, tree
+        _signal(tree, signal.SIGCONT)
+    raise AssertionError("no freeze landed during a checkpoint save")
+
+
+def _checkpoints_on_server(client, bucket: str, prefix: str) -> dict[int, bool]:
+    """Straight from the S3 server, not through the crawling proxy: each checkpoint that
+    has objects or a multipart upload under `prefix`, and whether its manifest is in."""
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    seen: dict[int, bool] = {}
+    for key in [*keys, *(u["Key"] for u in uploads)]:
+        folder, name = key.removeprefix(prefix).split("/", 1)
+        step = int(folder.removeprefix("checkpoint-"))
+        seen[step] = seen.get(step, False) or (name == "ferry-manifest.json" and key in keys)
+    return seen
+
+
+def _kill_during_save(run_id: str) -> int:
+    """SIGKILL while checkpoint-N is being written to the run's output folder; N."""
+    _wait_for_line(run_id, "storage: checkpoint-4 synced")
+    output_dir = Path(api.status(run_id).output_dir)
+    # What a complete checkpoint holds, from one whose upload (after its save) is done.
+    complete = {p.name for p in (output_dir / "checkpoint-4").iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= complete
+    step, frozen = _freeze_mid_save(run_id, output_dir, complete)
+    _signal(frozen, signal.SIGKILL)
+    return step
+
+
+def _kill_during_upload(run_id: str, request: pytest.FixtureRequest, bucket: str) -> int:
+    """SIGKILL while checkpoint-N crawls to S3: some of its objects are in, its manifest
+    is not; N."""
+    import boto3
+
+    proxy = request.getfixturevalue("throttle_proxy")
+    server = boto3.client("s3", endpoint_url=request.getfixturevalue("s3_server"))
+    _wait_for_line(run_id, "storage: checkpoint-4 synced")
+    proxy.rate = CRAWL  # ~40 s per checkpoint from now on
+    prefix = f"runs/{run_id}/checkpoints/"
+    deadline = time.monotonic() + 120
+    while True:
+        arriving = [
+            s for s, whole in _checkpoints_on_server(server, bucket, prefix).items() if not whole
+        ]
+        if arriving:
+            break
+        assert time.monotonic() < deadline, "no checkpoint upload started"
+        time.sleep(0.05)
+    _signal_tree(run_id, signal.SIGKILL)
+    _wait_finished(run_id)
+    proxy.rate = None  # what the dead run had sent drains; a manifest cannot be among it
+    (step,) = arriving
+    on_server = _checkpoints_on_server(server, bucket, prefix)
+    assert on_server.get(step) is False, f"checkpoint-{step} should be half-uploaded: {on_server}"
+    return step
+
+
+# Bytes per second towards S3 once the stop signal is sent, or while a kill is aimed at an
+# upload: a ~2 MB checkpoint then takes about 40 s to upload, longer than torchrun's own
+# default grace period (30 s).
+CRAWL = 50_000
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [7, 13, 19])  # spread over the run; each between saves
+@pytest.mark.parametrize("when", [7, 19, "save", "upload"])  # 7, 19: between saves
 def test_sigkill_at_any_step_then_relaunch_resumes_and_finishes_exactly(
-    tmp_path, reference, kill_at
+    tmp_path, reference, when, request
 ):
-    run_id = _start(quickstart_config(tmp_path, RUN))
-    _wait_for_step(run_id, kill_at)
-    _signal_tree(run_id, signal.SIGKILL)  # the machine is gone: no handler runs
+    """The machine is gone (SIGKILL to every process: no handler runs) between two saves,
+    while a checkpoint is being written, or while one is being uploaded (to S3 over a
+    crawling link). The checkpoint before stays the newest complete one in storage and
+    downloads intact; `launch resume` continues from it (never from the half-written
+    one) and reproduces, step for step, the run that was never interrupted."""
+    extra: list[str] = []
+    if when == "upload":
+        bucket = request.getfixturevalue("slow_s3_bucket")
+        extra = ["--storage", f"s3://{bucket}/runs"]
+    run_id = _start(quickstart_config(tmp_path, RUN), *extra)
+    if when == "save":
+        interrupted = _kill_during_save(run_id)
+    elif when == "upload":
+        interrupted = _kill_during_upload(run_id, request, bucket)
+    else:
+        _wait_for_step(run_id, when)
+        _signal_tree(run_id, signal.SIGKILL)
+        interrupted = None
     dead = _wait_finished(run_id)
     assert dead.state == "failed" and "recorded no exit" in dead.detail
 
     store = open_store(dead.storage_uri)
-    newest = latest_complete_checkpoint(store)
     log = (Path(dead.run_dir) / "train.log").read_text()
     last = max(int(m) for m in re.findall(r"\[step (\d+)/", log))
-    assert kill_at <= last < STEPS, "the kill should land mid-run"
-    # Training went on between the log line and the kill; nothing can be newer than it.
-    assert newest is not None and newest.step <= last
+    if interrupted is None:
+        found = latest_complete_checkpoint(store)
+        assert found is not None, "checkpoint-4 should be in storage before step 7"
+        newest = found.step
+        assert when <= last < STEPS, "the kill should land mid-run"
+        # Training went on between the log line and the kill; nothing can be newer than it.
+        assert newest <= last
+    else:
+        # Saves and uploads go in order, so the one before is whole; nothing after it is.
+        newest = interrupted - 4
+        manifests = sorted(
+            int(k.split("/")[1].removeprefix("checkpoint-"))
+            for k in store.list("checkpoints")
+            if k.endswith("/ferry-manifest.json")
+        )
+        assert manifests and manifests[-1] == newest, (interrupted, manifests)
+        assert last >= interrupted
+        download_folder(store, f"checkpoints/checkpoint-{newest}", tmp_path / "back")  # verifies
 
     result = launch("resume", run_id, timeout=300, check=True)
-    assert f"resuming from step {newest.step}" in result.stdout
+    assert f"resuming from step {newest}" in result.stdout
     record = api.status(run_id)
     assert record.state == "succeeded" and record.attempts == 2
     summary = read_summary(record.output_dir)
-    assert summary["resumed_from_step"] == newest.step and summary["steps"] == STEPS
+    assert summary["resumed_from_step"] == newest and summary["steps"] == STEPS
     losses = _losses(record.output_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))  # every step logged once, no gaps
     # Model, optimizer, scheduler, RNG and data position all resumed: the numbers match a
     # run that was never interrupted.
     assert losses == pytest.approx(reference, rel=1e-5)
-
-
-# Bytes per second towards S3 once the stop signal is sent: a ~2 MB checkpoint then takes
-# about 40 s to upload, longer than torchrun's own default grace period (30 s).
-CRAWL = 50_000
 
 
 @pytest.mark.slow
@@ -257,8 +386,6 @@ def test_upload_killed_midway_leaves_the_previous_checkpoint_newest(tmp_path, re
     checkpoints = {c.step: c.complete for c in list_checkpoints(store)}
     assert checkpoints.get(4) is True and checkpoints.get(8) is not True
     assert latest_complete_checkpoint(store).step == 4
-    from payload.storage import download_folder
-
     download_folder(store, "checkpoints/checkpoint-4", tmp_path / "back")  # verifies
     assert (tmp_path / "back" / "model.bin").read_bytes() == (small / "model.bin").read_bytes()
 

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import quickstart_config
 
+from launcher import api
 from launcher.sweeps import expand, format_value
+from payload.config.overrides import with_values
 from payload.errors import FerryError
 
 
@@ -111,16 +114,38 @@ def test_short_names_fall_back_to_full_keys_when_they_collide():
         ({"_": {"adapter": "lora"}}, "sweep key `_`: needs a non-empty list of mappings"),
         ({"_": ["lora"]}, "sweep key `_[0]`: needs a mapping"),
         ({"_": [{"lerning_rate": 1}]}, "sweep key `lerning_rate`"),
-        ({"datasets.0.tpye": ["alpaca"]}, None),  # nested typos are caught by validation
     ],
 )
 def test_malformed_sweeps_name_the_key(spec, words):
-    if words is None:
-        expand(spec)
-        return
     with pytest.raises(FerryError) as info:
         expand(spec)
     assert words in str(info.value)
+
+
+def test_a_nested_typo_expands_and_the_sweep_plan_refuses_it_naming_the_key(tmp_path):
+    """Expansion checks only a dotted key's first part (`datasets` is a config key), so
+    `datasets.0.tpye` makes a trial that sets `tpye` inside the first dataset; the
+    typo is caught when the trial's config is validated, before anything is launched,
+    by the key as the user would write it, with a did-you-mean."""
+    trials, warnings = expand({"datasets.0.tpye": ["alpaca"]})
+    assert [(t.index, t.values, t.name) for t in trials] == [
+        (0, {"datasets.0.tpye": "alpaca"}, "base")
+    ]
+    assert warnings == []
+    base = {"datasets": [{"path": "a.jsonl", "type": "completion"}], "lora_r": 8}
+    assert with_values(base, trials[0].values) == {
+        "datasets": [{"path": "a.jsonl", "type": "completion", "tpye": "alpaca"}],
+        "lora_r": 8,
+    }
+
+    sweep = tmp_path / "grid.yml"
+    sweep.write_text("datasets.0.tpye: [alpaca]\n")
+    with pytest.raises(FerryError) as info:
+        api.sweep_plan(quickstart_config(tmp_path), sweep)
+    assert str(info.value) == (
+        "1 of 1 trials are invalid; nothing was launched:\n"
+        "  - t0 (base): datasets[0].tpye: unknown key; did you mean `type`?"
+    )
 
 
 def test_max_trials_guard():

@@ -518,10 +518,10 @@ def test_prepare_kto_labels_are_booleans(tokenizer):
 # ---- TRL reads the shape
 
 
-def _trl_args(config_class, tmp_path, batch):
+def _trl_args(config_class, tmp_path, batch, steps=1, **extra):
     return config_class(
         output_dir=str(tmp_path / "out"),
-        max_steps=1,
+        max_steps=steps,
         per_device_train_batch_size=batch,
         logging_steps=1,
         report_to="none",
@@ -531,6 +531,7 @@ def _trl_args(config_class, tmp_path, batch):
         gradient_checkpointing=False,
         max_length=64,
         seed=0,
+        **extra,
     )
 
 
@@ -548,39 +549,83 @@ def _tiny_rows(rl, rows):
     return tok, data
 
 
-def _one_trl_step(family, rows, trainer_cls, config_cls, batch, tmp_path) -> dict:
-    """Train one step of a real TRL trainer on the tiny model with our `chatml.intel`
-    rows; the first log record, its loss checked to be finite."""
+def _trl_train(family, rows, trainer_cls, config_cls, batch, tmp_path, steps=1, **extra):
+    """Train a real TRL trainer on the tiny model with our `chatml.intel` rows for
+    `steps` steps; the trainer, every logged loss checked to be finite."""
     from transformers import AutoModelForCausalLM
 
     tok, data = _tiny_rows(family, rows)
     trainer = trainer_cls(
         model=AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama"),
-        args=_trl_args(config_cls, tmp_path, batch),
+        args=_trl_args(config_cls, tmp_path, batch, steps, **extra),
         train_dataset=data,
         processing_class=tok,
     )
     trainer.train()
-    assert trainer.state.global_step == 1
-    logged = trainer.state.log_history[0]
-    assert math.isfinite(logged["loss"])
-    return logged
+    assert trainer.state.global_step == steps
+    assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
+    return trainer
+
+
+def _one_trl_step(family, rows, trainer_cls, config_cls, batch, tmp_path) -> dict:
+    """One step of `_trl_train`; its log record."""
+    trainer = _trl_train(family, rows, trainer_cls, config_cls, batch, tmp_path)
+    return trainer.state.log_history[0]
+
+
+def _answer_logp(model, tok, prompt: str, answer: str) -> float:
+    """log p(answer | prompt) under `model`: the sum over the answer's tokens."""
+    import torch
+
+    prompt_ids = tok(prompt)["input_ids"]
+    ids = tok(prompt + answer)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids  # the answer's tokens start after the prompt
+    with torch.no_grad():
+        logps = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    per_token = logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    return per_token[len(prompt_ids) - 1 :].sum().item()
+
+
+DPO_STEPS = 12
 
 
 @pytest.mark.slow
-def test_trl_dpo_trains_a_step_on_chatml_intel_rows(tmp_path):
-    """DPOTrainer takes our columns as they are. At the first step the policy is the
-    reference, so every reward is 0 and the loss is exactly log 2; another value means
-    TRL did not score chosen against rejected the way our rows intend."""
+def test_trl_dpo_learns_to_prefer_the_chosen_answers_of_chatml_intel_rows(tmp_path):
+    """DPOTrainer takes our columns as they are and learns the preference they state. At
+    step 1 the policy is the reference, so every reward is 0 and the loss is exactly
+    log 2. After a few steps at a high learning rate the loss is below log 2, and the
+    trained policy, scored here on the prompts and answers as written below (not
+    through our formatter), favours each row's chosen answer over its rejected one by
+    more than the reference does. Rows formatted with chosen and rejected swapped
+    train the opposite preference and fail here."""
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     rows = [
-        {"question": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
-        for i in range(4)
+        {"question": f"What is {i}+{i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."}
+        for i in range(8)
     ]
-    logged = _one_trl_step("dpo", rows, DPOTrainer, DPOConfig, 2, tmp_path)
-    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert math.isfinite(logged["logps/chosen"]) and logged["logps/chosen"] < 0
+    trainer = _trl_train(
+        "dpo", rows, DPOTrainer, DPOConfig, 4, tmp_path, steps=DPO_STEPS, learning_rate=1e-3
+    )
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == DPO_STEPS
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert max(losses[-2:]) < math.log(2) - 0.1, losses
+
+    tok = trainer.processing_class
+    policy = trainer.model.eval()
+    reference = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama").eval()
+    for row in rows:
+        prompt = f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n"
+        chosen, rejected = f"{row['chosen']}<|im_end|>", f"{row['rejected']}<|im_end|>"
+        margin = (
+            _answer_logp(policy, tok, prompt, chosen) - _answer_logp(reference, tok, prompt, chosen)
+        ) - (
+            _answer_logp(policy, tok, prompt, rejected)
+            - _answer_logp(reference, tok, prompt, rejected)
+        )
+        assert margin > 1.0, (row, margin)
 
 
 @pytest.mark.slow
