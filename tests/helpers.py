@@ -44,20 +44,40 @@ def launch(
     """Run the real `launch` CLI in a subprocess and capture its output (an `env` value of
     None removes that variable)."""
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [*launch_command(), *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=full_env,
         cwd=cwd,
-        timeout=timeout,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # The run's supervisor, torchrun and its ranks live in sessions of their own: stop
+        # them all, or a hung run outlives its test and loads the machine.
+        _kill_tree(proc.pid)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(
             f"launch {' '.join(args)} exited {result.returncode}\n"
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+def _kill_tree(pid: int) -> None:
+    import contextlib
+    import signal
+
+    from payload.runtime.procs import process_tree
+
+    for child in process_tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def quickstart_config(tmp_path: Path, extra: str = "", name: str = "quickstart.yml") -> Path:

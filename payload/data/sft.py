@@ -44,9 +44,6 @@ INSTRUCT_TURN_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 CHAT_TURN = "USER: {instruction}\n{input}\nASSISTANT:"
 CHAT_TURN_NO_INPUT = "USER: {instruction}\nASSISTANT:"
 
-ALPACA_WITH_INPUT = STANFORD + "\n\n" + INSTRUCT_TURN
-ALPACA_NO_INPUT = STANFORD_NO_INPUT + "\n\n" + INSTRUCT_TURN_NO_INPUT
-
 
 @dataclass(frozen=True)
 class Prompt:

@@ -10,7 +10,6 @@ from helpers import ASSETS, DATA, ROOT
 from payload.config import DatasetConfig, FerryError, TrainConfig, validate_mapping
 from payload.data.build import build_datasets
 from payload.data.core import IGNORE, BadRow, Context
-from payload.data.sft import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from payload.data.sft import alpaca as _alpaca
 from payload.data.sft import completion as _completion
 
@@ -36,7 +35,11 @@ ROW = {"instruction": "Add the two numbers.", "input": "2 and 3", "output": "2 +
 
 def test_alpaca_masks_exactly_the_prompt(tokenizer):
     out = alpaca(ROW, tokenizer, ALPACA, train_on_inputs=False)
-    prompt = ALPACA_WITH_INPUT.format(instruction=ROW["instruction"], input=ROW["input"])
+    prompt = (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the two numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
+    )
     prompt_ids = tokenizer(prompt)["input_ids"]
     response_ids = tokenizer(ROW["output"], add_special_tokens=False)["input_ids"]
     assert out["input_ids"] == prompt_ids + response_ids + [tokenizer.eos_token_id]
@@ -56,9 +59,16 @@ def test_alpaca_train_on_inputs_trains_every_token(tokenizer):
 def test_alpaca_without_input_uses_the_short_template(tokenizer):
     row = {"instruction": "Which day comes after Monday?", "input": "", "output": "Tuesday."}
     out = alpaca(row, tokenizer, ALPACA, train_on_inputs=False)
-    prompt = ALPACA_NO_INPUT.format(instruction=row["instruction"])
-    assert tokenizer.decode(out["input_ids"], skip_special_tokens=True).startswith(prompt)
-    assert "### Input:" not in tokenizer.decode(out["input_ids"])
+    prompt = (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nWhich day comes after Monday?\n\n"
+        "### Response:\n"
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer("Tuesday.", add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert out["input_ids"] == [bos, *prompt_ids, *response_ids, eos]
+    assert out["labels"] == [IGNORE] * (1 + len(prompt_ids)) + response_ids + [eos]
 
 
 def test_alpaca_field_mappings(tokenizer):

@@ -1,11 +1,13 @@
 """Sample packing: the sampler's bins and batches, the collator's rows, the exact
 equivalence of a packed batch with its rows run one by one (and that the check would
-catch a leak), and a 2-rank packed run."""
+catch a leak), and real runs: 2 ranks in step, and the batches of packed training with
+fixed shapes and an unpacked eval."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,42 +266,108 @@ def test_a_packed_batch_trains_exactly_like_its_rows_one_by_one(attention):
     assert abs(shifted - reference) > 10 * tolerance
 
 
-# ---- a real 2-rank run
+# ---- real runs, against rows and counts worked out here
+
+# The Stanford Alpaca prompt (Axolotl's text), written out so that the expected rows do
+# not come from payload.data.sft.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+
+
+def alpaca_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each row of the bundled alpaca data, built from the prompt
+    above: <bos> prompt (masked) output <eos> (trained)."""
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = []
+    for line in DATA.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("input", "").strip():
+            prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input=row["input"])
+        else:
+            prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=row["instruction"])
+        prompt_ids, output_ids = enc(prompt), enc(row["output"])
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        ids = [bos, *prompt_ids, *output_ids, eos]
+        out.append((ids, [IGNORE] * (1 + len(prompt_ids)) + output_ids + [eos]))
+    return out
+
+
+def held_out(rows: int, val_set_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) row numbers under `val_set_size`: datasets' seeded split, which picks
+    rows by their count and the seed alone, so it can be applied to row numbers here."""
+    import datasets
+
+    numbers = datasets.Dataset.from_dict({"row": list(range(rows))})
+    split = numbers.train_test_split(test_size=val_set_size, seed=seed, shuffle=True)
+    return split["train"]["row"], split["test"]["row"]
+
+
+def batches_per_rank(bins: int, world_size: int, micro_batch_size: int) -> tuple[int, int]:
+    """(batches per rank, bins skipped) by the rule payload.data.packing documents: each
+    step takes world_size * micro_batch_size bins; the R left over make one more batch per
+    rank when R >= world_size, else they are skipped."""
+    full, left = divmod(bins, world_size * micro_batch_size)
+    return (full + 1, 0) if left >= world_size else (full, left)
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_train_packed_in_step(tmp_path, ferry_home):
-    """`launch train --gpus 2` with sample_packing on CPU: both ranks must take the same
-    number of steps (DDP all-reduces every step, so a rank with fewer batches would hang
-    the other until the run fails), and that number is what the samplers promise."""
-    from payload.config import load_config
-    from payload.data.build import build_datasets
-    from payload.distributed import DistInfo
-    from payload.model import load_tokenizer
-    from payload.packed_trainer import packing_setup
+def test_two_gloo_ranks_train_packed_in_step(tmp_path, ferry_home, tiny_tokenizer):
+    """`launch train --gpus 2` with sample_packing on CPU: each rank must take exactly the
+    steps that first fit decreasing and the documented split give for these rows,
+    computed here from their lengths. A rank with a different count hangs DDP or trains
+    on less data; a different count on both means the packing or the split changed.
+
+    Only rank 0 prints and writes metrics. Rank 1's count is read from the checkpoint
+    the Trainer saves at the end of training: each rank writes its `rng_state_<rank>.pth`
+    into `checkpoint-<its own global step>`. And `tokens_seen` (non-padding tokens,
+    summed over both ranks at every step) must be every train token exactly once."""
     from payload.storage.layout import read_metrics, read_summary
 
-    extra = "sample_packing: true\nnum_epochs: 1\nval_set_size: 0.1\nsave_steps: 100\n"
+    extra = (
+        "sample_packing: true\nnum_epochs: 1\nval_set_size: 0.1\nsave_steps: 100\n"
+        "sequence_len: 256\nmicro_batch_size: 8\ngradient_accumulation_steps: 1\nseed: 42\n"
+        "logging_steps: 1\nddp_timeout: 90\n"  # a rank left waiting fails in 90 s, not 30 min
+    )
     config = quickstart_config(tmp_path, extra)
     result = launch("train", str(config), "--gpus", "2", timeout=400, check=True)
     assert "2 x cpu (gloo)" in result.stdout
-    assert "batches per rank per epoch" in result.stdout
-    out = json.loads(launch("runs", "--json", check=True).stdout)[0]["output_dir"]
+    out = Path(json.loads(launch("runs", "--json", check=True).stdout)[0]["output_dir"])
 
-    cfg = load_config(str(config))
-    tokenizer = load_tokenizer(cfg)
-    train, evals, _ = build_datasets(cfg, tokenizer)
-    per_rank = [
-        packing_setup(
-            cfg, load_tokenizer(cfg), train, evals, DistInfo(r, r, 2, "gloo", "cpu"), None
-        )
-        for r in (0, 1)
-    ]
-    assert len(per_rank[0].train) == len(per_rank[1].train) > 0
-    assert len(per_rank[0].eval) == len(per_rank[1].eval) > 0
-    summary = read_summary(out)
-    assert summary["steps"] == len(per_rank[0].train)  # one epoch, no accumulation
-    assert [r for r in read_metrics(out) if "eval_loss" in r]
+    rows = alpaca_rows(tiny_tokenizer)
+    train, _ = held_out(len(rows), 0.1, seed=42)
+    lengths = [len(rows[i][0]) for i in train]
+    bins = max(reference_ffd(lengths, 256, 200)) + 1  # 200: the default bin_size
+    batches, skipped = batches_per_rank(bins, world_size=2, micro_batch_size=8)
+    assert skipped == 0  # so every train row is trained once in the epoch
+    assert f"into {bins} sequences of 256 tokens" in result.stdout
+    assert f"{batches} batches per rank per epoch" in result.stdout
+    assert read_summary(out)["steps"] == batches  # rank 0: one epoch, no accumulation
+    checkpoints = [p.name for p in out.glob("checkpoint-*")]
+    assert checkpoints == [f"checkpoint-{batches}"], checkpoints
+    rank_files = sorted(p.name for p in (out / checkpoints[0]).glob("rng_state_*.pth"))
+    assert rank_files == ["rng_state_0.pth", "rng_state_1.pth"]
+    records = read_metrics(out)
+    trained = [r for r in records if "loss" in r]
+    assert trained[-1]["step"] == batches
+    assert trained[-1]["tokens_seen"] == sum(lengths)
+    assert [r for r in records if "eval_loss" in r]
 
 
 def test_the_training_path_turns_the_kv_cache_off():
@@ -327,6 +395,7 @@ def test_the_trainer_loader_follows_the_sampler_epoch_also_after_a_resume(tmp_pa
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from payload.distributed import DistInfo
+    from payload.model import load_tokenizer
     from payload.packed_trainer import PackedTrainer, packing_setup
 
     lengths = lognormal(200, 128)
@@ -342,7 +411,8 @@ def test_the_trainer_loader_follows_the_sampler_epoch_also_after_a_resume(tmp_pa
             "micro_batch_size": 2,
         }
     )
-    tokenizer = type("Tok", (), {"pad_token_id": 3})()
+    tokenizer = load_tokenizer(cfg)  # as training loads it: the bundled tiny tokenizer
+    assert tokenizer.pad_token_id not in {i for r in rows for i in r["input_ids"]}
     packing = packing_setup(cfg, tokenizer, train, None, DistInfo(0, 0, 1, None, "cpu"), "sdpa")
     trainer = PackedTrainer(
         model=AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama"),
@@ -390,20 +460,104 @@ def test_pad_to_sequence_len_without_packing_pads_every_batch_to_it():
         assert int(batch["attention_mask"].sum()) == 14
 
 
+# `python -m payload train ARGS` (the training entry every backend runs) in this process,
+# with HF's Trainer.training_step and prediction_step wrapped to write down each batch
+# they are given before running it as usual: `python -c RECORD_BATCHES OUT.json ARGS`.
+RECORD_BATCHES = """
+import json, sys
+from transformers import Trainer
+
+seen = {"train": [], "eval": []}
+
+def recording(kind, step):
+    def wrapper(self, model, inputs, *args, **kwargs):
+        seen[kind].append({k: v.tolist() for k, v in inputs.items()})
+        return step(self, model, inputs, *args, **kwargs)
+    return wrapper
+
+Trainer.training_step = recording("train", Trainer.training_step)
+Trainer.prediction_step = recording("eval", Trainer.prediction_step)
+from payload.__main__ import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
-def test_packed_training_with_fixed_shapes_and_an_unpacked_eval(tmp_path, ferry_home):
-    """One process, `pad_to_sequence_len` on packed rows and `eval_sample_packing: false`:
-    training reads packed batches, evaluation plain ones, and the run completes."""
+def test_packed_training_with_fixed_shapes_and_an_unpacked_eval(tmp_path, tiny_tokenizer):
+    """One process, `pad_to_sequence_len` on packed rows and `eval_sample_packing: false`.
+    Every training batch must be (micro_batch_size, sequence_len) and packed: several
+    whole rows per sequence, position ids restarting at each, the padding a segment of
+    its own, no attention mask. Every eval batch must be plain: one whole row per
+    sequence, padded to sequence_len, with an attention mask. The batches are the ones
+    the real run trained and evaluated on (RECORD_BATCHES); the rows they must consist of
+    are built here from the literal prompt."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
     from payload.storage.layout import read_metrics
 
     extra = (
         "sample_packing: true\npad_to_sequence_len: true\neval_sample_packing: false\n"
         "val_set_size: 0.1\nmax_steps: 4\nnum_epochs: null\neval_steps: 4\nsave_steps: 4\n"
-        "sample_packing_eff_est: 0.9\n"
+        "sample_packing_eff_est: 0.9\nsequence_len: 256\nmicro_batch_size: 8\nseed: 42\n"
     )
-    result = launch("train", str(quickstart_config(tmp_path, extra)), timeout=400, check=True)
+    out, recorded = tmp_path / "out", tmp_path / "batches.json"
+    args = ["train", str(quickstart_config(tmp_path, extra)), "--set", f"output_dir={out}"]
+    result = subprocess.run(
+        [sys.executable, "-c", RECORD_BATCHES, str(recorded), *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "sample_packing_eff_est is ignored" in result.stdout + result.stderr
-    out = json.loads(launch("runs", "--json", check=True).stdout)[0]["output_dir"]
     records = read_metrics(out)
     assert [r["step"] for r in records if "eval_loss" in r] == [4]
     assert max(r["step"] for r in records) == 4
+    seen = json.loads(recorded.read_text())
+
+    rows = alpaca_rows(tiny_tokenizer)
+    labels_of = {tuple(ids): labels for ids, labels in rows}
+    pad = tiny_tokenizer.pad_token_id
+    _, eval_rows = held_out(len(rows), 0.1, seed=42)
+
+    assert len(seen["train"]) == 4  # max_steps, no accumulation
+    for batch in seen["train"]:
+        assert sorted(batch) == ["input_ids", "labels", "position_ids"]  # no mask: packed
+        assert len(batch["input_ids"]) == 8  # micro_batch_size bins
+        columns = batch["input_ids"], batch["labels"], batch["position_ids"]
+        for ids, labels, positions in zip(*columns, strict=True):
+            assert len(ids) == len(labels) == len(positions) == 256  # sequence_len
+            starts = [k for k, p in enumerate(positions) if p == 0] + [256]
+            packed = 0
+            for a, b in zip(starts, starts[1:], strict=False):
+                assert positions[a:b] == list(range(b - a))
+                if ids[a] == pad:  # the padding, last and a segment of its own
+                    assert b == 256 and ids[a:] == [pad] * (b - a)
+                    assert labels[a:] == [IGNORE] * (b - a)
+                    continue
+                assert labels[a:b] == labels_of[tuple(ids[a:b])]  # one whole row
+                packed += 1
+            assert packed >= 2, ids
+    assert len(seen["eval"]) == 4  # 32 rows, 8 per batch
+    evaluated = []
+    for batch in seen["eval"]:
+        assert sorted(batch) == ["attention_mask", "input_ids", "labels"]  # plain rows
+        assert len(batch["input_ids"]) == 8
+        columns = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        for ids, mask, labels in zip(*columns, strict=True):
+            n = sum(mask)
+            assert len(ids) == len(labels) == 256  # padded to sequence_len
+            assert mask == [1] * n + [0] * (256 - n)
+            assert ids[n:] == [pad] * (256 - n) and labels[n:] == [IGNORE] * (256 - n)
+            assert labels[:n] == labels_of[tuple(ids[:n])]  # one whole row
+            evaluated.append(ids[:n])
+    assert sorted(evaluated) == sorted(rows[i][0] for i in eval_rows)

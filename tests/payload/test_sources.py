@@ -139,7 +139,6 @@ def test_s3_file_and_prefix_are_downloaded_once(tokenizer, tmp_path, s3_bucket, 
         fetched.extend(key for key, _ in items)
         return real(self, items)
 
-    pytest.MonkeyPatch.context  # noqa: B018 - keep the fixture-free monkeypatch obvious
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(S3Store, "get_files", spy)
         one = config([alpaca(f"s3://{s3_bucket}/data/rows.jsonl")])

@@ -11,7 +11,6 @@ from helpers import ASSETS
 
 from payload.config import DatasetConfig, FerryError, TrainConfig
 from payload.data.core import IGNORE, BadRow, build_strategy
-from payload.data.sft import ALPACA_WITH_INPUT
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +63,12 @@ CONCISE = (
 def test_alpaca_instruct_is_alpaca_token_for_token(tokenizer):
     for row in (ROW, {**ROW, "input": ""}):
         assert run(tokenizer, row, "alpaca_instruct") == run(tokenizer, row, "alpaca")
-    prompt = ALPACA_WITH_INPUT.format(instruction=ROW["instruction"], input=ROW["input"])
-    assert prompt.startswith(STANFORD + "\n\n### Instruction:\nAdd the numbers.\n\n### Input:")
+    prompt = f"{STANFORD}\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n"
+    prompt += "### Response:\n"
     assert_prompt_then_response(tokenizer, run(tokenizer, ROW, "alpaca_instruct"), prompt, "5")
+    short = f"{STANFORD_NO_INPUT}\n\n### Instruction:\nAdd the numbers.\n\n### Response:\n"
+    out = run(tokenizer, {**ROW, "input": ""}, "alpaca_instruct")
+    assert_prompt_then_response(tokenizer, out, short, "5")
 
 
 @pytest.mark.parametrize(
