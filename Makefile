@@ -7,7 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch: the train extra would otherwise pull a multi-GB CUDA build.
+# torch for the CPU path. Our pip index serves its CPU build; elsewhere PyPI serves the
+# multi-GB CUDA wheel unless you ask pytorch.org's CPU index (see the README).
 TORCH_CPU ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
@@ -24,14 +25,17 @@ quickstart: setup
 	$(BIN)/launch train examples/quickstart.yml
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
+# The CPU tier, on any machine (the GPU tier is `make test-gpu`).
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# The GPU tier. On a CUDA machine PyPI's torch==2.13.0 is the CUDA build, so `setup` needs
-# no change there; the `gpu` extra adds bitsandbytes (4-bit QLoRA). flash-attn compiles
-# for minutes, so it is left to you (`pip install flash-attn`); its test skips without it.
-# Without a GPU every test here is skipped with the reason.
+# The GPU tier. It needs a CUDA build of torch==2.13.0 in .venv: PyPI's Linux wheel is
+# one; a machine whose pip index serves the CPU build (as our dev VMs do) needs the CUDA
+# build installed by hand. The `gpu` extra adds bitsandbytes (4-bit QLoRA). flash-attn
+# compiles for minutes, so it is left to you (`pip install flash-attn`); its test skips
+# without it. Without a GPU, or with a torch that cannot use it, every test here is
+# skipped with the reason.
 test-gpu: setup
 	$(BIN)/python -m pip install --quiet -e ".[gpu]"
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS); rc=$$?; \
@@ -48,6 +52,9 @@ bench: setup $(AWS_VENV)/bin/aws
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/sweep_expand.py
 	$(BIN)/python bench/s3_sync.py --aws $(AWS_VENV)/bin/aws
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/packed_training.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -153,7 +153,8 @@ def main() -> None:
             def aws(prefix: str) -> None:
                 subprocess.run(
                     [args.aws, "s3", "sync", str(folder), f"s3://bench/{prefix}",
-                     "--endpoint-url", url, "--only-show-errors"],
+                     "--endpoint-url", url, "--only-show-errors",
+                     "--exclude", SUMS_CACHE],  # Ferry's local cache: not part of the folder
                     env=env, check=True,
                 )  # fmt: skip
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +31,34 @@ def _hide_gpus() -> int:
 HOST_GPUS = _hide_gpus()
 
 
+def _why_no_gpu_tier() -> str | None:
+    """Why the GPU tier cannot run here, or None. Asked in a subprocess that sees the
+    host's GPUs, so that torch in this process never initialises CUDA."""
+    if not HOST_GPUS:
+        return "needs a CUDA GPU (this machine has none): make test-gpu"
+    from helpers import gpu_env
+
+    env = {k: v for k, v in {**os.environ, **gpu_env()}.items() if v is not None}
+    probe = "import torch; print(torch.__version__, torch.cuda.device_count())"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    version, _, count = done.stdout.strip().rpartition(" ")
+    if done.returncode != 0 or count in ("", "0"):
+        return (
+            f"this machine has {HOST_GPUS} GPU(s), but torch {version or '(not importable)'} "
+            "in this environment cannot use CUDA: install a CUDA build of torch==2.13.0 "
+            "(PyPI's Linux wheel is one), then make test-gpu"
+        )
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if HOST_GPUS:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none): make test-gpu")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    why = _why_no_gpu_tier() if gpu_items else None
+    if why:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=why))
 
 
 @pytest.fixture(autouse=True)

@@ -117,15 +117,19 @@ def test_packed_rows_through_flash_attention_varlen_keep_to_themselves():
 
 
 def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
-    """Four rows of 37, 80, 19 and 120 tokens, packed two bins of two by Ferry's collator
-    for flash attention (flattened to one row, segments in `position_ids`), through the
-    model Ferry loads; each row's logits against the same row run alone. `crossed` is the
-    same batch with positions that run on across rows (no segments)."""
+    """Four rows of 37, 80, 19 and 120 tokens, packed in two bins of two by the collator
+    `packing_setup` gives training for the model's attention (for flash attention: the
+    batch flattened to one row, segments in `position_ids`), through the model Ferry
+    loads; each row's logits against the same row run alone. `crossed` is the same batch
+    with positions that run on across rows (no segments). With flash=False (sdpa, fp32)
+    it runs on CPU as a check of this function itself."""
+    import datasets
     import torch
 
     from payload.config import validate_mapping
-    from payload.data.collator import PackedCollator
+    from payload.distributed import DistInfo
     from payload.model import load_model, load_tokenizer
+    from payload.packed_trainer import packing_setup
 
     cfg = validate_mapping(
         {
@@ -138,12 +142,24 @@ def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
             **({"flash_attention": True, "bf16": True} if flash else {"bf16": False}),
         }
     )
-    model = load_model(cfg, load_tokenizer(cfg)).to(device).eval()
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer).to(device).eval()
+    attention = model.config._attn_implementation
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(4, 1024, (n,), generator=generator).tolist() for n in (37, 80, 19, 120)]
-    collate = PackedCollator(3, 256, flatten=True, micro_batch_size=2)
-    batch = collate([[{"input_ids": r} for r in rows[:2]], [{"input_ids": r} for r in rows[2:]]])
-    batch = {k: v.to(device) for k, v in batch.items()}
+    # The collator training would use: packing_setup picks it for the model's attention.
+    train = datasets.Dataset.from_list([{"input_ids": r, "labels": r} for r in rows])
+    packing = packing_setup(cfg, tokenizer, train, None, DistInfo(0, 0, 1, None, device), attention)
+    bins = [[{"input_ids": r} for r in rows[:2]], [{"input_ids": r} for r in rows[2:]]]
+    batch = {k: v.to(device) for k, v in packing.collator(bins).items()}
+    # Where each row sits: one flattened row for flash attention, else a row per bin.
+    flat = batch["input_ids"].shape[0] == 1
+    where, start = [], 0
+    for b, group in enumerate(bins):
+        start = start if flat else 0
+        for row in group:
+            where.append((0 if flat else b, start))
+            start += len(row["input_ids"])
     crossed_positions = torch.arange(batch["input_ids"].shape[1], device=device)[None]
 
     def rel(a, b) -> float:  # type: ignore[no-untyped-def]
@@ -153,7 +169,10 @@ def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
     precision = torch.autocast(device, dtype=torch.bfloat16, enabled=flash)
     with torch.no_grad(), precision:
         out = model(**batch)
-        crossed = model(input_ids=batch["input_ids"], position_ids=crossed_positions).logits
+        crossed = model(
+            input_ids=batch["input_ids"],
+            position_ids=crossed_positions.expand_as(batch["input_ids"]),
+        ).logits
         alone, losses, targets = [], 0.0, 0
         for r in rows:
             ids = torch.tensor([r], device=device)
@@ -161,14 +180,13 @@ def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
             alone.append(single.logits[0])
             losses += float(single.loss) * (len(r) - 1)
             targets += len(r) - 1
-    segmented, crossing, start = [], [], 0
-    for logits in alone:
+    segmented, crossing = [], []
+    for logits, (row, begin) in zip(alone, where, strict=True):
         n = logits.shape[0]
-        segmented.append(rel(out.logits[0, start : start + n], logits))
-        crossing.append(rel(crossed[0, start : start + n], logits))
-        start += n
+        segmented.append(rel(out.logits[row, begin : begin + n], logits))
+        crossing.append(rel(crossed[row, begin : begin + n], logits))
     return {
-        "attention": model.config._attn_implementation,
+        "attention": attention,
         "rows_in_batch": batch["input_ids"].shape[0],
         "segmented": segmented,
         "crossed": crossing,
@@ -178,5 +196,4 @@ def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["flash-varlen"]:
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(varlen_check()))

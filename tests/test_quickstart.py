@@ -94,6 +94,9 @@ def test_recipe_losses_match_the_recorded_ones(quickstart_run):
     """A seeded fp32 run through the real CLI must reproduce the recorded losses. A change
     that is not meant to alter the math (a refactor) keeps them identical; one that is
     meant to must re-record them with FERRY_RECORD_RECIPES=1 and say why."""
+    # The pins are CPU losses: this run must have been on CPU (conftest hides any GPU;
+    # tests/test_gpu.py compares a CUDA run with them, within a tolerance).
+    assert "| 1 x cpu" in quickstart_run.result.stdout
     logged = {
         str(r["step"]): r["loss"] for r in read_metrics(quickstart_run.output_dir) if "loss" in r
     }
