@@ -50,7 +50,9 @@ def from_axolotl(raw: dict[str, Any], source: str) -> dict[str, Any]:
         elif key in ("gpu", "gpu_count"):
             continue
         elif key == "dockerfile_commands":
-            out.setdefault("image", {})["commands"] = list(value or [])
+            # A string or a number is left for LaunchConfig to refuse by name.
+            commands = value if isinstance(value, (str, int, float)) else list(value or [])
+            out.setdefault("image", {})["commands"] = commands
         elif key == "image":
             out.setdefault("image", {})["base"] = value
         else:

@@ -182,6 +182,8 @@ def format_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)  # nan, inf, -inf: no mantissa to trim
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
             mantissa, exponent = f"{value:.3e}".split("e")
             mantissa = mantissa.rstrip("0").rstrip(".")

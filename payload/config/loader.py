@@ -66,10 +66,25 @@ def read_text(source: str | os.PathLike[str]) -> str:
                 return response.read().decode("utf-8")
         except (urllib.error.URLError, TimeoutError, UnicodeDecodeError) as e:
             raise FerryError(f"Could not fetch the config {text_source}: {e}") from e
+    if problem := paths.path_problem(text_source):
+        raise FerryError(f"File {paths.shown(text_source)}: {problem}.")
     path = Path(text_source).expanduser()
-    if not path.is_file():
-        raise FerryError(f"Config file {text_source} does not exist.")
-    return path.read_text(encoding="utf-8")
+    try:
+        if path.is_dir():
+            raise FerryError(f"{text_source} is a folder; give a YAML file.")
+        if not path.is_file():
+            raise FerryError(f"Config file {text_source} does not exist.")
+        data = path.read_bytes()
+    except OSError as e:
+        raise FerryError(f"File {text_source} cannot be read: {e.strerror}.") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise FerryError(
+            f"{text_source} is not UTF-8 text: byte {data[e.start]:#04x} on line {line} "
+            "cannot be decoded (is it a binary file, or saved in another encoding?)."
+        ) from e
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:

@@ -18,6 +18,42 @@ from payload.errors import Problem
 from payload.storage.stores import check_uri
 
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".yml", ".yaml"}
+# The limits of Linux and macOS filesystems, in bytes: one name, and a whole path.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def path_problem(value: str) -> str | None:
+    """Why `value` cannot name a file on this machine (so looking it up would raise), or
+    None. Checked before any lookup: the OS's own errors name no key."""
+    if "\x00" in value:
+        return "contains a NUL byte, which no path can hold"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        return f"is not valid UTF-8 (it holds the undecodable character U+{ord(bad):04X})"
+    if len(value.encode("utf-8")) >= PATH_MAX:
+        return f"the path is too long ({len(value)} characters; the limit is {PATH_MAX - 1})"
+    longest = max(value.split("/"), key=lambda part: len(part.encode("utf-8")))
+    if len(longest.encode("utf-8")) > NAME_MAX:
+        return (
+            f"the path is too long (a name of {len(longest)} characters; "
+            f"the limit is {NAME_MAX} per name)"
+        )
+    if value.startswith("~"):
+        try:
+            Path(value).expanduser()
+        except RuntimeError:
+            user = value[1:].split("/", 1)[0]
+            return f"`~{user}` names no user on this machine, so it cannot be expanded"
+    return None
+
+
+def shown(value: str) -> str:
+    """`value` for a message: long ones cut to their ends, odd characters escaped."""
+    text = value if len(value) <= 80 else f"{value[:40]}...{value[-20:]}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def looks_local(value: str) -> bool:
@@ -60,16 +96,48 @@ def _find(value: str, base_dir: Path | None) -> Path | None:
     if base_dir is not None and not path.is_absolute():
         candidates.append(base_dir / path)
     for candidate in candidates:
-        if candidate.exists():
-            return candidate.resolve()
+        # A name made too long by the base folder, or a folder we may not enter: the value
+        # is not there, as far as this lookup can tell.
+        with contextlib.suppress(OSError):
+            if candidate.exists():
+                return candidate.resolve()
+    return None
+
+
+# What each path key must be when it exists locally: "dir", "file" or None (either).
+KINDS = {
+    "base_model": "dir",
+    "tokenizer_config": "dir",
+    "deepspeed": "file",
+    "chat_template_jinja": "file",
+    "resume_from_checkpoint": "dir",
+}
+
+
+def kind_problem(key: str, found: Path) -> str | None:
+    """Why the existing `found` cannot serve as `key`: a file where a folder is expected
+    (or the reverse), or one this process may not read."""
+    want = KINDS.get(key.rsplit(".", 1)[-1])
+    if want == "dir" and not found.is_dir():
+        return f"`{found}` is a file; a folder is expected"
+    if want == "file" and found.is_dir():
+        return f"`{found}` is a folder; a file is expected"
+    mode = os.R_OK | (os.X_OK if found.is_dir() else 0)
+    if not os.access(found, mode):
+        return f"`{found}` cannot be read (permission denied)"
     return None
 
 
 def _resolve_one(
     key: str, value: str, base_dir: Path | None, problems: list[Problem], *, hub_ok: bool
 ) -> str:
+    if problem := path_problem(value):
+        problems.append(Problem(key, f"`{shown(value)}`: {problem}."))
+        return value
     found = find(value, base_dir)
     if found is not None:
+        if problem := kind_problem(key, found):
+            problems.append(Problem(key, f"{problem}."))
         return str(found)
     if hub_ok and not looks_local(value):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -116,7 +184,13 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
     for key in ("output_dir", "dataset_prepared_path"):
         value = getattr(cfg, key)
         if value and "://" not in value:
-            update[key] = str(Path(value).expanduser().resolve())
+            if problem := path_problem(value):
+                problems.append(Problem(key, f"`{shown(value)}`: {problem}."))
+                continue
+            folder = Path(value).expanduser().resolve()
+            if folder.is_file():
+                problems.append(Problem(key, f"`{folder}` is a file; a folder is expected."))
+            update[key] = str(folder)
     if cfg.dataset_prepared_path and "://" in cfg.dataset_prepared_path:
         problems.append(
             Problem("dataset_prepared_path", "must be a local folder (the cache is locked there).")
@@ -139,12 +213,17 @@ def _resolve_dataset(
         elif problem := check_uri(ds.path):
             problems.append(Problem(f"{key}.path", f"{problem}."))
         return ds
+    if problem := path_problem(ds.path):
+        problems.append(Problem(f"{key}.path", f"`{shown(ds.path)}`: {problem}."))
+        return ds
     path = _resolve_one(f"{key}.path", ds.path, base_dir, problems, hub_ok=True)
     folder = Path(path)
     if folder.is_dir() and ds.data_files:
         names = [ds.data_files] if isinstance(ds.data_files, str) else ds.data_files
         for name in names:
-            if not any(c in name for c in "*?[") and not (folder / name).exists():
+            if problem := path_problem(name):
+                problems.append(Problem(f"{key}.data_files", f"`{shown(name)}`: {problem}."))
+            elif not any(c in name for c in "*?[") and not (folder / name).exists():
                 problems.append(Problem(f"{key}.data_files", f"`{name}` is not in {folder}."))
     update = {"path": path}
     if is_template_path(ds.chat_template_jinja):

@@ -518,6 +518,8 @@ def mounts() -> dict[str, str]:
 
 def check_uri(uri: str) -> str | None:
     """Why `uri` is not a storage URI Ferry can use, or None if it is."""
+    if "\x00" in uri or not uri.isprintable():
+        return f"{uri!r} holds a NUL byte or another unprintable character"
     parsed = urlparse(uri)
     if parsed.scheme not in SCHEMES:
         return f"`{uri}` should start with file://, s3:// or volume://"
