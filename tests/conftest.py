@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import QUICKSTART, ROOT, launch
+from helpers import LAUNCH_OUTPUTS, PLANTED, QUICKSTART, ROOT, launch, planted_leaks
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# A user's secrets, exported as users do; the S3 and Modal fixtures plant the other two.
+os.environ["HF_TOKEN"] = PLANTED["HF_TOKEN"]
+os.environ["WANDB_API_KEY"] = PLANTED["WANDB_API_KEY"]
 
 
 def _hide_gpus() -> int:
@@ -69,6 +72,33 @@ def ferry_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def no_planted_secret_leaks(request, tmp_path, ferry_home):
+    """After every test: no planted secret (helpers.PLANTED) in any file it left under
+    its FERRY_HOME and tmp_path (registry, run folders, logs, saved configs, file://
+    storage), in its S3 bucket's objects, or in any `launch` output it captured."""
+    LAUNCH_OUTPUTS.clear()
+    yield
+    objects: dict[str, bytes] = {}
+    if hasattr(request.node, "ferry_bucket"):
+        import boto3
+
+        server, bucket = request.node.ferry_bucket
+        client = boto3.client(
+            "s3",
+            endpoint_url=server,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                objects[f"s3://{bucket}/{item['Key']}"] = body
+    leaks = planted_leaks([tmp_path, ferry_home], list(LAUNCH_OUTPUTS), objects)
+    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
+
+
 @dataclass
 class QuickstartRun:
     result: subprocess.CompletedProcess[str]
@@ -85,6 +115,8 @@ def quickstart_run(tmp_path_factory) -> QuickstartRun:
     result = launch("train", str(QUICKSTART.relative_to(ROOT)), env=env, timeout=600, check=True)
     runs = json.loads(launch("runs", "--json", env=env, check=True).stdout)
     assert len(runs) == 1, runs
+    leaks = planted_leaks([home], [result.stdout + result.stderr], {})
+    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
     return QuickstartRun(result, home, runs[0], Path(runs[0]["output_dir"]))
 
 
@@ -131,13 +163,14 @@ def s3_bucket(s3_server, monkeypatch, request):
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED["AWS_SECRET_ACCESS_KEY"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     import boto3
 
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-bkt"
     boto3.client("s3").create_bucket(Bucket=name)
+    request.node.ferry_bucket = (s3_server, name)  # for the secret scan, after teardown
     return name
 
 

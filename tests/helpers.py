@@ -24,6 +24,43 @@ TWO_RANK_RUN = (
 HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+# Recognisable secrets planted in every test's environment (tests/conftest.py): what a
+# user has exported. After each test, every file it left (FERRY_HOME, run folders,
+# storage) and every `launch` output it captured is scanned for them (`planted_leaks`).
+PLANTED = {
+    "HF_TOKEN": "hf_ferryPlantedSecret0hf",
+    "WANDB_API_KEY": "ferryPlantedSecret1wandb",
+    "AWS_SECRET_ACCESS_KEY": "ferryPlantedSecret2aws",  # set by the S3 fixtures
+    "MODAL_TOKEN_SECRET": "as-ferryPlantedSecret3modal",  # set by the Modal tests
+}
+LAUNCH_OUTPUTS: list[str] = []  # stdout and stderr of each `launch` since the test began
+
+
+def planted_leaks(roots: list[Path], texts: list[str], objects: dict[str, bytes]) -> list[str]:
+    """Where any planted secret value appears: files under `roots`, `texts` (captured
+    output) and `objects` (storage keys -> bytes). Empty when nothing leaked."""
+    needles = {name: value.encode() for name, value in PLANTED.items()}
+    found = []
+
+    def check(where: str, data: bytes) -> None:
+        found.extend(f"{name} in {where}" for name, needle in needles.items() if needle in data)
+
+    for root in roots:
+        if not root.exists():
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                try:
+                    check(str(path), path.read_bytes())
+                except OSError:
+                    continue
+    for i, text in enumerate(texts):
+        check(f"the output of launch call {i + 1}", text.encode())
+    for key, data in objects.items():
+        check(f"storage object {key}", data)
+    return found
+
+
 def gpu_env() -> dict[str, str | None]:
     """Environment for a subprocess that should see the host's GPUs (None: unset)."""
     return {"CUDA_VISIBLE_DEVICES": HOST_CUDA_VISIBLE_DEVICES}
@@ -61,6 +98,7 @@ def launch(
         proc.communicate()
         raise
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    LAUNCH_OUTPUTS.append(stdout + stderr)
     if check and result.returncode != 0:
         raise AssertionError(
             f"launch {' '.join(args)} exited {result.returncode}\n"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import yaml
-from helpers import ROOT, launch, plan_row, quickstart_config
+from helpers import PLANTED, ROOT, launch, plan_row, quickstart_config
 
 from executors import RunState, get_executor
 from executors.modal import ModalExecutor, modal_job, shipped_inputs, status_from_outcome
@@ -269,7 +269,11 @@ def test_an_unreachable_modal_api_fails_within_10s_in_one_paragraph(
     way: under 10 s, one paragraph naming the service, the timeout and what to check, no
     traceback, and the run recorded as failed with the reason."""
     url = request.getfixturevalue("silent_server") if server == "silent" else "http://127.0.0.1:1"
-    env = {"MODAL_TOKEN_ID": "ak-test", "MODAL_TOKEN_SECRET": "as-test", "MODAL_SERVER_URL": url}
+    env = {
+        "MODAL_TOKEN_ID": "ak-test",
+        "MODAL_TOKEN_SECRET": PLANTED["MODAL_TOKEN_SECRET"],
+        "MODAL_SERVER_URL": url,
+    }
     extra = ["--storage", "s3://some-bucket/runs", "--secret", "aws"] if storage == "s3" else []
     started = time.monotonic()
     result = launch(
@@ -342,7 +346,7 @@ def test_status_and_cancel_have_deadlines_and_cancel_stops_the_containers(
     from payload.errors import FerryError
 
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
-    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", PLANTED["MODAL_TOKEN_SECRET"])
     monkeypatch.setenv("MODAL_SERVER_URL", silent_server)
     monkeypatch.setattr(modal_backend, "API_TIMEOUT_S", 2.0)
     handle = Handle("modal", "r-1", {"app_id": "ap-1", "call_id": "fc-1"})
