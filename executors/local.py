@@ -8,10 +8,11 @@
 
 The supervisor leads a new session (so the run outlives the terminal and can be
 cancelled as one group), its output goes to RUN_DIR/train.log, and its exit lands in
-RUN_DIR/exit.json. Without GPUs, N is the number of CPU processes (gloo). A cancel
-sends SIGTERM to every process of the run; the ranks save and upload a checkpoint and
-exit, and whatever is still running after the stop grace period (`launch.stop_grace`,
-torchrun's `--shutdown-timeout` too) is killed.
+RUN_DIR/exit.json; the first rank to fail writes why to RUN_DIR/error.json
+(FERRY_ERROR_FILE), which `launch status` reports. Without GPUs, N is the number of CPU
+processes (gloo). A cancel sends SIGTERM to every process of the run; the ranks save and
+upload a checkpoint and exit, and whatever is still running after the stop grace period
+(`launch.stop_grace`, torchrun's `--shutdown-timeout` too) is killed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.supervise import EXIT_FILE
-from payload.entry.remote import training_command
+from payload.entry.remote import ERROR_FILE, training_command
 from payload.runtime.cluster import SINGLE, torchrun_args
 from payload.runtime.job import DEFAULT_STOP_GRACE_S, MASTER_PORT
 from payload.runtime.procs import alive_with, stop_tree
@@ -134,6 +135,7 @@ class LocalExecutor(Executor):
 
     def _env(self, job: JobSpec) -> dict[str, str]:
         env = {**os.environ, **job.payload_env()}
+        env["FERRY_ERROR_FILE"] = str(job.run_dir / ERROR_FILE)
         if not local_gpu_count() and "OMP_NUM_THREADS" not in os.environ:
             # Share the cores between the CPU processes instead of oversubscribing them.
             per_process = max((os.cpu_count() or 1) // job.resources.gpus_per_node, 1)
@@ -160,7 +162,7 @@ class LocalExecutor(Executor):
         if not job.config_path.exists():
             job.write()
         # A relaunch of the same run (a retry) starts with no outcome recorded.
-        for stale in (EXIT_FILE, CANCEL_FILE, HANDLE_FILE):
+        for stale in (EXIT_FILE, CANCEL_FILE, HANDLE_FILE, ERROR_FILE):
             (job.run_dir / stale).unlink(missing_ok=True)
         command = self._command(job)
         supervisor = [sys.executable, "-m", "executors.supervise", str(job.run_dir), "--", *command]
@@ -251,8 +253,15 @@ class LocalExecutor(Executor):
 
 
 def _failure_detail(run_dir: Path, code: int) -> str:
-    """Why the run failed: the payload's last `error:` line, else the last line that
-    names an exception, else the exit code."""
+    """Why the run failed: the error the first failed rank recorded (a user error, or
+    "rank N: Type: message" for a crash), else the payload's last `error:` line, else the
+    last line that names an exception, else the exit code."""
+    try:
+        recorded = json.loads((run_dir / ERROR_FILE).read_text())["error"]
+    except (OSError, ValueError, TypeError, KeyError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        return recorded[:500]
     log = run_dir / LOG_FILE
     lines = log.read_text(errors="replace").splitlines()[-300:] if log.exists() else []
     for wanted in (lambda s: s.startswith(("error:", "preempted:")), lambda s: "Error" in s):

@@ -117,10 +117,16 @@ def _debug() -> bool:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     if debug:
         os.environ["FERRY_DEBUG"] = "1"
+    # Test hook, for tests only: FERRY_TEST_CRASH=<command> makes that command raise an
+    # unexpected exception, so that the crash handler in `main` can be tested through
+    # the real CLI. Read from the environment only; no config can set it.
+    if ctx.invoked_subcommand and os.environ.get("FERRY_TEST_CRASH") == ctx.invoked_subcommand:
+        raise RuntimeError(f"FERRY_TEST_CRASH={ctx.invoked_subcommand}: a crash for the tests")
 
 
 @app.command()
@@ -534,8 +540,15 @@ def sweep_cancel(sweep_id: SweepArg, yes: YesOpt = False) -> None:
     )
 
 
+# What `launch` exits with (scripts may tell them apart).
+EXIT_USER_ERROR = 1  # a FerryError: something the user can fix
+EXIT_BUG = 2  # any other exception: a bug in Ferry, its traceback in a crash log
+
+
 def main() -> None:
-    """Console entry point: the one place user errors become a clean message and exit 1."""
+    """Console entry point, the one top-level handler: user errors become a clean message
+    and exit 1; any other exception (a bug) one paragraph naming a crash log that holds
+    its traceback, and exit 2. Tracebacks reach the screen only with --debug."""
     from payload.errors import FerryError
 
     if "--debug" in sys.argv[1:]:
@@ -552,9 +565,11 @@ def main() -> None:
 
             traceback.print_exc()
         output.error(e)
-        code = 1
+        code = EXIT_USER_ERROR
     except SystemExit as e:  # typer's own exit, with its code
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # a bug in Ferry; KeyboardInterrupt is not one and passes by
+        code = _crashed(e)
     finally:
         # Nothing is left to collect: skip the interpreter's last full GC pass over
         # everything pydantic and typer built, about 0.1 s of every command's exit.
@@ -570,6 +585,72 @@ def main() -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _crashed(e: Exception) -> int:
+    """Report an unexpected exception: its traceback to a crash log (and to the screen
+    with --debug), one paragraph to the user. Returns the exit code."""
+    import traceback
+
+    text = traceback.format_exc()
+    if _debug():
+        sys.stderr.write(text)
+    doing = " ".join(["launch", *_command_words(sys.argv[1:])])
+    log = _write_crash_log(doing, text)
+    try:
+        from launcher import output
+    except Exception:  # the bug may be in what output imports: say it plainly
+        print(f"error: {doing} failed with {type(e).__name__}: {e}; see {log}", file=sys.stderr)
+        return EXIT_BUG
+    output.crash(doing, e, log)
+    return EXIT_BUG
+
+
+def _command_words(args: list[str]) -> list[str]:
+    """The command and its arguments up to the first option (`train examples/x.yml`):
+    what was being done, short, and without option values (an --env value)."""
+    words = []
+    for arg in args:
+        if arg.startswith("-"):
+            if words:
+                break
+            continue  # a root option (--debug) before the command
+        words.append(arg)
+    return words
+
+
+def _write_crash_log(doing: str, text: str) -> Path | None:
+    """Write the traceback to $FERRY_HOME/logs/crash-<time>.log, else to the system's
+    temp folder; None if neither can be written. Only the command line and the
+    traceback go in: never the environment, which holds the user's secrets."""
+    import tempfile
+    import time
+
+    from payload.runtime.job import secret_like  # standard library only
+
+    try:
+        from launcher.registry import ferry_home
+
+        folders = [ferry_home() / "logs"]
+    except Exception:  # the bug may be there: the temp folder still works
+        folders = []
+    # A KEY=VALUE argument whose key names a credential keeps its key only.
+    argv = [
+        f"{a.partition('=')[0]}=***" if "=" in a and secret_like(a.partition("=")[0]) else a
+        for a in sys.argv
+    ]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    body = f"{doing}\nargv: {argv!r}\n\n{text}"
+    for folder in [*folders, Path(tempfile.gettempdir())]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"crash-{stamp}-", suffix=".log", dir=folder)
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+            return Path(name)
+        except OSError:
+            continue
+    return None
 
 
 def _route_warnings() -> None:

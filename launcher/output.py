@@ -59,6 +59,17 @@ def error(e: FerryError) -> None:
         err().print(escape(e.hint))
 
 
+def crash(doing: str, e: BaseException, log: Path | None) -> None:
+    """An unexpected exception (a bug in Ferry) as one red paragraph: what was being
+    done, the exception, and where its traceback is."""
+    where = f"The traceback is in {log}" if log else "No crash log could be written"
+    err().print(
+        f"[bold red]error:[/] {escape(doing)} failed with {escape(type(e).__name__)}: "
+        f"{escape(str(e))}\nThis is a bug in Ferry. {escape(where)}; please include it "
+        "in a bug report (--debug or FERRY_DEBUG=1 prints it here)."
+    )
+
+
 def warning(message: str) -> None:
     err().print(f"[yellow]warning:[/] {escape(message)}")
 

@@ -5,10 +5,21 @@ image.
 (`dataset_prepared_path`, by default $FERRY_HOME/prepared), and prints what it found.
 
 Exit codes: 0 done; 1 a problem the user can fix (printed as one paragraph, and written
-to FERRY_ERROR_FILE when the remote wrapper sets it, for the backend to report; never
-retried); 75 (EXIT_PREEMPTED) stopped by SIGTERM or SIGINT after saving and uploading a
-checkpoint, relaunch to resume; 70 (EXIT_FAILED) anything else (a crash keeps its
-traceback, a failed upload says what failed): another attempt may succeed.
+to FERRY_ERROR_FILE when the backend sets it, for the backend to report; never retried);
+75 (EXIT_PREEMPTED) stopped by SIGTERM or SIGINT after saving and uploading a
+checkpoint, relaunch to resume; 70 (EXIT_FAILED) anything else: another attempt may
+succeed. A crash (an exception that is not a FerryError, a bug in Ferry) prints its
+traceback, then one `error: rank N: Type: message` line, and writes that line to
+FERRY_ERROR_FILE too, so that `launch status` names the rank and the exception; a failed
+upload says what failed.
+
+Started by `launch` (FERRY_RUN_ID is set), the config was validated and its warnings
+printed before the run began, so they are not printed again here; run by hand, rank 0
+prints them.
+
+Test hook: FERRY_TEST_CRASH_RANK=N makes rank N raise a RuntimeError once its config is
+loaded. It exists only so that tests can crash one rank of a real run; it is read from
+the environment only, never from a config.
 """
 
 from __future__ import annotations
@@ -53,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
     )
+    if rank != 0 or os.environ.get("FERRY_RUN_ID"):
+        # Every rank reads the same config; rank 0 warns, and `launch` warned already.
+        logging.getLogger("ferry.config").setLevel(logging.ERROR)
     if args.command == "preprocess":
         return _preprocess(args)
+    crash_rank = os.environ.get("FERRY_TEST_CRASH_RANK")  # test hook: see the docstring
     try:
         from payload.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if crash_rank == str(rank):
+            raise RuntimeError(f"FERRY_TEST_CRASH_RANK={crash_rank}: a crash for the tests")
         from payload.durability import Preempted
         from payload.train import run
 
@@ -75,23 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = e.exit_code
         if code == 1:  # only the user's own problems go to the wrapper as such
-            _record_error(os.environ.get("FERRY_ERROR_FILE"), e)
+            _record_error(os.environ.get("FERRY_ERROR_FILE"), e.message, e.hint)
         return code
-    except Exception:  # a crash: its traceback, and a code that allows another attempt
+    except Exception as e:  # a crash: its traceback, and a code that allows another attempt
         import traceback
 
         traceback.print_exc()
+        detail = f"rank {rank}: {type(e).__name__}: {e}"
+        hint = "This is a bug in Ferry; the traceback is in the run's log."
+        print(f"error: {detail}\n{hint}", file=sys.stderr, flush=True)
+        _record_error(os.environ.get("FERRY_ERROR_FILE"), detail, hint)
         return EXIT_FAILED
     return 0
 
 
-def _record_error(path: str | None, error: FerryError) -> None:
-    """The first rank to fail tells the wrapper why (the others may fail because of it)."""
+def _record_error(path: str | None, message: str, hint: str | None) -> None:
+    """The first rank to fail tells the backend why (the others may fail because of it)."""
     if not path:
         return
     try:
         with open(path, "x") as f:
-            json.dump({"error": error.message, "hint": error.hint}, f)
+            json.dump({"error": message, "hint": hint}, f)
     except OSError:
         pass  # another rank was first, or the folder is gone: the log has it anyway
 

@@ -21,8 +21,6 @@ from payload.data.packing import MultipackBatchSampler
 from payload.distributed import DistInfo
 from payload.errors import FerryError
 
-log = logging.getLogger("ferry.packing")
-
 
 def row_lengths(dataset: Any) -> np.ndarray:
     """Tokens per row (`input_ids`), read column-wise from a `datasets.Dataset` in
@@ -140,12 +138,8 @@ def packing_setup(
     if dist.is_main:
         for line in packing.lines():
             print(f"data: {line}", flush=True)
-        if cfg.sample_packing_eff_est is not None:
-            log.warning(
-                "sample_packing_eff_est is ignored: rows are packed before training, so the "
-                "step count uses the measured efficiency (%.3f).",
-                packing.train.efficiency,
-            )
+        # sample_packing_eff_est is ignored: the config check says so, once; the line
+        # above gives the measured efficiency.
     return packing
 
 
