@@ -10,7 +10,9 @@
                         a fraction (< 1) or a count (>= 1) of the rows, with `seed`
 
 Rows that cannot be used are skipped and counted by reason, or raise on the first one
-with `strict: true`; rows longer than `sequence_len` follow `excess_length_strategy`.
+with `strict: true`; so are lines of a data file that cannot be read as rows, named
+"<file> line N" (payload.data.sources.careful). Rows longer than `sequence_len` follow
+`excess_length_strategy`.
 Nothing is dropped without appearing in the returned `DataReport`. With
 `dataset_prepared_path` the result is cached there (payload.data.cache).
 """
@@ -42,7 +44,8 @@ def tokenize_dataset(
 ) -> Any:
     """One entry of `key` (datasets, test_datasets) read, sharded and tokenized."""
     where = f"{key}[{index}] ({ds.path})"
-    rows, offset = shard(load_rows(ds, where), ds.shards, ds.shards_idx)
+    rows = load_rows(ds, where, report=report, strict=cfg.strict)
+    rows, offset = shard(rows, ds.shards, ds.shards_idx)
     fn = row_function(ds, cfg, tokenizer, where, limit=True)
     return tokenize_rows(rows, fn, where, offset, report, processes(cfg, len(rows)), progress)
 

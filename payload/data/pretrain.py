@@ -52,7 +52,8 @@ def blocks(
     for i, entry in enumerate(cfg.pretraining_dataset or []):
         ds = as_text(entry)
         where = f"pretraining_dataset[{i}] ({ds.path})"
-        rows, offset = shard(load_rows(ds, where), ds.shards, ds.shards_idx)
+        rows = load_rows(ds, where, report=report, strict=cfg.strict)
+        rows, offset = shard(rows, ds.shards, ds.shards_idx)
         fn = row_function(ds, cfg, tokenizer, where, limit=False)
         docs = tokenize_rows(rows, fn, where, offset, report, processes(cfg, len(rows)), progress)
         documents += len(docs)

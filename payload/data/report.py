@@ -39,6 +39,12 @@ class DataReport:
         self.skipped[reason] += 1
         self.examples.setdefault(reason, where)
 
+    def unreadable(self, reason: str, where: str) -> None:
+        """A row of a data file that could not be read at all ("<file> line N"): it counts
+        as a row in, and as skipped."""
+        self.rows_in += 1
+        self.skip(reason, where)
+
     def lines(self) -> list[str]:
         if self.streaming:
             out = ["pretraining_dataset streams: rows are tokenized as training reads them"]
@@ -77,6 +83,7 @@ class DataReport:
             "eval": self.eval_rows,
             "tokens": self.tokens,
             "skipped": dict(self.skipped),
+            "skipped_first": {reason: self.examples[reason] for reason in self.skipped},
             "truncated": self.truncated,
             "cache": self.cache_path,
             "cache_hit": self.cache_hit,

@@ -15,16 +15,20 @@ each S3 object's ETag), so that a cache hit reads nothing but the cache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from payload.config.schema import DatasetConfig
+from payload.data.report import DataReport
 from payload.errors import FerryError
 from payload.storage.stores import sha256_file
 
@@ -114,9 +118,21 @@ def _format(ds: DatasetConfig, files: list[Path], where: str) -> str:
     return formats.pop() or "json"
 
 
-def load_rows(ds: DatasetConfig, where: str, *, streaming: bool = False) -> Any:
+def load_rows(
+    ds: DatasetConfig,
+    where: str,
+    *,
+    streaming: bool = False,
+    report: DataReport | None = None,
+    strict: bool = False,
+) -> Any:
     """All the dataset's rows (`shard` picks its shard): a `datasets.Dataset`, or an
-    `IterableDataset` when streaming. `where` names the dataset in errors."""
+    `IterableDataset` when streaming. `where` names the dataset in errors.
+
+    Local json/jsonl/csv files that `datasets` cannot read are read again line by line
+    (`careful`): lines that cannot be rows are counted in `report` by reason, with the
+    first "<file> line N", and the rest load. With `strict`, or without a `report` to
+    count them in, the first such line is an error naming it."""
     import datasets
 
     local = s3_download(ds.path, where) if ds.path.startswith("s3://") else None
@@ -138,12 +154,13 @@ def load_rows(ds: DatasetConfig, where: str, *, streaming: bool = False) -> Any:
                     f"{where}: local data files form one split, `train` (slices such as "
                     f"`train[:10%]` work); got split `{ds.split}`."
                 )
-            rows = datasets.load_dataset(
-                found.fmt,
-                data_files=[str(p) for p in found.files],
-                split=ds.split,
-                streaming=streaming,
-            )
+            with _quiet(JSON_LOGGER):
+                rows = datasets.load_dataset(
+                    found.fmt,
+                    data_files=[str(p) for p in found.files],
+                    split=ds.split,
+                    streaming=streaming,
+                )
         else:
             rows = datasets.load_dataset(
                 ds.path,
@@ -156,12 +173,215 @@ def load_rows(ds: DatasetConfig, where: str, *, streaming: bool = False) -> Any:
     except FerryError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets' and pyarrow's many errors, named here
+        if found.files and not streaming:
+            # Only now, so that files the fast loader reads cost nothing more.
+            rows = careful(found, ds.split, where, _on_bad(where, report, strict))
+            if rows is not None:
+                return rows
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FerryError(
             f"Could not read {where}: {first}",
             hint="Check `path`, `split`, `data_files` and `ds_type` (FERRY_DEBUG=1 for more).",
         ) from e
     return rows
+
+
+# ---- files the fast loader cannot read
+
+NOT_JSON = "not valid JSON"
+NOT_OBJECT = "not a JSON object"
+NOT_UTF8 = "not valid UTF-8"
+CSV_FIELDS = "not as many CSV fields as the header"
+
+
+# `datasets` logs an ERROR for a json file it cannot parse, counting rows from 0; the
+# careful reader then names the line itself, so that log line would only mislead.
+JSON_LOGGER = "datasets.packaged_modules.json.json"
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _on_bad(where: str, report: DataReport | None, strict: bool) -> Callable[[str, str], None]:
+    """What to do with a line that cannot be a row: count it, or stop at it."""
+
+    def bad(reason: str, place: str) -> None:
+        if strict:
+            raise FerryError(f"{where}: {place}: {reason} (strict: true).")
+        if report is None:
+            raise FerryError(
+                f"{where}: {place}: {reason}.",
+                hint="Fix or remove the line; only `datasets` entries skip unreadable lines.",
+            )
+        report.unreadable(reason, place)
+
+    return bad
+
+
+def careful(found: Located, split: str, where: str, bad: Callable[[str, str], None]) -> Any:
+    """The rows of `found`'s files, read line by line, calling `bad(reason, "<file> line
+    N")` for each line that cannot be a row; None when the format has no line reader.
+    A parquet or arrow file that cannot be read is an error naming it."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    if found.fmt == "json":
+        table = _json_table(found.files, where, bad)
+    elif found.fmt == "csv":
+        table = _csv_table(found.files, where, bad)
+    elif found.fmt in ("parquet", "arrow"):
+        _name_unreadable(found.files, found.fmt, where)
+        return None
+    else:
+        return None
+    rows = datasets.Dataset(InMemoryTable(table))
+    parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+    picked = [i for part in parts for i in range(part.from_, part.to)]
+    return rows if picked == list(range(len(rows))) else rows.select(picked)
+
+
+def _json_table(files: tuple[Path, ...], where: str, bad: Callable[[str, str], None]) -> Any:
+    """One table of every JSON object in `files`: jsonl lines, or a file's one array."""
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    good: list[bytes] = []
+    for path in files:
+        data = path.read_bytes()
+        if data.lstrip()[:1] == b"[":
+            good += _json_array(path, data, where, bad)
+            continue
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            place = f"{path} line {number}"
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad(NOT_UTF8, place)
+                continue
+            except ValueError:
+                bad(NOT_JSON, place)
+                continue
+            if not isinstance(value, dict):
+                bad(NOT_OBJECT, place)
+                continue
+            good.append(line.strip())
+    if not good:
+        return pa.table({})
+    text = b"\n".join(good)
+    options = paj.ReadOptions(block_size=min(max(len(text) + 1, 1 << 20), 2**31 - 1))
+    try:
+        return paj.read_json(pa.py_buffer(text), read_options=options)
+    except pa.ArrowInvalid as e:  # the good lines disagree on a column's type
+        raise FerryError(
+            f"Could not read {where}: {e}",
+            hint="Every row must give each field the same type.",
+        ) from e
+
+
+def _json_array(path: Path, data: bytes, where: str, bad: Callable[[str, str], None]):
+    """The objects of a file that is one JSON array, as JSON lines; other elements are bad
+    rows ("<file> element N", N from 0 as rows are). An array that does not parse cannot
+    be read at all."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise FerryError(f"Could not read {where}: {path} line {line} is {NOT_UTF8}.") from e
+    except json.JSONDecodeError as e:
+        raise FerryError(
+            f"Could not read {where}: {path} line {e.lineno} is {NOT_JSON} ({e.msg}); the "
+            "file is one JSON array, so none of it can be read.",
+            hint="Write one JSON object per line (jsonl): then only a bad line is skipped.",
+        ) from e
+    good = []
+    for index, element in enumerate(value):
+        if isinstance(element, dict):
+            good.append(json.dumps(element).encode())
+        else:
+            bad(NOT_OBJECT, f"{path} element {index}")
+    return good
+
+
+def _csv_table(files: tuple[Path, ...], where: str, bad: Callable[[str, str], None]) -> Any:
+    """One table of every CSV row in `files` with as many fields as its file's header,
+    typed as the fast loader types them (pandas)."""
+    import csv
+    import io
+
+    import pandas as pd
+    import pyarrow as pa
+
+    frames = []
+    for path in files:
+        lines = _Lines(path, bad)
+        reader = csv.reader(lines)
+        header = next(reader, None)
+        if header is None:
+            continue
+        kept = io.StringIO()
+        writer = csv.writer(kept)
+        writer.writerow(header)
+        for record in reader:
+            if not record:
+                continue
+            if len(record) != len(header):
+                bad(CSV_FIELDS, f"{path} line {lines.number}")
+                continue
+            writer.writerow(record)
+        kept.seek(0)
+        frames.append(pd.read_csv(kept))
+    if not frames:
+        return pa.table({})
+    return pa.Table.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
+
+
+class _Lines:
+    """A file's lines as text for `csv.reader`; a line that is not UTF-8 is a bad row.
+    `number` is the line last read (from 1), so the line a record ends on."""
+
+    def __init__(self, path: Path, bad: Callable[[str, str], None]):
+        self.path, self.bad, self.number = path, bad, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for number, line in enumerate(self.path.read_bytes().split(b"\n"), 1):
+            self.number = number
+            try:
+                yield line.decode("utf-8") + "\n"
+            except UnicodeDecodeError:
+                self.bad(NOT_UTF8, f"{self.path} line {self.number}")
+
+
+def _name_unreadable(files: tuple[Path, ...], fmt: str, where: str) -> None:
+    """Raise naming the first of `files` that pyarrow cannot read, and why."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            if fmt == "parquet":
+                pq.read_table(path)
+            else:
+                with pa.memory_map(str(path)) as source:
+                    try:
+                        pa.ipc.open_stream(source).read_all()
+                    except pa.ArrowInvalid:
+                        source.seek(0)
+                        pa.ipc.open_file(source).read_all()
+        except (OSError, pa.ArrowException) as e:
+            raise FerryError(
+                f"Could not read {where}: {path} is not a readable {fmt} file ({e}).",
+                hint="The file may be truncated or still being written: write it again.",
+            ) from e
 
 
 def shard(rows: Any, shards: int | None, index: int | None) -> tuple[Any, int]:

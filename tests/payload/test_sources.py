@@ -112,8 +112,10 @@ def test_a_folder_of_data_files(tokenizer, tmp_path, reference):
 
 
 def test_unreadable_files_name_the_dataset(tokenizer, tmp_path):
+    """A file that cannot be read at all (a JSON array that does not parse) is an error
+    naming the dataset; a jsonl with bad lines is read around them (test_bad_files)."""
     bad = tmp_path / "broken.jsonl"
-    bad.write_text('{"instruction": "x", "output": "y"}\n{not json\n')
+    bad.write_text('[{"instruction": "x", "output": "y"},\n{not json\n]')
     with pytest.raises(FerryError, match=r"Could not read datasets\[0\] \(.*broken.jsonl\)"):
         build_datasets(config([alpaca(bad)]), tokenizer)
 
