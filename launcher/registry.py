@@ -2,7 +2,9 @@
 
 WAL journaling lets readers proceed while one process writes, and a busy timeout makes a
 second writer wait its turn instead of failing (several sweep trials finish at once).
-Each write is a single short transaction.
+Each write is a single short transaction. The wait is FERRY_REGISTRY_TIMEOUT seconds
+(default 30); past it, and for a file that is not a registry, one from a newer Ferry or a
+FERRY_HOME that cannot be written, the user gets a FerryError naming the file.
 
 A run's or a sweep's state changes only by compare-and-set (`transition`): the write
 names the states it expects to find and does nothing if another process moved the run
@@ -69,6 +71,25 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 MIGRATIONS[3] = ["ALTER TABLE runs ADD COLUMN storage_uri TEXT"]
 SCHEMA_VERSION = max(MIGRATIONS)
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def busy_timeout() -> float:
+    """Seconds to wait for another process's lock on the registry: $FERRY_REGISTRY_TIMEOUT,
+    else 30."""
+    raw = os.environ.get("FERRY_REGISTRY_TIMEOUT")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise FerryError(
+            f"FERRY_REGISTRY_TIMEOUT={raw!r} is not a number of seconds (0 or more).",
+            hint="Unset it to wait the default 30 s.",
+        )
+    return seconds
 
 
 def ferry_home() -> Path:
@@ -127,15 +148,31 @@ _JSON_COLUMNS = ("resources", "summary", "trial", "spec", "backends", "dispatche
 
 
 class Registry:
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, timeout: float | None = None):
         self.path = path or ferry_home() / "ferry.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        self.timeout = busy_timeout() if timeout is None else timeout
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                why = f"a file is in the way ({why}: {e.filename})"
+            raise FerryError(
+                f"Cannot create the Ferry home folder {self.path.parent} for the run registry: "
+                f"{why}.",
+                hint="Point FERRY_HOME at a folder you can write to (default ~/.ferry).",
+            ) from e
+        # The version is read before anything else touches the file (even the journal
+        # mode): a registry from a newer Ferry, or a file that is none, is left as it was.
+        with self._connect(journal=False) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise FerryError(
-                    f"{self.path} was written by a newer Ferry (schema {version}); upgrade Ferry."
+                    f"{self.path} was written by a newer Ferry (schema {version}; this one "
+                    f"knows {SCHEMA_VERSION}). It was left unchanged.",
+                    hint="Upgrade Ferry (pip install -U ferry), or point FERRY_HOME elsewhere.",
                 )
+            db.execute("PRAGMA journal_mode=WAL")
             if version == 0:
                 db.executescript(SCHEMA_V1)
                 version = 1
@@ -149,15 +186,61 @@ class Registry:
                 db.execute("COMMIT")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    def _connect(self, journal: bool = True) -> Iterator[sqlite3.Connection]:
+        """A connection for one short piece of work; SQLite's errors that the user can act
+        on (a lock held too long, a file that is not a registry, an unwritable folder)
+        leave it as a FerryError naming the file."""
+        db = None
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=30000")
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            if journal:
+                db.execute("PRAGMA journal_mode=WAL")
             db.row_factory = sqlite3.Row
             yield db
+        except sqlite3.Error as e:
+            problem = self._explain(e)
+            if problem is None:
+                raise
+            raise problem from e
         finally:
-            db.close()
+            if db is not None:
+                db.close()
+
+    def _explain(self, error: sqlite3.Error) -> FerryError | None:
+        """The user's version of an SQLite error, by its result code; None for the rest
+        (a bug in Ferry, which keeps its traceback)."""
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is None:
+            return None
+        code &= 0xFF  # the primary code; the extended part says which variant
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return FerryError(
+                f"The run registry {self.path} is locked by another process, which held it "
+                f"longer than {self.timeout:g} s (another `launch` writing to it, or a tool "
+                "such as the sqlite3 shell with a transaction open).",
+                hint="Let that process finish or close it, then try again; "
+                "FERRY_REGISTRY_TIMEOUT=<seconds> waits longer.",
+            )
+        if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            return FerryError(
+                f"{self.path} is not a readable Ferry run registry ({error}). "
+                "Ferry left it unchanged.",
+                hint=f"Move it aside (mv {self.path} {self.path}.bad) and Ferry starts a new, "
+                "empty registry; the runs' folders under FERRY_HOME are kept.",
+            )
+        if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+            return FerryError(
+                f"Cannot write the run registry {self.path} ({error}).",
+                hint="Point FERRY_HOME at a folder you can write to (default ~/.ferry), "
+                "or fix the permissions of that folder and file.",
+            )
+        if code == sqlite3.SQLITE_FULL:
+            return FerryError(
+                f"Cannot write the run registry {self.path}: no space left on device.",
+                hint="Free some space there, or point FERRY_HOME at another disk.",
+            )
+        return None
 
     def add(self, record: RunRecord) -> None:
         self._insert("runs", self._to_row(record))

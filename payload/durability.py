@@ -18,6 +18,7 @@ seconds for this before they kill them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -190,6 +191,13 @@ class StorageSync(TrainerCallback):
                 snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
             )
             self._publish(f"checkpoint-{step}", self.store.uri, result)
+        except OSError as e:
+            # A full disk is named plainly, with the file that did not fit.
+            said = str(e)
+            if e.errno == errno.ENOSPC:
+                said = f"no space left on device writing {e.filename2 or e.filename}"
+            self.errors.append(f"checkpoint-{step}: {said}")
+            log.error("upload of checkpoint-%s to %s failed: %s", step, self.store.uri, said)
         except Exception as e:  # noqa: BLE001 - reported by wait(); training goes on meanwhile
             self.errors.append(f"checkpoint-{step}: {e}")
             log.error("upload of checkpoint-%s to %s failed: %s", step, self.store.uri, e)
@@ -202,10 +210,25 @@ class StorageSync(TrainerCallback):
             future.result()
         self.pending.clear()
         if self.errors:
+            # In the message, not a hint: the ranks pass on only the message.
             raise TransferError(
                 f"{len(self.errors)} checkpoint upload(s) to {self.store.uri} failed: "
                 + "; ".join(self.errors)
+                + self._newest_note()
             )
+
+    def _newest_note(self) -> str:
+        """Which checkpoint a relaunch would resume from, now that some did not arrive."""
+        try:
+            newest = latest_complete_checkpoint(self.store)
+        except Exception:  # noqa: BLE001 - the store may be failing too; the error says enough
+            return ""
+        if newest is None:
+            return ". No complete checkpoint is in storage yet."
+        return (
+            f". The newest complete checkpoint in storage is still checkpoint-{newest.step}; "
+            "`launch resume` continues from it."
+        )
 
     def finish(self) -> None:
         """The end of a run: every checkpoint upload done, then the final artifacts."""
@@ -240,6 +263,52 @@ class StorageSync(TrainerCallback):
             f"({result.files_sent} files, {result.bytes_sent:,} bytes)",
             flush=True,
         )
+
+
+# torch.save reports a full disk as a RuntimeError with no errno ("basic_ios::clear:
+# iostream error", "unexpected pos ..."), so the disk itself is asked: less than this
+# left free after a failed save means the save ran out of room.
+FULL_DISK_BYTES = 1 << 20
+
+
+def full_disk_error(
+    error: BaseException, output_dir: str, store: Store | None
+) -> FerryError | None:
+    """A checkpoint save that failed because `output_dir`'s disk is full, as a
+    TransferError naming the checkpoint (EXIT_FAILED: once there is room, a relaunch
+    resumes); None for any other failure. The half-written checkpoint folder is deleted:
+    it would otherwise look like the newest one to a relaunch without storage, and it
+    holds the space the next attempt needs."""
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None
+    folder = Path(output_dir)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if getattr(error, "errno", None) != errno.ENOSPC and free >= FULL_DISK_BYTES:
+        return None
+    steps = sorted(
+        int(m.group(1)) for p in folder.glob("checkpoint-*") if (m := CHECKPOINT_DIR.match(p.name))
+    )
+    what = f"checkpoint-{steps[-1]}" if steps else "a checkpoint"
+    if steps:
+        shutil.rmtree(folder / what, ignore_errors=True)
+    note = ""
+    if store is not None:
+        try:
+            newest = latest_complete_checkpoint(store)
+        except Exception:  # noqa: BLE001 - the store may be failing too; the error says enough
+            newest = None
+        if newest is not None:
+            note = (
+                f" The newest complete checkpoint in storage is still checkpoint-{newest.step}; "
+                "`launch resume` continues from it once there is room."
+            )
+    return TransferError(
+        f"Saving {what} in {output_dir} failed: no space left on device "
+        f"({free:,} bytes free there; {type(error).__name__}: {error}).{note}"
+    )
 
 
 class StopRequest:

@@ -232,7 +232,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest) -
         print(f"resuming from step {resumed_step} ({resume})", flush=True)
     if stop.agreed():  # all ranks together: a signal may have reached only some so far
         raise durability.Preempted(request.signame or "a stop signal on another rank", None, None)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except (OSError, RuntimeError) as e:  # a save that ran out of room says so
+        full = durability.full_disk_error(e, output_dir, store)
+        if full is None:
+            raise
+        raise full from e
     if stop.stopped_at is not None:
         step = stop.stopped_at
         if sync:  # every rank stays until rank 0's upload is done (or has failed)
