@@ -402,6 +402,10 @@ class PreprocessResult:
     rate: str | None = None  # "tokenized N rows in Xs (R rows/s, P processes)"
 
 
+class PayloadTraceback(Exception):
+    """The traceback of an exception raised in a payload subprocess, as its text."""
+
+
 def preprocess(source: str | Path, overrides: list[str] | None = None) -> PreprocessResult:
     """Validate the config, then tokenize its datasets into the prepared cache
     (`dataset_prepared_path`, else $FERRY_HOME/prepared) on this machine, or find them
@@ -428,6 +432,10 @@ def preprocess(source: str | Path, overrides: list[str] | None = None) -> Prepro
         data = json.loads(result.read_text()) if result.is_file() else None
     if data is None:
         raise FerryError(f"preprocess failed (exit {done.returncode}); see its messages above.")
+    if "crash" in data:  # a bug in the payload: the CLI's crash log gets its traceback
+        raise RuntimeError(f"python -m payload preprocess: {data['crash']}") from PayloadTraceback(
+            data["traceback"]
+        )
     if "error" in data:
         raise FerryError(data["error"], hint=data.get("hint"))
     return PreprocessResult(**data)

@@ -556,6 +556,7 @@ def main() -> None:
     _route_warnings()
     code = 0
     try:
+        _check_argv()
         app()
     except FerryError as e:
         from launcher import output
@@ -568,6 +569,8 @@ def main() -> None:
         code = EXIT_USER_ERROR
     except SystemExit as e:  # typer's own exit, with its code
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == EXIT_BUG:  # click's usage errors (a bad option): the user's, so 1
+            code = EXIT_USER_ERROR
     except Exception as e:  # a bug in Ferry; KeyboardInterrupt is not one and passes by
         code = _crashed(e)
     finally:
@@ -635,22 +638,45 @@ def _write_crash_log(doing: str, text: str) -> Path | None:
     except Exception:  # the bug may be there: the temp folder still works
         folders = []
     # A KEY=VALUE argument whose key names a credential keeps its key only.
-    argv = [
-        f"{a.partition('=')[0]}=***" if "=" in a and secret_like(a.partition("=")[0]) else a
-        for a in sys.argv
-    ]
+    argv = [_redacted(a, secret_like) for a in sys.argv]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     body = f"{doing}\nargv: {argv!r}\n\n{text}"
     for folder in [*folders, Path(tempfile.gettempdir())]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix=f"crash-{stamp}-", suffix=".log", dir=folder)
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(body)
             return Path(name)
-        except OSError:
+        except Exception:  # noqa: BLE001 - the next folder may do; the paragraph says if none
             continue
     return None
+
+
+def _check_argv() -> None:
+    """Every argument is UTF-8 text (Python keeps other bytes as lone surrogates, which
+    no file name, run id or value of ours can hold)."""
+    from payload.errors import FerryError
+
+    for arg in sys.argv[1:]:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise FerryError(
+                f"The argument '{shown}' is not UTF-8 text.",
+                hint="Check the terminal's encoding, or what the script passes.",
+            ) from None
+
+
+def _redacted(arg: str, secret_like) -> str:  # type: ignore[no-untyped-def]
+    """`arg` for the crash log: the value of `KEY=VALUE` or `--opt=KEY=VALUE` hidden when
+    KEY names a credential."""
+    parts = arg.split("=")
+    for i, part in enumerate(parts[:-1]):
+        if secret_like(part.lstrip("-")):
+            return "=".join(parts[: i + 1]) + "=***"
+    return arg
 
 
 def _route_warnings() -> None:

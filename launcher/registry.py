@@ -74,6 +74,20 @@ SCHEMA_VERSION = max(MIGRATIONS)
 DEFAULT_TIMEOUT_S = 30.0
 
 
+# SQLite's primary result codes (sqlite3 exposes them from Python 3.11 only), and how
+# its messages word them, for Python 3.10.
+_PERM, _BUSY, _LOCKED, _READONLY, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 11, 13, 14, 26
+_SQLITE_MESSAGES = {
+    "database is locked": _BUSY,
+    "database table is locked": _LOCKED,
+    "file is not a database": _NOTADB,
+    "database disk image is malformed": _CORRUPT,
+    "unable to open database file": _CANTOPEN,
+    "attempt to write a readonly database": _READONLY,
+    "database or disk is full": _FULL,
+}
+
+
 def busy_timeout() -> float:
     """Seconds to wait for another process's lock on the registry: $FERRY_REGISTRY_TIMEOUT,
     else 30."""
@@ -84,7 +98,7 @@ def busy_timeout() -> float:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if seconds < 0:
+    if not 0 <= seconds < 10**6:  # also nan and inf
         raise FerryError(
             f"FERRY_REGISTRY_TIMEOUT={raw!r} is not a number of seconds (0 or more).",
             hint="Unset it to wait the default 30 s.",
@@ -210,11 +224,13 @@ class Registry:
     def _explain(self, error: sqlite3.Error) -> FerryError | None:
         """The user's version of an SQLite error, by its result code; None for the rest
         (a bug in Ferry, which keeps its traceback)."""
-        code = getattr(error, "sqlite_errorcode", None)
+        code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+        if code is None:  # Python 3.10: only the message, which SQLite words per code
+            code = next((c for text, c in _SQLITE_MESSAGES.items() if text in str(error)), None)
         if code is None:
             return None
         code &= 0xFF  # the primary code; the extended part says which variant
-        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        if code in (_BUSY, _LOCKED):
             return FerryError(
                 f"The run registry {self.path} is locked by another process, which held it "
                 f"longer than {self.timeout:g} s (another `launch` writing to it, or a tool "
@@ -222,20 +238,20 @@ class Registry:
                 hint="Let that process finish or close it, then try again; "
                 "FERRY_REGISTRY_TIMEOUT=<seconds> waits longer.",
             )
-        if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        if code in (_NOTADB, _CORRUPT):
             return FerryError(
                 f"{self.path} is not a readable Ferry run registry ({error}). "
                 "Ferry left it unchanged.",
                 hint=f"Move it aside (mv {self.path} {self.path}.bad) and Ferry starts a new, "
                 "empty registry; the runs' folders under FERRY_HOME are kept.",
             )
-        if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        if code in (_CANTOPEN, _READONLY, _PERM):
             return FerryError(
                 f"Cannot write the run registry {self.path} ({error}).",
                 hint="Point FERRY_HOME at a folder you can write to (default ~/.ferry), "
                 "or fix the permissions of that folder and file.",
             )
-        if code == sqlite3.SQLITE_FULL:
+        if code == _FULL:
             return FerryError(
                 f"Cannot write the run registry {self.path}: no space left on device.",
                 hint="Free some space there, or point FERRY_HOME at another disk.",

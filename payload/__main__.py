@@ -17,9 +17,10 @@ Started by `launch` (FERRY_RUN_ID is set), the config was validated and its warn
 printed before the run began, so they are not printed again here; run by hand, rank 0
 prints them.
 
-Test hook: FERRY_TEST_CRASH_RANK=N makes rank N raise a RuntimeError once its config is
-loaded. It exists only so that tests can crash one rank of a real run; it is read from
-the environment only, never from a config.
+Test hooks: FERRY_TEST_CRASH=payload-preprocess makes `preprocess` raise a RuntimeError
+once its config is loaded; FERRY_TEST_CRASH_RANK=N makes rank N raise a RuntimeError once
+its config is loaded. They exist only so that tests can crash a real run; they are read
+from the environment only, never from a config.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def _preprocess(args: argparse.Namespace) -> int:
         from payload.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if os.environ.get("FERRY_TEST_CRASH") == "payload-preprocess":  # test hook (docstring)
+            raise RuntimeError("FERRY_TEST_CRASH=payload-preprocess: a crash for the tests")
         import datasets
 
         from payload.data.build import preprocess
@@ -135,6 +138,14 @@ def _preprocess(args: argparse.Namespace) -> int:
         else:
             result_file.write_text(json.dumps({"error": e.message, "hint": e.hint}))
         return 1
+    except Exception as e:  # a bug: the launcher reports it as one, with this traceback
+        import traceback
+
+        if result_file is None:
+            raise
+        crash = {"crash": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        result_file.write_text(json.dumps(crash))
+        return EXIT_FAILED
     if result_file is not None:
         result_file.write_text(json.dumps(result, indent=2))
         return 0

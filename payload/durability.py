@@ -272,13 +272,14 @@ FULL_DISK_BYTES = 1 << 20
 
 
 def full_disk_error(
-    error: BaseException, output_dir: str, store: Store | None
+    error: BaseException, output_dir: str, store: Store | None, is_main: bool = True
 ) -> FerryError | None:
     """A checkpoint save that failed because `output_dir`'s disk is full, as a
     TransferError naming the checkpoint (EXIT_FAILED: once there is room, a relaunch
-    resumes); None for any other failure. The half-written checkpoint folder is deleted:
-    it would otherwise look like the newest one to a relaunch without storage, and it
-    holds the space the next attempt needs."""
+    resumes); None for any other failure. The half-written checkpoint folder is deleted
+    by the main process: it would otherwise look like the newest one to a relaunch
+    without storage, and it holds the space the next attempt needs. A folder with its
+    trainer_state.json (the HF Trainer writes it last) is complete and never deleted."""
     if not isinstance(error, (OSError, RuntimeError)):
         return None
     folder = Path(output_dir)
@@ -291,8 +292,9 @@ def full_disk_error(
     steps = sorted(
         int(m.group(1)) for p in folder.glob("checkpoint-*") if (m := CHECKPOINT_DIR.match(p.name))
     )
-    what = f"checkpoint-{steps[-1]}" if steps else "a checkpoint"
-    if steps:
+    partial = [s for s in steps if not (folder / f"checkpoint-{s}" / "trainer_state.json").exists()]
+    what = f"checkpoint-{partial[-1]}" if partial else "a checkpoint"
+    if partial and is_main:
         shutil.rmtree(folder / what, ignore_errors=True)
     note = ""
     if store is not None:

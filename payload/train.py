@@ -235,7 +235,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest) -
     try:
         trainer.train(resume_from_checkpoint=resume)
     except (OSError, RuntimeError) as e:  # a save that ran out of room says so
-        full = durability.full_disk_error(e, output_dir, store)
+        full = durability.full_disk_error(e, output_dir, store, dist.is_main)
         if full is None:
             raise
         raise full from e

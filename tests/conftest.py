@@ -275,8 +275,10 @@ def two_rank_reference(tmp_path_factory) -> dict[int, float]:
     home = tmp_path_factory.mktemp("two-rank-reference")
     cfg = quickstart_config(home, TWO_RANK_RUN)
     env = {"FERRY_HOME": str(home / "ferry")}
-    launch("train", str(cfg), "--gpus", "2", env=env, check=True, timeout=300)
+    trained = launch("train", str(cfg), "--gpus", "2", env=env, check=True, timeout=300)
     (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
     losses = {r["step"]: r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r}
     assert sorted(losses) == list(range(1, 25))
+    leaks = planted_leaks([home], [trained.stdout + trained.stderr], {})
+    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
     return losses

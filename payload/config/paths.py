@@ -107,11 +107,16 @@ def _find(value: str, base_dir: Path | None) -> Path | None:
 # What each path key must be when it exists locally: "dir", "file" or None (either).
 KINDS = {
     "base_model": "dir",
+    "base_model_config": "dir",
     "tokenizer_config": "dir",
     "deepspeed": "file",
     "chat_template_jinja": "file",
     "resume_from_checkpoint": "dir",
 }
+
+
+def _existing_ancestor(path: Path) -> Path | None:
+    return next((p for p in path.parents if p.exists()), None)
 
 
 def kind_problem(key: str, found: Path) -> str | None:
@@ -190,6 +195,9 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
             folder = Path(value).expanduser().resolve()
             if folder.is_file():
                 problems.append(Problem(key, f"`{folder}` is a file; a folder is expected."))
+            elif (blocker := _existing_ancestor(folder)) and not blocker.is_dir():
+                # /etc/passwd/out: no folder can be made there
+                problems.append(Problem(key, f"`{folder}` cannot be made: `{blocker}` is a file."))
             update[key] = str(folder)
     if cfg.dataset_prepared_path and "://" in cfg.dataset_prepared_path:
         problems.append(

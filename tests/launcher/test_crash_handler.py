@@ -82,6 +82,7 @@ def test_crash_log_hides_secret_arguments():
         str(QUICKSTART),
         "--env",
         f"HF_TOKEN={secret}",
+        f"--env=WANDB_API_KEY={PLANTED['WANDB_API_KEY']}=x",
         "--env",
         "TOKENIZERS_PARALLELISM=false",
         env={"FERRY_TEST_CRASH": "train"},
@@ -89,9 +90,48 @@ def test_crash_log_hides_secret_arguments():
     assert done.returncode == 2, done.stderr
     assert f"error: launch train {QUICKSTART} failed with RuntimeError" in done.stderr
     text = _crash_log(done.stderr).read_text()
-    assert "'HF_TOKEN=***'" in text
+    assert "'HF_TOKEN=***'" in text and "'--env=WANDB_API_KEY=***'" in text
     assert "'TOKENIZERS_PARALLELISM=false'" in text
     assert secret not in text + done.stderr
+
+
+def test_a_crash_in_the_payloads_preprocess_is_a_bug_with_its_traceback_logged(ferry_home):
+    """`launch preprocess` runs the payload in a subprocess: its unexpected exception is
+    reported like the CLI's own (exit 2, one paragraph, the payload's traceback in the
+    crash log), not as a raw traceback with exit 1."""
+    done = launch("preprocess", str(QUICKSTART), env={"FERRY_TEST_CRASH": "payload-preprocess"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "python -m payload preprocess: RuntimeError: FERRY_TEST_CRASH=payload-preprocess" in (
+        done.stderr
+    )
+    text = _crash_log(done.stderr).read_text()
+    assert "payload/__main__.py" in text and "PayloadTraceback" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ([b"status", b"\xff"], "The argument '\\xff' is not UTF-8 text."),
+        ([b"runs", b"--bogus"], "No such option: --bogus"),
+        ([b"status", b"x" * 5000], "No run 'xxxx"),
+        ([b"validate", b"-"], "does not exist"),
+    ],
+)
+def test_odd_arguments_are_user_errors_without_a_traceback(argv, words):
+    """Arguments no user means (bytes that are not UTF-8, an unknown option, a 5,000
+    character run id, `-` as a file): exit 1 and a message, never a traceback or the
+    "bug" exit 2 (click's own usage errors exit 2 unless Ferry maps them)."""
+    import subprocess
+
+    from helpers import launch_command
+
+    done = subprocess.run(
+        [*(c.encode() for c in launch_command()), *argv], capture_output=True, timeout=60
+    )
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 1, err
+    assert "Traceback" not in err and words in err
 
 
 def test_user_errors_still_exit_1():

@@ -68,6 +68,16 @@ PATH_CASES = {
         "output_dir: ",
         "alpaca_tiny.jsonl` is a file; a folder is expected.",
     ),
+    "output_dir_under_a_file": (
+        f"output_dir: {DATA}/out",
+        "output_dir: ",
+        "alpaca_tiny.jsonl/out` cannot be made: `",
+    ),
+    "base_model_config_is_a_file": (
+        f"base_model_config: {DATA}",
+        "base_model_config: ",
+        "alpaca_tiny.jsonl` is a file; a folder is expected.",
+    ),
     "output_dir_too_long": (
         f"output_dir: out/{LONG}",
         "output_dir: `",

@@ -68,10 +68,29 @@ def test_locked_registry_fails_after_the_timeout_naming_the_file(
     assert launch("runs", check=True).stdout.startswith("No runs yet")  # nothing recorded
 
 
-def test_bad_registry_timeout_names_the_variable():
+@pytest.mark.parametrize("value", ["soon", "inf", "nan", "-1"])
+def test_bad_registry_timeout_names_the_variable(value):
     """A failure means a typo in FERRY_REGISTRY_TIMEOUT crashes or is silently ignored."""
-    message = _clean_error(launch("runs", env={"FERRY_REGISTRY_TIMEOUT": "soon"}))
-    assert "FERRY_REGISTRY_TIMEOUT='soon' is not a number of seconds (0 or more)." in message
+    message = _clean_error(launch("runs", env={"FERRY_REGISTRY_TIMEOUT": value}))
+    assert f"FERRY_REGISTRY_TIMEOUT='{value}' is not a number of seconds (0 or more)." in message
+
+
+def test_registry_errors_are_explained_from_the_message_alone_as_on_python_3_10(tmp_path):
+    """Python 3.10's sqlite3 errors carry no result code: the message decides."""
+    import sqlite3
+
+    from launcher.registry import Registry
+
+    registry = Registry(tmp_path / "ferry.db")
+    for text, words in [
+        ("database is locked", "is locked by another process"),
+        ("file is not a database", "is not a readable Ferry run registry"),
+        ("database or disk is full", "no space left on device"),
+    ]:
+        error = sqlite3.OperationalError(text)
+        assert not hasattr(error, "sqlite_errorcode")
+        assert words in registry._explain(error).message
+    assert registry._explain(sqlite3.OperationalError("near 'x': syntax error")) is None
 
 
 def test_corrupt_registry_is_named_and_left_as_it_was(ferry_home):
