@@ -173,9 +173,10 @@ def load_rows(
     except FerryError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets' and pyarrow's many errors, named here
+        # Only now, so that files the fast loader reads cost nothing more.
         if found.files and not streaming:
-            # Only now, so that files the fast loader reads cost nothing more.
-            rows = careful(found, ds.split, where, _on_bad(where, report, strict))
+            _check_split(ds.split, where, e)
+            rows = _careful_or_say_why(found, ds.split, where, _on_bad(where, report, strict))
             if rows is not None:
                 return rows
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -226,46 +227,121 @@ def _on_bad(where: str, report: DataReport | None, strict: bool) -> Callable[[st
     return bad
 
 
+def _split_parts(split: str, rows: int) -> list[Any]:
+    """The row ranges `split` picks of one `train` split of `rows` rows, as the fast loader
+    reads it (a ValueError when it cannot)."""
+    import datasets
+
+    return datasets.ReadInstruction.from_spec(split).to_absolute({"train": rows})
+
+
+def _check_split(split: str, where: str, failure: Exception) -> None:
+    """Raise naming `split` when the fast loader could not have read it either, so that the
+    careful reader never reads a file for a split it cannot pick."""
+    try:
+        _split_parts(split, 1)
+    except (ValueError, AssertionError) as e:
+        raise FerryError(
+            f"Could not read {where}: split `{split}`: {e}",
+            hint="Local data files form one split, `train`; slices such as `train[:10%]` "
+            "or `train[100:200]` pick part of it.",
+        ) from failure
+
+
+def _careful_or_say_why(
+    found: Located, split: str, where: str, bad: Callable[[str, str], None]
+) -> Any:
+    """`careful`, with its own failures (a file gone or unreadable, pyarrow or pandas
+    refusing what is left) as an error naming the dataset and the files."""
+    import pyarrow as pa
+
+    try:
+        return careful(found, split, where, bad)
+    except FerryError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        names = ", ".join(str(p) for p in found.files[:3])
+        more = f" and {len(found.files) - 3} more" if len(found.files) > 3 else ""
+        raise FerryError(
+            f"Could not read {where}: {names}{more}: {why}",
+            hint="Check the file is there and readable (FERRY_DEBUG=1 for more).",
+        ) from e
+
+
 def careful(found: Located, split: str, where: str, bad: Callable[[str, str], None]) -> Any:
     """The rows of `found`'s files, read line by line, calling `bad(reason, "<file> line
     N")` for each line that cannot be a row; None when the format has no line reader.
-    A parquet or arrow file that cannot be read is an error naming it."""
+    A parquet or arrow file that cannot be read is an error naming it, and so are files
+    with no readable row at all."""
     import datasets
     from datasets.table import InMemoryTable
 
+    seen = _Seen(bad)
     if found.fmt == "json":
-        table = _json_table(found.files, where, bad)
+        table = _json_table(found.files, where, seen)
     elif found.fmt == "csv":
-        table = _csv_table(found.files, where, bad)
+        table = _csv_table(found.files, where, seen)
     elif found.fmt in ("parquet", "arrow"):
         _name_unreadable(found.files, found.fmt, where)
         return None
     else:
         return None
+    if table.num_rows == 0:
+        files = str(found.files[0]) if len(found.files) == 1 else f"its {len(found.files)} files"
+        if seen.count:
+            place, reason = seen.first
+            raise FerryError(
+                f"Could not read {where}: {files} has no readable rows: {seen.count} "
+                f"line{'s' if seen.count != 1 else ''}, all bad (first: {place}: {reason})."
+            )
+        raise FerryError(f"Could not read {where}: {files} is empty.")
     rows = datasets.Dataset(InMemoryTable(table))
-    parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+    parts = _split_parts(split, len(rows))
     picked = [i for part in parts for i in range(part.from_, part.to)]
     return rows if picked == list(range(len(rows))) else rows.select(picked)
 
 
-def _json_table(files: tuple[Path, ...], where: str, bad: Callable[[str, str], None]) -> Any:
-    """One table of every JSON object in `files`: jsonl lines, or a file's one array."""
-    import pyarrow as pa
-    import pyarrow.json as paj
+class _Seen:
+    """`bad`, counting the bad lines and keeping the first (place, reason)."""
 
-    good: list[bytes] = []
+    def __init__(self, bad: Callable[[str, str], None]):
+        self.bad, self.count, self.first = bad, 0, ("", "")
+
+    def __call__(self, reason: str, place: str) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.first = (place, reason)
+        self.bad(reason, place)
+
+
+NOT_SAME_TYPE = "not the same type as the other rows' `{}`"
+TWICE = "a field given twice"
+
+
+def _json_table(files: tuple[Path, ...], where: str, bad: Callable[[str, str], None]) -> Any:
+    """One table of every JSON object in `files`: jsonl lines, or a file's one array. A
+    .jsonl file is always read line by line; another file is one array only when the
+    whole of it parses as one (a .json file that starts as an array and does not parse is
+    an error). A row giving a field another type than most rows do is a bad row."""
+    good: list[tuple[str, dict]] = []  # (place, object)
     for path in files:
         data = path.read_bytes()
-        if data.lstrip()[:1] == b"[":
-            good += _json_array(path, data, where, bad)
+        whole = None if path.suffix.lower() == ".jsonl" else _one_document(path, data, where)
+        if isinstance(whole, list):
+            good += _json_array(path, whole, bad)
             continue
         for number, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue
             place = f"{path} line {number}"
             try:
-                value = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
+                value = json.loads(line.decode("utf-8"), object_pairs_hook=_no_twice)
+                json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate
+            except _Twice:
+                bad(TWICE, place)
+                continue
+            except UnicodeError:
                 bad(NOT_UTF8, place)
                 continue
             except ValueError:
@@ -274,42 +350,128 @@ def _json_table(files: tuple[Path, ...], where: str, bad: Callable[[str, str], N
             if not isinstance(value, dict):
                 bad(NOT_OBJECT, place)
                 continue
-            good.append(line.strip())
-    if not good:
-        return pa.table({})
-    text = b"\n".join(good)
-    options = paj.ReadOptions(block_size=min(max(len(text) + 1, 1 << 20), 2**31 - 1))
-    try:
-        return paj.read_json(pa.py_buffer(text), read_options=options)
-    except pa.ArrowInvalid as e:  # the good lines disagree on a column's type
-        raise FerryError(
-            f"Could not read {where}: {e}",
-            hint="Every row must give each field the same type.",
-        ) from e
+            good.append((place, value))
+    return _objects_table(_same_types(good, bad), where)
 
 
-def _json_array(path: Path, data: bytes, where: str, bad: Callable[[str, str], None]):
-    """The objects of a file that is one JSON array, as JSON lines; other elements are bad
-    rows ("<file> element N", N from 0 as rows are). An array that does not parse cannot
-    be read at all."""
+class _Twice(ValueError):
+    pass
+
+
+def _no_twice(pairs: list[tuple[str, Any]]) -> dict:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _Twice
+    return value
+
+
+def _one_document(path: Path, data: bytes, where: str) -> Any:
+    """The file as one JSON document, or None when it is more than one (jsonl). A .json
+    file that starts as an array and does not parse as one is an error."""
+    text = data.decode("utf-8", errors="replace")
     try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise FerryError(f"Could not read {where}: {path} line {line} is {NOT_UTF8}.") from e
+        value = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" or path.suffix.lower() != ".json" or text.lstrip()[:1] != "[":
+            return None
         raise FerryError(
             f"Could not read {where}: {path} line {e.lineno} is {NOT_JSON} ({e.msg}); the "
             "file is one JSON array, so none of it can be read.",
             hint="Write one JSON object per line (jsonl): then only a bad line is skipped.",
         ) from e
+    if not isinstance(value, list):
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise FerryError(f"Could not read {where}: {path} line {line} is {NOT_UTF8}.") from e
+    return value
+
+
+def _json_array(path: Path, value: list, bad: Callable[[str, str], None]):
+    """The objects of a file that is one JSON array; other elements are bad rows ("<file>
+    element N", N from 0 as rows are)."""
     good = []
     for index, element in enumerate(value):
-        if isinstance(element, dict):
-            good.append(json.dumps(element).encode())
-        else:
-            bad(NOT_OBJECT, f"{path} element {index}")
+        place = f"{path} element {index}"
+        if not isinstance(element, dict):
+            bad(NOT_OBJECT, place)
+            continue
+        try:
+            json.dumps(element, ensure_ascii=False).encode("utf-8")
+        except UnicodeError:
+            bad(NOT_UTF8, place)
+            continue
+        good.append((place, element))
     return good
+
+
+def _kind(value: Any) -> str | None:
+    """The pyarrow JSON type family of a value; None (null) goes with any."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else "object"
+
+
+def _same_types(good: list[tuple[str, dict]], bad: Callable[[str, str], None]):
+    """`good`, less the rows that give a top-level field another type than most rows do."""
+    from collections import Counter
+
+    votes: dict[str, Counter] = {}
+    for _, value in good:
+        for key, field in value.items():
+            kind = _kind(field)
+            if kind is not None:
+                votes.setdefault(key, Counter())[kind] += 1
+    if all(len(v) == 1 for v in votes.values()):
+        return good
+    usual = {key: v.most_common(1)[0][0] for key, v in votes.items()}
+    kept = []
+    for place, value in good:
+        odd = next((k for k, f in value.items() if _kind(f) not in (None, usual[k])), None)
+        if odd is None:
+            kept.append((place, value))
+        else:
+            bad(NOT_SAME_TYPE.format(odd), place)
+    return kept
+
+
+def _objects_table(good: list[tuple[str, dict]], where: str) -> Any:
+    """The table pyarrow's JSON reader makes of `good`; a row it refuses is an error
+    naming its place (found by halving)."""
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    def read(rows: list[tuple[str, dict]]) -> Any:
+        text = b"\n".join(json.dumps(v, ensure_ascii=False).encode("utf-8") for _, v in rows)
+        options = paj.ReadOptions(block_size=min(max(len(text) + 1, 1 << 20), 2**31 - 1))
+        return paj.read_json(pa.py_buffer(text), read_options=options)
+
+    if not good:
+        return pa.table({})
+    try:
+        return read(good)
+    except pa.ArrowInvalid as e:  # e.g. a clash inside a nested field
+        low, high = 1, len(good)  # the shortest failing prefix ends at the offender
+        while low < high:
+            mid = (low + high) // 2
+            try:
+                read(good[:mid])
+                low = mid + 1
+            except pa.ArrowInvalid:
+                high = mid
+        why = str(e).removeprefix("JSON parse error: ").split(" in row ")[0]
+        raise FerryError(
+            f"Could not read {where}: {good[low - 1][0]}: {why}.",
+            hint="Every row must give each field the same type.",
+        ) from e
 
 
 def _csv_table(files: tuple[Path, ...], where: str, bad: Callable[[str, str], None]) -> Any:

@@ -156,3 +156,103 @@ def test_good_files_never_reach_the_careful_reader(tokenizer, tmp_path, monkeypa
     monkeypatch.setattr(sources, "careful", lambda *a: calls.append(a))
     train, _, _ = build_datasets(config(path), tokenizer)
     assert ids(train) == reference and calls == []
+
+
+# ---- the careful reader's own failures, files with no rows, and rows pyarrow refuses
+
+
+def test_a_bad_split_of_a_bad_file_is_an_error_naming_the_split(tokenizer, tmp_path):
+    """The careful reader must not read the file for a split it cannot pick."""
+    path = bad_jsonl(tmp_path)
+    cfg = config(path)
+    cfg.datasets[0].split = "train[:x]"
+    with pytest.raises(FerryError) as e:
+        build_datasets(cfg, tokenizer)
+    assert e.value.message == (
+        f"Could not read datasets[0] ({path}): split `train[:x]`: "
+        "Unrecognized instruction format: train[:x]"
+    )
+
+
+def test_an_os_error_while_reading_again_names_the_dataset_and_file(
+    tokenizer, tmp_path, monkeypatch
+):
+    """The edge mocked: the filesystem (`Path.read_bytes`) failing between the fast
+    loader's try and the careful reader's, as a file removed or unmounted would."""
+    path = bad_jsonl(tmp_path)
+    read_bytes = sources.Path.read_bytes
+
+    def gone(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(sources.Path, "read_bytes", gone)
+    with pytest.raises(FerryError) as e:
+        build_datasets(config(path), tokenizer)
+    assert e.value.message == (
+        f"Could not read datasets[0] ({path}): {path}: [Errno 13] Permission denied: '{path}'"
+    )
+
+
+def test_an_empty_jsonl_is_an_error_naming_it(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n\n")
+    with pytest.raises(FerryError) as e:
+        build_datasets(config(path), tokenizer)
+    assert e.value.message == f"Could not read datasets[0] ({path}): {path} is empty."
+
+
+def test_a_jsonl_of_only_bad_lines_is_an_error_naming_the_first(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join([TRUNCATED, ARRAY, NOT_UTF8]) + b"\n")
+    with pytest.raises(FerryError) as e:
+        build_datasets(config(path), tokenizer)
+    assert e.value.message == (
+        f"Could not read datasets[0] ({path}): {path} has no readable rows: 3 lines, all bad "
+        f"(first: {path} line 1: not valid JSON)."
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_jsonl_whose_first_line_is_an_array_skips_only_that_line(
+    tokenizer, tmp_path, reference, suffix
+):
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(b"\n".join([ARRAY, *GOOD]) + b"\n")
+    train, _, report = build_datasets(config(path), tokenizer)
+    assert ids(train) == reference
+    assert report.skipped == {"not a JSON object": 1}
+    assert report.examples["not a JSON object"] == f"{path} line 1"
+
+
+def test_lines_pyarrow_refuses_are_bad_rows_named_by_file_line(tokenizer, tmp_path, reference):
+    """Each of these passes json.loads yet fails pyarrow's reader for the whole file once
+    a truncated line has sent the file to the careful reader."""
+    path = tmp_path / "rows.jsonl"
+    clash = b'{"instruction": 5, "input": "", "output": "x"}'
+    surrogate = b'{"instruction": "\\ud800", "input": "", "output": "x"}'
+    twice = b'{"instruction": "a", "instruction": "b", "input": "", "output": "x"}'
+    lines = [GOOD[0], clash, GOOD[1], GOOD[2], surrogate, GOOD[3], twice, *GOOD[4:], TRUNCATED]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    train, _, report = build_datasets(config(path), tokenizer)
+    assert ids(train) == reference
+    assert report.rows_in == 10 and report.rows_kept == 6
+    assert report.examples == {
+        "not valid JSON": f"{path} line 10",
+        "not the same type as the other rows' `instruction`": f"{path} line 2",
+        "not valid UTF-8": f"{path} line 5",
+        "a field given twice": f"{path} line 7",
+    }
+
+
+def test_a_nested_type_clash_is_an_error_naming_the_file_line(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{**r, "meta": {"n": 1}} for r in ROWS[:3]] + [{**ROWS[3], "meta": {"n": "one"}}]
+    path.write_text("\n".join([TRUNCATED.decode(), *map(json.dumps, rows)]) + "\n")
+    with pytest.raises(FerryError) as e:
+        build_datasets(config(path), tokenizer)
+    assert e.value.message == (
+        f"Could not read datasets[0] ({path}): {path} line 5: "
+        "Column(/meta/n) changed from number to string."
+    )
