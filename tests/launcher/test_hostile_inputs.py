@@ -103,11 +103,19 @@ def test_path_values_are_clean_errors_naming_the_key(tmp_path, case):
 
 
 def test_non_utf8_path_from_set_names_the_key(tmp_path):
-    """A byte that is not UTF-8 reaches Ferry as a lone surrogate (argv on Linux)."""
+    """A byte that is not UTF-8 reaches Ferry as a lone surrogate (argv on Linux). The CLI
+    refuses the argument, which holds the key, before anything reads it; through the API
+    (`validate_mapping`, where no argv check runs) the value is refused naming the key."""
+    from payload.config import validate_mapping
+    from payload.config.loader import ConfigError
+
     cfg = quickstart_config(tmp_path)
     result = launch("validate", str(cfg), "--set", "base_model=mod\udcffel")
-    _clean_error(
-        result, "base_model: `mod\\udcffel`: is not valid UTF-8 (it holds the undecodable "
+    _clean_error(result, "The argument 'base_model=mod\\xffel' is not UTF-8 text.")
+    with pytest.raises(ConfigError) as e:
+        validate_mapping({"base_model": "mod\udcffel", "learning_rate": 1e-4, "datasets": []})
+    assert "base_model: `mod\\udcffel`: is not valid UTF-8 (it holds the undecodable " in str(
+        e.value
     )
 
 
