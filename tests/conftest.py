@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import LAUNCH_OUTPUTS, PLANTED, QUICKSTART, ROOT, launch, planted_leaks
+from helpers import (
+    LAUNCH_OUTPUTS,
+    PLANTED,
+    QUICKSTART,
+    ROOT,
+    assert_no_planted_leaks,
+    launch,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # A user's secrets, exported as users do; the S3 and Modal fixtures plant the other two.
@@ -95,8 +102,7 @@ def no_planted_secret_leaks(request, tmp_path, ferry_home):
             for item in page.get("Contents", []):
                 body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
                 objects[f"s3://{bucket}/{item['Key']}"] = body
-    leaks = planted_leaks([tmp_path, ferry_home], list(LAUNCH_OUTPUTS), objects)
-    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
+    assert_no_planted_leaks([tmp_path, ferry_home], list(LAUNCH_OUTPUTS), objects)
 
 
 @dataclass
@@ -115,8 +121,7 @@ def quickstart_run(tmp_path_factory) -> QuickstartRun:
     result = launch("train", str(QUICKSTART.relative_to(ROOT)), env=env, timeout=600, check=True)
     runs = json.loads(launch("runs", "--json", env=env, check=True).stdout)
     assert len(runs) == 1, runs
-    leaks = planted_leaks([home], [result.stdout + result.stderr], {})
-    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
+    assert_no_planted_leaks([home], [result.stdout + result.stderr], {})
     return QuickstartRun(result, home, runs[0], Path(runs[0]["output_dir"]))
 
 
@@ -279,6 +284,5 @@ def two_rank_reference(tmp_path_factory) -> dict[int, float]:
     (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
     losses = {r["step"]: r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r}
     assert sorted(losses) == list(range(1, 25))
-    leaks = planted_leaks([home], [trained.stdout + trained.stderr], {})
-    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
+    assert_no_planted_leaks([home], [trained.stdout + trained.stderr], {})
     return losses

@@ -61,6 +61,13 @@ def planted_leaks(roots: list[Path], texts: list[str], objects: dict[str, bytes]
     return found
 
 
+def assert_no_planted_leaks(
+    roots: list[Path], texts: list[str], objects: dict[str, bytes] | None = None
+) -> None:
+    leaks = planted_leaks(roots, texts, objects or {})
+    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
+
+
 def gpu_env() -> dict[str, str | None]:
     """Environment for a subprocess that should see the host's GPUs (None: unset)."""
     return {"CUDA_VISIBLE_DEVICES": HOST_CUDA_VISIBLE_DEVICES}

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from helpers import TWO_RANK_RUN, launch, make_folder, planted_leaks, quickstart_config
+from helpers import TWO_RANK_RUN, assert_no_planted_leaks, launch, make_folder, quickstart_config
 
 from launcher import api
 from payload.runtime.procs import process_tree
@@ -81,8 +81,7 @@ def reference(tmp_path_factory):
         "train", str(cfg), env={"FERRY_HOME": str(home / "ferry")}, check=True, timeout=300
     )
     runs = json.loads(launch("runs", "--json", env={"FERRY_HOME": str(home / "ferry")}).stdout)
-    leaks = planted_leaks([home], [trained.stdout + trained.stderr], {})  # not a test's own
-    assert not leaks, "planted secret values leaked: " + "; ".join(leaks)
+    assert_no_planted_leaks([home], [trained.stdout + trained.stderr], {})
     return _losses(runs[0]["output_dir"])
 
 
