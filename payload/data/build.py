@@ -27,7 +27,7 @@ from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data import cache, pretrain
 from payload.data.report import DataReport
 from payload.data.sources import data_home, load_rows, shard
-from payload.data.tokenize import COLUMNS, processes, row_function, tokenize_rows
+from payload.data.tokenize import COLUMNS, RowTokenizer, processes, tokenize_rows
 from payload.errors import FerryError
 
 __all__ = ["COLUMNS", "DataReport", "build_datasets", "default_prepared_path", "preprocess"]
@@ -46,8 +46,8 @@ def tokenize_dataset(
     where = f"{key}[{index}] ({ds.path})"
     rows = load_rows(ds, where, report=report, strict=cfg.strict)
     rows, offset = shard(rows, ds.shards, ds.shards_idx)
-    fn = row_function(ds, cfg, tokenizer, where, limit=True)
-    return tokenize_rows(rows, fn, where, offset, report, processes(cfg, len(rows)), progress)
+    rt = RowTokenizer(ds, cfg, tokenizer, where, limit=True)
+    return tokenize_rows(rows, rt, where, offset, report, processes(cfg, len(rows)), progress)
 
 
 def _mix(parts: list[Any], shuffle: bool, seed: int) -> Any:

@@ -28,7 +28,7 @@ import logging
 from typing import Any
 
 from payload.data.conversation import Conversation, Turn, role_map
-from payload.data.core import IGNORE, BadRow, Context, Row, Tokenized, register
+from payload.data.core import IGNORE, BadRow, Context, Encoded, Planned, Row, Tokenized, register
 from payload.data.templates import eot_token_for, resolve_template
 from payload.errors import FerryError
 
@@ -41,7 +41,7 @@ EOT_WINDOW = 3
 
 
 @register("chat_template", "sharegpt")
-class ChatTemplate:
+class ChatTemplate(Planned):
     """Messages through a chat template, with per-turn label masks (module docstring)."""
 
     def __init__(self, ctx: Context):
@@ -87,13 +87,26 @@ class ChatTemplate:
             )
         return ids[0]
 
-    def __call__(self, row: Row) -> Tokenized:
+    def plan(self, row: Row) -> Encoded:
         turns = self.conversation(row)
         tools = row.get("tools") if isinstance(row.get("tools"), list) else None
         text = self._render(turns, tools)
         spans = [_diff(text, self._render(turns, tools, swap=i)) for i in range(len(turns))]
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+
+        def finish(ids: list[list[int]], offsets: list | None) -> Tokenized:
+            assert offsets is not None
+            return self._labelled(turns, text, spans, ids[0], offsets[0])
+
+        return Encoded([text], finish, offsets=True)
+
+    def _labelled(
+        self,
+        turns: list[Turn],
+        text: str,
+        spans: list[tuple[int, int] | None],
+        ids: list[int],
+        offsets: list[tuple[int, int]],
+    ) -> Tokenized:
         tokens = [_tokens(offsets, span) for span in spans]
         labels = [IGNORE] * len(ids)
         last: dict[str, int] = {}

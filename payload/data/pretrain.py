@@ -23,7 +23,7 @@ from typing import Any
 from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.report import DataReport
 from payload.data.sources import load_rows, shard
-from payload.data.tokenize import BATCH, COLUMNS, NOTE, processes, row_function, tokenize_rows
+from payload.data.tokenize import BATCH, COLUMNS, NOTE, RowTokenizer, processes, tokenize_rows
 from payload.errors import FerryError
 
 
@@ -54,8 +54,8 @@ def blocks(
         where = f"pretraining_dataset[{i}] ({ds.path})"
         rows = load_rows(ds, where, report=report, strict=cfg.strict)
         rows, offset = shard(rows, ds.shards, ds.shards_idx)
-        fn = row_function(ds, cfg, tokenizer, where, limit=False)
-        docs = tokenize_rows(rows, fn, where, offset, report, processes(cfg, len(rows)), progress)
+        rt = RowTokenizer(ds, cfg, tokenizer, where, limit=False)
+        docs = tokenize_rows(rows, rt, where, offset, report, processes(cfg, len(rows)), progress)
         documents += len(docs)
         joined.append(docs.with_format("arrow")[:]["input_ids"].combine_chunks().flatten())
     tokens = np.concatenate([np.asarray(a, dtype=np.int32) for a in joined])
@@ -89,7 +89,7 @@ def stream(cfg: TrainConfig, tokenizer: Any, report: DataReport) -> Any:
         ds = as_text(entry)
         where = f"pretraining_dataset[{i}] ({ds.path})"
         rows, _ = shard(load_rows(ds, where, streaming=True), ds.shards, ds.shards_idx)
-        fn = row_function(ds, cfg, tokenizer, where, limit=False)
+        fn = RowTokenizer(ds, cfg, tokenizer, where, limit=False).batch_function()
         mapped = rows.map(
             fn,
             batched=True,

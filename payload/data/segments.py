@@ -10,11 +10,13 @@ from payload.data.core import (
     IGNORE,
     BadRow,
     Context,
+    Encoded,
     Row,
+    Segments,
     Tokenized,
-    encode,
     kind,
     list_field,
+    planned,
     register,
     require_trained,
     text_field,
@@ -22,15 +24,15 @@ from payload.data.core import (
 
 
 @register("input_output")
-def input_output(row: Row, ctx: Context) -> Tokenized:
+@planned
+def input_output(row: Row, ctx: Context) -> Segments:
     """Template-free rows, `{"segments": [{"text": ..., "label": true|false}, ...]}`.
 
     The segments are concatenated as they are: no bos or eos is added (write `<s>` and
     `</s>` into the text where you want them, as in Axolotl). A segment's tokens are
     trained when its label is true, or for every segment with train_on_inputs.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
+    parts: list[tuple[str, bool]] = []
     for i, segment in enumerate(list_field(row, "segments")):
         if not isinstance(segment, dict):
             raise BadRow(f"segment {i} is {kind(segment)}, not a mapping")
@@ -41,15 +43,13 @@ def input_output(row: Row, ctx: Context) -> Tokenized:
         label = segment.get("label")
         if not isinstance(label, bool):
             raise BadRow(f"segment {i} `label` is {kind(label)}, not true/false")
-        ids = encode(ctx.tokenizer, text)
-        input_ids += ids
-        labels += ids if (label or ctx.train_on_inputs) else [IGNORE] * len(ids)
-    out = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-    return require_trained(out, "no segment has `label: true`")
+        parts.append((text, label or ctx.train_on_inputs))
+    return Segments(parts, bos=False, eos=False, require="no segment has `label: true`")
 
 
 @register("stepwise_supervised")
-def stepwise_supervised(row: Row, ctx: Context) -> Tokenized:
+@planned
+def stepwise_supervised(row: Row, ctx: Context) -> Encoded:
     """Process-reward rows: `prompt`, `completions` (the reasoning steps) and `labels`
     (one true/false per step: is the step correct).
 
@@ -71,25 +71,28 @@ def stepwise_supervised(row: Row, ctx: Context) -> Tokenized:
             raise BadRow(f"completion {i} is {kind(step)}, not text")
         if not isinstance(mark, (bool, int)) or mark not in (0, 1):
             raise BadRow(f"label {i} is {mark!r}, not true/false")
-    # Every text is tokenized before any is judged (a batched tokenizer learns them all).
-    prompt_ids = encode(tokenizer, prompt)
-    separator = encode(tokenizer, "\n" if ds.step_separator is None else ds.step_separator)
-    pieces = [encode(tokenizer, step) + separator for step in steps]
-    step_ids: list[int] = []
-    step_labels: list[int] = []
-    for i, (ids, mark) in enumerate(zip(pieces, marks, strict=True)):
-        if not ids:
-            raise BadRow(f"completion {i} is empty and there is no step_separator")
-        last = i == len(steps) - 1
-        label = int(mark) if (last or not ds.train_on_last_step_only) else IGNORE
-        step_ids += ids
-        step_labels += [IGNORE] * (len(ids) - 1) + [label]
-    if ds.max_completion_length:
-        step_ids = step_ids[: ds.max_completion_length]
-        step_labels = step_labels[: ds.max_completion_length]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    input_ids = prompt_ids + step_ids
-    labels = [IGNORE] * len(prompt_ids) + step_labels
-    out = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-    return require_trained(out, "no step label is left (max_completion_length?)")
+    separator_text = "\n" if ds.step_separator is None else ds.step_separator
+
+    def finish(ids: list[list[int]], _: object) -> Tokenized:
+        prompt_ids, separator = ids[0], ids[1]
+        pieces = [step + separator for step in ids[2:]]
+        step_ids: list[int] = []
+        step_labels: list[int] = []
+        for i, (piece, mark) in enumerate(zip(pieces, marks, strict=True)):
+            if not piece:
+                raise BadRow(f"completion {i} is empty and there is no step_separator")
+            last = i == len(steps) - 1
+            label = int(mark) if (last or not ds.train_on_last_step_only) else IGNORE
+            step_ids += piece
+            step_labels += [IGNORE] * (len(piece) - 1) + [label]
+        if ds.max_completion_length:
+            step_ids = step_ids[: ds.max_completion_length]
+            step_labels = step_labels[: ds.max_completion_length]
+        if tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+        input_ids = prompt_ids + step_ids
+        labels = [IGNORE] * len(prompt_ids) + step_labels
+        out = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+        return require_trained(out, "no step label is left (max_completion_length?)")
+
+    return Encoded([prompt, separator_text, *steps], finish)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from payload.config.schema import DatasetConfig
 from payload.config.user_formats import user_defined_problems
-from payload.data.core import Context, Row, Tokenized, from_segments, register, text_field
+from payload.data.core import Context, Planned, Row, Segments, planned, register, text_field
 from payload.errors import ConfigError, FerryError
 
 log = logging.getLogger("ferry.data")
@@ -107,7 +107,7 @@ ORCA_FIELDS = Fields("question", None, "response", "system_prompt")
 
 def instruction_example(
     row: Row, ctx: Context, prompt: Prompt, fields: Fields, default_system: str | None = None
-) -> Tokenized:
+) -> Segments:
     """<bos> prompt response <eos>; the prompt is trained only with train_on_inputs."""
     instruction = text_field(row, fields.instruction)
     extra = text_field(row, fields.input, required=False) if fields.input else ""
@@ -115,11 +115,12 @@ def instruction_example(
     # The row's system text, else the dataset's, else (None) the format's own.
     system = text_field(row, fields.system, required=False) if fields.system else ""
     text = prompt.render(instruction, extra, system or default_system or None)
-    return from_segments(ctx.tokenizer, [(text, ctx.train_on_inputs), (output, True)])
+    return Segments([(text, ctx.train_on_inputs), (output, True)])
 
 
 @register("alpaca", "alpaca_instruct")
-def alpaca(row: Row, ctx: Context) -> Tokenized:
+@planned
+def alpaca(row: Row, ctx: Context) -> Segments:
     """The Stanford Alpaca prompt; the `input` section appears only when the row has one.
     `system_prompt` (or a `field_system` column) replaces the Stanford preamble.
     `alpaca_instruct` is Axolotl's name for the same format."""
@@ -127,7 +128,7 @@ def alpaca(row: Row, ctx: Context) -> Tokenized:
     return instruction_example(row, ctx, ALPACA, fields, ctx.ds.system_prompt)
 
 
-class _ByLoader:
+class _ByLoader(Planned):
     """An instruction format chosen by the `type:` loader suffix (default `load`)."""
 
     LOADERS: dict[str, tuple[Prompt, Fields]] = {}
@@ -139,11 +140,11 @@ class _ByLoader:
                 f"`type: {ctx.ds.type}` (dataset {ctx.ds.path}): no loader `{name}`; "
                 f"choose from {', '.join(self.LOADERS)}."
             )
-        self.ctx = ctx
+        self.ctx, self.tokenizer = ctx, ctx.tokenizer
         self.prompt, fields = self.LOADERS[name]
         self.fields = fields.overridden_by(ctx.ds)
 
-    def __call__(self, row: Row) -> Tokenized:
+    def plan(self, row: Row) -> Segments:
         return instruction_example(
             row, self.ctx, self.prompt, self.fields, self.ctx.ds.system_prompt
         )
@@ -184,23 +185,25 @@ class AlpacaWithSystem(_ByLoader):
 
 
 @register("completion")
-def completion(row: Row, ctx: Context) -> Tokenized:
+@planned
+def completion(row: Row, ctx: Context) -> Segments:
     """Raw text, every token trained: <bos> text <eos>."""
-    return from_segments(ctx.tokenizer, [(text_field(row, ctx.ds.field or "text"), True)])
+    return Segments([(text_field(row, ctx.ds.field or "text"), True)])
 
 
 @register("pretrain")
-def pretrain(row: Row, ctx: Context) -> Tokenized:
+@planned
+def pretrain(row: Row, ctx: Context) -> Segments:
     """One row of raw text for continued pretraining, every token trained: <bos> text
     <eos>, from `text_column` (else `field`, else `text`). Packing rows into sequence_len
     blocks is the builder's job, not the strategy's."""
     name = ctx.ds.text_column or ctx.ds.field or "text"
-    return from_segments(ctx.tokenizer, [(text_field(row, name), True)])
+    return Segments([(text_field(row, name), True)])
 
 
 # Axolotl's user-defined format keys, and the placeholders each format string may use.
 @register("user_defined")
-class UserDefined:
+class UserDefined(Planned):
     """A format written in the config as a `type:` mapping (Axolotl's user-defined SFT
     format): `format` (with {instruction} and {input}), `no_input_format` (default:
     `format`, with an empty input), `system_format` ({system}), `system_prompt` (system
@@ -216,7 +219,7 @@ class UserDefined:
         if spec.get("field"):
             log.warning("dataset %s: `type.field` is not used by user-defined formats", ctx.ds.path)
         ds = ctx.ds
-        self.ctx = ctx
+        self.ctx, self.tokenizer = ctx, ctx.tokenizer
         self.system = spec.get("system_prompt") or ds.system_prompt or ""
         self.prompt = Prompt(
             spec["format"],
@@ -232,5 +235,5 @@ class UserDefined:
             spec.get("field_system") or ds.field_system,
         )
 
-    def __call__(self, row: Row) -> Tokenized:
+    def plan(self, row: Row) -> Segments:
         return instruction_example(row, self.ctx, self.prompt, self.fields, self.system)

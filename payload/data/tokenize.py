@@ -1,112 +1,100 @@
 """Rows to tokens, fast: a dataset's strategy over its rows, in batches, in one or more
 processes, with the rules for rows that cannot be used or are too long.
 
-Strategies tokenize one piece of text at a time (`core.encode`), and most of a tokenizer
-call's time is Python overhead around the tokenizer itself. So each batch of rows is
-run twice. The first pass runs the strategy against a `BatchedTokenizer` that only notes
-the texts it is asked for (answering with no tokens); those texts are then tokenized in
-one batched call; the second pass runs against the same tokenizer, which now answers from
-that batch. A call it cannot answer from the batch (other arguments, or a text the first
-pass did not ask for) goes to the real tokenizer, so the output is exactly what one row at
-a time gives; only the time changes (bench/preprocess.py measures it).
+Each batch takes one pass over the strategy: every row's `plan` (payload.data.core) names
+the texts to tokenize, all the batch's texts go to the tokenizer in one call, and each
+row is finished from its plan. The result is what calling the strategy on each row gives
+(`realize`), token for token; only the time changes (bench/preprocess.py measures it).
+
+For a fast tokenizer whose class keeps transformers' own encoding path, that one call
+goes straight to the Rust encoder (`encode_batch_fast`, which skips the character offsets
+unless a plan asks for them), after a call on an empty text has set the encoder up as
+`tokenizer(text, add_special_tokens=False)` would. Any other tokenizer is called on the
+batch through its own `__call__`.
+
+The rows go to worker processes (forked, so the strategy and the rows are inherited, not
+sent) in tasks of a few batches; each returns its rows as arrow arrays, and the kept rows
+become the tokenized `Dataset` directly, without a per-row conversion.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import multiprocessing
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from payload.config.schema import DatasetConfig, TrainConfig
-from payload.data.core import IGNORE, BadRow, build_strategy
+from payload.data.core import (
+    IGNORE,
+    BadRow,
+    Encoded,
+    Row,
+    Segments,
+    Special,
+    Strategy,
+    Tokenized,
+    assemble,
+    build_strategy,
+)
 from payload.data.report import TRUNCATED, DataReport, Progress
 from payload.errors import FerryError
 
 COLUMNS = ("input_ids", "attention_mask", "labels")
 NOTE = "_ferry_note"  # "" kept, "truncated", or "skip:<reason>"
 BATCH = 1000
+TASK = 4 * BATCH  # rows a worker process takes at a time
 # Below this many rows one process is faster: starting workers costs more than it saves.
 SMALL = 10_000
-# Arguments under which one call on a list gives, item by item, what a call per text gives.
-_BATCHABLE = {
-    "add_special_tokens",
-    "return_offsets_mapping",
-    "return_attention_mask",
-    "return_token_type_ids",
-    "return_special_tokens_mask",
-    "return_length",
-}
-
-# What a first-pass call answers: every key a call may return, empty.
-_PLACEHOLDER = (
-    "input_ids",
-    "attention_mask",
-    "offset_mapping",
-    "token_type_ids",
-    "special_tokens_mask",
-    "length",
-)
 
 
-class BatchedTokenizer:
-    """The tokenizer a strategy sees: the real one, except that `tokenizer(text, ...)`
-    is answered from a batch tokenized ahead (see the module docstring)."""
+class Encoder:
+    """Texts to token ids (and offsets) in one call, exactly as `tokenizer(text,
+    add_special_tokens=False)` gives them one by one (see the module docstring)."""
 
-    def __init__(self, real: Any):
-        self._real = real
-        self._memo: dict[tuple[str, tuple], dict[str, Any]] = {}
-        self._asked: dict[tuple, list[str]] | None = None
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.backend = _direct_backend(tokenizer)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_real", "_memo", "_asked"):
-            raise AttributeError(name)  # also keeps unpickling from recursing here
-        return getattr(self._real, name)
-
-    def __len__(self) -> int:
-        return len(self._real)
-
-    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
-        options = tuple(sorted(kwargs.items()))
-        if isinstance(text, str) and not args and set(kwargs) <= _BATCHABLE:
-            if self._asked is not None:
-                self._asked.setdefault(options, []).append(text)
-                return _Encoding(dict.fromkeys(_PLACEHOLDER, []))
-            found = self._memo.get((text, options))
-            if found is not None:
-                # Copies: a strategy may append to what it gets, and a text may repeat.
-                return _Encoding({k: _copy(v) for k, v in found.items()})
-        return self._real(text, *args, **kwargs)
-
-    def prefetch(self, run: Callable[[], None]) -> None:
-        """Run `run` (the batch's strategy calls) to learn the texts, then tokenize them."""
-        self._memo.clear()
-        self._asked = {}
-        try:
-            run()
-        finally:
-            asked, self._asked = self._asked, None
-        for options, texts in asked.items():
-            unique = list(dict.fromkeys(texts))
-            encoded = self._real(unique, **dict(options))
-            for i, text in enumerate(unique):
-                self._memo[(text, options)] = {k: v[i] for k, v in encoded.items()}
+    def __call__(
+        self, texts: list[str], offsets: bool
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+        if not texts:
+            return [], [] if offsets else None
+        if self.backend is None:
+            out = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+            ids = [list(x) for x in out["input_ids"]]
+            return ids, [[tuple(o) for o in x] for x in out["offset_mapping"]] if offsets else None
+        self.tokenizer("", add_special_tokens=False)  # sets padding, truncation, special splits
+        if offsets:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+            return [e.ids for e in encodings], [e.offsets for e in encodings]
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)], None
 
 
-class _Encoding(dict):
-    """What a tokenizer call returns, as light as it can be: keys, and the same names as
-    attributes (`out["input_ids"]`, `out.input_ids`), like transformers' BatchEncoding."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _copy(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else value
+def _direct_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer to call directly, or None where `__call__` may do more than
+    encode (a slow tokenizer, or a class that overrides transformers' encoding path)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: take the safe path
+        return None
+    cls = type(tokenizer)
+    same = (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls.__call__ is PreTrainedTokenizerBase.__call__
+        and cls._encode_plus is TokenizersBackend._encode_plus
+        and cls._convert_encoding is TokenizersBackend._convert_encoding
+    )
+    return backend if same else None
 
 
 def processes(cfg: TrainConfig, rows: int) -> int:
@@ -136,65 +124,149 @@ def _one_thread_per_worker(num_proc: int) -> Iterator[None]:
         del os.environ["TOKENIZERS_PARALLELISM"]
 
 
-def strategy_for(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, where: str) -> Any:
+def strategy_for(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, where: str) -> Strategy:
     try:
         return build_strategy(ds, cfg, tokenizer)
     except KeyError as e:
         raise FerryError(f"{where}: no prompt strategy is registered as `{ds.type}`.") from e
 
 
-def row_function(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, where: str, limit: bool):
-    """The batched `datasets.map` function for one dataset. With `limit`, rows longer
-    than sequence_len follow `excess_length_strategy`."""
-    proxy = BatchedTokenizer(tokenizer)
-    strategy = strategy_for(ds, cfg, proxy, where)
-    size, policy, strict = cfg.sequence_len, cfg.excess_length_strategy, cfg.strict
+class RowTokenizer:
+    """One dataset's rows to tokens, a batch at a time. With `limit`, rows longer than
+    sequence_len follow `excess_length_strategy`."""
 
-    def first_pass(records: list[dict[str, Any]]) -> None:
-        for record in records:
+    def __init__(
+        self, ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, where: str, limit: bool
+    ):
+        self.strategy = strategy_for(ds, cfg, tokenizer, where)
+        self.encode = Encoder(tokenizer)
+        self.special = Special.of(tokenizer)
+        self.where, self.limit = where, limit
+        self.size, self.policy, self.strict = (
+            cfg.sequence_len,
+            cfg.excess_length_strategy,
+            cfg.strict,
+        )
+
+    def _bad(self, row: int, error: BadRow) -> str:
+        if self.strict:
+            raise FerryError(f"{self.where} row {row}: {error} (strict: true).") from error
+        return f"skip:{error}"
+
+    def rows(self, records: list[Row], first: int) -> tuple[list[Tokenized | None], list[str]]:
+        """Each record's tokens (None when skipped) and note ("", "truncated" or
+        "skip:<reason>"); `first` is the dataset row number of `records[0]`."""
+        n = len(records)
+        notes = [""] * n
+        plans: list[Segments | Encoded | None] = [None] * n
+        stop: tuple[int, BadRow] | None = None  # with strict: the first row that cannot plan
+        for i, record in enumerate(records):
             try:
-                strategy(record)
-            except Exception:  # noqa: BLE001, S112 - placeholders may upset a strategy
+                plans[i] = self.strategy.plan(record)
+            except BadRow as e:
+                if self.strict:
+                    stop = (i, e)  # the rows before it may still stop the run first
+                    break
+                notes[i] = self._bad(first + i, e)
+        # Every text of the batch, in two calls at most: with and without offsets.
+        texts: tuple[list[str], list[str]] = ([], [])
+        for plan in plans:
+            if isinstance(plan, Segments):
+                texts[0].extend(t for t, _ in plan.parts if t)
+            elif plan is not None:
+                texts[plan.offsets].extend(t for t in plan.texts if t)
+        plain, _ = self.encode(texts[0], offsets=False)
+        marked, spans = self.encode(texts[1], offsets=True)
+        plain_it, marked_it, spans_it = iter(plain), iter(marked), iter(spans or ())
+        out: list[Tokenized | None] = [None] * n
+        for i, plan in enumerate(plans):
+            if plan is None:
                 continue
+            try:
+                if isinstance(plan, Segments):
+                    ids = [next(plain_it) if t else [] for t, _ in plan.parts]
+                    tokens = assemble(plan, ids, self.special)
+                elif plan.offsets:
+                    ids = [next(marked_it) if t else [] for t in plan.texts]
+                    offs = [next(spans_it) if t else [] for t in plan.texts]
+                    tokens = plan.finish(ids, offs)
+                else:
+                    tokens = plan.finish([next(plain_it) if t else [] for t in plan.texts], None)
+            except BadRow as e:
+                notes[i] = self._bad(first + i, e)
+                continue
+            out[i], notes[i] = self._fit(tokens, first + i)
+        if stop is not None:
+            self._bad(first + stop[0], stop[1])
+        return out, notes
 
-    def one(record: dict[str, Any], row: int) -> tuple[dict[str, list[int]] | None, str]:
-        try:
-            out = strategy(record)
-        except BadRow as e:
-            if strict:
-                raise FerryError(f"{where} row {row}: {e} (strict: true).") from e
-            return None, f"skip:{e}"
-        n = len(out["input_ids"])
-        if not limit or n <= size:
+    def _fit(self, out: Tokenized, row: int) -> tuple[Tokenized | None, str]:
+        n, size = len(out["input_ids"]), self.size
+        if not self.limit or n <= size:
             return out, ""
-        if policy == "raise":
+        if self.policy == "raise":
             raise FerryError(
-                f"{where} row {row}: {n} tokens, longer than sequence_len ({size}).",
+                f"{self.where} row {row}: {n} tokens, longer than sequence_len ({size}).",
                 hint="Raise sequence_len, or set excess_length_strategy: drop or truncate.",
             )
-        if policy == "truncate":
+        if self.policy == "truncate":
             out = {k: out[k][:size] for k in COLUMNS}
             if all(label == IGNORE for label in out["labels"]):
                 return None, f"skip:no trained tokens left once {TRUNCATED} ({size} tokens)"
             return out, "truncated"
         reason = f"longer than sequence_len ({size} tokens)"
-        if strict:
-            raise FerryError(f"{where} row {row}: {n} tokens, {reason} (strict: true).")
+        if self.strict:
+            raise FerryError(f"{self.where} row {row}: {n} tokens, {reason} (strict: true).")
         return None, f"skip:{reason}"
 
-    def batch(rows: dict[str, list[Any]], indices: list[int], offset: int) -> dict[str, list]:
-        names = list(rows)
-        records = [{name: rows[name][j] for name in names} for j in range(len(indices))]
-        proxy.prefetch(lambda: first_pass(records))
-        out: dict[str, list[Any]] = {c: [] for c in (*COLUMNS, NOTE)}
-        for record, index in zip(records, indices, strict=True):
-            tokens, note = one(record, offset + index)
-            for c in COLUMNS:
-                out[c].append(tokens[c] if tokens is not None else [])
-            out[NOTE].append(note)
-        return out
+    def table(self, records: list[Row], first: int) -> tuple[Any, list[tuple[int, str]]]:
+        """The kept rows as an arrow table of the token columns, and the notes that are
+        not empty, by position in `records`."""
+        out, notes = self.rows(records, first)
+        kept = [t for t in out if t is not None]
+        return token_table(kept), [(i, note) for i, note in enumerate(notes) if note]
 
-    return batch
+    def batch_function(self):
+        """The same, as a batched `datasets.map` function (for streamed rows): every row
+        stays, a skipped one with empty columns, and its note in NOTE."""
+
+        def batch(rows: dict[str, list[Any]], indices: list[int], offset: int) -> dict:
+            records = _records(rows, len(indices))
+            out, notes = self.rows(records, offset + (indices[0] if indices else 0))
+            columns: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+            for tokens in out:
+                for c in COLUMNS:
+                    columns[c].append(tokens[c] if tokens is not None else [])
+            return {**columns, NOTE: notes}
+
+        return batch
+
+
+def _records(columns: dict[str, list[Any]], count: int) -> list[Row]:
+    """A batch as `datasets` gives it (a list per column) as one dict per row."""
+    names = list(columns)
+    if not names:
+        return [{} for _ in range(count)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def token_table(rows: list[Tokenized]) -> Any:
+    """`rows` as an arrow table of int32 list columns, built from flat arrays."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(r["input_ids"]) for r in rows), np.int64, len(rows))
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    bounds = pa.array(offsets.astype(np.int32) if total < 2**31 else offsets)
+    list_of = pa.ListArray if total < 2**31 else pa.LargeListArray
+    columns = {}
+    for name in COLUMNS:
+        values = itertools.chain.from_iterable(r[name] for r in rows)
+        flat = np.fromiter(values, np.int32, total)
+        columns[name] = list_of.from_arrays(bounds, pa.array(flat))
+    return pa.table(columns)
 
 
 def features() -> Any:
@@ -204,52 +276,88 @@ def features() -> Any:
     return datasets.Features({**dict.fromkeys(COLUMNS, ids), NOTE: datasets.Value("string")})
 
 
+def token_features() -> Any:
+    import datasets
+
+    return datasets.Features(dict.fromkeys(COLUMNS, datasets.Sequence(datasets.Value("int32"))))
+
+
+# What a forked worker inherits: the rows and the RowTokenizer of the current call.
+_JOB: tuple[Any, RowTokenizer, int] | None = None
+
+
+def _task(span: tuple[int, int]) -> tuple[Any, list[tuple[int, str]]] | tuple[str, str | None]:
+    """One task's rows [start, stop): its table and notes, or a FerryError's
+    (message, hint) to raise in the parent."""
+    assert _JOB is not None
+    rows, rt, offset = _JOB
+    start, stop = span
+    try:
+        records = _records(rows[start:stop], stop - start)
+        parts, notes = [], []
+        for at in range(0, len(records), BATCH):
+            table, found = rt.table(records[at : at + BATCH], offset + start + at)
+            parts.append(table)
+            notes += [(start + at + i, note) for i, note in found]
+    except FerryError as e:
+        return e.message, e.hint
+    import pyarrow as pa
+
+    return pa.concat_tables(parts), notes
+
+
 def tokenize_rows(
     rows: Any,
-    fn: Callable[..., dict[str, list]],
+    rt: RowTokenizer,
     where: str,
     offset: int,
     report: DataReport,
     num_proc: int,
     progress: bool | None,
 ) -> Any:
-    """Map `fn` over `rows` and record what happened in `report`: the kept rows, with
-    only the token columns. On a terminal, the rows go in chunks so that a bar can move."""
+    """The kept rows of `rows` tokenized by `rt` (a `Dataset` of the token columns), and
+    what happened recorded in `report`. A bar moves as tasks finish, on a terminal."""
     import datasets
+    import pyarrow as pa
 
+    global _JOB
     total = len(rows)
     bar = Progress(total, f"tokenizing {where.split(' ')[0]}", progress)
-    chunk = max(SMALL, -(-total // 20)) if bar.enabled else max(total, 1)
-    parts = []
-    with _one_thread_per_worker(num_proc):
-        for start in range(0, max(total, 1), chunk):
-            piece = rows.select(range(start, min(start + chunk, total))) if chunk < total else rows
-            parts.append(
-                piece.map(
-                    fn,
-                    batched=True,
-                    batch_size=BATCH,
-                    with_indices=True,
-                    fn_kwargs={"offset": offset + start},
-                    remove_columns=piece.column_names,
-                    features=features(),
-                    num_proc=num_proc if num_proc > 1 else None,
-                    keep_in_memory=True,
-                    load_from_cache_file=False,
-                    new_fingerprint=uuid.uuid4().hex,  # skips hashing fn (and its tokenizer)
-                )
-            )
-            bar.advance(len(piece))
-    mapped = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if "fork" not in multiprocessing.get_all_start_methods():
+        num_proc = 1  # workers inherit the job by fork; elsewhere it runs here
+    num_proc = max(1, min(num_proc, total))
+    step = max(1, min(TASK, -(-total // num_proc)))
+    spans = [(s, min(s + step, total)) for s in range(0, total, step)]
+    tables, notes = [], []
+    _JOB = (rows, rt, offset)
+    try:
+        with _one_thread_per_worker(num_proc), contextlib.ExitStack() as stack:
+            if num_proc > 1:
+                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(num_proc))
+                results: Iterator[Any] = pool.imap(_task, spans)
+            else:
+                results = map(_task, spans)
+            for (start, stop), result in zip(spans, results, strict=True):
+                if isinstance(result[0], str):
+                    raise FerryError(*result)
+                tables.append(result[0])
+                notes += result[1]
+                bar.advance(stop - start)
+    finally:
+        _JOB = None
     elapsed = bar.close()
+    table = pa.concat_tables(tables) if tables else token_table([])
+    mapped = datasets.Dataset(
+        table,
+        info=datasets.DatasetInfo(features=token_features()),
+        fingerprint=uuid.uuid4().hex,  # not a hash of every token, as it would compute
+    )
     report.tokenize_s += elapsed
     report.tokenized_rows += total
     report.processes = max(report.processes, num_proc)
     report.rows_in += total
     skipped = 0
-    for i, note in enumerate(mapped[NOTE]):
-        if not note:
-            continue
+    for i, note in notes:
         if note == "truncated":
             report.truncated += 1
             report.truncated_example = report.truncated_example or f"{where} row {offset + i}"
@@ -257,11 +365,4 @@ def tokenize_rows(
             skipped += 1
             report.skip(note.removeprefix("skip:"), f"{where} row {offset + i}")
     report.rows_kept += total - skipped
-    if skipped:
-        mapped = mapped.filter(
-            lambda notes: [not n.startswith("skip:") for n in notes],
-            input_columns=NOTE,
-            batched=True,
-            keep_in_memory=True,
-        )
-    return mapped.remove_columns(NOTE)
+    return mapped

@@ -5,7 +5,6 @@ bundled tiny tokenizer, in-process, through `build_datasets`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from helpers import ASSETS, DATA
 from payload.config import FerryError, validate_mapping
 from payload.data.build import build_datasets
 from payload.data.core import build_strategy
-from payload.data.tokenize import BatchedTokenizer
 
 ROWS = [json.loads(line) for line in DATA.read_text().splitlines()][:40]
 
@@ -251,37 +249,11 @@ def test_the_progress_bar_tokenizes_in_chunks_with_the_same_result(
     rows[230] = {"instruction": "x"}
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     plain = build_datasets(config([alpaca(path)]), tokenizer, progress=False)
-    monkeypatch.setattr(tokenize, "SMALL", 40)  # chunks of 40 rows instead of 10,000
+    monkeypatch.setattr(tokenize, "TASK", 40)  # tasks of 40 rows instead of 4,000
     chunked = build_datasets(config([alpaca(path)]), tokenizer, progress=True)
     assert ids(chunked[0]) == ids(plain[0])
     assert chunked[2].examples == plain[2].examples
     assert plain[2].examples["missing field `output`"].endswith("row 230")
-
-
-@pytest.mark.parametrize(
-    "row",
-    [
-        ROWS[3],
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
-    ],
-)
-def test_batched_tokenizer_gives_exactly_the_direct_tokens(tokenizer, row):
-    """The speed-up in payload.data.tokenize must not change a single token: the strategy
-    run on BatchedTokenizer after a prefetch equals the strategy on the real one."""
-    kind = "alpaca" if "instruction" in row else "chat_template"
-    cfg = config([{"path": str(DATA), "type": kind}], chat_template="chatml")
-    ds = cfg.datasets[0]
-    direct = build_strategy(ds, cfg, tokenizer)(row)
-    proxy = BatchedTokenizer(tokenizer)
-    batched = build_strategy(ds, cfg, proxy)
-
-    def first_pass():
-        with contextlib.suppress(Exception):  # placeholders may upset it, as in a real batch
-            batched(row)
-
-    proxy.prefetch(first_pass)
-    assert proxy._memo  # the texts were tokenized ahead
-    assert batched(row) == direct
 
 
 # ---- pretraining
