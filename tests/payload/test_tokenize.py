@@ -33,7 +33,23 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-WORDS = "the river runs cold and long under a grey sky while Zoë counts 42 boats".split()
+WORDS = [
+    "the",
+    "river",
+    "runs",
+    "cold",
+    "and",
+    "long",
+    "under",
+    "a",
+    "grey",
+    "sky",
+    "while",
+    "Zoë",
+    "counts",
+    "42",
+    "boats",
+]
 
 
 def sentence(i: int, n: int) -> str:
