@@ -31,7 +31,7 @@ from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.core import (
     IGNORE,
     BadRow,
-    Encoded,
+    Plan,
     Row,
     Segments,
     Special,
@@ -153,21 +153,29 @@ class RowTokenizer:
             raise FerryError(f"{self.where} row {row}: {error} (strict: true).") from error
         return f"skip:{error}"
 
-    def rows(self, records: list[Row], first: int) -> tuple[list[Tokenized | None], list[str]]:
-        """Each record's tokens (None when skipped) and note ("", "truncated" or
-        "skip:<reason>"); `first` is the dataset row number of `records[0]`."""
-        n = len(records)
-        notes = [""] * n
-        plans: list[Segments | Encoded | None] = [None] * n
-        stop: tuple[int, BadRow] | None = None  # with strict: the first row that cannot plan
+    def _plans(self, records: list[Row], first: int) -> tuple[list[Plan | None], list[str], Any]:
+        """Each record's plan (None for a bad row), the notes so far, and, with strict,
+        the first row that could not plan (raised once the rows before it are done:
+        one of them may stop the run first)."""
+        notes = [""] * len(records)
+        plans: list[Plan | None] = [None] * len(records)
         for i, record in enumerate(records):
             try:
                 plans[i] = self.strategy.plan(record)
             except BadRow as e:
                 if self.strict:
-                    stop = (i, e)  # the rows before it may still stop the run first
-                    break
+                    return plans, notes, (first + i, e)
                 notes[i] = self._bad(first + i, e)
+        return plans, notes, None
+
+    def rows(self, records: list[Row], first: int) -> tuple[list[Tokenized | None], list[str]]:
+        """Each record's tokens (None when skipped) and note ("", "truncated" or
+        "skip:<reason>"); `first` is the dataset row number of `records[0]`."""
+        return self._finish(*self._plans(records, first), first)
+
+    def _finish(
+        self, plans: list[Plan | None], notes: list[str], stop: Any, first: int
+    ) -> tuple[list[Tokenized | None], list[str]]:
         # Every text of the batch, in two calls at most: with and without offsets.
         texts: tuple[list[str], list[str]] = ([], [])
         for plan in plans:
@@ -178,7 +186,7 @@ class RowTokenizer:
         plain, _ = self.encode(texts[0], offsets=False)
         marked, spans = self.encode(texts[1], offsets=True)
         plain_it, marked_it, spans_it = iter(plain), iter(marked), iter(spans or ())
-        out: list[Tokenized | None] = [None] * n
+        out: list[Tokenized | None] = [None] * len(plans)
         for i, plan in enumerate(plans):
             if plan is None:
                 continue
@@ -195,25 +203,28 @@ class RowTokenizer:
             except BadRow as e:
                 notes[i] = self._bad(first + i, e)
                 continue
-            out[i], notes[i] = self._fit(tokens, first + i)
+            keep, notes[i] = self._limit(len(tokens["input_ids"]), tokens["labels"], first + i)
+            if keep is not None:
+                out[i] = tokens if keep == len(tokens["input_ids"]) else _head(tokens, keep)
         if stop is not None:
-            self._bad(first + stop[0], stop[1])
+            self._bad(*stop)
         return out, notes
 
-    def _fit(self, out: Tokenized, row: int) -> tuple[Tokenized | None, str]:
-        n, size = len(out["input_ids"]), self.size
+    def _limit(self, n: int, labels: Any, row: int) -> tuple[int | None, str]:
+        """How many of a row's n tokens to keep (None: skip it) and its note, by
+        `excess_length_strategy`; `labels` are the row's labels."""
+        size = self.size
         if not self.limit or n <= size:
-            return out, ""
+            return n, ""
         if self.policy == "raise":
             raise FerryError(
                 f"{self.where} row {row}: {n} tokens, longer than sequence_len ({size}).",
                 hint="Raise sequence_len, or set excess_length_strategy: drop or truncate.",
             )
         if self.policy == "truncate":
-            out = {k: out[k][:size] for k in COLUMNS}
-            if all(label == IGNORE for label in out["labels"]):
+            if all(label == IGNORE for label in labels[:size]):
                 return None, f"skip:no trained tokens left once {TRUNCATED} ({size} tokens)"
-            return out, "truncated"
+            return size, "truncated"
         reason = f"longer than sequence_len ({size} tokens)"
         if self.strict:
             raise FerryError(f"{self.where} row {row}: {n} tokens, {reason} (strict: true).")
@@ -221,10 +232,92 @@ class RowTokenizer:
 
     def table(self, records: list[Row], first: int) -> tuple[Any, list[tuple[int, str]]]:
         """The kept rows as an arrow table of the token columns, and the notes that are
-        not empty, by position in `records`."""
-        out, notes = self.rows(records, first)
-        kept = [t for t in out if t is not None]
-        return token_table(kept), [(i, note) for i, note in enumerate(notes) if note]
+        not empty, by position in `records`. A batch of Segments plans (the instruction
+        and raw-text formats) is put together in arrays, without a list per row."""
+        plans, notes, stop = self._plans(records, first)
+        if self.special.eos is not None and all(
+            p is None or isinstance(p, Segments) for p in plans
+        ):
+            table = self._segments_table(plans, notes, first)  # type: ignore[arg-type]
+            if stop is not None:
+                self._bad(*stop)
+        else:
+            out, notes = self._finish(plans, notes, stop, first)
+            kept = [t for t in out if t is not None]
+            table = token_table(kept)
+        return table, [(i, note) for i, note in enumerate(notes) if note]
+
+    def _segments_table(self, plans: list[Segments | None], notes: list[str], first: int) -> Any:
+        """What `assemble` makes of each plan, for a whole batch at once (notes filled in)."""
+        import numpy as np
+
+        at = [i for i, p in enumerate(plans) if p is not None]
+        texts: list[str] = []
+        owner: list[int] = []  # the plan (index into `at`) of each text
+        trained: list[bool] = []
+        flags = np.zeros((4, len(at)), bool)  # bos, eos, first part trained, last trained
+        for j, i in enumerate(at):
+            plan = plans[i]
+            assert plan is not None
+            for text, train in plan.parts:
+                if text:
+                    texts.append(text)
+                    owner.append(j)
+                    trained.append(train)
+            parts = plan.parts
+            flags[:, j] = (
+                plan.bos,
+                plan.eos,
+                bool(parts) and parts[0][1],
+                bool(parts) and parts[-1][1],
+            )
+        bos_on = flags[0] & (self.special.bos is not None)
+        ids, _ = self.encode(texts, offsets=False)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
+        body = np.bincount(np.asarray(owner, np.int64), lengths, len(at)).astype(np.int64)
+        sizes = body + bos_on + flags[1]
+        starts = np.zeros(len(at) + 1, np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        input_ids = np.empty(int(starts[-1]), np.int32)
+        labels = np.empty_like(input_ids)
+        is_body = np.ones(len(input_ids), bool)
+        bos_at, eos_at = starts[:-1][bos_on], (starts[1:] - 1)[flags[1]]
+        is_body[bos_at] = is_body[eos_at] = False
+        input_ids[is_body] = flat
+        labels[is_body] = np.where(np.repeat(np.asarray(trained, bool), lengths), flat, IGNORE)
+        for where, token, labelled in (
+            (bos_at, self.special.bos, flags[2][bos_on]),
+            (eos_at, self.special.eos, flags[3][flags[1]]),
+        ):
+            input_ids[where] = token
+            labels[where] = np.where(labelled, token, IGNORE)
+        # The rows that may not stay as they are: required training missing, or too long.
+        learns = (
+            np.bincount(np.repeat(np.arange(len(at)), sizes)[labels != IGNORE], minlength=len(at))
+            > 0
+        )
+        needs = np.array([plans[i].require is not None for i in at], bool)  # type: ignore[union-attr]
+        keep = sizes.copy()
+        kept = np.ones(len(at), bool)
+        check = (needs & ~learns) | ((sizes > self.size) if self.limit else False)
+        for j in np.flatnonzero(check):
+            i, row = at[j], first + at[j]
+            plan = plans[i]
+            if needs[j] and not learns[j]:
+                kept[j] = False
+                notes[i] = self._bad(row, BadRow(plan.require))  # type: ignore[union-attr]
+                continue
+            fit, notes[i] = self._limit(int(sizes[j]), labels[starts[j] : starts[j + 1]], row)
+            if fit is None:
+                kept[j] = False
+            else:
+                keep[j] = fit
+        taken = keep[kept]
+        bounds = np.zeros(len(taken) + 1, np.int64)
+        np.cumsum(taken, out=bounds[1:])
+        index = np.repeat(starts[:-1][kept] - bounds[:-1], taken) + np.arange(bounds[-1])
+        return arrow_table(bounds, input_ids[index], labels[index])
 
     def batch_function(self):
         """The same, as a batched `datasets.map` function (for streamed rows): every row
@@ -250,23 +343,38 @@ def _records(columns: dict[str, list[Any]], count: int) -> list[Row]:
     return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
+def _head(tokens: Tokenized, keep: int) -> Tokenized:
+    return {k: tokens[k][:keep] for k in COLUMNS}
+
+
 def token_table(rows: list[Tokenized]) -> Any:
-    """`rows` as an arrow table of int32 list columns, built from flat arrays."""
+    """`rows` as an arrow table of the token columns."""
+    import numpy as np
+
+    lengths = np.fromiter((len(r["input_ids"]) for r in rows), np.int64, len(rows))
+    bounds = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    total = int(bounds[-1])
+    flat = {
+        name: np.fromiter(itertools.chain.from_iterable(r[name] for r in rows), np.int32, total)
+        for name in COLUMNS
+    }
+    return arrow_table(bounds, flat["input_ids"], flat["labels"], flat["attention_mask"])
+
+
+def arrow_table(bounds: Any, input_ids: Any, labels: Any, attention_mask: Any = None) -> Any:
+    """Int32 list columns from flat arrays and the row bounds (numpy); the attention
+    mask is all ones unless given."""
     import numpy as np
     import pyarrow as pa
 
-    lengths = np.fromiter((len(r["input_ids"]) for r in rows), np.int64, len(rows))
-    offsets = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    bounds = pa.array(offsets.astype(np.int32) if total < 2**31 else offsets)
-    list_of = pa.ListArray if total < 2**31 else pa.LargeListArray
-    columns = {}
-    for name in COLUMNS:
-        values = itertools.chain.from_iterable(r[name] for r in rows)
-        flat = np.fromiter(values, np.int32, total)
-        columns[name] = list_of.from_arrays(bounds, pa.array(flat))
-    return pa.table(columns)
+    large = int(bounds[-1]) >= 2**31
+    offsets = pa.array(bounds if large else bounds.astype(np.int32))
+    list_of = pa.LargeListArray if large else pa.ListArray
+    if attention_mask is None:
+        attention_mask = np.ones(len(input_ids), np.int32)
+    columns = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return pa.table({k: list_of.from_arrays(offsets, pa.array(v)) for k, v in columns.items()})
 
 
 def features() -> Any:
