@@ -48,11 +48,25 @@ $(AWS_VENV)/bin/aws:
 	$(PYTHON) -m venv $(AWS_VENV)
 	$(AWS_VENV)/bin/python -m pip install --quiet awscli
 
-bench: setup $(AWS_VENV)/bin/aws
+# Axolotl, for bench/preprocess.py's comparison, in an environment of its own (its pins
+# would fight ours in .venv). It wants Python 3.12; torch is pinned to ours (CPU build).
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_PYTHON ?= PYENV_VERSION=3.12.1 python3.12
+AXOLOTL ?= axolotl==0.21.0
+.PHONY: axolotl-env
+axolotl-env: $(AXOLOTL_VENV)/bin/axolotl
+$(AXOLOTL_VENV)/bin/axolotl:
+	$(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/python -m pip install --quiet "$(TORCH_CPU)"
+	echo "$(TORCH_CPU)" > $(AXOLOTL_VENV)/constraints.txt
+	$(AXOLOTL_VENV)/bin/python -m pip install --quiet "$(AXOLOTL)" \
+		-c $(AXOLOTL_VENV)/constraints.txt --only-binary xformers
+
+bench: setup $(AWS_VENV)/bin/aws $(AXOLOTL_VENV)/bin/axolotl
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/sweep_expand.py
 	$(BIN)/python bench/s3_sync.py --aws $(AWS_VENV)/bin/aws
-	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/preprocess.py --axolotl $(AXOLOTL_VENV)/bin/axolotl
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/packed_training.py
 
