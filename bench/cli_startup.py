@@ -1,12 +1,38 @@
 """How fast `launch` answers: median wall time of `launch --help` and of
-`launch validate examples/quickstart.yml`, each against bare interpreter start-up
-(`python -c pass`) measured in the same run.
+`launch validate examples/quickstart.yml`, against two baselines measured in the same run.
 
     python bench/cli_startup.py [--runs 21]
 
+What each command does (every one is a new process of this interpreter):
+
+- `python -c pass`: interpreter start-up and nothing else.
+- `python -c "import typer, yaml, pydantic, rich"` (the imports baseline): start-up plus
+  the top-level modules of the four libraries the CLI is built on. `import pydantic`
+  alone is lazy: it loads pydantic-core but not `BaseModel` (pydantic.main and its
+  schema generator), which the first model class imports; that part is on validate's
+  side, as is the `importlib.metadata` scan pydantic makes for plugins when it builds
+  the first model. rich is imported here but not by `launch validate`.
+- `launch --help`: start-up, typer and Ferry's CLI module, building the command group,
+  printing the help.
+- `launch validate examples/quickstart.yml`: start-up, typer, yaml, pydantic's model
+  machinery, Ferry's config schema (its pydantic models built), reading and validating
+  the config (keys, values, cross-key rules, the files it names), two printed lines.
+
+- `python -c "<the imports>; from pydantic import BaseModel; import importlib.metadata"`
+  (the model-imports baseline): the imports baseline plus what pydantic loads for its
+  first model class (pydantic.main and its schema machinery, and importlib.metadata for
+  its plugin scan), so that what validate adds to it is Ferry's own work: its modules,
+  building its models, the CLI, reading and checking the config.
+
+`cli_validate_vs_imports` is the share of validate's time that is not the libraries'
+import (1.0 would mean Ferry and pydantic's model building cost nothing);
+`cli_validate_vs_imports_with_pydantic_models` the same against the model-imports baseline.
+
 Bytecode caching is left on (PYTHONDONTWRITEBYTECODE is removed for the children) and
-two warm-up runs come first, so the figure is what a user sees on the second call, not
-the one-off cost of compiling Ferry's modules.
+every command gets two warm-up runs, so the figure is what a user sees on the second
+call, not the one-off cost of compiling modules. Runs are interleaved (one of each
+command per round), so a change in the machine's load during the run moves every
+median alike and leaves the ratios fair.
 """
 
 from __future__ import annotations
@@ -20,6 +46,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+IMPORTS = "import typer, yaml, pydantic, rich"
+# The same, with pydantic's model machinery loaded as a first model class loads it.
+MODEL_IMPORTS = IMPORTS + "; from pydantic import BaseModel; import importlib.metadata"
 
 
 def launch_command() -> list[str]:
@@ -27,15 +56,18 @@ def launch_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "launcher"]
 
 
-def median_wall(cmd: list[str], runs: int, env: dict[str, str]) -> float:
-    for _ in range(2):
-        subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, check=True)
-    times = []
+def median_walls(cmds: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict[str, float]:
+    """Median wall seconds of each command: two warm-up runs each, then `runs` rounds."""
+    for cmd in cmds.values():
+        for _ in range(2):
+            subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, check=True)
+    times: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, cmd in cmds.items():
+            start = time.perf_counter()
+            subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, check=True)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -46,19 +78,35 @@ def main() -> None:
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("FERRY_HOME", str(ROOT / ".ferry-bench"))
 
-    python = median_wall([sys.executable, "-c", "pass"], args.runs, env)
-    help_s = median_wall([*launch_command(), "--help"], args.runs, env)
-    validate_s = median_wall(
-        [*launch_command(), "validate", "examples/quickstart.yml"], args.runs, env
+    medians = median_walls(
+        {
+            "python": [sys.executable, "-c", "pass"],
+            "imports": [sys.executable, "-c", IMPORTS],
+            "model_imports": [sys.executable, "-c", MODEL_IMPORTS],
+            "help": [*launch_command(), "--help"],
+            "validate": [*launch_command(), "validate", "examples/quickstart.yml"],
+        },
+        args.runs,
+        env,
     )
+    python, imports = medians["python"], medians["imports"]
+    help_s, validate_s = medians["help"], medians["validate"]
 
     print(f"python -c pass (baseline): {python:.3f} s")
+    print(f"python -c '{IMPORTS}': {imports:.3f} s ({imports / python:.1f}x baseline)")
     print(f"launch --help:             {help_s:.3f} s ({help_s / python:.1f}x baseline)")
-    print(f"launch validate:           {validate_s:.3f} s ({validate_s / python:.1f}x baseline)")
+    print(
+        f"launch validate:           {validate_s:.3f} s ({validate_s / python:.1f}x baseline, "
+        f"{validate_s / imports:.2f}x the imports)"
+    )
     print(f"RESULT cli_help_s {help_s:.3f} s")
     print(f"RESULT cli_validate_s {validate_s:.3f} s")
     print(f"RESULT cli_help_vs_python {help_s / python:.2f} x")
     print(f"RESULT cli_validate_vs_python {validate_s / python:.2f} x")
+    print(f"RESULT cli_validate_vs_imports {validate_s / imports:.2f} x")
+    model_imports = medians["model_imports"]
+    print(f"RESULT imports_with_pydantic_models_s {model_imports:.3f} s")
+    print(f"RESULT cli_validate_vs_imports_with_pydantic_models {validate_s / model_imports:.2f} x")
 
 
 if __name__ == "__main__":

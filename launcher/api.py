@@ -12,28 +12,58 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from executors import Plan, RunState, get_executor
-from launcher import runs as _runs
-from launcher.registry import Registry, RunRecord, ferry_home
-from launcher.runs import (  # noqa: F401 - part of the API
-    check_flags,
-    check_storage,
-    config_name,
-    job_for,
-    job_from_record,
-    make_run_id,
-    prepare,
-    read_summary,
-    record_for,
-    refresh,
-    resolve_launch,
-    submit,
-    validate,
-    with_default_storage,
-)
 from payload.errors import FerryError
+
+if TYPE_CHECKING:
+    from executors import Plan
+    from launcher.registry import Registry, RunRecord
+    from payload.config import TrainConfig
+
+# `launch validate` imports this module and needs only the config code. The run
+# machinery (launcher.runs, executors, the registry and the storage code beneath them,
+# ~15 ms of imports) is imported by the functions that use it, and these names, part of
+# the API, come from launcher.runs on first use (`__getattr__`).
+_FROM_RUNS = frozenset(
+    {
+        "check_flags",
+        "check_storage",
+        "config_name",
+        "job_for",
+        "job_from_record",
+        "make_run_id",
+        "prepare",
+        "read_summary",
+        "record_for",
+        "refresh",
+        "resolve_launch",
+        "submit",
+        "with_default_storage",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_RUNS:
+        from launcher import runs as _runs
+
+        return getattr(_runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _registry(registry: Registry | None) -> Registry:
+    """`registry`, else the one under $FERRY_HOME."""
+    from launcher.registry import Registry
+
+    return registry or Registry()
+
+
+def validate(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Load and validate a config; raises ConfigError listing every problem."""
+    from payload.config import load_config
+
+    return load_config(source, overrides)
 
 
 def plan(
@@ -44,7 +74,10 @@ def plan(
     **launch: Any,
 ) -> Plan:
     """What `train` would start, without starting it (the dry run)."""
-    job, cloud = prepare(source, overrides, profile=profile, **launch)
+    from executors import get_executor
+    from launcher import runs as _runs
+
+    job, cloud = _runs.prepare(source, overrides, profile=profile, **launch)
     return get_executor(cloud).plan(job)
 
 
@@ -61,12 +94,15 @@ def train(
     Launch settings as in `prepare` (e.g. `cloud="modal", gpus="H100:8", nodes=2`).
     Its storage is checked (a probe object written and deleted) once it is recorded; a
     check or submit that fails is recorded as failed, with the reason, and raised."""
-    registry = registry or Registry()
-    job, cloud = prepare(source, overrides, profile=profile, **launch)
+    from executors import RunState, get_executor
+    from launcher import runs as _runs
+
+    registry = _registry(registry)
+    job, cloud = _runs.prepare(source, overrides, profile=profile, **launch)
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
     executor.preflight(job)  # credentials, quotas: what only a real launch needs
-    record = record_for(job, source, executor.name, storage_uri=job.storage_uri)
+    record = _runs.record_for(job, source, executor.name, storage_uri=job.storage_uri)
     job.write()
     registry.add(record)
     try:
@@ -83,18 +119,25 @@ def train(
 
 
 def status(run_id: str, registry: Registry | None = None) -> RunRecord:
-    registry = registry or Registry()
+    from launcher.runs import refresh
+
+    registry = _registry(registry)
     return refresh(registry.get(run_id), registry)
 
 
 def runs(limit: int | None = None, registry: Registry | None = None) -> list[RunRecord]:
     """Recent runs, newest first, each refreshed from its backend if unfinished."""
-    registry = registry or Registry()
+    from launcher.runs import refresh
+
+    registry = _registry(registry)
     return [refresh(r, registry) for r in registry.list(limit=limit)]
 
 
 def logs(run_id: str, follow: bool = False, registry: Registry | None = None) -> Iterator[str]:
-    registry = registry or Registry()
+    from executors import get_executor
+    from launcher import runs as _runs
+
+    registry = _registry(registry)
     record = registry.get(run_id)
     if not record.handle:
         return iter([f"{run_id} never started: {record.detail or 'no handle recorded'}\n"])
@@ -104,14 +147,19 @@ def logs(run_id: str, follow: bool = False, registry: Registry | None = None) ->
 def cancel(run_id: str, registry: Registry | None = None) -> RunRecord:
     """Stop a run. Its ranks save and upload a checkpoint first (within the run's stop
     grace period); on the local backend whatever is left after it is killed."""
-    return _runs.cancel(run_id, registry or Registry())
+    from launcher import runs as _runs
+
+    return _runs.cancel(run_id, _registry(registry))
 
 
 def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
     """Relaunch a run that stopped (preempted, failed, cancelled) under the same run id, on
     the same backend. With storage it continues from its newest complete checkpoint."""
-    registry = registry or Registry()
-    record = refresh(registry.get(run_id), registry)
+    from executors import RunState, get_executor
+    from launcher import runs as _runs
+
+    registry = _registry(registry)
+    record = _runs.refresh(registry.get(run_id), registry)
     if record.state == RunState.SUCCEEDED.value:
         raise FerryError(f"{run_id} already succeeded; there is nothing to resume.")
     if not RunState(record.state).finished:
@@ -123,7 +171,7 @@ def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
             f"{run_id} never started, so there is nothing to resume.",
             hint="A sweep's queued trials run again with `launch sweep retry`.",
         )
-    job = job_from_record(record)
+    job = _runs.job_from_record(record)
     executor = get_executor(record.backend)
     executor.check(job)
     executor.preflight(job)
@@ -138,7 +186,10 @@ def wait(
     on_poll: Callable[[RunRecord], None] | None = None,
 ) -> RunRecord:
     """Block until the run finishes (or `timeout_s` passes); return its record."""
-    registry = registry or Registry()
+    from executors import RunState
+    from launcher.runs import refresh
+
+    registry = _registry(registry)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         record = refresh(registry.get(run_id), registry)
@@ -187,7 +238,7 @@ def sweep_start(plan: Any, detach: bool = False, registry: Registry | None = Non
     with `detach`, hand it to a background dispatcher. Returns the `SweepRecord`."""
     from launcher import dispatch
 
-    registry = registry or Registry()
+    registry = _registry(registry)
     dispatch.preflight(plan)
     record = dispatch.create(plan, registry)
     if detach:
@@ -205,7 +256,7 @@ def sweep_dispatch(
     the sweep. Returns the trials."""
     from launcher import dispatch
 
-    return dispatch.dispatch(sweep_id, registry or Registry(), on_event=on_event)
+    return dispatch.dispatch(sweep_id, _registry(registry), on_event=on_event)
 
 
 def sweep(
@@ -224,7 +275,7 @@ def sweep(
 ) -> Any:
     """Plan, record and run a sweep. Blocks until every trial has ended, unless `detach`
     (then a background dispatcher runs it). Returns the `SweepRecord`."""
-    registry = registry or Registry()
+    registry = _registry(registry)
     plan = sweep_plan(
         source,
         sweep_file,
@@ -243,7 +294,9 @@ def sweep(
 
 def sweep_status(sweep_id: str, registry: Registry | None = None) -> tuple[Any, list[RunRecord]]:
     """The sweep and its trials, unfinished ones refreshed from their backends."""
-    registry = registry or Registry()
+    from launcher.runs import refresh
+
+    registry = _registry(registry)
     record = registry.get_sweep(sweep_id)
     return record, [refresh(t, registry) for t in registry.trials(sweep_id)]
 
@@ -258,6 +311,7 @@ def sweep_report(
     """Rank the trials by `metric` and write report.json and report.png to `out_dir`
     (default $FERRY_HOME/sweeps/<id>/). Returns (Report, json path, png path or None)."""
     from launcher import report
+    from launcher.registry import ferry_home
 
     _, trials = sweep_status(sweep_id, registry)
     built = report.build(sweep_id, trials, metric, mode)
@@ -271,7 +325,7 @@ def sweep_requeue(sweep_id: str, failed: bool = True, registry: Registry | None 
     pending stay queued. Returns the queued trials; raises if there are none."""
     from launcher import dispatch
 
-    queued = dispatch.retry(sweep_id, failed, registry or Registry())
+    queued = dispatch.retry(sweep_id, failed, _registry(registry))
     if not queued:
         raise FerryError(
             f"Sweep {sweep_id} has nothing to run"
@@ -284,7 +338,7 @@ def sweep_detach(sweep_id: str, registry: Registry | None = None) -> Any:
     """Dispatch a recorded sweep in a background process that outlives this terminal."""
     from launcher import dispatch
 
-    return dispatch.detach(sweep_id, registry or Registry())
+    return dispatch.detach(sweep_id, _registry(registry))
 
 
 def sweep_retry(
@@ -295,7 +349,7 @@ def sweep_retry(
     registry: Registry | None = None,
 ) -> list[RunRecord]:
     """Rerun the sweep's failed trials (and any left pending); returns the trials after."""
-    registry = registry or Registry()
+    registry = _registry(registry)
     sweep_requeue(sweep_id, failed, registry)
     if detach:
         sweep_detach(sweep_id, registry)
@@ -334,7 +388,7 @@ def pull_plan(
     from payload.storage import FINAL, list_checkpoints, open_store
     from payload.storage.sync import read_manifest
 
-    registry = registry or Registry()
+    registry = _registry(registry)
     record = registry.get(run_id)
     if not record.storage_uri:
         raise FerryError(f"{run_id} has no storage recorded (it ran before Ferry synced runs).")
@@ -418,6 +472,8 @@ def preprocess(source: str | Path, overrides: list[str] | None = None) -> Prepro
     import tempfile
 
     import yaml
+
+    from launcher.registry import ferry_home
 
     cfg = validate(source, overrides)
     with tempfile.TemporaryDirectory(prefix="ferry-preprocess-") as tmp:

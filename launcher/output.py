@@ -13,13 +13,16 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executors import Plan
-from launcher.registry import RunRecord
-from payload.config import TrainConfig
 from payload.errors import FerryError
 
 if TYPE_CHECKING:
+    # For annotations only: importing executors (and the storage code beneath it) here
+    # would add ~10 ms to `launch validate`, which prints none of them.
     from rich.console import Console
+
+    from executors import Plan
+    from launcher.registry import RunRecord
+    from payload.config import TrainConfig
 
 STATE_STYLE = {
     "pending": "yellow",

@@ -35,11 +35,6 @@ RESUMABLE = (RunState.FAILED.value, RunState.CANCELLED.value, RunState.PREEMPTED
 SUBMIT_BACKOFF_S = 2.0  # doubled after each failed attempt
 
 
-def validate(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load and validate a config; raises ConfigError listing every problem."""
-    return load_config(source, overrides)
-
-
 def config_name(source: str | Path) -> str:
     """A run-id-safe name from the config's file name: `ex/Quick Start.yml` -> `quick-start`."""
     stem = Path(str(source).split("?")[0]).stem.lower()
@@ -195,7 +190,7 @@ def prepare(
 
     `launch` takes the CLI's launch flags by their config names: cloud, gpus, nodes,
     cpu, memory, timeout, retries, region, spot, secrets, env, storage."""
-    cfg = validate(source, overrides)
+    cfg = load_config(source, overrides)
     settings = resolve_launch(launch, cfg, profile)
     name = config_name(source)
     job = job_for(cfg, name, run_id or make_run_id(name), settings)

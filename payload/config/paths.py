@@ -15,7 +15,6 @@ from pathlib import Path
 
 from payload.config.schema import DatasetConfig, TrainConfig
 from payload.errors import Problem
-from payload.storage.stores import check_uri
 
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".yml", ".yaml"}
 # The limits of Linux and macOS filesystems, in bytes: one name, and a whole path.
@@ -212,6 +211,8 @@ def _resolve_dataset(
     """The entry with a local path made absolute; an s3:// URI is checked for form only
     (the payload lists it when it runs), other URLs are refused."""
     if "://" in ds.path:
+        from payload.storage.stores import check_uri  # here: see rules._storage
+
         if not ds.path.startswith("s3://"):
             problems.append(
                 Problem(
