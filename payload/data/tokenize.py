@@ -12,9 +12,9 @@ unless a plan asks for them), after a call on an empty text has set the encoder 
 `tokenizer(text, add_special_tokens=False)` would. Any other tokenizer is called on the
 batch through its own `__call__`.
 
-The rows go to worker processes (forked, so the strategy and the rows are inherited, not
-sent) in tasks of a few batches; each returns its rows as arrow arrays, and the kept rows
-become the tokenized `Dataset` directly, without a per-row conversion.
+On Linux the rows go to worker processes (forked, so the strategy and the rows are
+inherited, not sent) in tasks of a few batches; each returns its rows as arrow arrays, and
+the kept rows become the tokenized `Dataset` directly, without a per-row conversion.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -431,8 +432,11 @@ def tokenize_rows(
     global _JOB
     total = len(rows)
     bar = Progress(total, f"tokenizing {where.split(' ')[0]}", progress)
-    if "fork" not in multiprocessing.get_all_start_methods():
-        num_proc = 1  # workers inherit the job by fork; elsewhere it runs here
+    if not sys.platform.startswith("linux"):
+        # Workers inherit the job by fork, which macOS and Windows do not offer safely;
+        # there one process tokenizes, and the Rust tokenizer spreads each batch over
+        # the cores itself.
+        num_proc = 1
     num_proc = max(1, min(num_proc, total))
     step = max(1, min(TASK, -(-total // num_proc)))
     spans = [(s, min(s + step, total)) for s in range(0, total, step)]

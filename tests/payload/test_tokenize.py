@@ -251,3 +251,19 @@ def test_stepwise_rows_batched_equal_each_row_alone(tokenizer):
     assert out[2] is None and notes[2] == "skip:field `labels` has 2 items for 1 `completions`"
     assert out[3] is None
     assert notes[3] == "skip:completion 0 is empty and there is no step_separator"
+
+
+def test_without_fork_one_process_tokenizes_the_same_rows(tokenizer, tmp_path, monkeypatch):
+    """Off Linux the workers (which need fork) are not started: the same rows come out of
+    one process, and the report says one process."""
+    import sys
+
+    rows = alpaca_rows(120)
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = config([{"path": path, "type": "alpaca"}], dataset_processes=2)
+    linux, _, report = build_datasets(cfg, tokenizer)
+    assert report.processes == 2
+    monkeypatch.setattr(sys, "platform", "darwin")
+    mac, _, report = build_datasets(cfg, tokenizer)
+    assert report.processes == 1
+    assert mac["input_ids"] == linux["input_ids"] and mac["labels"] == linux["labels"]
