@@ -24,8 +24,8 @@ What each command does (every one is a new process of this interpreter):
   its plugin scan), so that what validate adds to it is Ferry's own work: its modules,
   building its models, the CLI, reading and checking the config.
 
-`cli_validate_vs_imports` is the share of validate's time that is not the libraries'
-import (1.0 would mean Ferry and pydantic's model building cost nothing);
+`cli_validate_vs_imports` is validate's time over the imports baseline's (1.0 would mean
+Ferry and pydantic's model building cost nothing);
 `cli_validate_vs_imports_with_pydantic_models` the same against the model-imports baseline.
 
 Bytecode caching is left on (PYTHONDONTWRITEBYTECODE is removed for the children) and

@@ -2,10 +2,11 @@
 
 A strategy turns one dataset row into `input_ids`, `attention_mask` and `labels` (-100
 where a token is not trained). It is registered by the name users write as the dataset's
-`type:` and is either a function `fn(row, ctx)` or a one-method class built once per
-dataset, `cls(ctx)(row)`, for strategies that prepare something (a compiled template)
-before the rows arrive. A row that cannot be used raises `BadRow` with the reason; the
-builder counts it, names the dataset and row, and skips it (or stops, with `strict`).
+`type:` and is either a plan function `fn(row, ctx) -> Plan` under `@planned`, or a
+`Planned` class built once per dataset, `cls(ctx).plan(row)`, for strategies that
+prepare something (a compiled template) before the rows arrive. A row that cannot be used
+raises `BadRow` with the reason; the builder counts it, names the dataset and row, and
+skips it (or stops, with `strict`).
 
 Strategies work in two steps so that a batch of rows is tokenized in one call: `plan(row)`
 says which texts to tokenize and how the row is made from their tokens, without touching

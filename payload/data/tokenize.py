@@ -291,8 +291,9 @@ class RowTokenizer:
             (bos_at, self.special.bos, flags[2][bos_on]),
             (eos_at, self.special.eos, flags[3][flags[1]]),
         ):
-            input_ids[where] = token
-            labels[where] = np.where(labelled, token, IGNORE)
+            if token is not None:  # no bos token (Qwen's tokenizers): bos_on is all False
+                input_ids[where] = token
+                labels[where] = np.where(labelled, token, IGNORE)
         # The rows that may not stay as they are: required training missing, or too long.
         learns = (
             np.bincount(np.repeat(np.arange(len(at)), sizes)[labels != IGNORE], minlength=len(at))
@@ -391,7 +392,9 @@ def token_features() -> Any:
     return datasets.Features(dict.fromkeys(COLUMNS, datasets.Sequence(datasets.Value("int32"))))
 
 
-# What a forked worker inherits: the rows and the RowTokenizer of the current call.
+# What a forked worker inherits: the rows and the RowTokenizer of the current call. Not a
+# cache: set and cleared by tokenize_rows around its pool, so two calls may not run at
+# once in one process (the builder tokenizes one dataset after another).
 _JOB: tuple[Any, RowTokenizer, int] | None = None
 
 
@@ -432,10 +435,16 @@ def tokenize_rows(
     global _JOB
     total = len(rows)
     bar = Progress(total, f"tokenizing {where.split(' ')[0]}", progress)
-    if not sys.platform.startswith("linux"):
+    if num_proc > 1 and not sys.platform.startswith("linux"):
         # Workers inherit the job by fork, which macOS and Windows do not offer safely;
         # there one process tokenizes, and the Rust tokenizer spreads each batch over
         # the cores itself.
+        note = (
+            f"{where}: tokenized in 1 process, not {num_proc}: worker processes need "
+            "Linux; the tokenizer used its own threads"
+        )
+        if note not in report.notes:
+            report.notes.append(note)
         num_proc = 1
     num_proc = max(1, min(num_proc, total))
     step = max(1, min(TASK, -(-total // num_proc)))

@@ -266,4 +266,25 @@ def test_without_fork_one_process_tokenizes_the_same_rows(tokenizer, tmp_path, m
     monkeypatch.setattr(sys, "platform", "darwin")
     mac, _, report = build_datasets(cfg, tokenizer)
     assert report.processes == 1
+    assert f"datasets[0] ({path}): tokenized in 1 process, not 2" in "\n".join(report.lines())
     assert mac["input_ids"] == linux["input_ids"] and mac["labels"] == linux["labels"]
+
+
+@pytest.mark.parametrize("case", ["alpaca", "completion", "input_output"])
+def test_a_tokenizer_without_bos_tokenizes_as_each_row_alone(tokenizer, tmp_path, case):
+    """Qwen's tokenizers have no bos token: rows start with the prompt itself."""
+    import copy
+
+    nobos = copy.deepcopy(tokenizer)
+    nobos.bos_token = None
+    assert nobos.bos_token_id is None
+    make, entry, extra = CASES[case]
+    rows = make(40)
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = config([{"path": path, **entry}], **extra)
+    train, _, _ = build_datasets(cfg, nobos)
+    ids, labels, _ = one_by_one(build_strategy(cfg.datasets[0], cfg, nobos), rows)
+    assert [list(r) for r in train["input_ids"]] == ids
+    assert [list(r) for r in train["labels"]] == labels
+    if case != "input_output":  # its rows write a literal <s> themselves
+        assert all(r[0] != tokenizer.bos_token_id for r in ids)
