@@ -81,11 +81,21 @@ def training_arguments(
         if "activation_checkpointing" in fields
         else "gradient_checkpointing"
     )
+    # Axolotl's default: non-reentrant checkpointing (works with frozen inputs, LoRA).
+    checkpoint_kwargs = cfg.gradient_checkpointing_kwargs
+    if checkpoint_kwargs is None and cfg.gradient_checkpointing:
+        checkpoint_kwargs = {"use_reentrant": False}
+    adam = {
+        name: value
+        for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
+        if (value := getattr(cfg, name)) is not None
+    }
     return TrainingArguments(
         output_dir=output_dir,
         **{checkpointing: cfg.gradient_checkpointing},
+        **{f"{checkpointing}_kwargs": checkpoint_kwargs},
         per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps or -1,
@@ -95,6 +105,7 @@ def training_arguments(
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0),
         optim=cfg.optimizer,
         weight_decay=cfg.weight_decay,
+        **adam,
         max_grad_norm=cfg.max_grad_norm or 0.0,
         bf16=use_bf16(cfg),
         fp16=bool(cfg.fp16),
@@ -110,7 +121,7 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         ddp_backend=dist.backend,
         ddp_timeout=dist.timeout_s,
-        ddp_find_unused_parameters=False if dist.backend else None,
+        ddp_find_unused_parameters=(bool(cfg.ddp_find_unused_parameters) if dist.backend else None),
         use_cpu=not cuda,
         **save,
         **evaluation,

@@ -61,6 +61,38 @@ def _warn(key: str, message: str) -> Finding:
     return key, message, False
 
 
+# What gradient_checkpointing_kwargs may hold: torch.utils.checkpoint.checkpoint's own
+# arguments that YAML can write, and transformers' every_n_layers and offload.
+CHECKPOINT_KWARGS = (
+    "use_reentrant",
+    "preserve_rng_state",
+    "determinism_check",
+    "debug",
+    "every_n_layers",
+    "offload",
+)
+
+
+@rule("gradient_checkpointing_kwargs", "gradient_checkpointing")
+def _checkpoint_kwargs(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    kwargs = cfg.gradient_checkpointing_kwargs
+    if kwargs is None:
+        return
+    for name in kwargs:
+        if name not in CHECKPOINT_KWARGS:
+            close = difflib.get_close_matches(name, CHECKPOINT_KWARGS, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            yield _error(
+                f"gradient_checkpointing_kwargs.{name}",
+                f"is not an argument of activation checkpointing; it takes "
+                f"{', '.join(CHECKPOINT_KWARGS)}.{hint}",
+            )
+    if kwargs and not cfg.gradient_checkpointing:
+        yield _warn(
+            "gradient_checkpointing_kwargs", "is ignored without `gradient_checkpointing: true`."
+        )
+
+
 @rule("base_model")
 def _base_model_required(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if not cfg.base_model:

@@ -508,6 +508,9 @@ class TrainConfig(_ChatTemplateKeys):
 
     # ---- optimisation
     micro_batch_size: PositiveInt = Field(default=1, description="Rows per device per step.")
+    eval_batch_size: PositiveInt | None = Field(
+        default=None, description="Rows per device per evaluation step (default: micro_batch_size)."
+    )
     gradient_accumulation_steps: PositiveInt = Field(
         default=1, description="Micro-batches summed into one optimiser step."
     )
@@ -527,6 +530,15 @@ class TrainConfig(_ChatTemplateKeys):
         default=None, ge=0, lt=1, description="Linear warmup, as a fraction of all steps."
     )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float | None = Field(
+        default=None, ge=0, lt=1, description="Adam's beta1 (default 0.9)."
+    )
+    adam_beta2: float | None = Field(
+        default=None, ge=0, lt=1, description="Adam's beta2 (default 0.999)."
+    )
+    adam_epsilon: float | None = Field(
+        default=None, gt=0, description="Adam's epsilon (default 1e-8)."
+    )
     max_grad_norm: float | None = Field(
         default=1.0, ge=0, description="Clip gradients to this norm (0 or null: no clipping)."
     )
@@ -537,6 +549,11 @@ class TrainConfig(_ChatTemplateKeys):
     tf32: bool | None = Field(default=None, description="Allow TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward to save memory."
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="Arguments of torch's checkpoint function, e.g. {use_reentrant: true} "
+        "(default, as in Axolotl: {use_reentrant: false}).",
     )
     flash_attention: bool | None = Field(default=None, description="Use flash-attention-2.")
     sdp_attention: bool | None = Field(default=None, description="Use torch SDPA attention.")
@@ -578,6 +595,11 @@ class TrainConfig(_ChatTemplateKeys):
     )
 
     # ---- distributed and other trainers
+    ddp_find_unused_parameters: bool | None = Field(
+        default=None,
+        description="DDP looks for parameters that get no gradient in a step (slower; needed "
+        "when some do). Default: no.",
+    )
     ddp_timeout: PositiveInt | None = Field(
         default=None,
         description="Seconds a rank waits for the others before failing: in collectives, "

@@ -1,0 +1,109 @@
+"""Axolotl's trainer settings take effect in the trainer a run builds: Adam's betas and
+epsilon in the optimizer, eval_batch_size in the eval loader, the checkpointing arguments
+in the model's layers, ddp_find_unused_parameters in DDP's arguments. One real step of
+the HF Trainer on the bundled tiny model, CPU."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import ASSETS, DATA
+
+from payload.config import ConfigError, validate_mapping
+from payload.distributed import DistInfo
+from payload.train import training_arguments
+
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, backend=None, device="cpu")
+
+
+def config(**extra):
+    raw = {
+        "base_model": str(ASSETS / "tiny-llama"),
+        "learning_rate": 1e-3,
+        "datasets": [{"path": str(DATA), "type": "alpaca"}],
+        "micro_batch_size": 2,
+        "max_steps": 1,
+        "optimizer": "adamw_torch",
+    }
+    return validate_mapping({**raw, **extra})
+
+
+def one_step(cfg, tmp_path):
+    """The Trainer after one training step with `cfg`'s arguments."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer
+
+    from payload.model import load_tokenizer
+
+    torch.manual_seed(0)
+    rows = [list(range(3, 3 + n)) for n in (5, 7, 6, 4, 8, 5, 6)]
+    data = Dataset.from_dict(
+        {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
+    )
+    args = training_arguments(cfg, SINGLE, str(tmp_path), len(rows), has_eval=True)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama"),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(load_tokenizer(cfg), padding=True),
+    )
+    trainer.train()
+    return trainer
+
+
+def eval_batch_rows(trainer) -> int:
+    return len(next(iter(trainer.get_eval_dataloader()))["input_ids"])
+
+
+def checkpoint_keywords(model) -> dict:
+    layer = model.model.layers[0]
+    return dict(layer._gradient_checkpointing_func.keywords)
+
+
+def test_the_settings_reach_the_optimizer_the_eval_loader_and_the_layers(tmp_path):
+    cfg = config(
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-6,
+        eval_batch_size=3,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    trainer = one_step(cfg, tmp_path / "set")
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
+    assert eval_batch_rows(trainer) == 3
+    assert checkpoint_keywords(trainer.model)["use_reentrant"] is True
+
+
+def test_unset_they_are_adam_s_and_axolotl_s_defaults(tmp_path):
+    trainer = one_step(config(gradient_checkpointing=True), tmp_path / "unset")
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+    assert eval_batch_rows(trainer) == 2  # micro_batch_size
+    # Axolotl's default when checkpointing: non-reentrant.
+    assert checkpoint_keywords(trainer.model)["use_reentrant"] is False
+
+
+def test_ddp_find_unused_parameters_is_passed_to_ddp_only_when_there_is_ddp(tmp_path):
+    """The TrainingArguments field DDP is built from; a one-rank gloo group stands in for
+    the ranks (the two-rank run in test_train.py trains with the default)."""
+    import torch.distributed as td
+
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        gloo = DistInfo(rank=0, local_rank=0, world_size=1, backend="gloo", device="cpu")
+        on = config(ddp_find_unused_parameters=True)
+        assert training_arguments(on, gloo, "o", 8, False).ddp_find_unused_parameters is True
+        assert training_arguments(config(), gloo, "o", 8, False).ddp_find_unused_parameters is False
+    finally:
+        td.destroy_process_group()
+    assert training_arguments(on, SINGLE, "o", 8, False).ddp_find_unused_parameters is None
+
+
+def test_a_checkpointing_argument_typo_is_refused_with_the_right_name():
+    with pytest.raises(ConfigError) as e:
+        config(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrnt": True})
+    assert "gradient_checkpointing_kwargs.use_reentrnt" in str(e.value)
+    assert "Did you mean `use_reentrant`?" in str(e.value)
