@@ -127,6 +127,16 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     return model
 
 
+def linear_layer_names(model: Any) -> set[str]:
+    """The last name of every linear layer (plain or quantized) but the output head."""
+    head = model.get_output_embeddings()
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and "Linear" in type(module).__name__ and module is not head
+    }
+
+
 def apply_lora(cfg: TrainConfig, model: Any) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -140,13 +150,18 @@ def apply_lora(cfg: TrainConfig, model: Any) -> Any:
         model.enable_input_require_grads()
     targets: Any = cfg.lora_target_modules
     if cfg.lora_target_linear:
-        targets = "all-linear"
+        # With names as well, both (as Axolotl does): every linear layer but the output
+        # head, and the named modules.
+        named = [targets] if isinstance(targets, str) else list(targets or [])
+        targets = sorted(set(named) | linear_layer_names(model)) if named else "all-linear"
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.effective_lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         modules_to_save=cfg.lora_modules_to_save,
+        use_rslora=bool(cfg.peft_use_rslora),
+        use_dora=bool(cfg.peft_use_dora),
         task_type="CAUSAL_LM",
     )
     try:

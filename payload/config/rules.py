@@ -282,18 +282,16 @@ def _quantisation(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     "lora_target_modules",
     "lora_target_linear",
     "lora_modules_to_save",
+    "peft_use_rslora",
+    "peft_use_dora",
 )
 def _lora_without_adapter(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.adapter is None:
-        stray = sorted(k for k in given if k.startswith("lora_"))
+        stray = sorted(k for k in given if k.startswith(("lora_", "peft_use_")))
         if stray:
             yield _warn(
                 ", ".join(stray), "ignored: no `adapter` is set, so this is a full fine-tune."
             )
-    if cfg.lora_target_linear and cfg.lora_target_modules:
-        yield _error(
-            "lora_target_linear", "and `lora_target_modules` both choose the modules; set one."
-        )
 
 
 @rule("warmup_steps", "warmup_ratio")

@@ -498,7 +498,15 @@ class TrainConfig(_ChatTemplateKeys):
         default=None, description="Module names (or a regex) to adapt."
     )
     lora_target_linear: bool | None = Field(
-        default=None, description="Adapt every linear layer except the output head."
+        default=None,
+        description="Adapt every linear layer except the output head (and, with "
+        "lora_target_modules, those too).",
+    )
+    peft_use_rslora: bool | None = Field(
+        default=None, description="Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r)."
+    )
+    peft_use_dora: bool | None = Field(
+        default=None, description="DoRA: a trained magnitude per output beside the LoRA update."
     )
     lora_modules_to_save: list[str] | None = Field(
         default=None, description="Modules trained in full and saved beside the adapter."

@@ -75,3 +75,45 @@ def test_new_tokens_grow_the_embeddings_of_a_full_finetune():
     model = load_model(cfg, tokenizer)
     assert len(tokenizer) == 1025
     assert model.get_input_embeddings().weight.shape[0] == 1025
+
+
+def adapted_modules(model) -> set[str]:
+    return {
+        n.split(".lora_")[0].rsplit(".", 1)[-1]
+        for n, _ in model.named_parameters()
+        if "lora_A" in n or "lora_embedding_A" in n
+    }
+
+
+def test_lora_target_linear_with_named_modules_adapts_both():
+    """Axolotl's reading: every linear layer but the output head, and the named ones."""
+    cfg = _cfg(
+        adapter="lora", lora_target_linear=True, lora_target_modules=["embed_tokens", "q_proj"]
+    )
+    model = load_model(cfg, load_tokenizer(cfg))
+    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted_modules(model) == linear | {"embed_tokens"}  # lm_head is not adapted
+
+
+def test_rslora_scales_by_the_root_of_the_rank_and_dora_adds_magnitudes():
+    plain_cfg = _cfg(adapter="lora", lora_r=4, lora_alpha=8, lora_target_modules=["q_proj"])
+    rs_cfg = _cfg(
+        adapter="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj"],
+        peft_use_rslora=True,
+    )
+    dora_cfg = _cfg(adapter="lora", lora_r=4, lora_target_modules=["q_proj"], peft_use_dora=True)
+    tokenizer = load_tokenizer(plain_cfg)
+
+    def q_proj(model):
+        return next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+
+    assert q_proj(load_model(plain_cfg, tokenizer)).scaling["default"] == 8 / 4
+    assert q_proj(load_model(rs_cfg, tokenizer)).scaling["default"] == 8 / 4**0.5
+    dora = load_model(dora_cfg, tokenizer)
+    magnitudes = [n for n, p in dora.named_parameters() if "magnitude" in n and p.requires_grad]
+    assert len(magnitudes) == dora.config.num_hidden_layers  # one per q_proj
+    plain = load_model(plain_cfg, tokenizer)
+    assert not [n for n, _ in plain.named_parameters() if "magnitude" in n]
