@@ -24,6 +24,7 @@ from payload.data.build import DataReport, build_datasets
 from payload.metrics import MetricsCallback
 from payload.model import load_model, load_tokenizer, use_bf16
 from payload.storage.layout import CONFIG_FILE, SUMMARY_FILE, read_metrics
+from payload.watchdog import LossWatchdog
 
 if TYPE_CHECKING:
     from payload.durability import StopRequest
@@ -214,6 +215,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest) -
         len(packing.train) if packing else None,
     )
     callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
+    watchdog = LossWatchdog.of(cfg)
+    if watchdog:
+        callbacks.append(watchdog)
     sync = None
     if store is not None:
         sync = durability.StorageSync(
@@ -256,6 +260,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest) -
             distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
         where = store.child(f"checkpoints/checkpoint-{step}") if store else output_dir
         raise durability.Preempted(request.signame, step, where)
+    if watchdog and watchdog.tripped:
+        step = watchdog.tripped[0]
+        if sync:  # its checkpoint is uploaded before the run fails
+            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
+        saved = store.child(f"checkpoints/checkpoint-{step}") if store else None
+        raise watchdog.error(str(saved or Path(output_dir) / f"checkpoint-{step}"))
     trainer.save_model(output_dir)
     summary: dict[str, Any] = {}
     if dist.is_main:

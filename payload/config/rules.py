@@ -93,6 +93,12 @@ def _checkpoint_kwargs(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         )
 
 
+@rule("loss_watchdog_threshold", "loss_watchdog_patience")
+def _loss_watchdog(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.loss_watchdog_patience is not None and cfg.loss_watchdog_threshold is None:
+        yield _warn("loss_watchdog_patience", "is ignored without `loss_watchdog_threshold`.")
+
+
 @rule("base_model")
 def _base_model_required(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if not cfg.base_model:

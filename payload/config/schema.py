@@ -582,6 +582,15 @@ class TrainConfig(_ChatTemplateKeys):
     save_total_limit: PositiveInt | None = Field(
         default=None, description="Keep only the newest N checkpoints."
     )
+    loss_watchdog_threshold: float | None = Field(
+        default=None,
+        description="Stop the run (failed, with a checkpoint) when the logged training loss "
+        "stays above this for loss_watchdog_patience logs in a row: the learning has broken "
+        "down. About twice the starting loss is a fair value.",
+    )
+    loss_watchdog_patience: PositiveInt | None = Field(
+        default=None, description="Logged losses in a row above the threshold (default 3)."
+    )
     eval_steps: PositiveInt | None = Field(default=None, description="Evaluate every N steps.")
     evals_per_epoch: PositiveInt | None = Field(default=None, description="Evaluations per epoch.")
     logging_steps: PositiveInt = Field(default=1, description="Log metrics every N steps.")
