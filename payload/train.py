@@ -64,7 +64,7 @@ def training_arguments(
         every = cfg.save_steps or max(per_epoch // (cfg.saves_per_epoch or 1), 1)
         save = {"save_strategy": "steps", "save_steps": every}
     evaluation: dict[str, Any] = {"eval_strategy": "no"}
-    if has_eval:
+    if has_eval and cfg.evals_per_epoch != 0:  # 0: no evaluation while training
         evaluation = {"eval_strategy": "epoch"}
         if cfg.eval_steps or cfg.evals_per_epoch:
             every = cfg.eval_steps or max(per_epoch // (cfg.evals_per_epoch or 1), 1)

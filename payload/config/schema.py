@@ -592,7 +592,11 @@ class TrainConfig(_ChatTemplateKeys):
         default=None, description="Logged losses in a row above the threshold (default 3)."
     )
     eval_steps: PositiveInt | None = Field(default=None, description="Evaluate every N steps.")
-    evals_per_epoch: PositiveInt | None = Field(default=None, description="Evaluations per epoch.")
+    evals_per_epoch: int | None = Field(
+        default=None,
+        ge=0,
+        description="Evaluations per epoch (0, as in Axolotl: none while training).",
+    )
     logging_steps: PositiveInt = Field(default=1, description="Log metrics every N steps.")
     resume_from_checkpoint: str | None = Field(
         default=None, description="Checkpoint to resume from: a folder or a storage URI."

@@ -107,3 +107,13 @@ def test_a_checkpointing_argument_typo_is_refused_with_the_right_name():
         config(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrnt": True})
     assert "gradient_checkpointing_kwargs.use_reentrnt" in str(e.value)
     assert "Did you mean `use_reentrant`?" in str(e.value)
+
+
+def test_evals_per_epoch_zero_means_no_evaluation_while_training():
+    """Axolotl accepts `evals_per_epoch: 0` and then never evaluates during training."""
+    held_out = {"val_set_size": 0.1}
+    none = training_arguments(config(evals_per_epoch=0, **held_out), SINGLE, "o", 80, True)
+    assert none.eval_strategy == "no"
+    two = training_arguments(config(evals_per_epoch=2, **held_out), SINGLE, "o", 80, True)
+    assert two.eval_strategy == "steps" and two.eval_steps == 20  # 80 rows / batch 2 / 2
+    assert training_arguments(config(**held_out), SINGLE, "o", 80, True).eval_strategy == "epoch"
