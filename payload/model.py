@@ -124,7 +124,47 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
         model.config.use_cache = False
     if cfg.adapter:
         model = apply_lora(cfg, model)
+    if cfg.unfrozen_parameters:
+        unfreeze_only(model, cfg.unfrozen_parameters)
     return model
+
+
+def unfreeze_only(model: Any, patterns: list[str]) -> None:
+    """Axolotl's `unfrozen_parameters`: only the parameters whose name a pattern matches
+    train (payload.config.unfrozen reads the patterns); a pattern with a row range trains
+    only those rows of its parameters (the other rows' gradients are zeroed)."""
+    from payload.config.unfrozen import parse_pattern
+
+    parsed = [parse_pattern(p) for p in patterns]
+    touched_embeddings = False
+    for name, param in model.named_parameters():
+        ranges = [rows for regex, rows in parsed if regex.match(name)]
+        param.requires_grad = bool(ranges)
+        if not ranges:
+            continue
+        touched_embeddings |= "embed_tokens" in name or "lm_head" in name
+        if all(r is not None for r in ranges):
+            keep = _rows_mask(ranges, param.shape[0], param.device)
+            param.register_hook(
+                lambda grad, keep=keep: grad * keep.view(-1, *[1] * (grad.dim() - 1))
+            )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise FerryError(
+            f"unfrozen_parameters: no parameter name matches {patterns}; nothing would train.",
+            hint="Patterns match from the start of names such as "
+            "`model.layers.0.mlp.up_proj.weight` (dots are literal).",
+        )
+    if touched_embeddings:  # checkpointed blocks need an input that requires grad
+        model.enable_input_require_grads()
+
+
+def _rows_mask(ranges: list[tuple[int, int | None]], rows: int, device: Any) -> Any:
+    import torch
+
+    keep = torch.zeros(rows, device=device)
+    for start, end in ranges:
+        keep[start:end] = 1
+    return keep
 
 
 def linear_layer_names(model: Any) -> set[str]:

@@ -93,6 +93,17 @@ def _checkpoint_kwargs(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         )
 
 
+@rule("unfrozen_parameters")
+def _unfrozen(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    from payload.config.unfrozen import pattern_problem
+
+    for i, pattern in enumerate(cfg.unfrozen_parameters or []):
+        if problem := pattern_problem(pattern):
+            yield _error(
+                f"unfrozen_parameters[{i}]", f"`{pattern}` is not a usable pattern: {problem}."
+            )
+
+
 @rule("loss_watchdog_threshold", "loss_watchdog_patience")
 def _loss_watchdog(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.loss_watchdog_patience is not None and cfg.loss_watchdog_threshold is None:

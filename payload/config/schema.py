@@ -502,6 +502,11 @@ class TrainConfig(_ChatTemplateKeys):
         description="Adapt every linear layer except the output head (and, with "
         "lora_target_modules, those too).",
     )
+    unfrozen_parameters: list[str] | None = Field(
+        default=None,
+        description="Train only the parameters these patterns match (regexes from the start "
+        "of the name, dots literal; a `[start:end]` suffix trains only those rows).",
+    )
     peft_use_rslora: bool | None = Field(
         default=None, description="Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r)."
     )

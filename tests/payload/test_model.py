@@ -117,3 +117,44 @@ def test_rslora_scales_by_the_root_of_the_rank_and_dora_adds_magnitudes():
     assert len(magnitudes) == dora.config.num_hidden_layers  # one per q_proj
     plain = load_model(plain_cfg, tokenizer)
     assert not [n for n, _ in plain.named_parameters() if "magnitude" in n]
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_unfrozen_parameters_train_only_what_the_patterns_name():
+    """Patterns match from the start of the name, dots are literal, `+` repeats."""
+    cfg = _cfg(unfrozen_parameters=["model.layers.1.mlp", "^model.norm.weight$"])
+    model = load_model(cfg, load_tokenizer(cfg))
+    assert trainable(model) == {
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight",
+    }
+    # `layers.1` does not reach into layer 10+ here, and a dot is not "any character".
+    assert not any("layers1" in n for n in trainable(model))
+
+
+def test_an_unfrozen_row_range_trains_only_those_rows():
+    import torch
+
+    cfg = _cfg(unfrozen_parameters=["^model.embed_tokens.weight$[:10]"])
+    model = load_model(cfg, load_tokenizer(cfg))
+    assert trainable(model) == {"model.embed_tokens.weight"}
+    ids = torch.tensor([[3, 5, 12, 40]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad[3].abs().sum() > 0 and grad[5].abs().sum() > 0  # in [:10], used
+    assert grad[12].abs().sum() == 0 and grad[40].abs().sum() == 0  # used, outside the range
+
+
+def test_unfrozen_patterns_that_are_wrong_or_match_nothing_are_errors():
+    with pytest.raises(FerryError) as e:
+        _cfg(unfrozen_parameters=["model.layers.(", "x[5:2]"])
+    assert "unfrozen_parameters[0]: `model.layers.(` is not a usable pattern" in str(e.value)
+    assert "unfrozen_parameters[1]: `x[5:2]` is not a usable pattern: the row range" in str(e.value)
+    cfg = _cfg(unfrozen_parameters=["layers.0"])  # names start with `model.`
+    with pytest.raises(FerryError, match="no parameter name matches"):
+        load_model(cfg, load_tokenizer(cfg))
