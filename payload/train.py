@@ -86,6 +86,11 @@ def training_arguments(
     checkpoint_kwargs = cfg.gradient_checkpointing_kwargs
     if checkpoint_kwargs is None and cfg.gradient_checkpointing:
         checkpoint_kwargs = {"use_reentrant": False}
+    # Axolotl's cosine_min_lr_ratio is transformers' cosine_with_min_lr (the same curve).
+    scheduler, scheduler_kwargs = cfg.lr_scheduler, dict(cfg.lr_scheduler_kwargs or {})
+    if cfg.cosine_min_lr_ratio is not None and scheduler in ("cosine", "cosine_with_min_lr"):
+        scheduler = "cosine_with_min_lr"
+        scheduler_kwargs.setdefault("min_lr_rate", cfg.cosine_min_lr_ratio)
     adam = {
         name: value
         for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
@@ -101,7 +106,8 @@ def training_arguments(
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps or -1,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
         # transformers 5 reads a warmup below 1 as a fraction of all steps.
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0),
         optim=cfg.optimizer,

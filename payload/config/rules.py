@@ -104,6 +104,18 @@ def _unfrozen(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             )
 
 
+@rule("cosine_min_lr_ratio", "lr_scheduler")
+def _cosine_min_lr(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.cosine_min_lr_ratio is not None and cfg.lr_scheduler not in (
+        "cosine",
+        "cosine_with_min_lr",
+    ):
+        yield _warn(
+            "cosine_min_lr_ratio",
+            f"is ignored with `lr_scheduler: {cfg.lr_scheduler}` (it shapes the cosine schedule).",
+        )
+
+
 @rule("loss_watchdog_threshold", "loss_watchdog_patience")
 def _loss_watchdog(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.loss_watchdog_patience is not None and cfg.loss_watchdog_threshold is None:

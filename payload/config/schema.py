@@ -538,6 +538,16 @@ class TrainConfig(_ChatTemplateKeys):
         default="adamw_torch_fused", description="Optimizer name, as transformers spells it."
     )
     lr_scheduler: SCHEDULERS = Field(default="cosine", description="Learning-rate schedule.")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="Arguments of the schedule's transformers function (e.g. num_cycles).",
+    )
+    cosine_min_lr_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="With the cosine schedule: decay to this fraction of learning_rate, not 0.",
+    )
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup, in steps.")
     warmup_ratio: float | None = Field(
         default=None, ge=0, lt=1, description="Linear warmup, as a fraction of all steps."

@@ -117,3 +117,39 @@ def test_evals_per_epoch_zero_means_no_evaluation_while_training():
     two = training_arguments(config(evals_per_epoch=2, **held_out), SINGLE, "o", 80, True)
     assert two.eval_strategy == "steps" and two.eval_steps == 20  # 80 rows / batch 2 / 2
     assert training_arguments(config(**held_out), SINGLE, "o", 80, True).eval_strategy == "epoch"
+
+
+def learning_rates(cfg, steps: int) -> list[float]:
+    """The learning rate of each of `steps` optimizer steps, from the trainer's scheduler."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    args = training_arguments(cfg, SINGLE, "o", 100, False)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama"), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    return rates
+
+
+def test_cosine_min_lr_ratio_decays_to_that_fraction_of_the_learning_rate():
+    """Axolotl's curve: warmup, then lr * ((1 - r) * (1 + cos(pi * progress)) / 2 + r)."""
+    import math
+
+    cfg = config(lr_scheduler="cosine", warmup_steps=2, cosine_min_lr_ratio=0.1)
+    expected = [0.0, 0.5e-3] + [
+        1e-3 * (0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) + 0.1) for s in range(2, 10)
+    ]
+    assert learning_rates(cfg, 10) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    plain = learning_rates(config(lr_scheduler="cosine", warmup_steps=2), 10)
+    assert plain[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_lr_scheduler_kwargs_reach_the_schedule():
+    """Two cosine cycles: back at the peak halfway (lr_scheduler_kwargs: {num_cycles: 2})."""
+    cfg = config(lr_scheduler="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2})
+    rates = learning_rates(cfg, 8)
+    assert rates[0] == pytest.approx(1e-3) and rates[4] == pytest.approx(1e-3)
+    assert rates[2] < 1e-3 and rates[6] < 1e-3
