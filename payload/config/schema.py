@@ -442,6 +442,11 @@ class TrainConfig(_ChatTemplateKeys):
     dataset_num_proc: PositiveInt | None = Field(
         default=None, description="Axolotl's newer name for dataset_processes."
     )
+    dataset_exact_deduplication: bool | None = Field(
+        default=None,
+        description="Drop rows whose tokens and labels repeat an earlier row's (counted in "
+        "the data report); eval rows also against the train rows.",
+    )
     dataset_shard_num: PositiveInt | None = Field(
         default=None, description="Keep one of this many shards of the merged data."
     )

@@ -5,6 +5,8 @@
                         several and `shuffle_merged_datasets` (one dataset keeps its order;
                         the trainer's sampler shuffles anyway)
     pretraining_dataset raw text in sequence_len blocks (payload.data.pretrain), added
+    dataset_exact_deduplication   rows whose tokens and labels repeat an earlier row's are
+                        dropped (train first; eval rows also against the train rows)
     dataset_shard_num   one contiguous shard of the mixed rows is kept
     test_datasets       the eval set, tokenized the same way; else `val_set_size` holds out
                         a fraction (< 1) or a count (>= 1) of the rows, with `seed`
@@ -68,6 +70,32 @@ def _tokens(rows: Any) -> int:
     return int(pc.sum(lengths).as_py())
 
 
+DUPLICATE = "an exact duplicate of an earlier row (dataset_exact_deduplication)"
+
+
+def _deduplicate(rows: Any, name: str, report: DataReport, seen: set[int]) -> tuple[Any, set]:
+    """`rows` without those whose tokens and labels equal an earlier row's (or one in
+    `seen`), each counted in `report` as skipped; and the rows seen so far."""
+    import hashlib
+
+    import numpy as np
+
+    table = rows.with_format("arrow")[:]
+    keep = []
+    for i, (ids, labels) in enumerate(
+        zip(table["input_ids"].to_pylist(), table["labels"].to_pylist(), strict=True)
+    ):
+        row = np.asarray(ids + [-1] + labels, np.int64).tobytes()
+        key = int.from_bytes(hashlib.blake2b(row, digest_size=16).digest(), "big")
+        if key in seen:
+            report.skip(DUPLICATE, f"the {name} rows' row {i}")
+            report.rows_kept -= 1
+            continue
+        seen.add(key)
+        keep.append(i)
+    return (rows if len(keep) == len(rows) else rows.select(keep)), seen
+
+
 def _build(cfg: TrainConfig, tokenizer: Any, progress: bool | None) -> cache.Built:
     report = DataReport()
     parts = [
@@ -80,6 +108,9 @@ def _build(cfg: TrainConfig, tokenizer: Any, progress: bool | None) -> cache.Bui
     if train is None or len(train) == 0:
         reasons = [f"{n} {reason}" for reason, n in report.skipped.most_common()]
         raise FerryError("No usable rows in any dataset: " + ("; ".join(reasons) or "all empty"))
+    seen: set[int] | None = None
+    if cfg.dataset_exact_deduplication:
+        train, seen = _deduplicate(train, "train", report, set())
     if cfg.dataset_shard_num:
         before = len(train)
         index = cfg.dataset_shard_idx or 0
@@ -95,6 +126,8 @@ def _build(cfg: TrainConfig, tokenizer: Any, progress: bool | None) -> cache.Bui
             for i, ds in enumerate(cfg.test_datasets)
         ]
         eval_set = _mix(evals, False, cfg.seed)
+        if seen is not None:  # also against the train rows, as Axolotl does
+            eval_set, _ = _deduplicate(eval_set, "eval", report, seen)
         if len(eval_set) == 0:
             raise FerryError("test_datasets: no usable rows: see the skipped rows above.")
     elif cfg.val_set_size:

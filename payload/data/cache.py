@@ -47,6 +47,7 @@ KEY_SETTINGS = (
     "shuffle_merged_datasets",
     "dataset_shard_num",
     "dataset_shard_idx",
+    "dataset_exact_deduplication",
     "streaming",
     "rl",
     "sample_packing",

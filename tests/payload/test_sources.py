@@ -330,3 +330,25 @@ def test_dataset_paths_are_checked_before_launch(tmp_path):
         }
     )
     assert ok.datasets[0].path == f"s3://bkt/{DATA.name}"
+
+
+def test_exact_duplicates_are_dropped_and_counted(tokenizer, tmp_path):
+    """dataset_exact_deduplication: rows 0 and 1 repeat in the train file (twice and
+    once), and the eval file repeats train row 1 and holds one new row."""
+    a, b, c = ROWS[0], ROWS[1], ROWS[2]
+    train_path = write_jsonl(tmp_path / "train.jsonl", [a, b, a, c, b, a])
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [b, ROWS[3]])
+    entries = {"datasets": [alpaca(train_path)]}
+    cfg = config(**entries, test_datasets=[alpaca(eval_path)], dataset_exact_deduplication=True)
+    train, eval_set, report = build_datasets(cfg, tokenizer)
+    plain, plain_eval, _ = build_datasets(
+        cfg.model_copy(update={"dataset_exact_deduplication": None}), tokenizer
+    )
+    assert ids(train) == [ids(plain)[0], ids(plain)[1], ids(plain)[3]]  # a, b, c
+    assert ids(eval_set) == [ids(plain_eval)[1]]  # b was in the train rows
+    duplicate = "an exact duplicate of an earlier row (dataset_exact_deduplication)"
+    assert report.skipped == {duplicate: 4}
+    assert report.examples[duplicate] == "the train rows' row 2"
+    assert report.rows_in == 8 and report.rows_kept == 4
+    assert f"skipped 4: {duplicate}" in "\n".join(report.lines())
+    assert len(plain) == 6 and len(plain_eval) == 2  # without the key nothing is dropped
