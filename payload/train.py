@@ -60,7 +60,9 @@ def training_arguments(
 
     per_epoch = steps_per_epoch(cfg, train_rows, dist.world_size, batches)
     save: dict[str, Any] = {"save_strategy": "epoch"}
-    if cfg.save_steps or cfg.saves_per_epoch:
+    if cfg.save_strategy == "no":
+        save = {"save_strategy": "no"}
+    elif cfg.save_strategy != "epoch" and (cfg.save_steps or cfg.saves_per_epoch):
         every = cfg.save_steps or max(per_epoch // (cfg.saves_per_epoch or 1), 1)
         save = {"save_strategy": "steps", "save_steps": every}
     evaluation: dict[str, Any] = {"eval_strategy": "no"}

@@ -116,6 +116,21 @@ def _cosine_min_lr(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         )
 
 
+@rule("save_strategy", "save_steps", "saves_per_epoch")
+def _save_strategy(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    every = cfg.save_steps or cfg.saves_per_epoch
+    if cfg.save_strategy == "steps" and not every:
+        yield _error("save_strategy", "`steps` needs save_steps or saves_per_epoch.")
+    elif cfg.save_strategy in ("epoch", "no") and every:
+        which = "save_steps" if cfg.save_steps else "saves_per_epoch"
+        yield _warn(which, f"is ignored with `save_strategy: {cfg.save_strategy}`.")
+    if cfg.save_strategy == "no":
+        yield _warn(
+            "save_strategy",
+            "`no`: no checkpoints, so a stopped or preempted run starts again from step 0.",
+        )
+
+
 @rule("loss_watchdog_threshold", "loss_watchdog_patience")
 def _loss_watchdog(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.loss_watchdog_patience is not None and cfg.loss_watchdog_threshold is None:

@@ -599,6 +599,11 @@ class TrainConfig(_ChatTemplateKeys):
     saves_per_epoch: PositiveInt | None = Field(
         default=None, description="Checkpoints per epoch (default: one, at its end)."
     )
+    save_strategy: Literal["steps", "epoch", "no"] | None = Field(
+        default=None,
+        description="When to checkpoint: `steps` (save_steps / saves_per_epoch), `epoch`, or "
+        "`no` (nothing to resume from). Default: steps when those are set, else epoch.",
+    )
     save_total_limit: PositiveInt | None = Field(
         default=None, description="Keep only the newest N checkpoints."
     )

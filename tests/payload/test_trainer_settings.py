@@ -153,3 +153,19 @@ def test_lr_scheduler_kwargs_reach_the_schedule():
     rates = learning_rates(cfg, 8)
     assert rates[0] == pytest.approx(1e-3) and rates[4] == pytest.approx(1e-3)
     assert rates[2] < 1e-3 and rates[6] < 1e-3
+
+
+def test_save_strategy_chooses_when_checkpoints_are_written():
+    def saving(**extra):
+        args = training_arguments(config(**extra), SINGLE, "o", 80, False)
+        return args.save_strategy, args.save_steps
+
+    assert saving()[0] == "epoch"
+    assert saving(save_steps=7) == ("steps", 7)
+    assert saving(save_strategy="no", save_steps=7)[0] == "no"
+    assert saving(save_strategy="epoch", saves_per_epoch=4)[0] == "epoch"
+    assert saving(save_strategy="steps", saves_per_epoch=4) == ("steps", 10)  # 40 steps / 4
+    with pytest.raises(ConfigError, match="save_strategy: `steps` needs save_steps"):
+        config(save_strategy="steps")
+    with pytest.raises(ConfigError, match="save_strategy"):
+        config(save_strategy="best")  # needs a metric to rank checkpoints: not supported
