@@ -132,29 +132,38 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
 def unfreeze_only(model: Any, patterns: list[str]) -> None:
     """Axolotl's `unfrozen_parameters`: only the parameters whose name a pattern matches
     train (payload.config.unfrozen reads the patterns); a pattern with a row range trains
-    only those rows of its parameters (the other rows' gradients are zeroed)."""
+    only those rows of its parameters (the other rows' gradients are zeroed). A tied
+    weight (an output head sharing the embeddings) answers to each of its names."""
     from payload.config.unfrozen import parse_pattern
 
     parsed = [parse_pattern(p) for p in patterns]
+    matched = [False] * len(parsed)
+    tensors: dict[int, tuple[Any, list[tuple[int, int | None] | None]]] = {}
     touched_embeddings = False
-    for name, param in model.named_parameters():
-        ranges = [rows for regex, rows in parsed if regex.match(name)]
-        param.requires_grad = bool(ranges)
-        if not ranges:
-            continue
-        touched_embeddings |= "embed_tokens" in name or "lm_head" in name
-        if all(r is not None for r in ranges):
-            keep = _rows_mask(ranges, param.shape[0], param.device)
-            param.register_hook(
-                lambda grad, keep=keep: grad * keep.view(-1, *[1] * (grad.dim() - 1))
-            )
-    if not any(p.requires_grad for p in model.parameters()):
+    for name, param in model.named_parameters(remove_duplicate=False):
+        _, ranges = tensors.setdefault(id(param), (param, []))
+        for i, (regex, rows) in enumerate(parsed):
+            if regex.match(name):
+                matched[i] = True
+                ranges.append(rows)
+                touched_embeddings |= "embed_tokens" in name or "lm_head" in name
+    if missing := [patterns[i] for i, hit in enumerate(matched) if not hit]:
         raise FerryError(
-            f"unfrozen_parameters: no parameter name matches {patterns}; nothing would train.",
+            f"unfrozen_parameters: {', '.join(f'`{p}`' for p in missing)} match no "
+            "parameter of the model.",
             hint="Patterns match from the start of names such as "
-            "`model.layers.0.mlp.up_proj.weight` (dots are literal).",
+            "`model.layers.0.mlp.up_proj.weight` (dots are literal; under LoRA the names "
+            "start with `base_model.model.`).",
         )
-    if touched_embeddings:  # checkpointed blocks need an input that requires grad
+    for param, ranges in tensors.values():
+        param.requires_grad = bool(ranges)
+        if ranges and all(r is not None for r in ranges):  # only some rows train
+            keep = _rows_mask(ranges, param.shape[0], param.device)  # type: ignore[arg-type]
+            shape = (-1, *[1] * (param.dim() - 1))
+            param.register_hook(lambda grad, keep=keep.view(shape): grad * keep)
+    if touched_embeddings:
+        # Axolotl's rule: with the embeddings or head named, make the inputs of the
+        # checkpointed blocks require grad, whatever else was frozen.
         model.enable_input_require_grads()
 
 
@@ -163,6 +172,11 @@ def _rows_mask(ranges: list[tuple[int, int | None]], rows: int, device: Any) -> 
 
     keep = torch.zeros(rows, device=device)
     for start, end in ranges:
+        if start >= rows:
+            raise FerryError(
+                f"unfrozen_parameters: the row range [{start}:{end if end is not None else ''}]"
+                f" starts past the end of a parameter with {rows} rows."
+            )
         keep[start:end] = 1
     return keep
 

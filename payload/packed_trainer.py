@@ -71,6 +71,7 @@ class Packing:
     train: MultipackBatchSampler
     eval: MultipackBatchSampler | None
     collator: PackedCollator
+    eval_collator: PackedCollator  # the same, for eval_batch_size bins
 
     def lines(self) -> list[str]:
         s = self.train
@@ -88,12 +89,12 @@ class Packing:
 
 
 def _sampler(
-    cfg: TrainConfig, dataset: Any, dist: DistInfo, *, shuffle: bool
+    cfg: TrainConfig, dataset: Any, dist: DistInfo, *, shuffle: bool, batch: int
 ) -> MultipackBatchSampler:
     return MultipackBatchSampler(
         row_lengths(dataset),
         cfg.sequence_len,
-        cfg.micro_batch_size,
+        batch,
         bin_size=cfg.sample_packing_bin_size,
         group_size=cfg.sample_packing_group_size,
         sequential=cfg.sample_packing_sequentially,
@@ -121,19 +122,24 @@ def packing_setup(
             "steps); it does not work with a streamed dataset."
         )
     eval_packed = cfg.eval_sample_packing if cfg.eval_sample_packing is not None else True
-    collator = PackedCollator(
-        tokenizer.pad_token_id,
-        cfg.sequence_len,
-        pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-        flatten="flash" in (attention or ""),
-        micro_batch_size=cfg.micro_batch_size,
-    )
+    eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
+
+    def collator(batch: int) -> PackedCollator:
+        return PackedCollator(
+            tokenizer.pad_token_id,
+            cfg.sequence_len,
+            pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
+            flatten="flash" in (attention or ""),
+            micro_batch_size=batch,
+        )
+
     packing = Packing(
-        train=_sampler(cfg, train_set, dist, shuffle=True),
-        eval=_sampler(cfg, eval_set, dist, shuffle=False)
+        train=_sampler(cfg, train_set, dist, shuffle=True, batch=cfg.micro_batch_size),
+        eval=_sampler(cfg, eval_set, dist, shuffle=False, batch=eval_batch)
         if eval_set is not None and eval_packed
         else None,
-        collator=collator,
+        collator=collator(cfg.micro_batch_size),
+        eval_collator=collator(eval_batch),
     )
     if dist.is_main:
         for line in packing.lines():
@@ -171,21 +177,23 @@ class PackedTrainer(Trainer):
     def get_train_dataloader(self) -> Any:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return self._packed_loader(self.train_dataset, self.packing.train)
+        return self._packed_loader(self.train_dataset, self.packing.train, self.packing.collator)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         other = eval_dataset is not None and eval_dataset is not self.eval_dataset
         if self.packing.eval is None or other:
             return super().get_eval_dataloader(eval_dataset)
-        return self._packed_loader(self.eval_dataset, self.packing.eval)
+        return self._packed_loader(self.eval_dataset, self.packing.eval, self.packing.eval_collator)
 
-    def _packed_loader(self, dataset: Any, sampler: MultipackBatchSampler) -> Any:
+    def _packed_loader(
+        self, dataset: Any, sampler: MultipackBatchSampler, collator: PackedCollator
+    ) -> Any:
         from torch.utils.data import DataLoader
 
         loader = DataLoader(
             PackedRows(dataset, sampler),
             batch_sampler=sampler,
-            collate_fn=self.packing.collator,
+            collate_fn=collator,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )

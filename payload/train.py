@@ -66,7 +66,9 @@ def training_arguments(
         every = cfg.save_steps or max(per_epoch // (cfg.saves_per_epoch or 1), 1)
         save = {"save_strategy": "steps", "save_steps": every}
     evaluation: dict[str, Any] = {"eval_strategy": "no"}
-    if has_eval and cfg.evals_per_epoch != 0:  # 0: no evaluation while training
+    # evals_per_epoch: 0 means no evaluation while training, unless eval_steps asks
+    # for it (as in Axolotl, where 0 is simply unset).
+    if has_eval and (cfg.evals_per_epoch != 0 or cfg.eval_steps):
         evaluation = {"eval_strategy": "epoch"}
         if cfg.eval_steps or cfg.evals_per_epoch:
             every = cfg.eval_steps or max(per_epoch // (cfg.evals_per_epoch or 1), 1)
@@ -84,10 +86,11 @@ def training_arguments(
         if "activation_checkpointing" in fields
         else "gradient_checkpointing"
     )
-    # Axolotl's default: non-reentrant checkpointing (works with frozen inputs, LoRA).
-    checkpoint_kwargs = cfg.gradient_checkpointing_kwargs
-    if checkpoint_kwargs is None and cfg.gradient_checkpointing:
-        checkpoint_kwargs = {"use_reentrant": False}
+    # Non-reentrant checkpointing unless asked otherwise (Axolotl's default when no
+    # arguments are given; kept here also when some are given without use_reentrant).
+    checkpoint_kwargs = None
+    if cfg.gradient_checkpointing:
+        checkpoint_kwargs = {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
     # Axolotl's cosine_min_lr_ratio is transformers' cosine_with_min_lr (the same curve).
     scheduler, scheduler_kwargs = cfg.lr_scheduler, dict(cfg.lr_scheduler_kwargs or {})
     if cfg.cosine_min_lr_ratio is not None and scheduler in ("cosine", "cosine_with_min_lr"):
@@ -121,6 +124,9 @@ def training_arguments(
         tf32=cfg.tf32 if cuda else None,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        # The trainer logs a running mean in place of a nan/inf loss, which would hide a
+        # broken-down loss from the watchdog.
+        logging_nan_inf_filter=cfg.loss_watchdog_threshold is None,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,

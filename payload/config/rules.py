@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from payload.config.schema import (
     DATASET_TYPE_LOADERS,
@@ -62,15 +63,19 @@ def _warn(key: str, message: str) -> Finding:
 
 
 # What gradient_checkpointing_kwargs may hold: torch.utils.checkpoint.checkpoint's own
-# arguments that YAML can write, and transformers' every_n_layers and offload.
-CHECKPOINT_KWARGS = (
-    "use_reentrant",
-    "preserve_rng_state",
-    "determinism_check",
-    "debug",
-    "every_n_layers",
-    "offload",
-)
+# arguments that YAML can write, and transformers' every_n_layers and offload, each with
+# the kind of value it takes.
+CHECKPOINT_KWARGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "use_reentrant": ("true or false", lambda v: isinstance(v, bool)),
+    "preserve_rng_state": ("true or false", lambda v: isinstance(v, bool)),
+    "determinism_check": ("`default` or `none`", lambda v: v in ("default", "none")),
+    "debug": ("true or false", lambda v: isinstance(v, bool)),
+    "every_n_layers": (
+        "a whole number >= 1",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    ),
+    "offload": ("true or false", lambda v: isinstance(v, bool)),
+}
 
 
 @rule("gradient_checkpointing_kwargs", "gradient_checkpointing")
@@ -78,7 +83,7 @@ def _checkpoint_kwargs(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     kwargs = cfg.gradient_checkpointing_kwargs
     if kwargs is None:
         return
-    for name in kwargs:
+    for name, value in kwargs.items():
         if name not in CHECKPOINT_KWARGS:
             close = difflib.get_close_matches(name, CHECKPOINT_KWARGS, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
@@ -87,6 +92,18 @@ def _checkpoint_kwargs(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                 f"is not an argument of activation checkpointing; it takes "
                 f"{', '.join(CHECKPOINT_KWARGS)}.{hint}",
             )
+        elif not CHECKPOINT_KWARGS[name][1](value):
+            yield _error(
+                f"gradient_checkpointing_kwargs.{name}",
+                f"should be {CHECKPOINT_KWARGS[name][0]} (got {value!r}).",
+            )
+    if kwargs.get("use_reentrant") is True:
+        for name in ("debug", "determinism_check"):
+            if name in kwargs:
+                yield _error(
+                    f"gradient_checkpointing_kwargs.{name}",
+                    "works only with non-reentrant checkpointing (use_reentrant: false).",
+                )
     if kwargs and not cfg.gradient_checkpointing:
         yield _warn(
             "gradient_checkpointing_kwargs", "is ignored without `gradient_checkpointing: true`."
@@ -97,6 +114,12 @@ def _checkpoint_kwargs(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 def _unfrozen(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     from payload.config.unfrozen import pattern_problem
 
+    if cfg.unfrozen_parameters and cfg.adapter:
+        yield _warn(
+            "unfrozen_parameters",
+            "with an adapter, parameter names start with `base_model.model.`, and only what "
+            "the patterns match trains (the LoRA weights too, if not matched, are frozen).",
+        )
     for i, pattern in enumerate(cfg.unfrozen_parameters or []):
         if problem := pattern_problem(pattern):
             yield _error(
@@ -104,30 +127,96 @@ def _unfrozen(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             )
 
 
-@rule("cosine_min_lr_ratio", "lr_scheduler")
-def _cosine_min_lr(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
-    if cfg.cosine_min_lr_ratio is not None and cfg.lr_scheduler not in (
-        "cosine",
-        "cosine_with_min_lr",
-    ):
+# The arguments each schedule's transformers function takes besides the optimizer and
+# the step counts (transformers 5.24, transformers.optimization).
+SCHEDULER_KWARGS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "cosine": ("num_cycles",),
+    "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"),
+    "constant": (),
+    "constant_with_warmup": (),
+    "inverse_sqrt": ("timescale",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "warmup_stable_decay": (
+        "num_decay_steps",
+        "num_stable_steps",
+        "warmup_type",
+        "decay_type",
+        "min_lr_ratio",
+        "num_cycles",
+    ),
+}
+
+
+@rule("cosine_min_lr_ratio", "lr_scheduler", "lr_scheduler_kwargs")
+def _scheduler(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    name, kwargs = cfg.lr_scheduler, cfg.lr_scheduler_kwargs or {}
+    cosine = name in ("cosine", "cosine_with_min_lr")
+    if cfg.cosine_min_lr_ratio is not None and not cosine:
         yield _warn(
             "cosine_min_lr_ratio",
-            f"is ignored with `lr_scheduler: {cfg.lr_scheduler}` (it shapes the cosine schedule).",
+            f"is ignored with `lr_scheduler: {name}` (it shapes the cosine schedule).",
         )
+    takes = SCHEDULER_KWARGS.get(name, ())
+    for key in kwargs:
+        if key not in takes:
+            what = ", ".join(takes) if takes else "none"
+            yield _error(
+                f"lr_scheduler_kwargs.{key}",
+                f"is not an argument of the `{name}` schedule (it takes: {what}).",
+            )
+    if name == "cosine_with_min_lr" or (name == "cosine" and cfg.cosine_min_lr_ratio is not None):
+        floors = [k for k in ("min_lr", "min_lr_rate") if k in kwargs]
+        if cfg.cosine_min_lr_ratio is not None:
+            floors.append("cosine_min_lr_ratio")
+        if len(floors) > 1:
+            yield _error(
+                "lr_scheduler_kwargs", f"{' and '.join(floors)} each set the floor; set one."
+            )
+        elif not floors:
+            yield _error(
+                "lr_scheduler",
+                "`cosine_with_min_lr` needs its floor: cosine_min_lr_ratio, or min_lr or "
+                "min_lr_rate in lr_scheduler_kwargs.",
+            )
 
 
 @rule("save_strategy", "save_steps", "saves_per_epoch")
 def _save_strategy(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     every = cfg.save_steps or cfg.saves_per_epoch
     if cfg.save_strategy == "steps" and not every:
-        yield _error("save_strategy", "`steps` needs save_steps or saves_per_epoch.")
+        yield _error(
+            "save_strategy",
+            "`steps` needs save_steps or saves_per_epoch (Axolotl would fall back to every "
+            "500 steps without saying so).",
+        )
     elif cfg.save_strategy in ("epoch", "no") and every:
         which = "save_steps" if cfg.save_steps else "saves_per_epoch"
         yield _warn(which, f"is ignored with `save_strategy: {cfg.save_strategy}`.")
     if cfg.save_strategy == "no":
         yield _warn(
             "save_strategy",
-            "`no`: no checkpoints, so a stopped or preempted run starts again from step 0.",
+            "`no`: no periodic checkpoints. A stop signal or the loss watchdog still saves "
+            "one, but a run killed without warning starts again from step 0.",
+        )
+
+
+@rule("dataset_exact_deduplication", "streaming")
+def _deduplication(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.dataset_exact_deduplication and cfg.streaming and cfg.pretraining_dataset:
+        yield _warn(
+            "dataset_exact_deduplication",
+            "is ignored for a streamed pretraining_dataset (rows are read as training goes).",
+        )
+
+
+@rule("adam_beta1", "adam_beta2", "adam_epsilon", "optimizer")
+def _adam(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    set_ = [k for k in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(cfg, k) is not None]
+    if set_ and "adam" not in cfg.optimizer.lower():
+        yield _warn(
+            ", ".join(set_), f"is ignored by `optimizer: {cfg.optimizer}`, which is not Adam."
         )
 
 

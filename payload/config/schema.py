@@ -445,7 +445,7 @@ class TrainConfig(_ChatTemplateKeys):
     dataset_exact_deduplication: bool | None = Field(
         default=None,
         description="Drop rows whose tokens and labels repeat an earlier row's (counted in "
-        "the data report); eval rows also against the train rows.",
+        "the data report); test_datasets rows also against the train rows.",
     )
     dataset_shard_num: PositiveInt | None = Field(
         default=None, description="Keep one of this many shards of the merged data."
@@ -581,7 +581,7 @@ class TrainConfig(_ChatTemplateKeys):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         default=None,
         description="Arguments of torch's checkpoint function, e.g. {use_reentrant: true} "
-        "(default, as in Axolotl: {use_reentrant: false}).",
+        "(use_reentrant is false unless set).",
     )
     flash_attention: bool | None = Field(default=None, description="Use flash-attention-2.")
     sdp_attention: bool | None = Field(default=None, description="Use torch SDPA attention.")

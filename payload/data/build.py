@@ -80,19 +80,21 @@ def _deduplicate(rows: Any, name: str, report: DataReport, seen: set[int]) -> tu
 
     import numpy as np
 
-    table = rows.with_format("arrow")[:]
     keep = []
-    for i, (ids, labels) in enumerate(
-        zip(table["input_ids"].to_pylist(), table["labels"].to_pylist(), strict=True)
-    ):
-        row = np.asarray(ids + [-1] + labels, np.int64).tobytes()
-        key = int.from_bytes(hashlib.blake2b(row, digest_size=16).digest(), "big")
-        if key in seen:
-            report.skip(DUPLICATE, f"the {name} rows' row {i}")
-            report.rows_kept -= 1
-            continue
-        seen.add(key)
-        keep.append(i)
+    i = 0
+    for batch in rows.with_format("arrow").iter(batch_size=10_000):  # bounded memory
+        for ids, labels in zip(
+            batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), strict=True
+        ):
+            row = np.asarray(ids + [-1] + labels, np.int64).tobytes()
+            key = int.from_bytes(hashlib.blake2b(row, digest_size=16).digest(), "big")
+            if key in seen:
+                report.skip(DUPLICATE, f"the {name} rows' row {i} (counted after mixing)")
+                report.rows_kept -= 1
+            else:
+                seen.add(key)
+                keep.append(i)
+            i += 1
     return (rows if len(keep) == len(rows) else rows.select(keep)), seen
 
 

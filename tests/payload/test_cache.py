@@ -165,3 +165,13 @@ def test_file_digests_are_remembered_until_the_file_changes(tmp_path, ferry_home
         f.write(json.dumps(ROWS[0]) + "\n")
     sources._sha256.cache_clear()
     assert sources.fingerprint(ds, "datasets[0]") != first and hashed == [str(data)]
+
+
+def test_deduplication_gets_its_own_cache(tmp_path):
+    """dataset_exact_deduplication changes the rows: a cache built without it is not
+    loaded with it."""
+    rows = ROWS[:20] + ROWS[:5]
+    plain_train, _, plain = build(setup(tmp_path, rows))
+    deduped_train, _, deduped = build(setup(tmp_path, rows, dataset_exact_deduplication=True))
+    assert not deduped.cache_hit and deduped.cache_path != plain.cache_path
+    assert (len(plain_train), len(deduped_train)) == (25, 20)

@@ -155,6 +155,32 @@ def test_unfrozen_patterns_that_are_wrong_or_match_nothing_are_errors():
         _cfg(unfrozen_parameters=["model.layers.(", "x[5:2]"])
     assert "unfrozen_parameters[0]: `model.layers.(` is not a usable pattern" in str(e.value)
     assert "unfrozen_parameters[1]: `x[5:2]` is not a usable pattern: the row range" in str(e.value)
-    cfg = _cfg(unfrozen_parameters=["layers.0"])  # names start with `model.`
-    with pytest.raises(FerryError, match="no parameter name matches"):
+    cfg = _cfg(unfrozen_parameters=["^model.norm.weight$", "layers.0", "model.layrs.1"])
+    with pytest.raises(FerryError) as e:  # names start with `model.`; a typo
         load_model(cfg, load_tokenizer(cfg))
+    assert "`layers.0`, `model.layrs.1` match no parameter of the model" in str(e.value)
+    cfg = _cfg(unfrozen_parameters=["^model.embed_tokens.weight$[2000:]"])
+    with pytest.raises(FerryError, match=r"\[2000:\] starts past the end of a parameter"):
+        load_model(cfg, load_tokenizer(cfg))
+
+
+def test_unfrozen_patterns_read_dots_literally_and_plus_as_repeat():
+    from payload.config.unfrozen import parse_pattern
+
+    regex, rows = parse_pattern("model.layers.1[0-9]+.mlp")
+    assert regex.match("model.layers.12.mlp.up_proj.weight")
+    assert not regex.match("model.layers.1.mlp.up_proj.weight")  # needs a second digit
+    assert not parse_pattern("model.norm")[0].match("modelXnorm.weight")  # dot is literal
+    assert parse_pattern("lm_head.+")[0].match("lm_head.weight")  # `.+`: any characters
+    assert not parse_pattern("layers.0")[0].match("model.layers.0.x")  # from the start
+    assert rows is None
+    assert parse_pattern("a[:8]")[1] == (0, 8) and parse_pattern("a[3]")[1] == (3, 4)
+
+
+def test_a_tied_output_head_answers_to_its_own_name():
+    """The tiny model ties lm_head to the embeddings: naming the head trains that weight."""
+    cfg = _cfg(unfrozen_parameters=["^lm_head.weight$"])
+    model = load_model(cfg, load_tokenizer(cfg))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.requires_grad
+    assert trainable(model) == {"model.embed_tokens.weight"}

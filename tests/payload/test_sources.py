@@ -348,7 +348,7 @@ def test_exact_duplicates_are_dropped_and_counted(tokenizer, tmp_path):
     assert ids(eval_set) == [ids(plain_eval)[1]]  # b was in the train rows
     duplicate = "an exact duplicate of an earlier row (dataset_exact_deduplication)"
     assert report.skipped == {duplicate: 4}
-    assert report.examples[duplicate] == "the train rows' row 2"
+    assert report.examples[duplicate] == "the train rows' row 2 (counted after mixing)"
     assert report.rows_in == 8 and report.rows_kept == 4
     assert f"skipped 4: {duplicate}" in "\n".join(report.lines())
     assert len(plain) == 6 and len(plain_eval) == 2  # without the key nothing is dropped

@@ -117,6 +117,10 @@ def test_evals_per_epoch_zero_means_no_evaluation_while_training():
     two = training_arguments(config(evals_per_epoch=2, **held_out), SINGLE, "o", 80, True)
     assert two.eval_strategy == "steps" and two.eval_steps == 20  # 80 rows / batch 2 / 2
     assert training_arguments(config(**held_out), SINGLE, "o", 80, True).eval_strategy == "epoch"
+    steps = training_arguments(
+        config(evals_per_epoch=0, eval_steps=5, **held_out), SINGLE, "o", 80, True
+    )
+    assert steps.eval_strategy == "steps" and steps.eval_steps == 5
 
 
 def learning_rates(cfg, steps: int) -> list[float]:
@@ -169,3 +173,113 @@ def test_save_strategy_chooses_when_checkpoints_are_written():
         config(save_strategy="steps")
     with pytest.raises(ConfigError, match="save_strategy"):
         config(save_strategy="best")  # needs a metric to rank checkpoints: not supported
+
+
+def test_the_watchdog_sees_a_nan_loss_through_the_trainer(tmp_path):
+    """The HF Trainer would log a running mean in place of a nan loss (its nan/inf
+    filter): with the watchdog on, the nan itself is logged and trips it."""
+    import math
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer
+
+    from payload.model import load_tokenizer
+    from payload.watchdog import LossWatchdog
+
+    cfg = config(
+        max_steps=6, logging_steps=1, loss_watchdog_threshold=50.0, loss_watchdog_patience=2
+    )
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama")
+
+    def nan_loss(module, args, kwargs, output):
+        output["loss"] = output["loss"] * torch.tensor(math.nan)
+        return output
+
+    model.register_forward_hook(nan_loss, with_kwargs=True)
+    rows = [list(range(3, 3 + n)) for n in (5, 7, 6, 4, 8, 5, 6, 7)]
+    data = Dataset.from_dict(
+        {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
+    )
+    dog = LossWatchdog.of(cfg)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, SINGLE, str(tmp_path), len(rows), has_eval=False),
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(load_tokenizer(cfg), padding=True),
+        callbacks=[dog],
+    )
+    trainer.train()
+    assert dog.tripped is not None and dog.tripped[0] == 2 and math.isnan(dog.tripped[1])
+    assert trainer.state.global_step == 2  # stopped there, not at max_steps
+
+
+def test_eval_batch_size_sizes_packed_eval_batches_too():
+    """With sample_packing the eval loader batches bins: eval_batch_size of them."""
+    from datasets import Dataset
+
+    from payload.model import load_tokenizer
+    from payload.packed_trainer import packing_setup
+
+    cfg = config(
+        sample_packing=True,
+        sequence_len=16,
+        micro_batch_size=2,
+        eval_batch_size=3,
+        pad_to_sequence_len=True,
+    )
+    rows = [list(range(3, 3 + n)) for n in (9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8)]
+    data = Dataset.from_dict(
+        {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
+    )
+    packing = packing_setup(cfg, load_tokenizer(cfg), data, data, SINGLE, "sdpa")
+    train_sizes = [len(batch) for batch in packing.train]
+    eval_sizes = [len(batch) for batch in packing.eval]
+    assert packing.eval.num_bins >= 7  # 14 rows of 7-9 tokens, at most two per 16
+    assert train_sizes[:-1] == [2] * (len(train_sizes) - 1)
+    assert eval_sizes[:-1] == [3] * (len(eval_sizes) - 1)
+    assert sum(eval_sizes) == packing.eval.num_bins
+    assert packing.eval_collator.micro_batch_size == 3
+
+
+def test_checkpointing_arguments_are_checked_and_non_reentrant_by_default(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config(
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True, "debug": True, "offload": 1},
+        )
+    said = str(e.value)
+    assert "gradient_checkpointing_kwargs.offload: should be true or false (got 1)" in said
+    assert (
+        "gradient_checkpointing_kwargs.debug: works only with non-reentrant checkpointing" in said
+    )
+    # Arguments without use_reentrant keep the non-reentrant default.
+    cfg = config(
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"preserve_rng_state": False}
+    )
+    keywords = checkpoint_keywords(one_step(cfg, tmp_path).model)
+    assert keywords["use_reentrant"] is False and keywords["preserve_rng_state"] is False
+
+
+def test_schedule_arguments_are_checked_before_anything_starts():
+    cases = {
+        "lr_scheduler_kwargs.num_cycle: is not an argument of the `cosine_with_restarts` "
+        "schedule (it takes: num_cycles)": {
+            "lr_scheduler": "cosine_with_restarts",
+            "lr_scheduler_kwargs": {"num_cycle": 2},
+        },
+        "lr_scheduler_kwargs.num_cycles: is not an argument of the `linear` schedule "
+        "(it takes: none)": {"lr_scheduler": "linear", "lr_scheduler_kwargs": {"num_cycles": 2}},
+        "lr_scheduler_kwargs: min_lr and cosine_min_lr_ratio each set the floor": {
+            "lr_scheduler": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr": 1e-6},
+            "cosine_min_lr_ratio": 0.1,
+        },
+        "lr_scheduler: `cosine_with_min_lr` needs its floor": {
+            "lr_scheduler": "cosine_with_min_lr"
+        },
+    }
+    for message, keys in cases.items():
+        with pytest.raises(ConfigError) as e:
+            config(**keys)
+        assert message in str(e.value), keys
