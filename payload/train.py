@@ -268,18 +268,21 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest) -
         if full is None:
             raise
         raise full from e
+
+    def uploaded(step: int) -> str | None:
+        """Where checkpoint-`step` is in storage (None without), once rank 0 has uploaded
+        it: every rank stays until the upload is done (or has failed)."""
+        if sync:
+            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
+        return store.child(f"checkpoints/checkpoint-{step}") if store else None
+
     if stop.stopped_at is not None:
         step = stop.stopped_at
-        if sync:  # every rank stays until rank 0's upload is done (or has failed)
-            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
-        where = store.child(f"checkpoints/checkpoint-{step}") if store else output_dir
-        raise durability.Preempted(request.signame, step, where)
+        raise durability.Preempted(request.signame, step, uploaded(step) or output_dir)
     if watchdog and watchdog.tripped:
         step = watchdog.tripped[0]
-        if sync:  # its checkpoint is uploaded before the run fails
-            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
-        saved = store.child(f"checkpoints/checkpoint-{step}") if store else None
-        raise watchdog.error(str(saved or Path(output_dir) / f"checkpoint-{step}"))
+        where = uploaded(step) or Path(output_dir) / f"checkpoint-{step}"
+        raise watchdog.error(str(where))
     trainer.save_model(output_dir)
     summary: dict[str, Any] = {}
     if dist.is_main:

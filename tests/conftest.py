@@ -286,3 +286,13 @@ def two_rank_reference(tmp_path_factory) -> dict[int, float]:
     assert sorted(losses) == list(range(1, 25))
     assert_no_planted_leaks([home], [trained.stdout + trained.stderr], {})
     return losses
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The bundled tiny tokenizer, loaded once per test module (tests that change it work
+    on a copy)."""
+    from helpers import ASSETS
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,3 +158,18 @@ def plan_row(plan_text: str, key: str) -> str | None:
 
     match = re.search(rf"^{re.escape(key)}\s{{2,}}(.*)$", plan_text, re.M)
     return match.group(1) if match else None
+
+
+def tiny_config(datasets: list[dict], **extra):
+    """A validated config on the bundled tiny model with these datasets and keys."""
+    from payload.config import validate_mapping
+
+    raw = {"base_model": str(ASSETS / "tiny-llama"), "learning_rate": 1e-4}
+    return validate_mapping({**raw, "datasets": datasets, **extra})
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    """`rows` as a jsonl file at `path` (folders made); its path as a string."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

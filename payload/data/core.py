@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,13 +216,6 @@ def text_field(row: Row, name: str, *, required: bool = True) -> str:
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` with no special tokens added."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
-def from_segments(
-    tokenizer: Any, segments: Iterable[tuple[str, bool]], *, bos: bool = True, eos: bool = True
-) -> Tokenized:
-    """<bos> seg1 seg2 ... <eos> tokenized now (see `Segments`)."""
-    return realize(Segments(list(segments), bos, eos), tokenizer)
 
 
 def kind(value: Any) -> str:

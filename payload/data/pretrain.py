@@ -23,20 +23,20 @@ from typing import Any
 from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.report import DataReport
 from payload.data.sources import load_rows, shard
-from payload.data.tokenize import BATCH, COLUMNS, NOTE, RowTokenizer, processes, tokenize_rows
+from payload.data.tokenize import (
+    BATCH,
+    NOTE,
+    RowTokenizer,
+    processes,
+    token_features,
+    tokenize_rows,
+)
 from payload.errors import FerryError
 
 
 def as_text(ds: DatasetConfig) -> DatasetConfig:
     """The entry with its strategy: `pretrain` unless it names `completion`."""
     return ds if ds.type else ds.model_copy(update={"type": "pretrain"})
-
-
-def _features() -> Any:
-    import datasets
-
-    ids = datasets.Sequence(datasets.Value("int32"))
-    return datasets.Features(dict.fromkeys(COLUMNS, ids))
 
 
 def blocks(
@@ -74,7 +74,7 @@ def blocks(
     flat = tokens[: count * size].reshape(count, size)
     return datasets.Dataset.from_dict(
         {"input_ids": flat, "attention_mask": np.ones_like(flat), "labels": flat},
-        features=_features(),
+        features=token_features(),
     )
 
 
@@ -122,4 +122,4 @@ def stream(cfg: TrainConfig, tokenizer: Any, report: DataReport) -> Any:
         passes[0] += 1
 
     report.streaming = True
-    return datasets.IterableDataset.from_generator(generate, features=_features())
+    return datasets.IterableDataset.from_generator(generate, features=token_features())

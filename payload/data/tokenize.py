@@ -379,13 +379,6 @@ def arrow_table(bounds: Any, input_ids: Any, labels: Any, attention_mask: Any = 
     return pa.table({k: list_of.from_arrays(offsets, pa.array(v)) for k, v in columns.items()})
 
 
-def features() -> Any:
-    import datasets
-
-    ids = datasets.Sequence(datasets.Value("int32"))
-    return datasets.Features({**dict.fromkeys(COLUMNS, ids), NOTE: datasets.Value("string")})
-
-
 def token_features() -> Any:
     import datasets
 

@@ -21,13 +21,6 @@ NOT_UTF8 = b'{"instruction": "caf\xe9", "input": "", "output": "x"}'
 ARRAY = b'["an", "array"]'
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
-
-
 def config(path, **extra):
     raw = {"base_model": str(ASSETS / "tiny-llama"), "learning_rate": 1e-4}
     return validate_mapping({**raw, "datasets": [{"path": str(path), "type": "alpaca"}], **extra})

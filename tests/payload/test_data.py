@@ -22,13 +22,6 @@ def completion(row, tokenizer, ds, train_on_inputs):
     return _completion(row, Context(tokenizer, ds, TrainConfig(train_on_inputs=train_on_inputs)))
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
-
-
 ALPACA = DatasetConfig(path="x.jsonl", type="alpaca")
 ROW = {"instruction": "Add the two numbers.", "input": "2 and 3", "output": "2 + 3 = 5."}
 

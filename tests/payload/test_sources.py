@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import ASSETS, DATA
+from helpers import ASSETS, DATA, write_jsonl
+from helpers import tiny_config as config
 
 from payload.config import FerryError, validate_mapping
 from payload.data.build import build_datasets
@@ -18,26 +19,8 @@ from payload.data.core import build_strategy
 ROWS = [json.loads(line) for line in DATA.read_text().splitlines()][:40]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
-
-
-def config(datasets: list[dict], **extra):
-    raw = {"base_model": str(ASSETS / "tiny-llama"), "learning_rate": 1e-4}
-    return validate_mapping({**raw, "datasets": datasets, **extra})
-
-
 def alpaca(path, **extra) -> dict:
     return {"path": str(path), "type": "alpaca", **extra}
-
-
-def write_jsonl(path, rows) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def ids(rows) -> list[list[int]]:

@@ -5,33 +5,14 @@ Rust encoder equals the tokenizer's own `__call__`. All on the bundled tiny toke
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import ASSETS
+from helpers import tiny_config as config
+from helpers import write_jsonl
 
-from payload.config import FerryError, TrainConfig, validate_mapping
+from payload.config import FerryError, TrainConfig
 from payload.data.build import build_datasets
 from payload.data.core import IGNORE, BadRow, build_strategy
 from payload.data.tokenize import Encoder
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
-
-
-def config(datasets: list[dict], **extra):
-    raw = {"base_model": str(ASSETS / "tiny-llama"), "learning_rate": 1e-4}
-    return validate_mapping({**raw, "datasets": datasets, **extra})
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
 
 WORDS = [
     "the",
