@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" -e ".[train,dev]"
+	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" -e ".[train,trackers,dev]"
 	touch $@
 
 quickstart: setup

@@ -17,6 +17,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from payload.config.schema import TrainConfig
+from payload.config.trackers import active as active_trackers
+from payload.config.trackers import credential_problems
 from payload.errors import EXIT_PREEMPTED, FerryError
 from payload.runtime.job import DEFAULT_STOP_GRACE_S, RemoteJob
 from payload.storage.layout import CONFIG_FILE  # the run folder holds its resolved config too
@@ -161,6 +164,10 @@ class JobSpec:
             **fields,
         )
 
+    def train_config(self) -> TrainConfig:
+        """The config the run trains (validated when the job was made)."""
+        return TrainConfig.model_validate(self.config)
+
     def payload_env(self) -> dict[str, str]:
         env = dict(self.env)
         env["FERRY_RUN_ID"] = self.run_id
@@ -214,6 +221,7 @@ class Executor:
     """Base class of every backend. Subclasses set `name` and implement the `_hooks`."""
 
     name: str = ""
+    remote = True  # runs elsewhere: credentials travel as named secrets
 
     # ---- public API: shared checks, then the backend's hook
     def problems(self, job: JobSpec) -> list[str]:
@@ -224,6 +232,7 @@ class Executor:
         if job.resources.nodes < 1 or job.resources.gpus_per_node < 1:
             problems.append("a run needs at least one node and one process per node")
         problems.extend(self._check(job))
+        problems.extend(credential_problems(job.train_config(), job.secrets, self.remote))
         return problems
 
     def warnings(self, job: JobSpec) -> list[str]:
@@ -260,7 +269,10 @@ class Executor:
 
     def plan(self, job: JobSpec) -> Plan:
         self.check(job)
-        return self._plan(job)
+        plan = self._plan(job)
+        for tracker in active_trackers(job.train_config()):
+            plan.rows.append(("tracker", tracker.describe()))
+        return plan
 
     def submit(self, job: JobSpec) -> Handle:
         self.check(job)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.supervise import EXIT_FILE
+from payload.config.trackers import missing_packages
 from payload.entry.remote import ERROR_FILE, training_command
 from payload.runtime.cluster import SINGLE, torchrun_args
 from payload.runtime.job import DEFAULT_STOP_GRACE_S, MASTER_PORT
@@ -77,6 +78,7 @@ def _missing_modules() -> list[str]:
 
 class LocalExecutor(Executor):
     name = "local"
+    remote = False  # credentials are this machine's own
 
     def _check(self, job: JobSpec) -> list[str]:
         problems = []
@@ -87,6 +89,11 @@ class LocalExecutor(Executor):
             problems.append(
                 f"the training stack is not installed here ({', '.join(missing)} missing): "
                 "pip install 'ferry[train]'"
+            )
+        if trackers := missing_packages(job.train_config()):
+            problems.append(
+                f"the config reports to {', '.join(trackers)}, not installed here: "
+                "pip install 'ferry[trackers]'"
             )
         gpus = local_gpu_count()
         wanted = job.resources.gpus_per_node

@@ -1,7 +1,7 @@
 """`python -m images render | lock | tag`: maintain the runtime image.
 
 - render: write images/Dockerfile from the spec (a test fails if it is stale).
-- lock:   re-resolve the `train` and `s3` extras and write images/requirements.lock
+- lock:   re-resolve the `train`, `s3` and `trackers` extras and write images/requirements.lock
           (needs the package index; torch is pinned in the spec, not here).
 - tag:    print the image tag the current spec makes.
 """
@@ -38,7 +38,7 @@ def lock() -> None:
                 "--report",
                 str(report),
                 spec.torch,
-                f"{ROOT}[train,s3]",
+                f"{ROOT}[train,s3,trackers]",
             ],
             check=True,
         )
@@ -49,7 +49,7 @@ def lock() -> None:
         if item["metadata"]["name"].lower() not in NOT_LOCKED
         and not item["metadata"]["name"].lower().startswith("nvidia-")
     )
-    header = "# Pinned by `python -m images lock`: the train and s3 extras, resolved.\n"
+    header = "# Pinned by `python -m images lock`: the train, s3 and trackers extras, resolved.\n"
     LOCK_FILE.write_text(header + "\n".join(pins) + "\n")
     print(f"wrote {LOCK_FILE} ({len(pins)} packages)")
 

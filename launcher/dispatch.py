@@ -125,6 +125,7 @@ def plan_sweep(
                 backends = [settings.cloud]
                 executors = {backends[0]: get_executor(backends[0])}
             job = runs.job_for(cfg, name, run_id, settings, runs_root)
+            job.env["FERRY_SWEEP_ID"] = sweep_id  # trackers group the trials by it
             jobs.append(job)
             for backend, executor in executors.items():
                 for problem in executor.problems(job):

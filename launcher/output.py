@@ -110,6 +110,10 @@ def validated(source: str, cfg: TrainConfig) -> None:
         f"   {cfg.base_model} | {kind} | {data} | {length} | "
         f"lr {cfg.learning_rate:g} | batch {cfg.micro_batch_size}x{cfg.gradient_accumulation_steps}"
     )
+    from payload.config.trackers import active
+
+    for tracker in active(cfg):
+        typer.echo(f"   reports to {tracker.describe()}")
 
 
 def plan(p: Plan) -> None:

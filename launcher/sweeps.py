@@ -62,12 +62,15 @@ def _problem(key: str, message: str) -> FerryError:
 
 def _check_key(key: str) -> None:
     """The first part of a dotted key must be a config key; anything else is a typo."""
+    from payload.config.loader import _names
+
+    names = _names(TrainConfig)  # field names and the other names they accept
     head = key.split(".", 1)[0]
-    if head in TrainConfig.model_fields:
+    if head in names:
         return
     if head in AXOLOTL_KEYS:
         raise _problem(key, f"`{head}` is not supported yet by Ferry.")
-    close = difflib.get_close_matches(head, sorted(TrainConfig.model_fields), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(head, sorted(names), n=1, cutoff=0.6)
     hint = f"; did you mean `{close[0]}`?" if close else "."
     raise _problem(key, f"`{head}` is not a config key{hint}")
 

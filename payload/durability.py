@@ -130,7 +130,33 @@ def resume_point(
     found = distributed.on_each_node(
         dist, "the resume download", lambda: _fetch(cfg, Path(output_dir), store, meter), meter
     )
-    return found[0]
+    return _with_training_state(found[0], explicit=bool(cfg.resume_from_checkpoint))
+
+
+def _with_training_state(checkpoint: str | None, explicit: bool) -> str | None:
+    """`checkpoint`, unless it holds weights without the optimizer and schedule that a
+    resume continues from (a `scheduler.pt`, or DeepSpeed's `global_step*` folder), as a
+    `save_only_model` checkpoint does: resuming from it would restart Adam's moments and
+    the warmup at a later step. Asked for by name, that is refused; found by auto-resume,
+    the run starts again from step 0, as the save_only_model warning said it would."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return checkpoint  # a missing folder: the Trainer names it
+    folder = Path(checkpoint)
+    state = (folder / "scheduler.pt").is_file() or any(folder.glob("global_step*"))
+    if state or not any(folder.glob("*.safetensors")):
+        return checkpoint
+    if explicit:
+        raise FerryError(
+            f"resume_from_checkpoint: {folder.name} holds the model weights only (it was "
+            "saved with save_only_model), not the optimizer and learning-rate schedule a "
+            "resume continues from. To start a new run from these weights, set base_model "
+            "to the folder instead."
+        )
+    log.warning(
+        "%s holds the model weights only (save_only_model): starting again from step 0.",
+        folder.name,
+    )
+    return None
 
 
 def _snapshot(source: Path, staging: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from payload.config.schema import TrainConfig
@@ -22,10 +23,20 @@ def _transformers_class(name: str | None, default: str) -> Any:
 
 
 def load_tokenizer(cfg: TrainConfig) -> Any:
+    if cfg.tokenizer_use_mistral_common:
+        return _mistral_common_tokenizer(cfg)
     cls = _transformers_class(cfg.tokenizer_type, "AutoTokenizer")
     source = cfg.tokenizer_config or cfg.base_model
+    # No `use_fast`: transformers 5 has only the fast kind and drops the argument (the
+    # rules warn about `tokenizer_use_fast: false`).
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.tokenizer_legacy is not None:
+        kwargs["legacy"] = cfg.tokenizer_legacy
+    if cfg.revision_of_model:
+        # As Axolotl does: the model's revision also picks the tokenizer's files.
+        kwargs["revision"] = cfg.revision_of_model
     try:
-        tokenizer = cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = cls.from_pretrained(source, **kwargs)
     except OSError as e:
         raise FerryError(f"Could not load the tokenizer from {source}: {e}") from e
     if cfg.special_tokens:
@@ -42,6 +53,35 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         # On the tokenizer, the top-level template is saved with the model (templates.py).
         tokenizer.chat_template = resolve_template(cfg, None, tokenizer)
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _mistral_common_tokenizer(cfg: TrainConfig) -> Any:
+    """Mistral's own tokenizer (a tekken.json or tokenizer.model.v* file, read by the
+    mistral-common package) behind transformers' MistralCommonBackend, in fine-tuning
+    mode as Axolotl loads it. It encodes text, and bos/eos/pad are ids of its own; it has
+    no Jinja chat template, no character offsets and no way to add tokens, so the rules
+    keep it to the strategies that need none of those."""
+    try:
+        from transformers.tokenization_mistral_common import MistralCommonBackend
+    except ImportError as e:
+        raise FerryError(
+            f"tokenizer_use_mistral_common needs the mistral-common package ({e}).",
+            hint="pip install 'mistral-common>=1.8'",
+        ) from e
+    source = cfg.tokenizer_config or cfg.base_model
+    kwargs: dict[str, Any] = {"mode": "finetuning", "padding_side": "right"}
+    if cfg.revision_of_model:
+        kwargs["revision"] = cfg.revision_of_model
+    try:
+        tokenizer = MistralCommonBackend.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FerryError(
+            f"tokenizer_use_mistral_common: could not load a mistral-common tokenizer from "
+            f"{source} (it needs a tekken.json or tokenizer.model.v* file): {e}"
+        ) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -90,12 +130,17 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     # fp32 master weights and lets autocast do the bf16 math.
     dtype = torch.bfloat16 if (use_bf16(cfg) and cfg.adapter) else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.base_model_config:
-        from transformers import AutoConfig
-
-        kwargs["config"] = AutoConfig.from_pretrained(
-            cfg.base_model_config, trust_remote_code=cfg.trust_remote_code
-        )
+    if cfg.revision_of_model:
+        kwargs["revision"] = cfg.revision_of_model
+        if Path(cfg.base_model or "").expanduser().is_dir():
+            log.warning(
+                "revision_of_model %r is ignored: base_model %s is a local folder, not a "
+                "hub repository with revisions.",
+                cfg.revision_of_model,
+                cfg.base_model,
+            )
+    if config := _model_config(cfg):
+        kwargs["config"] = config
     if attention := _attention(cfg):
         kwargs["attn_implementation"] = attention
     if quantization := _quantization(cfg):
@@ -114,7 +159,8 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
                 "would stay random under LoRA. Add `lora_modules_to_save: [embed_tokens, "
                 "lm_head]` to train them, or use tokens the model already has."
             )
-        model.resize_token_embeddings(len(tokenizer))
+    if (rows := embedding_rows(len(tokenizer), cfg)) > vocab:
+        model.resize_token_embeddings(rows)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -127,6 +173,45 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     if cfg.unfrozen_parameters:
         unfreeze_only(model, cfg.unfrozen_parameters)
     return model
+
+
+def embedding_rows(tokens: int, cfg: TrainConfig) -> int:
+    """Rows the embeddings need for `tokens` tokens: that many, or with
+    `resize_token_embeddings_to_32x` that many rounded up to a multiple of 32 (Axolotl's
+    rule; the extra rows are never looked up, they only give the matmuls a friendlier
+    shape). The embeddings grow to it when they are smaller, and never shrink."""
+    return -(-tokens // 32) * 32 if cfg.resize_token_embeddings_to_32x else tokens
+
+
+def _model_config(cfg: TrainConfig) -> Any:
+    """The model's config when the defaults will not do: read from `base_model_config`,
+    and/or with `model_config` (overrides_of_model_config) set on it, as Axolotl does,
+    before the weights load, so the model is built with them. None: transformers reads
+    the config itself."""
+    if not (cfg.base_model_config or cfg.overrides_of_model_config):
+        return None
+    from transformers import AutoConfig
+
+    source = cfg.base_model_config or cfg.base_model
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision_of_model:
+        kwargs["revision"] = cfg.revision_of_model
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise FerryError(f"Could not load the model config from {source}: {e}") from e
+    for key, value in (cfg.overrides_of_model_config or {}).items():
+        if not hasattr(config, key):
+            # Set all the same (a model's own code may read it), but a typo would
+            # otherwise change nothing without a word.
+            log.warning(
+                "model_config.%s is not a setting of %s; it is set, but the model may "
+                "never read it.",
+                key,
+                type(config).__name__,
+            )
+        setattr(config, key, value)
+    return config
 
 
 def unfreeze_only(model: Any, patterns: list[str]) -> None:
@@ -208,11 +293,18 @@ def apply_lora(cfg: TrainConfig, model: Any) -> Any:
         # head, and the named modules.
         named = [targets] if isinstance(targets, str) else list(targets or [])
         targets = sorted(set(named) | linear_layer_names(model)) if named else "all-linear"
+    parameters = cfg.lora_target_parameters
+    parameters = [parameters] if isinstance(parameters, str) else list(parameters or [])
+    if parameters and targets is None:
+        # Parameters alone: no modules. Left as None, peft would add its default modules
+        # for the architecture (q_proj and v_proj on a Llama).
+        targets = []
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.effective_lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        target_parameters=parameters or None,
         modules_to_save=cfg.lora_modules_to_save,
         use_rslora=bool(cfg.peft_use_rslora),
         use_dora=bool(cfg.peft_use_dora),
@@ -221,4 +313,6 @@ def apply_lora(cfg: TrainConfig, model: Any) -> Any:
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
-        raise FerryError(f"LoRA could not be applied (lora_target_modules?): {e}") from e
+        raise FerryError(
+            f"LoRA could not be applied (lora_target_modules, lora_target_parameters?): {e}"
+        ) from e

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from transformers import Trainer
 
 from payload.config.schema import TrainConfig
 from payload.data.collator import PackedCollator
 from payload.data.packing import MultipackBatchSampler
 from payload.distributed import DistInfo
 from payload.errors import FerryError
+from payload.train import FerryTrainer
 
 
 def row_lengths(dataset: Any) -> np.ndarray:
@@ -149,8 +149,8 @@ def packing_setup(
     return packing
 
 
-class PackedTrainer(Trainer):
-    """A Trainer whose train (and, with `packing.eval`, eval) loader yields packed
+class PackedTrainer(FerryTrainer):
+    """A FerryTrainer whose train (and, with `packing.eval`, eval) loader yields packed
     batches. Everything else is the HF Trainer's, including the collator it was given,
     which an unpacked eval set keeps using."""
 

@@ -1,7 +1,8 @@
 """Config keys Axolotl accepts, so that Ferry can tell "not supported yet" from a typo.
 
 Names only (facts about Axolotl's schema, read from axolotl-ai-cloud/axolotl
-`src/axolotl/utils/schemas/` and its generated config reference, late 2026). The loader
+`src/axolotl/utils/schemas/` and its generated config reference, late 2026; the SwanLab
+keys from its SwanLab integration's arguments, `debug` from its data loading). The loader
 checks Ferry's own schema first; a key found only here is refused by name when it is set
 to anything but an off value (null, false, empty).
 """
@@ -66,6 +67,7 @@ TOP_LEVEL = frozenset(
         "ddp_bucket_cap_mb",
         "ddp_find_unused_parameters",
         "ddp_timeout",
+        "debug",
         "deepcompile",
         "deepspeed",
         "default_system_message",
@@ -357,6 +359,20 @@ TOP_LEVEL = frozenset(
         "streaming",
         "streaming_multipack_buffer_size",
         "strict",
+        "swanlab_api_host",
+        "swanlab_api_key",
+        "swanlab_completion_log_interval",
+        "swanlab_completion_max_buffer",
+        "swanlab_description",
+        "swanlab_experiment_name",
+        "swanlab_lark_secret",
+        "swanlab_lark_webhook_url",
+        "swanlab_log_completions",
+        "swanlab_log_model",
+        "swanlab_mode",
+        "swanlab_project",
+        "swanlab_web_host",
+        "swanlab_workspace",
         "tensor_parallel_size",
         "test_datasets",
         "tf32",
@@ -396,6 +412,7 @@ TOP_LEVEL = frozenset(
         "use_otel_metrics",
         "use_pose",
         "use_ray",
+        "use_swanlab",
         "use_tensorboard",
         "use_trackio",
         "use_wandb",

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from payload.config import axolotl_keys, paths
+from payload.config import axolotl_keys, paths, trackers  # noqa: F401 - trackers: its rules
 from payload.config.overrides import apply_overrides
 from payload.config.rules import check_rules
 from payload.config.schema import DatasetConfig, TrainConfig
@@ -177,12 +177,20 @@ def _check_keys(
 ) -> dict[str, Any]:
     fields = _fields(model)
     clean: dict[str, Any] = {}
+    seen: dict[str, str] = {}  # field name -> the key that set it
     for key, value in raw.items():
         key = str(key)
         if key in fields:
             # As in Axolotl, `key: null` means "not set": the default applies.
             if value is None:
                 continue
+            name = _names(model)[key]
+            if name in seen:
+                problems.append(
+                    Problem(f"{prefix}{key}", f"and `{seen[name]}` are the same setting; set one.")
+                )
+                continue
+            seen[name] = key
             nested, many = fields[key]
             inner = _AXOLOTL.get(nested, frozenset()) if nested else frozenset()
             if nested and many and isinstance(value, list):
@@ -208,8 +216,24 @@ def _check_keys(
 
 @functools.cache
 def _fields(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel] | None, bool]]:
-    """{field: (the model it holds, whether a list of them)} for each field of `model`."""
-    return {name: _nested(model, name) for name in model.model_fields}
+    """{key: (the model it holds, whether a list of them)} for each field of `model`, by
+    its name and by each other name it accepts: Axolotl's `model_config` is the field
+    `overrides_of_model_config`, since pydantic keeps `model_config` for itself."""
+    return {key: _nested(model, name) for key, name in _names(model).items()}
+
+
+@functools.cache
+def _names(model: type[BaseModel]) -> dict[str, str]:
+    """{key: field name} for each name a field of `model` accepts (see `_fields`)."""
+    from pydantic import AliasChoices
+
+    names = {}
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        for key in {name, *(c for c in choices if isinstance(c, str))}:
+            names[key] = name
+    return names
 
 
 @functools.cache
@@ -250,9 +274,9 @@ def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Prob
         for part in err["loc"]:
             if isinstance(part, int):
                 key += f"[{part}]"
-            elif model is not None and str(part) in model.model_fields:
+            elif model is not None and str(part) in _fields(model):
                 key += f".{part}" if key else str(part)
-                model = _nested(model, str(part))[0]
+                model = _fields(model)[str(part)][0]
             # Other parts name union members (or dict keys); the user never wrote them.
         if err["type"] == "missing":
             by_key.setdefault(key, []).append("is required")

@@ -131,7 +131,7 @@ def _unfrozen(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 # the step counts (transformers 5.24, transformers.optimization).
 SCHEDULER_KWARGS: dict[str, tuple[str, ...]] = {
     "linear": (),
-    "cosine": ("num_cycles",),
+    "cosine": ("num_cycles", "eta_min"),  # eta_min: torch's name for min_lr
     "cosine_with_restarts": ("num_cycles",),
     "polynomial": ("lr_end", "power"),
     "constant": (),
@@ -167,7 +167,7 @@ def _scheduler(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                 f"is not an argument of the `{name}` schedule (it takes: {what}).",
             )
     if name == "cosine_with_min_lr" or (name == "cosine" and cfg.cosine_min_lr_ratio is not None):
-        floors = [k for k in ("min_lr", "min_lr_rate") if k in kwargs]
+        floors = [k for k in ("min_lr", "min_lr_rate", "eta_min") if k in kwargs]
         if cfg.cosine_min_lr_ratio is not None:
             floors.append("cosine_min_lr_ratio")
         if len(floors) > 1:
@@ -199,6 +199,107 @@ def _save_strategy(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             "save_strategy",
             "`no`: no periodic checkpoints. A stop signal or the loss watchdog still saves "
             "one, but a run killed without warning starts again from step 0.",
+        )
+
+
+@rule("lr_scheduler", "lr_quadratic_warmup", "cosine_constant_lr_ratio", "cosine_min_lr_ratio")
+def _cosine_shape(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.lr_quadratic_warmup and cfg.lr_scheduler != "cosine":
+        yield _warn(
+            "lr_quadratic_warmup",
+            f"is ignored with `lr_scheduler: {cfg.lr_scheduler}` (it shapes the cosine warmup).",
+        )
+    if cfg.cosine_constant_lr_ratio is not None and (
+        cfg.lr_scheduler != "cosine" or cfg.cosine_min_lr_ratio is None
+    ):
+        yield _error(
+            "cosine_constant_lr_ratio",
+            "needs `lr_scheduler: cosine` and cosine_min_lr_ratio (the floor it holds).",
+        )
+
+
+@rule("activation_offloading", "gradient_checkpointing")
+def _offloading(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.activation_offloading and not cfg.gradient_checkpointing:
+        yield _error(
+            "activation_offloading",
+            "needs `gradient_checkpointing: true`: what it moves off the GPU is what "
+            "checkpointing keeps.",
+        )
+    if cfg.activation_offloading and cfg.gradient_checkpointing in ("offload", "offload_disk"):
+        yield _error(
+            "gradient_checkpointing",
+            f"`{cfg.gradient_checkpointing}` already chooses activation offloading; set "
+            "`gradient_checkpointing: true` beside activation_offloading.",
+        )
+
+
+@rule("torch_compile", "torch_compile_backend", "torch_compile_mode")
+def _compile(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.torch_compile is False or cfg.torch_compile is None:
+        stray = [k for k in ("torch_compile_backend", "torch_compile_mode") if getattr(cfg, k)]
+        if stray:
+            yield _warn(", ".join(stray), "is ignored without `torch_compile: true` (or auto).")
+
+
+@rule(
+    "eval_strategy",
+    "evaluation_strategy",
+    "eval_steps",
+    "evals_per_epoch",
+    "val_set_size",
+    "test_datasets",
+    "early_stopping_patience",
+)
+def _eval_strategy(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    key = "eval_strategy"
+    strategy = cfg.eval_strategy
+    if cfg.evaluation_strategy is not None:
+        if strategy is not None and strategy != cfg.evaluation_strategy:
+            yield _error("evaluation_strategy", "and `eval_strategy` disagree; set eval_strategy.")
+            return
+        if strategy is None:
+            key, strategy = "evaluation_strategy", cfg.evaluation_strategy
+            yield _warn("evaluation_strategy", "is Axolotl's older name; use eval_strategy.")
+    every = "eval_steps" if cfg.eval_steps else "evals_per_epoch" if cfg.evals_per_epoch else None
+    if strategy in ("no", "epoch") and every:
+        yield _error(key, f"`{strategy}` and {every} disagree; set one.")
+    if strategy == "steps" and not every:
+        yield _error(key, "`steps` needs eval_steps or evals_per_epoch.")
+    has_eval = bool(cfg.val_set_size or cfg.test_datasets)
+    if strategy in ("steps", "epoch") and not has_eval:
+        yield _warn(key, "is ignored: there is no eval set (val_set_size or test_datasets).")
+    if cfg.early_stopping_patience:
+        never = strategy == "no" or (strategy is None and cfg.evals_per_epoch == 0 and not every)
+        if not has_eval or never:
+            yield _error(
+                "early_stopping_patience",
+                "needs evaluation while training: an eval set (val_set_size or "
+                "test_datasets) and eval_strategy other than `no`.",
+            )
+
+
+@rule("save_only_model", "save_safetensors", "resume_from_checkpoint")
+def _save_contents(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.save_safetensors is False:
+        yield _error(
+            "save_safetensors",
+            "false is not possible: transformers 5 always saves weights as safetensors.",
+        )
+    if cfg.save_only_model:
+        yield _warn(
+            "save_only_model",
+            "checkpoints hold no optimizer or scheduler state, so a stopped run cannot "
+            "resume from them; it starts again from step 0.",
+        )
+
+
+@rule("group_by_length", "sample_packing")
+def _group_by_length(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.group_by_length and cfg.sample_packing:
+        yield _warn(
+            "group_by_length",
+            "is ignored with sample_packing: packed rows are all sequence_len long.",
         )
 
 
@@ -310,6 +411,7 @@ def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]
     ]
     if chat_keys and name not in ("chat_template", "sharegpt"):
         yield _warn(f"{where}.{chat_keys[0]}", f"is ignored by `{name}` (chat_template only).")
+    yield from _thinking_keys(where, ds, name)
     if (ds.chat_template == "jinja") != bool(ds.chat_template_jinja):
         yield _error(
             f"{where}.chat_template_jinja",
@@ -319,6 +421,20 @@ def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]
         yield _warn(f"{where}.shards_idx", "is ignored without `shards`.")
     if ds.shards is not None and (ds.shards_idx or 0) >= ds.shards:
         yield _error(f"{where}.shards_idx", f"must be below shards ({ds.shards}).")
+
+
+def _thinking_keys(where: str, ds: DatasetConfig, name: str) -> Iterator[Finding]:
+    """`field_thinking` / `template_thinking_key`: chat only, and not the message's
+    own role or content (the trace would overwrite it)."""
+    given = [k for k in ("field_thinking", "template_thinking_key") if getattr(ds, k)]
+    if given and name not in ("chat_template", "sharegpt"):
+        yield _warn(f"{where}.{given[0]}", f"is ignored by `{name}` (chat_template only).")
+    if ds.template_thinking_key in ("role", "content"):
+        yield _error(
+            f"{where}.template_thinking_key",
+            f"`{ds.template_thinking_key}` is the message's own key; name the one the chat "
+            "template reads the reasoning trace from (e.g. reasoning_content, thinking).",
+        )
 
 
 @rule("chat_template", "chat_template_jinja")
@@ -427,6 +543,86 @@ def _lora_without_adapter(cfg: TrainConfig, given: set[str]) -> Iterator[Finding
             )
 
 
+@rule("lora_target_parameters", "lora_dropout")
+def _target_parameters(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if cfg.lora_target_parameters and cfg.lora_dropout:
+        yield _error(
+            "lora_dropout",
+            "must be 0 with `lora_target_parameters`: peft adapts a bare parameter with "
+            "no input of its own to drop out.",
+        )
+
+
+@rule("tokenizer_use_fast", "low_cpu_mem_usage", "experimental_skip_move_to_device")
+def _always_on_in_transformers_5(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    # What these ask for when false no longer exists: transformers 5 (which Axolotl 0.21
+    # uses too) ignores it, and so does Ferry, saying so.
+    if cfg.tokenizer_use_fast is False:
+        yield _warn(
+            "tokenizer_use_fast",
+            "`false` is ignored: transformers 5 has only the fast (`tokenizers`) "
+            "tokenizer and drops use_fast.",
+        )
+    if cfg.low_cpu_mem_usage is False:
+        yield _warn(
+            "low_cpu_mem_usage",
+            "`false` is ignored: transformers 5 always loads the weights straight into an "
+            "empty model.",
+        )
+    if cfg.experimental_skip_move_to_device is False:
+        yield _warn(
+            "experimental_skip_move_to_device",
+            "`false` is ignored: Ferry leaves the loaded model where it is and the trainer "
+            "places it (Axolotl's default); the early move to the GPU it asks for only "
+            "changes peak memory before FSDP sharding.",
+        )
+
+
+@rule(
+    "tokenizer_use_mistral_common",
+    "tokenizer_type",
+    "tokenizer_legacy",
+    "special_tokens",
+    "chat_template",
+    "chat_template_jinja",
+    "datasets",
+    "test_datasets",
+    "pretraining_dataset",
+)
+def _mistral_common(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if not cfg.tokenizer_use_mistral_common:
+        return
+    why = (
+        "a mistral-common tokenizer has no Jinja chat template and gives no character "
+        "offsets, which Ferry's chat strategies need to find and label each turn"
+    )
+    for key in ("chat_template", "chat_template_jinja"):
+        if getattr(cfg, key):
+            yield _error(key, f"cannot be used with `tokenizer_use_mistral_common`: {why}.")
+    for key in ("datasets", "test_datasets", "pretraining_dataset"):
+        for i, ds in enumerate(getattr(cfg, key) or []):
+            if ds.type_name in ("chat_template", "sharegpt"):
+                yield _error(
+                    f"{key}[{i}].type",
+                    f"`{ds.type}` cannot be used with `tokenizer_use_mistral_common`: {why}. "
+                    "Use completion, pretrain, input_output or an alpaca format, or the "
+                    "model's transformers tokenizer.",
+                )
+    if cfg.special_tokens:
+        yield _error(
+            "special_tokens",
+            "cannot be set with `tokenizer_use_mistral_common`: a mistral-common tokenizer "
+            "takes no added tokens (its bos, eos and pad are its own).",
+        )
+    if cfg.tokenizer_type:
+        yield _error(
+            "tokenizer_type",
+            "cannot be set with `tokenizer_use_mistral_common`, which chooses the tokenizer.",
+        )
+    if cfg.tokenizer_legacy is not None:
+        yield _warn("tokenizer_legacy", "is ignored by a mistral-common tokenizer.")
+
+
 @rule("warmup_steps", "warmup_ratio")
 def _warmup(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
@@ -451,8 +647,9 @@ def _schedules(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error("save_steps", "and `saves_per_epoch` are exclusive; set one.")
     if cfg.eval_steps and cfg.evals_per_epoch:
         yield _error("eval_steps", "and `evals_per_epoch` are exclusive; set one.")
-    if not cfg.val_set_size and (cfg.eval_steps or cfg.evals_per_epoch):
-        yield _warn("eval_steps", "ignored: `val_set_size` is 0, so there is nothing to evaluate.")
+    if not (cfg.val_set_size or cfg.test_datasets) and (cfg.eval_steps or cfg.evals_per_epoch):
+        key = "eval_steps" if cfg.eval_steps else "evals_per_epoch"
+        yield _warn(key, "ignored: there is no eval set (val_set_size or test_datasets).")
 
 
 @rule("flash_attention", "sdp_attention", "attn_implementation")

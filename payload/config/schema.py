@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 # Dataset formats the payload implements (`payload.data` registers the code under these
 # names; a test keeps the lists in step, since this module must not import the data code).
@@ -233,6 +233,16 @@ class DatasetConfig(_ChatTemplateKeys):
         default=None, description="As train_on_eos, for end-of-turn tokens (`eot_tokens`)."
     )
     drop_system_message: bool | None = Field(default=None, description="Leave out system messages.")
+    field_thinking: str | None = Field(
+        default=None,
+        description="Message key holding the reasoning trace (default `reasoning_content`); "
+        "it is trained with its message.",
+    )
+    template_thinking_key: str | None = Field(
+        default=None,
+        description="The message key the chat template reads the reasoning trace from "
+        "(default `reasoning_content`, as Qwen3's template; some use `thinking`).",
+    )
 
     # ---- stepwise_supervised
     step_separator: str | None = Field(
@@ -408,6 +418,49 @@ class TrainConfig(_ChatTemplateKeys):
         default_factory=dict,
         description="Tokens to set on the tokenizer, e.g. {pad_token: '<pad>'}.",
     )
+    tokenizer_use_fast: bool | None = Field(
+        default=None,
+        description="Load the fast (`tokenizers`) tokenizer; the only kind transformers 5 "
+        "has, so `false` is ignored with a warning.",
+    )
+    tokenizer_legacy: bool | None = Field(
+        default=None,
+        description="The tokenizer's `legacy` flag (SentencePiece-style tokenizers): true "
+        "puts a word-start marker on text after a special token too (default: the "
+        "tokenizer's own).",
+    )
+    tokenizer_use_mistral_common: bool | None = Field(
+        default=None,
+        description="Load Mistral's own tokenizer (mistral-common, a tekken.json or "
+        "tokenizer.model.v* file) instead of the transformers one.",
+    )
+    revision_of_model: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("revision_of_model", "model_revision"),
+        description="Hub revision (branch, tag or commit) of base_model, for the model, its "
+        "config and the tokenizer; also written `model_revision`.",
+    )
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        default=None,
+        validation_alias=AliasChoices("model_config", "overrides_of_model_config"),
+        description="`model_config`: values set on the model's config before the weights "
+        "load, e.g. {attention_dropout: 0.1} or a rope_parameters mapping.",
+    )
+    low_cpu_mem_usage: bool | None = Field(
+        default=None,
+        description="Load the weights into an empty model without a first random init; "
+        "transformers 5 always does, so `false` is ignored with a warning.",
+    )
+    resize_token_embeddings_to_32x: bool | None = Field(
+        default=None,
+        description="Grow the embeddings to len(tokenizer) rounded up to a multiple of 32 "
+        "(not only to len(tokenizer)) when they are smaller.",
+    )
+    experimental_skip_move_to_device: bool | None = Field(
+        default=None,
+        description="Leave the loaded model where it loads and let the trainer place it "
+        "(Axolotl's default, and what Ferry does); `false` is ignored with a warning.",
+    )
 
     # ---- data
     datasets: list[DatasetConfig] = Field(
@@ -521,6 +574,12 @@ class TrainConfig(_ChatTemplateKeys):
     lora_modules_to_save: list[str] | None = Field(
         default=None, description="Modules trained in full and saved beside the adapter."
     )
+    lora_target_parameters: list[str] | str | None = Field(
+        default=None,
+        description="Parameters (not modules) to adapt, by name suffix, e.g. "
+        "`mlp.experts.gate_up_proj` for MoE experts stored as one tensor (peft's "
+        "target_parameters; needs lora_dropout 0).",
+    )
     load_in_8bit: bool = Field(default=False, description="Load the base model in 8 bits.")
     load_in_4bit: bool = Field(default=False, description="Load the base model in 4 bits.")
 
@@ -553,6 +612,17 @@ class TrainConfig(_ChatTemplateKeys):
         le=1,
         description="With the cosine schedule: decay to this fraction of learning_rate, not 0.",
     )
+    cosine_constant_lr_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="With cosine_min_lr_ratio: the cosine reaches its floor at this fraction "
+        "of all steps and stays there (e.g. 0.8: the last 20% at the minimum).",
+    )
+    lr_quadratic_warmup: bool | None = Field(
+        default=None,
+        description="With the cosine schedule: warm up along (step / warmup)^2, not linearly.",
+    )
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup, in steps.")
     warmup_ratio: float | None = Field(
         default=None, ge=0, lt=1, description="Linear warmup, as a fraction of all steps."
@@ -575,8 +645,17 @@ class TrainConfig(_ChatTemplateKeys):
     )
     fp16: bool | None = Field(default=None, description="float16 mixed precision.")
     tf32: bool | None = Field(default=None, description="Allow TF32 matmuls on Ampere+ GPUs.")
-    gradient_checkpointing: bool = Field(
-        default=False, description="Recompute activations in backward to save memory."
+    gradient_checkpointing: bool | Literal["offload", "offload_disk"] = Field(
+        default=False,
+        description="Recompute activations in backward to save memory. Axolotl's older "
+        "`offload` / `offload_disk` mean true plus activation_offloading true / disk.",
+    )
+    activation_offloading: bool | Literal["legacy", "disk", "hidden_states"] | None = Field(
+        default=None,
+        description="With gradient_checkpointing: move the activations checkpointing keeps "
+        "(each layer's input) off the GPU during a step: true (to CPU memory, copies "
+        "overlapped on a CUDA stream), legacy (to CPU, synchronous), hidden_states (as "
+        "true), disk (to files in a temporary folder). Needs a GPU, except disk.",
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         default=None,
@@ -587,6 +666,20 @@ class TrainConfig(_ChatTemplateKeys):
     sdp_attention: bool | None = Field(default=None, description="Use torch SDPA attention.")
     attn_implementation: str | None = Field(
         default=None, description="transformers attention backend, e.g. `sdpa`, `eager`."
+    )
+    torch_compile: bool | Literal["auto"] | None = Field(
+        default=None,
+        description="Train the model through torch.compile; `auto`: where a CUDA GPU is.",
+    )
+    torch_compile_backend: str | None = Field(
+        default=None, description="torch.compile backend (default inductor), e.g. aot_eager."
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+        default=None, description="torch.compile mode."
+    )
+    group_by_length: bool | None = Field(
+        default=None,
+        description="Batch rows of similar length together (less padding); not with packing.",
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
 
@@ -607,6 +700,15 @@ class TrainConfig(_ChatTemplateKeys):
     save_total_limit: PositiveInt | None = Field(
         default=None, description="Keep only the newest N checkpoints."
     )
+    save_only_model: bool | None = Field(
+        default=None,
+        description="Checkpoints hold the weights only, no optimizer or scheduler state: "
+        "smaller, but a run cannot resume from them.",
+    )
+    save_safetensors: bool | None = Field(
+        default=None,
+        description="Weights are always saved as safetensors (transformers 5); false is refused.",
+    )
     loss_watchdog_threshold: float | None = Field(
         default=None,
         description="Stop the run (failed, with a checkpoint) when the logged training loss "
@@ -621,6 +723,23 @@ class TrainConfig(_ChatTemplateKeys):
         default=None,
         ge=0,
         description="Evaluations per epoch (0, as in Axolotl: none while training).",
+    )
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        default=None,
+        description="When to evaluate: `no`, `steps` (eval_steps / evals_per_epoch), "
+        "`epoch`. Default: from eval_steps / evals_per_epoch, else each epoch.",
+    )
+    evaluation_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        default=None, description="Axolotl's older name for eval_strategy."
+    )
+    early_stopping_patience: PositiveInt | None = Field(
+        default=None,
+        description="Stop when the eval loss has not improved for this many evaluations in a row.",
+    )
+    debug: bool | None = Field(
+        default=None,
+        description="Before training, print the first rows of the training set, decoded, "
+        "with the trained tokens marked.",
     )
     logging_steps: PositiveInt = Field(default=1, description="Log metrics every N steps.")
     resume_from_checkpoint: str | None = Field(
@@ -638,6 +757,109 @@ class TrainConfig(_ChatTemplateKeys):
     )
     launch: LaunchConfig | None = Field(
         default=None, description="Ferry: where the run goes and what it asks for."
+    )
+
+    # ---- experiment trackers (payload.config.trackers: which are on, what they need)
+    use_wandb: bool | None = Field(
+        default=None, description="Report to Weights & Biases (on when wandb_project is set)."
+    )
+    wandb_project: str | None = Field(default=None, description="W&B project.")
+    wandb_entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    wandb_name: str | None = Field(
+        default=None, description="W&B run display name (default: the Ferry run id)."
+    )
+    wandb_run_id: str | None = Field(
+        default=None,
+        description="W&B run id (default: the Ferry run id, so a resumed run continues it).",
+    )
+    wandb_mode: Literal["online", "offline", "disabled", "dryrun", "shared"] | None = Field(
+        default=None,
+        description="online (default; needs WANDB_API_KEY), offline (files in the run "
+        "folder, `wandb sync` later), or disabled.",
+    )
+    wandb_watch: Literal["gradients", "parameters", "all", "false"] | bool | None = Field(
+        default=None, description="Log gradients and/or parameters with wandb.watch."
+    )
+    wandb_log_model: Literal["checkpoint", "end", "false"] | bool | None = Field(
+        default=None, description="Upload checkpoints (checkpoint) or the final model (end)."
+    )
+    use_mlflow: bool | None = Field(
+        default=None,
+        description="Report to MLflow (on when mlflow_tracking_uri or mlflow_experiment_name "
+        "is set).",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server or store (default: a file store in the run "
+        "folder, synced to storage).",
+    )
+    mlflow_experiment_name: str | None = Field(default=None, description="MLflow experiment.")
+    mlflow_run_name: str | None = Field(
+        default=None, description="MLflow run name (default: the Ferry run id)."
+    )
+    hf_mlflow_log_artifacts: bool | None = Field(
+        default=None, description="Also log checkpoints to MLflow as artifacts."
+    )
+    use_tensorboard: bool | None = Field(
+        default=None,
+        description="Write TensorBoard event files into the run folder (synced to storage).",
+    )
+    use_comet: bool | None = Field(
+        default=None, description="Report to Comet (on when comet_project_name is set)."
+    )
+    comet_api_key: str | None = Field(
+        default=None, description="Refused: a credential; set COMET_API_KEY as a secret."
+    )
+    comet_workspace: str | None = Field(default=None, description="Comet workspace.")
+    comet_project_name: str | None = Field(default=None, description="Comet project.")
+    comet_experiment_key: str | None = Field(
+        default=None,
+        description="Comet experiment key (default: one derived from the Ferry run id, so a "
+        "resumed run continues it).",
+    )
+    comet_mode: Literal["get", "get_or_create", "create"] | None = Field(
+        default=None,
+        description="Comet experiment mode (default get_or_create, which a resume needs).",
+    )
+    comet_online: bool | None = Field(
+        default=None, description="false: an offline experiment archive in the run folder."
+    )
+    comet_experiment_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Comet ExperimentConfig settings, e.g. {auto_histogram_weight_logging: true}.",
+    )
+    use_swanlab: bool | None = Field(
+        default=None, description="Report to SwanLab (on when swanlab_project is set)."
+    )
+    swanlab_project: str | None = Field(default=None, description="SwanLab project.")
+    swanlab_experiment_name: str | None = Field(
+        default=None, description="SwanLab experiment name (default: the Ferry run id)."
+    )
+    swanlab_description: str | None = Field(default=None, description="SwanLab description.")
+    swanlab_workspace: str | None = Field(default=None, description="SwanLab workspace.")
+    swanlab_mode: Literal["cloud", "local", "offline", "disabled"] | None = Field(
+        default=None,
+        description="cloud (default; needs SWANLAB_API_KEY), offline (files in the run "
+        "folder, `swanlab sync` later), local (the same, with SwanLab's local dashboard: "
+        "pip install 'swanlab[dashboard]'), disabled.",
+    )
+    swanlab_api_key: str | None = Field(
+        default=None, description="Refused: a credential; set SWANLAB_API_KEY as a secret."
+    )
+    swanlab_lark_secret: str | None = Field(
+        default=None, description="Refused: a credential (the Lark webhook's secret)."
+    )
+    use_trackio: bool | None = Field(
+        default=None, description="Report to Trackio (on when trackio_project_name is set)."
+    )
+    trackio_project_name: str | None = Field(default=None, description="Trackio project.")
+    trackio_run_name: str | None = Field(
+        default=None, description="Trackio run name (default: the Ferry run id)."
+    )
+    trackio_space_id: str | None = Field(
+        default=None,
+        description="A Hugging Face Space to sync to (needs HF_TOKEN); default: local files "
+        "in the run folder.",
     )
 
     # ---- distributed and other trainers

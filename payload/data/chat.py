@@ -8,6 +8,14 @@ and tokenized once; the labels follow Axolotl's ChatTemplateStrategy:
   else when `train_on_inputs` is set or its role is in `roles_to_train` (default
   [assistant]; names are mapped through `roles`, so `gpt` means assistant). Only a
   turn's content is trained, never the role header the template writes around it.
+- A message's reasoning trace (`field_thinking`, given to the template as
+  `template_thinking_key`) is part of its turn: the template writes it (Qwen3's as
+  `<think>\ntrace\n</think>\n\n` before the content), and it is labelled with the
+  content, with what the template writes between the two. With training-detail spans,
+  which count characters of the content, the trace is not trained (as in Axolotl).
+  A trace the template does not write stops the run, naming the dataset and the key,
+  unless the template writes it when that turn ends the conversation (Qwen3's drops
+  the traces of turns before the last user message, on purpose).
 - The end-of-turn token (one of `eot_tokens`) and the eos token that the template puts
   within 3 tokens after a turn's content are trained by `train_on_eot` / `train_on_eos`:
   `all` after every turn, `turn` (default) after trained turns, `last` after the last
@@ -16,9 +24,9 @@ and tokenized once; the labels follow Axolotl's ChatTemplateStrategy:
   end (<|im_end|> for chatml), else the tokenizer's eos. Each must be one token.
 
 Finding each turn's tokens needs no per-template rules: the conversation is rendered
-again with that turn's content swapped for a placeholder, and the characters where the
-two texts differ are the content's (trimmed, if the template trims). The fast
-tokenizer's offsets then say which tokens overlap those characters.
+again with that turn's content (and reasoning trace) swapped for placeholders, and the
+characters where the two texts differ are the turn's (trimmed, if the template trims).
+The fast tokenizer's offsets then say which tokens overlap those characters.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ log = logging.getLogger("ferry.data")
 
 # Stands in for a turn's content; a character no real content starts or ends with.
 PLACEHOLDER = "\x00"
+# Stands in for a turn's reasoning trace; being another character, it also shows whether
+# the template wrote the trace at all.
+THOUGHT = "\x01"
 # How far after a turn's content its eot/eos token may sit (Axolotl allows 3).
 EOT_WINDOW = 3
 
@@ -55,6 +66,7 @@ class ChatTemplate(Planned):
                 "locate each turn); this one is a slow, Python tokenizer."
             )
         self.tokenizer = tokenizer
+        self.where = where
         self.template = resolve_template(cfg, ds, tokenizer)
         self.conversation = Conversation(ds, cfg, prefer_sharegpt=ds.type_name == "sharegpt")
         roles = role_map(ds.roles)
@@ -91,7 +103,7 @@ class ChatTemplate(Planned):
         turns = self.conversation(row)
         tools = row.get("tools") if isinstance(row.get("tools"), list) else None
         text = self._render(turns, tools)
-        spans = [_diff(text, self._render(turns, tools, swap=i)) for i in range(len(turns))]
+        spans = [self._span(text, turns, tools, i) for i in range(len(turns))]
 
         def finish(ids: list[list[int]], offsets: list | None) -> Tokenized:
             assert offsets is not None
@@ -152,8 +164,47 @@ class ChatTemplate(Planned):
             return bool(turn.detail)
         return self.train_on_inputs or turn.role in self.roles_to_train
 
-    def _render(self, turns: list[Turn], tools: Any, swap: int | None = None) -> str:
-        messages = [t.message(PLACEHOLDER if i == swap else None) for i, t in enumerate(turns)]
+    def _span(self, text: str, turns: list[Turn], tools: Any, i: int) -> tuple[int, int] | None:
+        """The characters of `text` that are turn i's: its content and its reasoning
+        trace, or the content alone when training-detail spans pick within it."""
+        turn = turns[i]
+        swapped = self._render(turns, tools, swap=i)
+        if turn.thinking:
+            if THOUGHT not in swapped:
+                self._check_written(turns, tools, i)
+            if turn.detail is not None:
+                swapped = self._render(turns, tools, swap=i, content_only=True)
+        return _diff(text, swapped)
+
+    def _check_written(self, turns: list[Turn], tools: Any, i: int) -> None:
+        """Turn i's trace is not in the render: fine if the template writes it once the
+        turn ends the conversation (it drops older traces), else a FerryError."""
+        try:
+            alone = self._render(turns[: i + 1], tools, swap=i)
+        except BadRow:
+            alone = ""
+        if THOUGHT in alone:
+            return
+        key = turns[i].thinking_key
+        raise FerryError(
+            f"{self.where}: turn {i} ({turns[i].role}) has a reasoning trace, but the chat "
+            f"template does not write `{key}` (`template_thinking_key`), so the trace would "
+            "be silently left out of training.",
+            hint="Set `template_thinking_key` to the message key the template reads the "
+            "trace from, or choose a template that writes it (`chat_template: jinja` with "
+            "`chat_template_jinja`), or remove the traces from the rows.",
+        )
+
+    def _render(
+        self, turns: list[Turn], tools: Any, swap: int | None = None, content_only: bool = False
+    ) -> str:
+        """The conversation as text; with `swap`, that turn's content (and reasoning
+        trace, unless `content_only`) replaced by placeholders."""
+        thought = None if content_only else THOUGHT
+        messages = [
+            t.message(PLACEHOLDER, thought if t.thinking else None) if i == swap else t.message()
+            for i, t in enumerate(turns)
+        ]
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tools=tools, tokenize=False

@@ -3,7 +3,9 @@
 Reads the message list (`field_messages`; else `messages`, else the legacy ShareGPT
 `conversations`), maps each message's keys (`message_property_mappings`, the legacy
 `message_field_role`/`message_field_content`, or per message `role`/`content` with
-`from`/`value` as the ShareGPT fallback), maps role names (`roles`), and applies the
+`from`/`value` as the ShareGPT fallback), maps role names (`roles`), reads each
+message's reasoning trace (`field_thinking`, handed to the template under
+`template_thinking_key`; both default to `reasoning_content`), and applies the
 system-message settings. Every problem with a row is a BadRow naming the field and the
 message, counting messages from 0 as they appear in the row.
 """
@@ -15,6 +17,13 @@ from typing import Any
 
 from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.core import BadRow, Row, kind, list_field
+
+# The message key of a reasoning trace, in rows and in templates (Qwen3's, DeepSeek-R1's).
+THINKING = "reasoning_content"
+# transformers hands a message's trace to the template under each of these names, from
+# whichever one the message has (reasoning_content first); so unless `field_thinking`
+# says otherwise, a trace under any of them is read as the trace (and labelled as one).
+THINKING_NAMES = (THINKING, "thinking", "reasoning")
 
 # Role names rows use -> the template's; `roles:` adds to (or overrides) these.
 DEFAULT_ROLES = {
@@ -31,21 +40,28 @@ DEFAULT_ROLES = {
 class Turn:
     """One message as the template sees it, plus how the row asks to train on it:
     `train` (message_field_training) and `detail` (message_field_training_detail:
-    character spans of `content`, `end_offset` inclusive)."""
+    character spans of `content`, `end_offset` inclusive). `thinking` is the message's
+    reasoning trace, which the template reads under `thinking_key`."""
 
     role: str
     content: str
     train: bool | None = None
     detail: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    thinking: str | None = None
+    thinking_key: str = THINKING
 
-    def message(self, content: str | None = None) -> dict[str, Any]:
-        """The template's message, optionally with other content (see chat.py)."""
-        return {
+    def message(self, content: str | None = None, thinking: str | None = None) -> dict[str, Any]:
+        """The template's message, optionally with other content or another reasoning
+        trace (see chat.py)."""
+        message = {
             **self.extra,
             "role": self.role,
             "content": self.content if content is None else content,
         }
+        if self.thinking is not None:
+            message[self.thinking_key] = self.thinking if thinking is None else thinking
+        return message
 
 
 def role_map(roles: dict[str, list[str]] | None) -> dict[str, str]:
@@ -70,6 +86,11 @@ class Conversation:
             keys["content"] = ds.message_field_content
         # No mapping: each message is read as {role, content}, else ShareGPT's {from, value}.
         self.keys = keys or None
+        # The template's name for the trace; the row's is `field_thinking`, else what
+        # message_property_mappings maps that name from, else THINKING_NAMES.
+        self.thinking_key = ds.template_thinking_key or THINKING
+        source = ds.field_thinking or keys.get(self.thinking_key)
+        self.thinking_sources = (source,) if source else THINKING_NAMES
         self.roles = role_map(ds.roles)
         self.train_key = ds.message_field_training
         self.detail_key = ds.message_field_training_detail
@@ -116,10 +137,19 @@ class Conversation:
             raise BadRow(f"message {i} has no `{content_key}`")
         if not isinstance(content, str):
             raise BadRow(f"message {i} `{content_key}` is {kind(content)}, not text")
-        turn = Turn(self.roles[role], content)
-        used = {role_key, content_key, self.train_key, self.detail_key}
+        turn = Turn(self.roles[role], content, thinking_key=self.thinking_key)
+        source = next((k for k in self.thinking_sources if message.get(k) is not None), None)
+        if source is not None:
+            thinking = message[source]
+            if not isinstance(thinking, str):
+                raise BadRow(f"message {i} `{source}` is {kind(thinking)}, not text")
+            turn.thinking = thinking
+        used = {role_key, content_key, self.train_key, self.detail_key, *self.thinking_sources}
         for prop, source in keys.items():
-            if prop not in ("role", "content") and message.get(source) is not None:
+            if (
+                prop not in ("role", "content", self.thinking_key)
+                and message.get(source) is not None
+            ):
                 turn.extra[prop] = message[source]
                 used.add(source)
         for key, value in message.items():

@@ -66,9 +66,9 @@ def test_three_independent_errors_are_reported_together():
 
 
 def test_axolotl_key_not_supported_is_refused_by_name_not_as_typo():
-    found = problems({**BASE, "lora_mlp_kernel": True, "wandb_project": "x"})
+    found = problems({**BASE, "lora_mlp_kernel": True, "use_otel_metrics": True})
     assert found["lora_mlp_kernel"] == "is not supported yet by Ferry."
-    assert found["wandb_project"] == "is not supported yet by Ferry."
+    assert found["use_otel_metrics"] == "is not supported yet by Ferry."
 
 
 def test_null_means_not_set():
@@ -77,7 +77,7 @@ def test_null_means_not_set():
 
 
 def test_axolotl_key_set_to_its_off_value_is_accepted():
-    cfg = validate_mapping({**BASE, "lora_mlp_kernel": False, "wandb_project": None})
+    cfg = validate_mapping({**BASE, "lora_mlp_kernel": False, "use_otel_metrics": None})
     assert cfg.base_model == BASE["base_model"]
 
 

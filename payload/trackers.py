@@ -1,0 +1,155 @@
+"""Experiment trackers at run time: the HF Trainer's own integrations do the logging;
+this sets them up so that the tracker run is named by the Ferry run id, a resumed run
+continues the same tracker run, local files land in the run folder, and a sweep's trials
+are grouped (W&B group, MLflow parent run).
+
+`metrics.jsonl` stays the source of truth for Ferry's own report; trackers get the same
+records through the trainer's `on_log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from payload.config.schema import TrainConfig
+from payload.config.trackers import (
+    TRACKERS_DIR,
+    active,
+    environment,
+    mlflow_tags,
+    run_names,
+    swanlab_init,
+)
+
+log = logging.getLogger("ferry.trackers")
+
+SWEEP_ENV = "FERRY_SWEEP_ID"  # set by the launcher on a sweep's trials
+
+
+@dataclass
+class Trackers:
+    report_to: list[str]
+    run_name: str
+    env: dict[str, str] = field(default_factory=dict)
+    args: dict[str, str] = field(default_factory=dict)  # extra TrainingArguments
+
+
+def run_id_for(output_dir: str) -> str:
+    """The Ferry run id, or (a run started by hand) the output folder's name, which is
+    just as stable across a resume."""
+    return os.environ.get("FERRY_RUN_ID") or Path(output_dir).resolve().name
+
+
+@contextlib.contextmanager
+def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trackers]:
+    """The trackers' environment for the length of a run (restored after, so a process
+    that trains twice, as tests do, starts clean), and their runs closed at the end."""
+    names = [t.name for t in active(cfg)]
+    run_id = run_id_for(output_dir)
+    sweep_id = os.environ.get(SWEEP_ENV) or None
+    env = environment(cfg, run_id, output_dir, sweep_id) if names else {}
+    if "COMET_OFFLINE_DIRECTORY" in env:
+        # One folder per attempt: Comet names an archive by the experiment key and a
+        # suffix from the (seeded, so repeated) random state, and would overwrite the
+        # previous attempt's archive; `comet upload` merges both into one experiment.
+        attempt = time.strftime("attempt-%Y%m%d-%H%M%S", time.gmtime())
+        env["COMET_OFFLINE_DIRECTORY"] = str(Path(env["COMET_OFFLINE_DIRECTORY"]) / attempt)
+        Path(env["COMET_OFFLINE_DIRECTORY"]).mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if names:
+            (Path(output_dir) / TRACKERS_DIR).mkdir(parents=True, exist_ok=True)
+        if "mlflow" in names and is_main:
+            _mlflow_run(cfg, run_id, sweep_id)
+        if "swanlab" in names and is_main:
+            _swanlab_run(cfg, run_id, output_dir, sweep_id)
+        args = {}
+        if "trackio" in names:  # the integration reads these from the arguments
+            args = {"project": cfg.trackio_project_name or "ferry"}
+            if cfg.trackio_space_id:
+                args["trackio_space_id"] = cfg.trackio_space_id
+        yield Trackers(names, run_names(cfg, run_id), env, args)
+    finally:
+        _close(names)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        os.environ.pop("MLFLOW_TAGS", None)
+
+
+def _mlflow_run(cfg: TrainConfig, run_id: str, sweep_id: str | None) -> None:
+    """Continue the MLflow run this Ferry run already has (found by its tag), or tag the
+    new one; under a sweep, the trial's run is a child of the sweep's parent run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    name = cfg.mlflow_experiment_name or "Default"
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = name
+    tags = json.loads(mlflow_tags(run_id, sweep_id))
+    if sweep_id:
+        parent = client.search_runs(
+            [experiment_id],
+            f"tags.`ferry.sweep_id` = '{sweep_id}' and tags.`ferry.role` = 'sweep'",
+            max_results=1,
+        )
+        if parent:
+            parent_id = parent[0].info.run_id
+        else:
+            created = client.create_run(
+                experiment_id,
+                run_name=sweep_id,
+                tags={"ferry.sweep_id": sweep_id, "ferry.role": "sweep"},
+            )
+            parent_id = created.info.run_id
+        tags["mlflow.parentRunId"] = parent_id
+    earlier = client.search_runs(
+        [experiment_id], f"tags.`ferry.run_id` = '{run_id}'", max_results=1
+    )
+    if earlier:
+        os.environ["MLFLOW_RUN_ID"] = earlier[0].info.run_id
+        log.info("MLflow: continuing run %s", earlier[0].info.run_id)
+    os.environ["MLFLOW_TAGS"] = json.dumps(tags)
+
+
+def _swanlab_run(cfg: TrainConfig, run_id: str, output_dir: str, sweep_id: str | None) -> None:
+    """Start the SwanLab run here: the trainer's integration then logs to it (it cannot
+    start one itself with SwanLab 0.10, whose get_run() raises when none is active)."""
+    import swanlab
+
+    swanlab.init(**swanlab_init(cfg, run_id, output_dir), group=sweep_id)
+
+
+def _close(names: list[str]) -> None:
+    """End what the integrations leave open, so the files are complete when the run's
+    folder is uploaded (and a second run in one process starts its own)."""
+    import sys
+
+    if "wandb" in names and (wandb := sys.modules.get("wandb")) and wandb.run is not None:
+        wandb.finish()
+    if "mlflow" in names and (mlflow := sys.modules.get("mlflow")) and mlflow.active_run():
+        mlflow.end_run()
+    if "comet_ml" in names and (comet := sys.modules.get("comet_ml")):
+        experiment = comet.get_running_experiment()
+        if experiment is not None:
+            experiment.end()  # writes the offline archive; the integration leaves it open
+    if "swanlab" in names and (swanlab := sys.modules.get("swanlab")):
+        with contextlib.suppress(Exception):
+            if swanlab.get_run() is not None:
+                swanlab.finish()
+    if "trackio" in names and (trackio := sys.modules.get("trackio")):
+        with contextlib.suppress(Exception):
+            trackio.finish()
