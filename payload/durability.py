@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from payload import distributed
 from payload.config.schema import TrainConfig
+from payload.config.trackers import TRACKERS_DIR
 from payload.errors import EXIT_PREEMPTED, FerryError, TransferError
 from payload.runtime.deadline import Meter
 from payload.runtime.procs import STOP_SIGNALS
@@ -44,7 +45,7 @@ from payload.storage import (
     upload_folder,
 )
 from payload.storage.layout import METRICS_FILE
-from payload.storage.sync import CHECKPOINT_DIR
+from payload.storage.sync import CHECKPOINT_DIR, read_manifest
 
 log = logging.getLogger("ferry.storage")
 
@@ -104,10 +105,22 @@ def _fetch(cfg: TrainConfig, output_dir: Path, store: Store | None, progress: Me
         metrics = store.read_bytes(METRICS_FILE)
         if metrics is not None:  # the history so far, for metrics.jsonl to carry on from
             (output_dir / METRICS_FILE).write_bytes(metrics)
+        _fetch_trackers(store, output_dir, progress)
         return _keep_up_to(output_dir, latest.step, str(local))
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def _fetch_trackers(store: Store, output_dir: Path, progress: Meter) -> None:
+    """The earlier attempts' tracker files (offline runs, event files, a file store), so
+    that this attempt adds to them and the run's final artifacts hold them all."""
+    if read_manifest(store, TRACKERS_DIR) is None:
+        return
+    try:
+        download_folder(store, TRACKERS_DIR, output_dir / TRACKERS_DIR, progress)
+    except FerryError as e:  # the trackers' files are a record, not the training state
+        log.warning("the earlier attempts' tracker files were not restored: %s", e.message)
 
 
 def _keep_up_to(output_dir: Path, step: int, chosen: str) -> str:
@@ -216,6 +229,7 @@ class StorageSync(TrainerCallback):
             result = upload_checkpoint(
                 snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
             )
+            self.put_trackers()
             self._publish(f"checkpoint-{step}", self.store.uri, result)
         except OSError as e:
             # A full disk is named plainly, with the file that did not fit.
@@ -257,8 +271,10 @@ class StorageSync(TrainerCallback):
         )
 
     def finish(self) -> None:
-        """The end of a run: every checkpoint upload done, then the final artifacts."""
+        """The end of a run: every checkpoint upload done, then the final artifacts (the
+        trackers' files among them, and beside the checkpoints too)."""
         self.wait()
+        self.put_trackers()
         self.upload_final()
 
     def upload_final(self) -> None:
@@ -273,6 +289,18 @@ class StorageSync(TrainerCallback):
             progress=self.meter,
         )
         self._publish("final artifacts", self.store.child(FINAL), result)
+
+    def put_trackers(self) -> None:
+        """The trackers' local files so far, beside the checkpoints: a preempted
+        attempt's offline runs and event files survive it (the next attempt fetches them
+        back). Best effort: a tracker may be writing a file while it is read."""
+        folder = self.output_dir / TRACKERS_DIR
+        if not folder.is_dir():
+            return
+        try:
+            upload_folder(folder, self.store, TRACKERS_DIR, run_id=self.run_id)
+        except (OSError, FerryError) as e:
+            log.warning("tracker files not uploaded with this checkpoint: %s", e)
 
     def _put_metrics(self) -> None:
         metrics = self.output_dir / METRICS_FILE

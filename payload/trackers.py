@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,14 @@ class Trackers:
     run_name: str
     env: dict[str, str] = field(default_factory=dict)
     args: dict[str, str] = field(default_factory=dict)  # extra TrainingArguments
+    closed: bool = False
+    begin: Callable[[], None] = lambda: None  # once any earlier attempt's files are back
+
+    def close(self) -> None:
+        """End the trackers' runs (once): their files are then complete."""
+        if not self.closed:
+            self.closed = True
+            _close(self.report_to)
 
 
 def run_id_for(output_dir: str) -> str:
@@ -62,22 +70,30 @@ def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trac
         env["COMET_OFFLINE_DIRECTORY"] = str(Path(env["COMET_OFFLINE_DIRECTORY"]) / attempt)
         Path(env["COMET_OFFLINE_DIRECTORY"]).mkdir(parents=True, exist_ok=True)
     saved = {k: os.environ.get(k) for k in env}
+    trackers: Trackers | None = None
     os.environ.update(env)
     try:
         if names:
             (Path(output_dir) / TRACKERS_DIR).mkdir(parents=True, exist_ok=True)
-        if "mlflow" in names and is_main:
-            _mlflow_run(cfg, run_id, sweep_id)
-        if "swanlab" in names and is_main:
-            _swanlab_run(cfg, run_id, output_dir, sweep_id)
+
+        def begin() -> None:
+            """The runs the payload starts itself, after the resume has fetched the
+            earlier attempts' files (the MLflow run to continue is found in them)."""
+            if "mlflow" in names and is_main:
+                _mlflow_run(cfg, run_id, sweep_id)
+            if "swanlab" in names and is_main:
+                _swanlab_run(cfg, run_id, output_dir, sweep_id)
+
         args = {}
         if "trackio" in names:  # the integration reads these from the arguments
             args = {"project": cfg.trackio_project_name or "ferry"}
             if cfg.trackio_space_id:
                 args["trackio_space_id"] = cfg.trackio_space_id
-        yield Trackers(names, run_names(cfg, run_id), env, args)
+        trackers = Trackers(names, run_names(cfg, run_id), env, args, begin=begin)
+        yield trackers
     finally:
-        _close(names)
+        if trackers is not None:
+            trackers.close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -94,7 +110,10 @@ def _mlflow_run(cfg: TrainConfig, run_id: str, sweep_id: str | None) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    if uri.startswith("file:"):
+        _restore_empty_run_folders(Path(uri.removeprefix("file://").removeprefix("file:")))
+    client = MlflowClient(uri)
     name = cfg.mlflow_experiment_name or "Default"
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
@@ -123,6 +142,15 @@ def _mlflow_run(cfg: TrainConfig, run_id: str, sweep_id: str | None) -> None:
         os.environ["MLFLOW_RUN_ID"] = earlier[0].info.run_id
         log.info("MLflow: continuing run %s", earlier[0].info.run_id)
     os.environ["MLFLOW_TAGS"] = json.dumps(tags)
+
+
+def _restore_empty_run_folders(root: Path) -> None:
+    """An MLflow folder store counts a run folder only with its metrics, params, tags and
+    artifacts folders present; storage keeps files, so empty ones do not come back with
+    an earlier attempt's files."""
+    for meta in root.glob("*/*/meta.yaml"):  # <experiment>/<run>/meta.yaml
+        for name in ("metrics", "params", "tags", "artifacts"):
+            (meta.parent / name).mkdir(exist_ok=True)
 
 
 def _swanlab_run(cfg: TrainConfig, run_id: str, output_dir: str, sweep_id: str | None) -> None:

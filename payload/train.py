@@ -509,6 +509,7 @@ def _train(
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
     resume = durability.resume_point(cfg, output_dir, dist, store)
+    trackers.begin()
     resumed_step = _checkpoint_step(resume)
     if resume and dist.is_main:
         print(f"resuming from step {resumed_step} ({resume})", flush=True)
@@ -521,12 +522,21 @@ def _train(
         if full is None:
             raise
         raise full from e
+    # The trackers' runs end with the training: their files are complete before any
+    # upload below takes them (an offline W&B run flushes its records only when it ends).
+    trackers.close()
 
     def uploaded(step: int) -> str | None:
         """Where checkpoint-`step` is in storage (None without), once rank 0 has uploaded
-        it: every rank stays until the upload is done (or has failed)."""
+        it, and the trackers' files with it: every rank stays until the upload is done
+        (or has failed)."""
         if sync:
-            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", sync.wait, sync.meter)
+
+            def upload() -> None:
+                sync.wait()
+                sync.put_trackers()
+
+            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", upload, sync.meter)
         return store.child(f"checkpoints/checkpoint-{step}") if store else None
 
     if stop.stopped_at is not None:

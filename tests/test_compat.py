@@ -283,3 +283,6 @@ def test_the_tiny_tracker_configs_wrote_their_offline_records(tiny_runs):
     assert list((work / "tiny_tracker_tensorboard").rglob("events.out.tfevents.*"))
     assert list((work / "tiny_tracker_wandb" / "trackers" / "wandb").glob("offline-run-*"))
     assert list((work / "mlruns").rglob("meta.yaml"))
+    # comet_ml is installed, and would record each MLflow run as an offline Comet
+    # experiment of its own in the working folder, unasked (payload/__init__.py stops it).
+    assert not (work / ".cometml-runs").exists()

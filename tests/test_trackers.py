@@ -54,11 +54,11 @@ def _config(tmp: Path, **extra) -> Path:
         "logging_steps": 1,
         "save_steps": 2,
         "output_dir": str(tmp / "out"),
-        "auto_resume_from_checkpoints": True,
+        "storage": (tmp / "storage").as_uri(),
         **ALL_TRACKERS,
         **extra,
     }
-    path = tmp / f"trackers-{raw['max_steps']}.yml"
+    path = tmp / f"trackers-{raw['max_steps']}.yml"  # under the sweep's id: the trial's folder
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -86,12 +86,15 @@ def _train(config: Path, tmp: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    """Four steps, then the same run resumed from its step-4 checkpoint to step 6."""
+    """Four steps, then the same run resumed from storage to step 6 in a fresh output
+    folder, as on a new machine after a preemption: the first attempt's tracker files
+    travel with its checkpoints and come back."""
     tmp = tmp_path_factory.mktemp("trackers")
     (tmp / "home").mkdir()
-    first = _train(_config(tmp), tmp)
+    first = _train(_config(tmp, output_dir=str(tmp / "attempt-1")), tmp)
     second = _train(_config(tmp, max_steps=6), tmp)
     out = tmp / "out"
+    assert "resuming from step 4" in second
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in metrics if "loss" in r}
     return out, losses, first + second
