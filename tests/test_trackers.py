@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import subprocess
@@ -32,10 +33,13 @@ ALL_TRACKERS = {
     "wandb_project": "ferry-test",
     "wandb_mode": "offline",
     "wandb_name": "tiny-run",
+    "wandb_log_model": True,  # the final model, as a W&B artifact
+    "hf_mlflow_log_artifacts": True,  # each checkpoint, as MLflow artifacts
     "mlflow_experiment_name": "ferry-exp",
     "use_tensorboard": True,
     "comet_project_name": "ferry-comet",
     "comet_online": False,
+    "comet_experiment_config": {"tags": ["tiny", "ferry"]},
     "swanlab_project": "ferry-swan",
     "swanlab_mode": "offline",
     "trackio_project_name": "ferry-trackio",
@@ -91,9 +95,10 @@ def tracked(tmp_path_factory):
     travel with its checkpoints and come back."""
     tmp = tmp_path_factory.mktemp("trackers")
     (tmp / "home").mkdir()
-    first = _train(_config(tmp, output_dir=str(tmp / "attempt-1")), tmp)
-    second = _train(_config(tmp, max_steps=6), tmp)
+    first = _train(_config(tmp), tmp)
     out = tmp / "out"
+    shutil.rmtree(out)  # the next attempt's machine starts with nothing but storage
+    second = _train(_config(tmp, max_steps=6), tmp)
     assert "resuming from step 4" in second
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in metrics if "loss" in r}
@@ -131,10 +136,12 @@ def test_wandb_offline_run_has_the_losses_and_a_resume_continues_it(tracked):
     out, losses, _ = tracked
     runs = sorted((out / "trackers" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one folder per attempt, both the same W&B run
-    history, meta = {}, []
+    history, meta, artifacts = {}, [], []
     for folder in runs:
         for record in _wandb_records(next(folder.glob("run-*.wandb"))):
             kind = record.WhichOneof("record_type")
+            if kind == "artifact":
+                artifacts.append((folder, record.artifact.type, record.artifact.name))
             if kind == "run":
                 meta.append((record.run.run_id, record.run.display_name, record.run.run_group))
             elif kind == "history":
@@ -149,6 +156,8 @@ def test_wandb_offline_run_has_the_losses_and_a_resume_continues_it(tracked):
     assert {m[2] for m in meta} == {SWEEP_ID}  # a sweep's trials are grouped
     assert sorted(history) == [1, 2, 3, 4, 5, 6]
     assert history == pytest.approx(losses)
+    # wandb_log_model: true is "end": each attempt's model at its end, as a model artifact.
+    assert {f for f, kind, _ in artifacts if kind == "model"} == set(runs)
 
 
 # ---- MLflow: a file store, read with MlflowClient
@@ -169,6 +178,13 @@ def test_mlflow_store_has_the_metrics_in_one_run_under_the_sweep_parent(tracked)
     assert len(parents) == 1 and parents[0].info.run_name == SWEEP_ID
     assert runs[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert runs[0].info.run_name == "tiny-run"
+    # hf_mlflow_log_artifacts: each checkpoint logged as a model of the run (MLflow 3).
+    models = client.search_logged_models([experiment.experiment_id])
+    assert sorted(m.name for m in models if m.source_run_id == runs[0].info.run_id) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
 
 
 # ---- TensorBoard: event files in the run folder, read with tensorboard's reader
@@ -204,6 +220,8 @@ def test_comet_offline_archives_carry_the_losses_under_one_experiment_key(tracke
                 if metric.get("metricName") == "train/loss":
                     logged[metric["step"]] = float(metric["metricValue"])
     assert logged == pytest.approx(losses)
+    with zipfile.ZipFile(archives[0]) as z:  # comet_experiment_config reached Comet
+        assert sorted(json.loads(z.read("experiment.json"))["tags"]) == ["ferry", "tiny"]
 
 
 # ---- SwanLab (local) and Trackio (local): their files, in the run folder

@@ -778,10 +778,12 @@ class TrainConfig(_ChatTemplateKeys):
         "folder, `wandb sync` later), or disabled.",
     )
     wandb_watch: Literal["gradients", "parameters", "all", "false"] | bool | None = Field(
-        default=None, description="Log gradients and/or parameters with wandb.watch."
+        default=None,
+        description="Log gradients and/or parameters with wandb.watch (true: gradients).",
     )
     wandb_log_model: Literal["checkpoint", "end", "false"] | bool | None = Field(
-        default=None, description="Upload checkpoints (checkpoint) or the final model (end)."
+        default=None,
+        description="Upload checkpoints (checkpoint) or the final model (end, or true) to W&B.",
     )
     use_mlflow: bool | None = Field(
         default=None,

@@ -210,10 +210,13 @@ def environment(
             env["WANDB_ENTITY"] = cfg.wandb_entity
         if cfg.wandb_mode:
             env["WANDB_MODE"] = "offline" if cfg.wandb_mode == "dryrun" else cfg.wandb_mode
+        # YAML's true means the integration's usual choice (it ignores "true" itself).
         if cfg.wandb_watch is not None:
-            env["WANDB_WATCH"] = _mode(cfg.wandb_watch)
+            env["WANDB_WATCH"] = _mode("gradients" if cfg.wandb_watch is True else cfg.wandb_watch)
         if cfg.wandb_log_model is not None:
-            env["WANDB_LOG_MODEL"] = _mode(cfg.wandb_log_model)
+            env["WANDB_LOG_MODEL"] = _mode(
+                "end" if cfg.wandb_log_model is True else cfg.wandb_log_model
+            )
         if sweep_id:
             env["WANDB_RUN_GROUP"] = sweep_id
     if "mlflow" in names:
