@@ -124,6 +124,13 @@ def plan_sweep(
             if not backends:
                 backends = [settings.cloud]
                 executors = {backends[0]: get_executor(backends[0])}
+            for key in ("wandb_run_id", "comet_experiment_key"):
+                if getattr(cfg, key):
+                    invalid.append(
+                        f"{label}: {key}: would put every trial into one tracker run; leave "
+                        "it unset (each trial's tracker run is named by its own run id)"
+                    )
+                    invalid_trials.add(trial.index)
             job = runs.job_for(cfg, name, run_id, settings, runs_root)
             job.env["FERRY_SWEEP_ID"] = sweep_id  # trackers group the trials by it
             jobs.append(job)

@@ -119,8 +119,8 @@ def _fetch_trackers(store: Store, output_dir: Path, progress: Meter) -> None:
         return
     try:
         download_folder(store, TRACKERS_DIR, output_dir / TRACKERS_DIR, progress)
-    except FerryError as e:  # the trackers' files are a record, not the training state
-        log.warning("the earlier attempts' tracker files were not restored: %s", e.message)
+    except Exception as e:  # noqa: BLE001 - the trackers' files are a record, not the training state
+        log.warning("the earlier attempts' tracker files were not restored: %s", e)
 
 
 def _keep_up_to(output_dir: Path, step: int, chosen: str) -> str:
@@ -218,9 +218,32 @@ class StorageSync(TrainerCallback):
         if not source.is_dir():
             return
         snapshot = _snapshot(source, self.output_dir / STAGING)
-        self.pending.append(self.pool.submit(self._upload, snapshot, step))
+        trackers = self._copy_trackers(step)
+        self.pending.append(self.pool.submit(self._upload, snapshot, step, trackers))
 
-    def _upload(self, snapshot: Path, step: int) -> None:
+    def _copy_trackers(self, step: int) -> Path | None:
+        """A copy of the trackers' files as they are now (they keep growing while the
+        upload runs, and a file that changes between its hash and its upload would fail
+        verification when fetched back)."""
+        folder = self.output_dir / TRACKERS_DIR
+        if not folder.is_dir():
+            return None
+        import sys
+
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and mlflow.active_run() is not None:
+            mlflow.flush_async_logging()  # the metrics logged so far, on disk
+        target = self.output_dir / STAGING / f"{TRACKERS_DIR}-{step}"
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            shutil.copytree(folder, target, symlinks=True)
+        except (OSError, shutil.Error) as e:  # a tracker's temporary file came and went
+            log.warning("tracker files not copied for checkpoint-%s: %s", step, e)
+            shutil.rmtree(target, ignore_errors=True)
+            return None
+        return target
+
+    def _upload(self, snapshot: Path, step: int, trackers: Path | None = None) -> None:
         try:
             # The history first: once the checkpoint is complete (its manifest, written
             # last), the metrics up to its step are in storage too, whenever the run dies.
@@ -229,7 +252,8 @@ class StorageSync(TrainerCallback):
             result = upload_checkpoint(
                 snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
             )
-            self.put_trackers()
+            if trackers is not None:
+                self.put_trackers(trackers)
             self._publish(f"checkpoint-{step}", self.store.uri, result)
         except OSError as e:
             # A full disk is named plainly, with the file that did not fit.
@@ -243,6 +267,8 @@ class StorageSync(TrainerCallback):
             log.error("upload of checkpoint-%s to %s failed: %s", step, self.store.uri, e)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
+            if trackers is not None:
+                shutil.rmtree(trackers, ignore_errors=True)
 
     def wait(self) -> None:
         """Block until every queued upload is done; raise if any failed."""
@@ -290,17 +316,18 @@ class StorageSync(TrainerCallback):
         )
         self._publish("final artifacts", self.store.child(FINAL), result)
 
-    def put_trackers(self) -> None:
-        """The trackers' local files so far, beside the checkpoints: a preempted
-        attempt's offline runs and event files survive it (the next attempt fetches them
-        back). Best effort: a tracker may be writing a file while it is read."""
-        folder = self.output_dir / TRACKERS_DIR
+    def put_trackers(self, folder: Path | None = None) -> None:
+        """The trackers' files (`folder`: a copy of them; default: the folder itself,
+        once the trackers have ended), beside the checkpoints: a preempted attempt's
+        offline runs and event files survive it, and the next attempt fetches them back.
+        Best effort: a failure is logged and never fails the checkpoint's upload."""
+        folder = folder or self.output_dir / TRACKERS_DIR
         if not folder.is_dir():
             return
         try:
             upload_folder(folder, self.store, TRACKERS_DIR, run_id=self.run_id)
-        except (OSError, FerryError) as e:
-            log.warning("tracker files not uploaded with this checkpoint: %s", e)
+        except Exception as e:  # noqa: BLE001 - any store's error: the trackers are a record
+            log.warning("tracker files not uploaded: %s", e)
 
     def _put_metrics(self) -> None:
         metrics = self.output_dir / METRICS_FILE

@@ -10,8 +10,10 @@ records through the trainer's `on_log`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,10 +24,12 @@ from payload.config.trackers import (
     TRACKERS_DIR,
     active,
     environment,
+    missing_packages,
     mlflow_tags,
     run_names,
     swanlab_init,
 )
+from payload.errors import FerryError
 
 log = logging.getLogger("ferry.trackers")
 
@@ -49,9 +53,15 @@ class Trackers:
 
 
 def run_id_for(output_dir: str) -> str:
-    """The Ferry run id, or (a run started by hand) the output folder's name, which is
-    just as stable across a resume."""
-    return os.environ.get("FERRY_RUN_ID") or Path(output_dir).resolve().name
+    """The Ferry run id; for a run started by hand, the output folder's name and a hash
+    of its path (stable across a resume in that folder, and two folders named `lora-out`
+    are two runs). Letters, digits, `.`, `_` and `-` only, as every tracker's ids allow."""
+    run_id = os.environ.get("FERRY_RUN_ID")
+    if not run_id:
+        folder = Path(output_dir).resolve()
+        digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+        run_id = f"{folder.name}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", run_id)
 
 
 @contextlib.contextmanager
@@ -60,7 +70,13 @@ def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trac
     that trains twice, as tests do, starts clean), and their runs closed at the end."""
     names = [t.name for t in active(cfg)]
     run_id = run_id_for(output_dir)
-    sweep_id = os.environ.get(SWEEP_ENV) or None
+    sweep_id = re.sub(r"[^A-Za-z0-9._-]", "-", os.environ.get(SWEEP_ENV, "")) or None
+    if names and (missing := missing_packages(cfg)):
+        raise FerryError(
+            f"The config reports to {', '.join(names)}, but {', '.join(missing)} is not "
+            "installed in this environment.",
+            hint="pip install 'ferry[trackers]' (the image has every tracker's client).",
+        )
     env = environment(cfg, run_id, output_dir, sweep_id) if names else {}
     if "COMET_OFFLINE_DIRECTORY" in env:
         # One folder per attempt: Comet names an archive by the experiment key and a
@@ -69,7 +85,8 @@ def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trac
         attempt = time.strftime("attempt-%Y%m%d-%H%M%S", time.gmtime())
         env["COMET_OFFLINE_DIRECTORY"] = str(Path(env["COMET_OFFLINE_DIRECTORY"]) / attempt)
         Path(env["COMET_OFFLINE_DIRECTORY"]).mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in env}
+    # What this run sets, and what the MLflow setup may set, comes back as it was.
+    saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_RUN_ID", "MLFLOW_TAGS")}
     trackers: Trackers | None = None
     os.environ.update(env)
     try:
@@ -99,8 +116,6 @@ def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trac
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        os.environ.pop("MLFLOW_TAGS", None)
 
 
 def _mlflow_run(cfg: TrainConfig, run_id: str, sweep_id: str | None) -> None:
@@ -114,11 +129,10 @@ def _mlflow_run(cfg: TrainConfig, run_id: str, sweep_id: str | None) -> None:
     if uri.startswith("file:"):
         _restore_empty_run_folders(Path(uri.removeprefix("file://").removeprefix("file:")))
     client = MlflowClient(uri)
-    name = cfg.mlflow_experiment_name or "Default"
+    name = os.environ["MLFLOW_EXPERIMENT_NAME"]
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = name
-    tags = json.loads(mlflow_tags(run_id, sweep_id))
+    tags = json.loads(mlflow_tags(cfg, run_id, sweep_id))
     if sweep_id:
         parent = client.search_runs(
             [experiment_id],

@@ -36,6 +36,7 @@ ALL_TRACKERS = {
     "wandb_log_model": True,  # the final model, as a W&B artifact
     "hf_mlflow_log_artifacts": True,  # each checkpoint, as MLflow artifacts
     "mlflow_experiment_name": "ferry-exp",
+    "mlflow_run_name": "mlflow-name",  # MLflow's own name, beside W&B's
     "use_tensorboard": True,
     "comet_project_name": "ferry-comet",
     "comet_online": False,
@@ -177,7 +178,7 @@ def test_mlflow_store_has_the_metrics_in_one_run_under_the_sweep_parent(tracked)
     parents = client.search_runs([experiment.experiment_id], "tags.`ferry.role` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.run_name == SWEEP_ID
     assert runs[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-    assert runs[0].info.run_name == "tiny-run"
+    assert runs[0].info.run_name == "mlflow-name"
     # hf_mlflow_log_artifacts: each checkpoint logged as a model of the run (MLflow 3).
     models = client.search_logged_models([experiment.experiment_id])
     assert sorted(m.name for m in models if m.source_run_id == runs[0].info.run_id) == [
@@ -346,3 +347,168 @@ def test_sweep_trials_carry_the_sweep_id(tmp_path):
     config.write_text(yaml.safe_dump(_cfg(use_tensorboard=True)))
     plan = api.sweep_plan(config, sweep, clouds=["local"])
     assert {job.env["FERRY_SWEEP_ID"] for job in plan.jobs} == {plan.sweep_id}
+
+
+# ---- the trackers' files in storage: a consistent copy, and never a failed checkpoint
+
+
+def _sync_with_a_checkpoint(tmp_path: Path):
+    """A StorageSync on a file:// store, and an output folder holding checkpoint-2 and a
+    tracker's event file, as the trainer leaves them when it saves."""
+    from payload.durability import StorageSync
+    from payload.storage import open_store
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "model.safetensors").write_bytes(b"w" * 100)
+    events = out / "trackers" / "tensorboard" / "events.out.tfevents.1"
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"e" * 600)
+    store = open_store((tmp_path / "storage").as_uri())
+    return StorageSync(store, str(out), "run-1", None, True, False), store, events
+
+
+def test_tracker_files_growing_during_the_upload_come_back_intact(tmp_path, monkeypatch):
+    """A tracker appends to its file between the manifest's hash and the copy into
+    storage (forced here, on the first file stored): what storage holds is the copy taken
+    at the save, which verifies when a later attempt fetches it."""
+    from types import SimpleNamespace
+
+    from payload.storage import download_folder
+
+    sync, store, events = _sync_with_a_checkpoint(tmp_path)
+    real = type(store).put_files
+
+    def put_files(self, items, progress=None):
+        if any(key.startswith("trackers/") for _, key, _ in items):
+            with events.open("ab") as f:  # the live file grows meanwhile
+                f.write(b"more")
+        return real(self, items, progress)
+
+    monkeypatch.setattr(type(store), "put_files", put_files)
+    sync.on_save(None, SimpleNamespace(global_step=2), None)
+    sync.wait()
+    back = tmp_path / "back"
+    download_folder(store, "trackers", back)  # raises if a file fails verification
+    assert (back / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"e" * 600
+
+
+def test_a_failed_tracker_upload_does_not_fail_the_checkpoint(tmp_path, monkeypatch, caplog):
+    """Any error from the store while the trackers' files go up (S3's own exceptions are
+    not OSErrors) is logged; the checkpoint is complete in storage and wait() is clean."""
+    from types import SimpleNamespace
+
+    from payload.storage import latest_complete_checkpoint
+
+    sync, store, _ = _sync_with_a_checkpoint(tmp_path)
+    real = type(store).put_files
+
+    class S3UploadFailedError(Exception):  # boto3's, as the S3 store would raise it
+        pass
+
+    def put_files(self, items, progress=None):
+        if any(key.startswith("trackers/") for _, key, _ in items):
+            raise S3UploadFailedError("Failed to upload: AccessDenied")
+        return real(self, items, progress)
+
+    monkeypatch.setattr(type(store), "put_files", put_files)
+    sync.on_save(None, SimpleNamespace(global_step=2), None)
+    sync.wait()  # no TransferError
+    assert latest_complete_checkpoint(store).step == 2
+    assert "tracker files not uploaded: Failed to upload: AccessDenied" in caplog.text
+
+
+# ---- names, ids and the checks around them
+
+
+def test_the_run_name_comes_from_a_tracker_that_is_on():
+    from payload.config.trackers import run_names
+
+    both = validate_mapping(_cfg(wandb_name="w", mlflow_experiment_name="e", mlflow_run_name="m"))
+    assert run_names(both, "run-1") == "m"  # W&B is off: its name names nothing
+    on = validate_mapping(_cfg(wandb_project="p", wandb_name="w", mlflow_run_name="m"))
+    assert run_names(on, "run-1") == "w"
+    assert run_names(validate_mapping(_cfg(use_tensorboard=True)), "run-1") == "run-1"
+
+
+def test_a_run_started_by_hand_is_named_by_its_folder_safely(tmp_path, monkeypatch):
+    from payload.trackers import run_id_for
+
+    monkeypatch.delenv("FERRY_RUN_ID", raising=False)
+    odd = run_id_for(str(tmp_path / "it's mine" / "lora-out"))
+    other = run_id_for(str(tmp_path / "lora-out"))
+    assert odd.startswith("lora-out-") and other.startswith("lora-out-") and odd != other
+    assert run_id_for(str(tmp_path / "o'dd run")).startswith("o-dd-run-")
+    assert odd == run_id_for(str(tmp_path / "it's mine" / "lora-out"))  # stable: resumable
+    monkeypatch.setenv("FERRY_RUN_ID", "sweep-3-t1")
+    assert run_id_for(str(tmp_path)) == "sweep-3-t1"
+
+
+def test_a_disabled_tracker_is_not_warned_about(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(_cfg(wandb_project="p", wandb_mode="disabled")))
+    result = launch("validate", str(path), check=True)
+    assert "has no effect" not in result.stdout + result.stderr
+    assert "reports to" not in result.stdout
+
+
+def test_a_sweep_refuses_one_tracker_run_for_every_trial(tmp_path):
+    from launcher import api
+    from payload.errors import FerryError
+
+    sweep = tmp_path / "sweep.yml"
+    sweep.write_text("learning_rate: [1.0e-3, 2.0e-3]\n")
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(_cfg(wandb_project="p", wandb_run_id="mine")))
+    with pytest.raises(FerryError, match="wandb_run_id: would put every trial into one"):
+        api.sweep_plan(config, sweep, clouds=["local"])
+
+
+def test_a_tracker_client_missing_in_the_job_stops_it_before_the_data(tmp_path, monkeypatch):
+    """The client's absence is made by hiding it from importlib (the only stand-in)."""
+    import importlib.util
+
+    from payload.errors import FerryError
+    from payload.trackers import reporting
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "swanlab" else real(name, *a)
+    )
+    cfg = validate_mapping(_cfg(swanlab_project="p", swanlab_mode="offline"))
+    with (
+        pytest.raises(FerryError, match="reports to swanlab, but swanlab is not installed"),
+        reporting(cfg, str(tmp_path), True),
+    ):
+        pass
+    assert "SWANLAB_PROJECT" not in os.environ
+
+
+def test_the_trackers_environment_is_restored_after_the_run(tmp_path, monkeypatch):
+    from payload.trackers import reporting
+
+    monkeypatch.setenv("MLFLOW_TAGS", '{"team": "a"}')
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    cfg = validate_mapping(_cfg(wandb_project="p", wandb_mode="offline", use_tensorboard=True))
+    with reporting(cfg, str(tmp_path), False) as trackers:
+        assert os.environ["WANDB_PROJECT"] == "p"
+        assert trackers.report_to == ["wandb", "tensorboard"]
+    assert "WANDB_PROJECT" not in os.environ
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    assert os.environ["MLFLOW_TAGS"] == '{"team": "a"}'
+
+
+def test_user_given_tracker_ids_replace_the_run_id():
+    cfg = validate_mapping(
+        _cfg(
+            wandb_project="p",
+            wandb_run_id="my-run",
+            comet_project_name="c",
+            comet_experiment_key="a" * 32,
+            wandb_watch=True,
+            wandb_log_model="checkpoint",
+        )
+    )
+    env = environment(cfg, "run-7", "/tmp/o")
+    assert env["WANDB_RUN_ID"] == "my-run" and env["COMET_EXPERIMENT_KEY"] == "a" * 32
+    assert env["WANDB_WATCH"] == "gradients" and env["WANDB_LOG_MODEL"] == "checkpoint"

@@ -433,6 +433,15 @@ TOP_LEVEL = frozenset(
     }
 )
 
+# Keys Axolotl still accepts but ignores (deprecated, with a warning there too): a
+# config that sets them is taken, with the same warning, rather than refused.
+NO_EFFECT = {
+    "eval_max_new_tokens": "has no effect (Axolotl deprecated it for generate_samples, "
+    "and ignores it too).",
+    "eval_table_size": "has no effect (Axolotl deprecated it for generate_samples, "
+    "and ignores it too).",
+}
+
 DATASET = frozenset(
     {
         "chat_template",

@@ -135,6 +135,8 @@ def validate_mapping(
 ) -> TrainConfig:
     """Validate an already-read mapping; see `load_config`. Warnings go to `warn`
     (default: the `ferry.config` logger) as "source: key: message"."""
+    ignored = [k for k, v in raw.items() if k in axolotl_keys.NO_EFFECT and v not in _OFF]
+    raw = {k: v for k, v in raw.items() if k not in axolotl_keys.NO_EFFECT}
     problems, clean = _unknown_keys(raw)
     bad: set[str] = set()
     try:
@@ -145,6 +147,7 @@ def validate_mapping(
         # Validate what is left so the cross-key rules can still run on it.
         cfg = TrainConfig.model_validate({k: v for k, v in clean.items() if k not in bad})
     errors, warnings = check_rules(cfg, set(clean), bad)
+    warnings.extend(Problem(k, axolotl_keys.NO_EFFECT[k]) for k in ignored)
     problems.extend(errors)
     if resolve_paths and "base_model" not in bad and "datasets" not in bad:
         cfg, path_problems = paths.resolve(cfg, base_dir)
@@ -162,6 +165,8 @@ def _unknown_keys(raw: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
     problems: list[Problem] = []
     return problems, _check_keys(raw, TrainConfig, axolotl_keys.TOP_LEVEL, "", problems)
 
+
+_OFF = (None, False, "", [], {})  # values that ask for nothing
 
 # Axolotl's own keys, by the model whose entries they would be: what "not supported yet"
 # means at each depth. Ferry-only sections (launch) have none.
@@ -206,7 +211,7 @@ def _check_keys(
         elif key in axolotl:
             # Axolotl knows it and Ferry does not do it yet. An off value (null, false, empty)
             # asks for nothing, so it is accepted as a no-op.
-            if value not in (None, False, "", [], {}):
+            if value not in _OFF:
                 problems.append(Problem(f"{prefix}{key}", "is not supported yet by Ferry."))
         else:
             known = frozenset(fields) | axolotl

@@ -224,8 +224,7 @@ def environment(
         if "://" not in uri or uri.startswith("file:"):
             # A folder store: MLflow 3 keeps it in maintenance and asks for this opt-in.
             env["MLFLOW_ALLOW_FILE_STORE"] = "true"
-        if cfg.mlflow_experiment_name:
-            env["MLFLOW_EXPERIMENT_NAME"] = cfg.mlflow_experiment_name
+        env["MLFLOW_EXPERIMENT_NAME"] = cfg.mlflow_experiment_name or "Default"
         if cfg.hf_mlflow_log_artifacts:
             env["HF_MLFLOW_LOG_ARTIFACTS"] = "true"
     if "tensorboard" in names:
@@ -259,7 +258,7 @@ def swanlab_init(cfg: TrainConfig, run_id: str, output_dir: str) -> dict[str, An
     return {
         "project": cfg.swanlab_project or "ferry",
         "workspace": cfg.swanlab_workspace,
-        "name": run_names(cfg, run_id),
+        "name": cfg.swanlab_experiment_name or run_names(cfg, run_id),
         "description": cfg.swanlab_description,
         "mode": "online" if mode == "cloud" else mode,  # Axolotl says cloud, SwanLab online
         "log_dir": str(Path(output_dir).resolve() / TRACKERS_DIR / "swanlab"),
@@ -269,23 +268,30 @@ def swanlab_init(cfg: TrainConfig, run_id: str, output_dir: str) -> dict[str, An
 
 
 def run_names(cfg: TrainConfig, run_id: str) -> str:
-    """The trainer's run name, which the integrations give their run: the tracker's own
-    name key when set (Axolotl's), else the Ferry run id."""
-    for name in (
-        cfg.wandb_name,
-        cfg.mlflow_run_name,
-        cfg.swanlab_experiment_name,
-        cfg.trackio_run_name,
+    """The trainer's run name, which W&B, Comet and Trackio give their run: the name key
+    of the first tracker that is on and has one (W&B, Trackio, MLflow, SwanLab, in the
+    spirit of Axolotl's order), else the Ferry run id. MLflow and SwanLab also get their
+    own name key, whatever this is."""
+    on = {t.name for t in active(cfg)}
+    for tracker, name in (
+        ("wandb", cfg.wandb_name),
+        ("trackio", cfg.trackio_run_name),
+        ("mlflow", cfg.mlflow_run_name),
+        ("swanlab", cfg.swanlab_experiment_name),
     ):
-        if name:
+        if tracker in on and name:
             return name
     return run_id
 
 
-def mlflow_tags(run_id: str, sweep_id: str | None) -> str:
+def mlflow_tags(cfg: TrainConfig, run_id: str, sweep_id: str | None) -> str:
+    """The tags of the run's MLflow run: the Ferry ids it is found by, and its own name
+    (mlflow.runName) when mlflow_run_name is set and another tracker names the run."""
     tags = {"ferry.run_id": run_id}
     if sweep_id:
         tags["ferry.sweep_id"] = sweep_id
+    if cfg.mlflow_run_name:
+        tags["mlflow.runName"] = cfg.mlflow_run_name
     return json.dumps(tags)
 
 
@@ -404,8 +410,8 @@ def _tracker_settings_unused(cfg: TrainConfig, given: set[str]) -> Iterator[tupl
     """A tracker's settings without the tracker being on are said, not silently dropped."""
     on = {t.name.split("_")[0] for t in active(cfg)}
     for tracker, (flag, *naming) in _NAMING.items():
-        if tracker in on:
-            continue
+        if tracker in on or getattr(cfg, f"{tracker}_mode", None) == "disabled":
+            continue  # on, or turned off on purpose by its mode
         settings = sorted(
             k
             for k in given

@@ -447,3 +447,19 @@ def test_chat_template_jinja_paths_are_resolved_and_checked(tmp_path, monkeypatc
     found = {p.key: p.message for p in info.value.problems}
     assert found["datasets[0].chat_template_jinja"].startswith("`nowhere.jinja` does not exist")
     assert "chat_template_jinja" not in found  # found beside the config file
+
+
+def test_keys_axolotl_ignores_are_taken_with_a_warning():
+    """eval_max_new_tokens and eval_table_size are deprecated no-ops in Axolotl 0.21 and
+    common in its example configs: accepted, said to have no effect."""
+    said = []
+    cfg = validate_mapping(
+        {**BASE, "eval_max_new_tokens": 128, "eval_table_size": 5}, warn=said.append
+    )
+    assert cfg.base_model == BASE["base_model"]
+    assert sorted(said) == [
+        "config: eval_max_new_tokens: has no effect (Axolotl deprecated it for "
+        "generate_samples, and ignores it too).",
+        "config: eval_table_size: has no effect (Axolotl deprecated it for generate_samples, "
+        "and ignores it too).",
+    ]
