@@ -196,7 +196,10 @@ def test_each_corpus_config_plans_for_local_and_modal(path, monkeypatch):
     local_plan = api.plan(path, cloud="local", gpus="1")
     assert local_plan.backend == "local"
     assert local_plan.command[-4:-1] == ["-m", "payload", "train"]
-    modal_plan = api.plan(path, cloud="modal", gpus="H100:1")
+    # The trackers' credentials, as a user names them (an online tracker without its secret
+    # is refused before anything starts: tests/test_trackers.py).
+    secrets = ["wandb", "comet", "swanlab", "hf-token"]
+    modal_plan = api.plan(path, cloud="modal", gpus="H100:1", secrets=secrets)
     assert modal_plan.backend == "modal"
     assert dict(modal_plan.rows)["gpu"] == "H100:1"
 

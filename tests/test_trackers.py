@@ -60,6 +60,7 @@ def _config(tmp: Path, **extra) -> Path:
         "save_steps": 2,
         "output_dir": str(tmp / "out"),
         "storage": (tmp / "storage").as_uri(),
+        "debug": True,  # its rows printed before training: checked here, in a real run
         **ALL_TRACKERS,
         **extra,
     }
@@ -101,6 +102,8 @@ def tracked(tmp_path_factory):
     shutil.rmtree(out)  # the next attempt's machine starts with nothing but storage
     second = _train(_config(tmp, max_steps=6), tmp)
     assert "resuming from step 4" in second
+    # debug: true prints the first rows with the trained tokens marked, before training.
+    assert first.index("debug: row 0 (") < first.index("loss")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in metrics if "loss" in r}
     return out, losses, first + second
@@ -512,3 +515,11 @@ def test_user_given_tracker_ids_replace_the_run_id():
     env = environment(cfg, "run-7", "/tmp/o")
     assert env["WANDB_RUN_ID"] == "my-run" and env["COMET_EXPERIMENT_KEY"] == "a" * 32
     assert env["WANDB_WATCH"] == "gradients" and env["WANDB_LOG_MODEL"] == "checkpoint"
+
+
+def test_comet_settings_ferry_sets_itself_are_refused_with_why():
+    from payload.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        validate_mapping(_cfg(comet_project_name="c", comet_experiment_config={"name": "x"}))
+    assert "`name`: Ferry names the experiment" in str(refused.value)

@@ -379,10 +379,21 @@ def _credential_keys(cfg: TrainConfig, given: set[str]) -> Iterator[tuple[str, s
             )
 
 
+# Comet settings Axolotl passes on and Ferry decides itself, with the reason.
+_COMET_FERRY_SETS = {
+    "name": "Ferry names the experiment (the run name: wandb_name / the run id)",
+    "offline_directory": "Ferry keeps offline archives in the run folder, which is synced",
+    "comet_disabled": "turn Comet off with use_comet: false (or leave comet_project_name unset)",
+    "distributed_node_identifier": "Ferry reports from rank 0 only",
+}
+
+
 @rule("comet_experiment_config")
 def _comet_config(cfg: TrainConfig, given: set[str]) -> Iterator[tuple[str, str, bool]]:
     for key in cfg.comet_experiment_config or {}:
-        if key not in COMET_CONFIG_ENV:
+        if key in _COMET_FERRY_SETS:
+            yield _error("comet_experiment_config", f"`{key}`: {_COMET_FERRY_SETS[key]}")
+        elif key not in COMET_CONFIG_ENV:
             yield _error(
                 "comet_experiment_config",
                 f"`{key}` is not a Comet ExperimentConfig setting Ferry can pass; known: "
