@@ -33,6 +33,7 @@ ALL_TRACKERS = {
     "wandb_project": "ferry-test",
     "wandb_mode": "offline",
     "wandb_name": "tiny-run",
+    "wandb_entity": "ferry-team",
     "wandb_log_model": True,  # the final model, as a W&B artifact
     "hf_mlflow_log_artifacts": True,  # each checkpoint, as MLflow artifacts
     "mlflow_experiment_name": "ferry-exp",
@@ -40,6 +41,7 @@ ALL_TRACKERS = {
     "use_tensorboard": True,
     "comet_project_name": "ferry-comet",
     "comet_online": False,
+    "comet_workspace": "ferry-ws",
     "comet_experiment_config": {"tags": ["tiny", "ferry"]},
     "swanlab_project": "ferry-swan",
     "swanlab_mode": "offline",
@@ -147,7 +149,8 @@ def test_wandb_offline_run_has_the_losses_and_a_resume_continues_it(tracked):
             if kind == "artifact":
                 artifacts.append((folder, record.artifact.type, record.artifact.name))
             if kind == "run":
-                meta.append((record.run.run_id, record.run.display_name, record.run.run_group))
+                run = record.run
+                meta.append((run.run_id, run.display_name, run.run_group, run.entity, run.project))
             elif kind == "history":
                 items = {
                     i.key or "/".join(i.nested_key): json.loads(i.value_json)
@@ -158,6 +161,7 @@ def test_wandb_offline_run_has_the_losses_and_a_resume_continues_it(tracked):
     assert {m[0] for m in meta} == {RUN_ID}
     assert {m[1] for m in meta} == {"tiny-run"}  # wandb_name is the display name
     assert {m[2] for m in meta} == {SWEEP_ID}  # a sweep's trials are grouped
+    assert {m[3:] for m in meta} == {("ferry-team", "ferry-test")}  # entity, project
     assert sorted(history) == [1, 2, 3, 4, 5, 6]
     assert history == pytest.approx(losses)
     # wandb_log_model: true is "end": each attempt's model at its end, as a model artifact.
@@ -225,7 +229,10 @@ def test_comet_offline_archives_carry_the_losses_under_one_experiment_key(tracke
                     logged[metric["step"]] = float(metric["metricValue"])
     assert logged == pytest.approx(losses)
     with zipfile.ZipFile(archives[0]) as z:  # comet_experiment_config reached Comet
-        assert sorted(json.loads(z.read("experiment.json"))["tags"]) == ["ferry", "tiny"]
+        experiment = json.loads(z.read("experiment.json"))
+    assert sorted(experiment["tags"]) == ["ferry", "tiny"]
+    assert (experiment["workspace"], experiment["project_name"]) == ("ferry-ws", "ferry-comet")
+    assert experiment["resume_strategy"] == "get_or_create"  # comet_mode's default: resumable
 
 
 # ---- SwanLab (local) and Trackio (local): their files, in the run folder
