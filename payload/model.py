@@ -22,6 +22,16 @@ def _transformers_class(name: str | None, default: str) -> Any:
     return cls
 
 
+def _hub_kwargs(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
+    """What every `from_pretrained` of the run's model, config and tokenizer takes:
+    remote code as allowed, and the model's revision (as Axolotl does, it also picks the
+    config's and the tokenizer's files)."""
+    kwargs["trust_remote_code"] = cfg.trust_remote_code
+    if cfg.revision_of_model:
+        kwargs["revision"] = cfg.revision_of_model
+    return kwargs
+
+
 def load_tokenizer(cfg: TrainConfig) -> Any:
     if cfg.tokenizer_use_mistral_common:
         return _mistral_common_tokenizer(cfg)
@@ -29,12 +39,9 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     source = cfg.tokenizer_config or cfg.base_model
     # No `use_fast`: transformers 5 has only the fast kind and drops the argument (the
     # rules warn about `tokenizer_use_fast: false`).
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    kwargs = _hub_kwargs(cfg)
     if cfg.tokenizer_legacy is not None:
         kwargs["legacy"] = cfg.tokenizer_legacy
-    if cfg.revision_of_model:
-        # As Axolotl does: the model's revision also picks the tokenizer's files.
-        kwargs["revision"] = cfg.revision_of_model
     try:
         tokenizer = cls.from_pretrained(source, **kwargs)
     except OSError as e:
@@ -129,16 +136,14 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     # Adapters train on a frozen base, so the base can sit in bf16; a full fine-tune keeps
     # fp32 master weights and lets autocast do the bf16 math.
     dtype = torch.bfloat16 if (use_bf16(cfg) and cfg.adapter) else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision_of_model:
-        kwargs["revision"] = cfg.revision_of_model
-        if Path(cfg.base_model or "").expanduser().is_dir():
-            log.warning(
-                "revision_of_model %r is ignored: base_model %s is a local folder, not a "
-                "hub repository with revisions.",
-                cfg.revision_of_model,
-                cfg.base_model,
-            )
+    kwargs = _hub_kwargs(cfg, dtype=dtype)
+    if cfg.revision_of_model and Path(cfg.base_model or "").expanduser().is_dir():
+        log.warning(
+            "revision_of_model %r is ignored: base_model %s is a local folder, not a "
+            "hub repository with revisions.",
+            cfg.revision_of_model,
+            cfg.base_model,
+        )
     if config := _model_config(cfg):
         kwargs["config"] = config
     if attention := _attention(cfg):
@@ -193,11 +198,8 @@ def _model_config(cfg: TrainConfig) -> Any:
     from transformers import AutoConfig
 
     source = cfg.base_model_config or cfg.base_model
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision_of_model:
-        kwargs["revision"] = cfg.revision_of_model
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, **_hub_kwargs(cfg))
     except OSError as e:
         raise FerryError(f"Could not load the model config from {source}: {e}") from e
     for key, value in (cfg.overrides_of_model_config or {}).items():
