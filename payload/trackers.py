@@ -13,10 +13,9 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from payload.config.schema import TrainConfig
@@ -27,6 +26,7 @@ from payload.config.trackers import (
     missing_packages,
     mlflow_tags,
     run_names,
+    safe_id,
     swanlab_init,
 )
 from payload.errors import FerryError
@@ -38,12 +38,39 @@ SWEEP_ENV = "FERRY_SWEEP_ID"  # set by the launcher on a sweep's trials
 
 @dataclass
 class Trackers:
+    """The trackers of one run, with what the trainer needs from them."""
+
+    cfg: TrainConfig
+    output_dir: str
+    run_id: str
+    sweep_id: str | None
+    is_main: bool
     report_to: list[str]
-    run_name: str
-    env: dict[str, str] = field(default_factory=dict)
-    args: dict[str, str] = field(default_factory=dict)  # extra TrainingArguments
     closed: bool = False
-    begin: Callable[[], None] = lambda: None  # once any earlier attempt's files are back
+
+    @property
+    def run_name(self) -> str:
+        return run_names(self.cfg, self.run_id)
+
+    @property
+    def args(self) -> dict[str, str]:
+        """Extra TrainingArguments: Trackio's integration reads its settings there."""
+        if "trackio" not in self.report_to:
+            return {}
+        args = {"project": self.cfg.trackio_project_name or "ferry"}
+        if self.cfg.trackio_space_id:
+            args["trackio_space_id"] = self.cfg.trackio_space_id
+        return args
+
+    def begin(self) -> None:
+        """Start the runs the payload starts itself, once the resume has fetched the
+        earlier attempts' files (the MLflow run to continue is found in them)."""
+        if not self.is_main:
+            return
+        if "mlflow" in self.report_to:
+            _mlflow_run(self.cfg, self.run_id, self.sweep_id)
+        if "swanlab" in self.report_to:
+            _swanlab_run(self.cfg, self.run_id, self.output_dir, self.sweep_id)
 
     def close(self) -> None:
         """End the trackers' runs (once): their files are then complete."""
@@ -61,7 +88,7 @@ def run_id_for(output_dir: str) -> str:
         folder = Path(output_dir).resolve()
         digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
         run_id = f"{folder.name}-{digest}"
-    return re.sub(r"[^A-Za-z0-9._-]", "-", run_id)
+    return safe_id(run_id)
 
 
 @contextlib.contextmanager
@@ -70,8 +97,8 @@ def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trac
     that trains twice, as tests do, starts clean), and their runs closed at the end."""
     names = [t.name for t in active(cfg)]
     run_id = run_id_for(output_dir)
-    sweep_id = re.sub(r"[^A-Za-z0-9._-]", "-", os.environ.get(SWEEP_ENV, "")) or None
-    if names and (missing := missing_packages(cfg)):
+    sweep_id = safe_id(os.environ.get(SWEEP_ENV, "")) or None
+    if missing := missing_packages(cfg):
         raise FerryError(
             f"The config reports to {', '.join(names)}, but {', '.join(missing)} is not "
             "installed in this environment.",
@@ -85,32 +112,16 @@ def reporting(cfg: TrainConfig, output_dir: str, is_main: bool) -> Iterator[Trac
         attempt = time.strftime("attempt-%Y%m%d-%H%M%S", time.gmtime())
         env["COMET_OFFLINE_DIRECTORY"] = str(Path(env["COMET_OFFLINE_DIRECTORY"]) / attempt)
         Path(env["COMET_OFFLINE_DIRECTORY"]).mkdir(parents=True, exist_ok=True)
+    if names:
+        (Path(output_dir) / TRACKERS_DIR).mkdir(parents=True, exist_ok=True)
     # What this run sets, and what the MLflow setup may set, comes back as it was.
     saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_RUN_ID", "MLFLOW_TAGS")}
-    trackers: Trackers | None = None
+    trackers = Trackers(cfg, output_dir, run_id, sweep_id, is_main, names)
     os.environ.update(env)
     try:
-        if names:
-            (Path(output_dir) / TRACKERS_DIR).mkdir(parents=True, exist_ok=True)
-
-        def begin() -> None:
-            """The runs the payload starts itself, after the resume has fetched the
-            earlier attempts' files (the MLflow run to continue is found in them)."""
-            if "mlflow" in names and is_main:
-                _mlflow_run(cfg, run_id, sweep_id)
-            if "swanlab" in names and is_main:
-                _swanlab_run(cfg, run_id, output_dir, sweep_id)
-
-        args = {}
-        if "trackio" in names:  # the integration reads these from the arguments
-            args = {"project": cfg.trackio_project_name or "ferry"}
-            if cfg.trackio_space_id:
-                args["trackio_space_id"] = cfg.trackio_space_id
-        trackers = Trackers(names, run_names(cfg, run_id), env, args, begin=begin)
         yield trackers
     finally:
-        if trackers is not None:
-            trackers.close()
+        trackers.close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,9 +187,11 @@ def comet_key(run_id: str) -> str:
     return hashlib.sha256(run_id.encode()).hexdigest()[:32]
 
 
-def wandb_id(run_id: str) -> str:
-    """W&B run ids may not hold / \\ # ? % : (Ferry's never do; a sweep trial's `-t3` is fine)."""
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in run_id)[:128]
+def safe_id(text: str) -> str:
+    """An id every tracker takes: letters, digits, `.`, `_` and `-` (W&B refuses / \\ # ?
+    % :, an MLflow tag search quotes it), at most 128 characters. Ferry's run and sweep ids
+    already are; a folder name given by hand may not be."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:128]
 
 
 def environment(
@@ -202,7 +205,7 @@ def environment(
     if "wandb" in names:
         env.update(
             WANDB_PROJECT=cfg.wandb_project or "huggingface",
-            WANDB_RUN_ID=cfg.wandb_run_id or wandb_id(run_id),
+            WANDB_RUN_ID=cfg.wandb_run_id or safe_id(run_id),
             WANDB_RESUME="allow",
             WANDB_DIR=str(base),  # wandb writes <dir>/wandb/<run folder>
         )
@@ -262,7 +265,7 @@ def swanlab_init(cfg: TrainConfig, run_id: str, output_dir: str) -> dict[str, An
         "description": cfg.swanlab_description,
         "mode": "online" if mode == "cloud" else mode,  # Axolotl says cloud, SwanLab online
         "log_dir": str(Path(output_dir).resolve() / TRACKERS_DIR / "swanlab"),
-        "id": wandb_id(run_id),
+        "id": safe_id(run_id),
         "resume": "allow",
     }
 
