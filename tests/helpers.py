@@ -173,3 +173,19 @@ def write_jsonl(path: Path, rows: list) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def trained_runs(tokenizer, out) -> list[str]:
+    """The trained tokens of a tokenized row as strings, one per run of consecutive
+    labelled tokens (a label is always its own token)."""
+    from payload.data.core import IGNORE
+
+    found, current = [], []
+    for token, label in zip(out["input_ids"], out["labels"], strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            found.append(tokenizer.decode(current))
+            current = []
+    return found + ([tokenizer.decode(current)] if current else [])

@@ -93,14 +93,14 @@ def test_qlora_4bit_on_cuda_trains_on_a_packed_base(tmp_path, bf16_run):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_packed_rows_through_flash_attention_varlen_keep_to_themselves():
-    if importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("flash-attn is not installed (pip install flash-attn: it compiles)")
+def _child_check(name: str) -> dict:
+    """Run one of this file's checks (`python tests/test_gpu.py NAME`) in a process that
+    sees the host's GPUs; its last line of output, as JSON."""
     import os
 
     env = {k: v for k, v in {**os.environ, **gpu_env()}.items() if v is not None}
     done = subprocess.run(
-        [sys.executable, __file__, "flash-varlen"],
+        [sys.executable, __file__, name],
         capture_output=True,
         text=True,
         env=env,
@@ -108,7 +108,13 @@ def test_packed_rows_through_flash_attention_varlen_keep_to_themselves():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_packed_rows_through_flash_attention_varlen_keep_to_themselves():
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed (pip install flash-attn: it compiles)")
+    found = _child_check("flash-varlen")
     assert found["attention"] == "flash_attention_2" and found["rows_in_batch"] == 1
     assert max(found["segmented"]) < VARLEN_REL, found
     # The first row attends to nothing before it either way; the others must differ.
@@ -204,19 +210,7 @@ def test_activation_offloading_moves_what_checkpointing_keeps_off_the_gpu():
     in Ferry's offloading context for each CUDA mode: the activations still on the GPU
     between forward and backward fall (legacy copies synchronously, so nearly all go;
     true keeps up to 5 in flight), and the gradients are those of no offloading."""
-    import os
-
-    env = {k: v for k, v in {**os.environ, **gpu_env()}.items() if v is not None}
-    done = subprocess.run(
-        [sys.executable, __file__, "activation-offload"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = _child_check("activation-offload")
     plain = found["False"]
     assert found["legacy"]["held_mib"] < 0.5 * plain["held_mib"], found
     assert found["True"]["held_mib"] < plain["held_mib"], found

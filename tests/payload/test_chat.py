@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import ASSETS, DATA
+from helpers import ASSETS, DATA, trained_runs
 
 from payload.config import DatasetConfig, FerryError, TrainConfig, validate_mapping
 from payload.data.build import build_datasets
-from payload.data.core import IGNORE, BadRow, build_strategy
+from payload.data.core import BadRow, build_strategy
 from payload.data.templates import BUILTIN_TEMPLATES, eot_token_for, resolve_template
 from payload.model import load_tokenizer
 
@@ -45,17 +45,7 @@ def chat(tokenizer, row, cfg=None, **keys):
     return build_strategy(ds, cfg or TrainConfig(), tokenizer)(row)
 
 
-def runs(tokenizer, out):
-    """The trained tokens as strings, one per run of consecutive labelled tokens."""
-    found, current = [], []
-    for token, label in zip(out["input_ids"], out["labels"], strict=True):
-        if label != IGNORE:
-            assert label == token
-            current.append(token)
-        elif current:
-            found.append(tokenizer.decode(current))
-            current = []
-    return found + ([tokenizer.decode(current)] if current else [])
+runs = trained_runs  # the trained tokens as strings, one per labelled run
 
 
 def msg(role, content, **extra):

@@ -11,11 +11,11 @@ the trace was dropped, mislabelled, or read from the wrong key.
 from __future__ import annotations
 
 import pytest
-from helpers import ASSETS, write_jsonl
+from helpers import ASSETS, trained_runs, write_jsonl
 
 from payload.config import ConfigError, DatasetConfig, FerryError, TrainConfig, validate_mapping
 from payload.data.build import build_datasets
-from payload.data.core import IGNORE, BadRow, build_strategy
+from payload.data.core import BadRow, build_strategy
 
 
 def think_template(key: str = "reasoning_content") -> str:
@@ -59,16 +59,7 @@ def strategy(tokenizer, template=THINK, **keys):
 def text_and_runs(tokenizer, out) -> tuple[str, list[str]]:
     """The whole decoded text, and the trained tokens decoded, one string per run of
     consecutive labelled tokens."""
-    found, current = [], []
-    for token, label in zip(out["input_ids"], out["labels"], strict=True):
-        if label != IGNORE:
-            assert label == token
-            current.append(token)
-        elif current:
-            found.append(tokenizer.decode(current))
-            current = []
-    found += [tokenizer.decode(current)] if current else []
-    return tokenizer.decode(out["input_ids"]), found
+    return tokenizer.decode(out["input_ids"]), trained_runs(tokenizer, out)
 
 
 def row(trace_key="reasoning_content", trace="Two plus two is four."):
