@@ -124,11 +124,9 @@ def test_evals_per_epoch_zero_means_no_evaluation_while_training():
 
 
 def learning_rates(cfg, steps: int) -> list[float]:
-    """The learning rate of each of `steps` optimizer steps, from the trainer's scheduler."""
-    from transformers import AutoModelForCausalLM, Trainer
-
-    args = training_arguments(cfg, SINGLE, "o", 100, False)
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama"), args=args)
+    """The learning rate of each of `steps` optimizer steps, from the scheduler of Ferry's
+    trainer (what `payload.train` builds)."""
+    trainer = ferry_trainer(cfg, "o", ROWS)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     rates = []
     for _ in range(steps):
@@ -373,18 +371,6 @@ def test_eval_strategy_no_epoch_or_inferred_as_axolotl_does():
         assert message in str(e.value), (keys, str(e.value))
 
 
-def learning_rates_of(cfg, steps: int) -> list[float]:
-    """The learning rate of each of `steps` optimizer steps, from Ferry's trainer."""
-    trainer = ferry_trainer(cfg, "o", ROWS)
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    rates = []
-    for _ in range(steps):
-        rates.append(trainer.lr_scheduler.get_last_lr()[0])
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-    return rates
-
-
 def test_quadratic_warmup_held_floor_and_eta_min_shape_the_cosine():
     """Axolotl's schedules (utils/schedulers.py), written out: a warmup of (s / w)^2;
     cosine_constant_lr_ratio c with floor r: the cosine from 1 to r over steps w..c*T,
@@ -396,7 +382,7 @@ def test_quadratic_warmup_held_floor_and_eta_min_shape_the_cosine():
     expected = [lr * (s / 4) ** 2 for s in range(4)] + [
         lr * 0.5 * (1 + math.cos(math.pi * (s - 4) / 6)) for s in range(4, 10)
     ]
-    assert learning_rates_of(quadratic, 10) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert learning_rates(quadratic, 10) == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
     held = config(
         lr_scheduler="cosine",
@@ -408,13 +394,13 @@ def test_quadratic_warmup_held_floor_and_eta_min_shape_the_cosine():
     expected = [0.0, lr / 2] + [
         lr * (0.9 * 0.5 * (1 + math.cos(math.pi * (min(s, 6) - 2) / 4)) + 0.1) for s in range(2, 10)
     ]
-    rates = learning_rates_of(held, 10)
+    rates = learning_rates(held, 10)
     assert rates == pytest.approx(expected, rel=1e-9, abs=1e-15)
     assert rates[6:] == pytest.approx([1e-4] * 4)
 
     eta = config(lr_scheduler="cosine", lr_scheduler_kwargs={"eta_min": 2e-4})
     expected = [2e-4 + (lr - 2e-4) * 0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)]
-    assert learning_rates_of(eta, 10) == pytest.approx(expected, rel=1e-9)
+    assert learning_rates(eta, 10) == pytest.approx(expected, rel=1e-9)
 
     _, said = checked(lr_scheduler="linear", lr_quadratic_warmup=True)
     assert any("lr_quadratic_warmup: is ignored with `lr_scheduler: linear`" in w for w in said)
