@@ -128,15 +128,25 @@ def _quantization(cfg: TrainConfig) -> Any:
     )
 
 
-def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
-    """The base model, resized for added tokens, wrapped in LoRA when `adapter` is set."""
+def load_model(
+    cfg: TrainConfig,
+    tokenizer: Any,
+    *,
+    head: str = "AutoModelForCausalLM",
+    task_type: str = "CAUSAL_LM",
+    **model_kwargs: Any,
+) -> Any:
+    """The base model, resized for added tokens, wrapped in LoRA when `adapter` is set.
+    A recipe names the model `head` (an auto class, used unless `model_type` names
+    another), peft's `task_type` for the adapter, and any settings of the head
+    (`num_labels`, say) in `model_kwargs`."""
     import torch
 
-    cls = _transformers_class(cfg.model_type, "AutoModelForCausalLM")
+    cls = _transformers_class(cfg.model_type, head)
     # Adapters train on a frozen base, so the base can sit in bf16; a full fine-tune keeps
     # fp32 master weights and lets autocast do the bf16 math.
     dtype = torch.bfloat16 if (use_bf16(cfg) and cfg.adapter) else torch.float32
-    kwargs = _hub_kwargs(cfg, dtype=dtype)
+    kwargs = _hub_kwargs(cfg, dtype=dtype, **model_kwargs)
     if cfg.revision_of_model and Path(cfg.base_model or "").expanduser().is_dir():
         log.warning(
             "revision_of_model %r is ignored: base_model %s is a local folder, not a "
@@ -174,7 +184,7 @@ def load_model(cfg: TrainConfig, tokenizer: Any) -> Any:
         # per-row mask from position_ids, and packed rows attend to each other.
         model.config.use_cache = False
     if cfg.adapter:
-        model = apply_lora(cfg, model)
+        model = apply_lora(cfg, model, task_type)
     if cfg.unfrozen_parameters:
         unfreeze_only(model, cfg.unfrozen_parameters)
     return model
@@ -278,7 +288,7 @@ def linear_layer_names(model: Any) -> set[str]:
     }
 
 
-def apply_lora(cfg: TrainConfig, model: Any) -> Any:
+def apply_lora(cfg: TrainConfig, model: Any, task_type: str = "CAUSAL_LM") -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit or cfg.load_in_8bit:
@@ -310,7 +320,7 @@ def apply_lora(cfg: TrainConfig, model: Any) -> Any:
         modules_to_save=cfg.lora_modules_to_save,
         use_rslora=bool(cfg.peft_use_rslora),
         use_dora=bool(cfg.peft_use_dora),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, lora)

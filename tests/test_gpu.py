@@ -135,7 +135,7 @@ def varlen_check(device: str = "cuda", flash: bool = True) -> dict:
     from payload.config import validate_mapping
     from payload.distributed import DistInfo
     from payload.model import load_model, load_tokenizer
-    from payload.packed_trainer import packing_setup
+    from payload.trainers.packed import packing_setup
 
     cfg = validate_mapping(
         {
@@ -226,7 +226,7 @@ def offload_check() -> dict:
     from transformers import AutoModelForCausalLM
 
     from payload.config import validate_mapping
-    from payload.train import activation_offloader
+    from payload.trainers.settings import activation_offloader
 
     ids = torch.randint(4, 1024, (8, 2048), generator=torch.Generator().manual_seed(0)).cuda()
     found, reference = {}, None

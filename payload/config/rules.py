@@ -21,6 +21,7 @@ from payload.config.schema import (
 )
 from payload.config.user_formats import user_defined_problems
 from payload.errors import Problem
+from payload.trainers import RL_OBJECTIVES
 
 # A finding is (key, message, is_error); warnings are settings that would be ignored.
 Finding = tuple[str, str, bool]
@@ -666,8 +667,12 @@ def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     # Recognised keys whose feature is still being built: refuse rather than ignore.
     if cfg.context_parallel_size > 1:
         yield _error("context_parallel_size", "above 1 is not supported yet.")
-    if cfg.rl:
-        yield _error("rl", f"`{cfg.rl}` training is not supported yet; Ferry trains SFT today.")
+    if cfg.rl and cfg.rl.lower() not in RL_OBJECTIVES:
+        yield _error(
+            "rl",
+            f"`{cfg.rl}` is not an objective Ferry trains; it trains "
+            f"{', '.join(RL_OBJECTIVES)} (and supervised fine-tuning without `rl:`).",
+        )
     if cfg.plugins:
         yield _error("plugins", "are not supported yet.")
 
@@ -701,3 +706,11 @@ def _optimizer(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error(
             "optimizer", f"`{cfg.optimizer}` is not an optimizer transformers knows; {hint}"
         )
+
+
+# ---- objectives (payload/trainers): each block's rules below its own marker.
+# ---- rules: preference objectives
+# ---- rules: GRPO
+# ---- rules: reward models
+# ---- rules: QLoRA
+# ---- rules: after training

@@ -886,9 +886,16 @@ class TrainConfig(_ChatTemplateKeys):
         default=1, description="Split each sequence over this many GPUs (not supported yet)."
     )
     rl: str | None = Field(
-        default=None, description="Preference/RL objective: dpo, kto, orpo, grpo (not yet)."
+        default=None, description="Preference/RL objective: dpo, ipo, simpo, kto, orpo, grpo."
     )
     strict: bool = Field(default=False, description="Make the first bad dataset row an error.")
+
+    # ---- objectives (payload/trainers): each block's keys below its own marker.
+    # ---- keys: preference objectives
+    # ---- keys: GRPO
+    # ---- keys: reward models
+    # ---- keys: QLoRA
+    # ---- keys: after training
     plugins: list[str] | None = Field(
         default=None, description="Axolotl plugin classes (not supported yet)."
     )

@@ -396,7 +396,7 @@ def test_the_trainer_loader_follows_the_sampler_epoch_also_after_a_resume(tmp_pa
 
     from payload.distributed import DistInfo
     from payload.model import load_tokenizer
-    from payload.packed_trainer import PackedTrainer, packing_setup
+    from payload.trainers.packed import PackedTrainer, packing_setup
 
     lengths = lognormal(200, 128)
     rows = [{"input_ids": list(range(4, 4 + n)), "labels": list(range(4, 4 + n))} for n in lengths]
@@ -444,7 +444,7 @@ def train_bins(dataset, bins):
 
 def test_pad_to_sequence_len_without_packing_pads_every_batch_to_it():
     from payload.model import load_tokenizer
-    from payload.train import unpacked_collator
+    from payload.trainers.settings import unpacked_collator
 
     base = {
         "base_model": str(ASSETS / "tiny-llama"),

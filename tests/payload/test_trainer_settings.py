@@ -10,7 +10,7 @@ from helpers import ASSETS, DATA
 
 from payload.config import ConfigError, validate_mapping
 from payload.distributed import DistInfo
-from payload.train import training_arguments
+from payload.trainers.settings import training_arguments
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, backend=None, device="cpu")
 
@@ -217,7 +217,7 @@ def test_eval_batch_size_sizes_packed_eval_batches_too():
     from datasets import Dataset
 
     from payload.model import load_tokenizer
-    from payload.packed_trainer import packing_setup
+    from payload.trainers.packed import packing_setup
 
     cfg = config(
         sample_packing=True,
@@ -307,7 +307,7 @@ def ferry_trainer(cfg, out, rows, eval_rows=None, **extra):
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     from payload.model import load_tokenizer
-    from payload.train import FerryTrainer, settings_callbacks
+    from payload.trainers.settings import FerryTrainer, settings_callbacks
 
     def dataset(rows):
         return Dataset.from_dict(
@@ -515,7 +515,7 @@ def test_torch_compile_trains_the_compiled_model_with_that_backend_and_mode(tmp_
     from torch._dynamo.utils import counters
 
     from payload.errors import FerryError
-    from payload.train import compile_arguments
+    from payload.trainers.settings import compile_arguments
 
     torch._dynamo.reset()
     counters.clear()
@@ -577,7 +577,7 @@ def test_debug_prints_the_first_rows_with_the_trained_tokens_marked():
 
     from payload.data.build import build_datasets
     from payload.model import load_tokenizer
-    from payload.train import debug_rows
+    from payload.trainers.settings import debug_rows
 
     cfg = config(debug=True, shuffle_merged_datasets=False)
     tokenizer = load_tokenizer(cfg)

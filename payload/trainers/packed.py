@@ -19,7 +19,7 @@ from payload.data.collator import PackedCollator
 from payload.data.packing import MultipackBatchSampler
 from payload.distributed import DistInfo
 from payload.errors import FerryError
-from payload.train import FerryTrainer
+from payload.trainers.settings import FerryTrainer
 
 
 def row_lengths(dataset: Any) -> np.ndarray:
