@@ -32,12 +32,11 @@ test: setup
 
 # The GPU tier. It needs a CUDA build of torch==2.13.0 in .venv: PyPI's Linux wheel is
 # one; a machine whose pip index serves the CPU build (as our dev VMs do) needs the CUDA
-# build installed by hand. The `gpu` extra adds bitsandbytes (4-bit QLoRA). flash-attn
+# build installed by hand. bitsandbytes (4-bit QLoRA) is in the `train` extra. flash-attn
 # compiles for minutes, so it is left to you (`pip install flash-attn`); its test skips
 # without it. Without a GPU, or with a torch that cannot use it, every test here is
 # skipped with the reason.
 test-gpu: setup
-	$(BIN)/python -m pip install --quiet -e ".[gpu]"
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -43,10 +43,9 @@ HANDLE_FILE = "local-handle.json"  # the supervisor's pid, written the moment it
 # torchrun itself needs a moment after its workers' grace period to reap them and exit.
 AGENT_MARGIN_S = 15
 TRAIN_MODULES = ("torch", "transformers", "peft", "accelerate", "datasets")
-# Config keys that only work on CUDA GPUs, and what each needs.
+# Config keys that only work on CUDA GPUs, and what each needs. (load_in_4bit and
+# load_in_8bit are not among them: bitsandbytes runs both on the CPU.)
 GPU_ONLY = {
-    "load_in_4bit": "bitsandbytes on a CUDA GPU",
-    "load_in_8bit": "bitsandbytes on a CUDA GPU",
     "fp16": "a CUDA GPU",
     "flash_attention": "flash-attn on a CUDA GPU",
     "deepspeed": "CUDA GPUs",

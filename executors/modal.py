@@ -40,6 +40,7 @@ from executors.base import (
     Status,
     remote_job,
 )
+from payload.config.rewards import file_reference
 from payload.errors import FerryError
 from payload.runtime.cluster import SINGLE, Node, torchrun_args
 from payload.runtime.deadline import DeadlineExceeded, call_within
@@ -133,14 +134,25 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
             inputs.append((Path(value), seen[value]))
         return seen[value]
 
+    def ship_code(value: Any) -> Any:
+        """GRPO's reward functions and prompt transforms in local files (`path.py:name`,
+        payload.config.rewards) travel like data; the payload loads them by path."""
+        ref = file_reference(value) if isinstance(value, str) else None
+        return f"{ship(ref[0])}:{ref[1]}" if ref else value
+
     for key in INPUT_KEYS:
         if key in config:
             config[key] = ship(config[key])
+    if isinstance(config.get("trl"), dict) and config["trl"].get("reward_funcs"):
+        funcs = [ship_code(f) for f in config["trl"]["reward_funcs"]]
+        config["trl"] = {**config["trl"], "reward_funcs": funcs}
     for key in DATASET_LISTS:
         for dataset in config.get(key) or []:
             dataset["path"] = ship(dataset.get("path"))
             if "chat_template_jinja" in dataset:
                 dataset["chat_template_jinja"] = ship(dataset["chat_template_jinja"])
+            if "type" in dataset:
+                dataset["type"] = ship_code(dataset["type"])
     if config.get("dataset_prepared_path"):
         # A laptop folder means nothing in the container; the volume keeps the cache.
         config["dataset_prepared_path"] = PREPARED

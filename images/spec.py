@@ -23,7 +23,8 @@ REPOSITORY = "ferry"  # image name; the tag is the spec's hash
 EXTRAS = {
     "flash-attn": ["flash-attn==2.8.3"],
     "deepspeed": ["deepspeed==0.18.2"],
-    "bitsandbytes": ["bitsandbytes==0.48.2"],
+    # GRPO generation with `trl.use_vllm` (its own torch pin may differ from the image's).
+    "vllm": ["vllm==0.33.0"],
 }
 
 

@@ -341,6 +341,154 @@ def cancel(run_id: RunArg, yes: YesOpt = False) -> None:
     output.cancelled(api.cancel(run_id))
 
 
+# ---- after training: merge-lora, inference, evaluate, quantize (payload/posttrain). The
+# training stack (torch, transformers, peft) loads inside each command, never for --help.
+
+TargetArg = Annotated[
+    str,
+    typer.Argument(
+        help="A run id (its artifacts are pulled from storage if they are not here) or a "
+        "config path (its output_dir holds the trained model).",
+        metavar="RUN|CONFIG",
+        show_default=False,
+    ),
+]
+DestOpt = Annotated[
+    str | None, typer.Option("--dest", metavar="DIR", help="Where to save it.", show_default=False)
+]
+
+
+def _target(spec: str):  # type: ignore[no-untyped-def]
+    """The run or config `spec` names, with its config and its trained model's folder."""
+    from payload.posttrain import target
+
+    if target.looks_like_config(spec):
+        return target.from_config(spec)
+    from launcher import api
+
+    return target.from_run(api.status(spec))
+
+
+@app.command("merge-lora")
+def merge_lora(run: TargetArg, dest: DestOpt = None) -> None:
+    """Merge a trained LoRA adapter into its base model and save one plain model (default
+    <output_dir>/merged). A QLoRA adapter merges into the de-quantized 4-bit base."""
+    from launcher import output
+    from payload.posttrain.merge import merge
+
+    found = _target(run)
+    output.note(f"merging the adapter in {found.model_dir} into {found.cfg.base_model} ...")
+    merged = merge(found, dest)
+    base = "de-quantized base" if merged.dequantized else "base"
+    output.say(f"merged adapter + {base} ({merged.dtype}) saved to {merged.dest}")
+
+
+@app.command()
+def inference(
+    run: TargetArg,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt", "-p", help="Complete this; without it, read one prompt a line from stdin."
+        ),
+    ] = None,
+    json_: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='One JSON object a prompt: {"prompt", "text", "tokens", "new_tokens"}.'
+        ),
+    ] = False,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", metavar="N", help="Stop after N new tokens.")
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", metavar="T", help="0: greedy; above 0: sample.")
+    ] = 0.0,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", metavar="P", help="Nucleus sampling.")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", metavar="K", help="Sample from the K likeliest.")
+    ] = None,
+    no_chat_template: Annotated[
+        bool,
+        typer.Option(
+            "--no-chat-template", help="Send the prompt as raw text, without the chat template."
+        ),
+    ] = False,
+) -> None:
+    """Complete prompts with the trained model (base + adapter, or the full model), tokens
+    streamed as they come. Greedy unless --temperature > 0."""
+    from launcher import output
+    from payload.posttrain.inference import Generator, Sampling, prompts_from
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, not no_chat_template)
+    sampling.check()  # before the model loads
+    found = _target(run)
+    interactive = prompt is None and sys.stdin.isatty()  # piped prompts get no "> " marks
+    generator = Generator(found, sampling)
+    if not generator.templated and sampling.chat_template and not json_:
+        output.note("the tokenizer has no chat template: prompts go in as raw text")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def ask():  # type: ignore[no-untyped-def]
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    for text in [prompt] if prompt is not None else prompts_from(ask()):
+        if json_:
+            print(json.dumps(generator.complete(text).to_dict()), flush=True)
+        else:
+            generator.complete(text, stream=write)
+            write("\n")
+
+
+@app.command()
+def evaluate(run: TargetArg, json_: JsonOpt = False) -> None:
+    """Eval loss and perplexity of the trained model on the config's eval set
+    (test_datasets, or the val_set_size rows held out in training)."""
+    from launcher import output
+    from payload.posttrain.evaluate import evaluate as run_eval
+
+    result = run_eval(_target(run))
+    if json_:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    output.say(
+        f"eval_loss {result.eval_loss:.4f}  perplexity {result.perplexity:.4f}  "
+        f"({result.source}: {result.rows} rows, {result.tokens:,} trained tokens; "
+        "token-weighted mean, nats per token)"
+    )
+
+
+@app.command()
+def quantize(run: TargetArg, dest: DestOpt = None) -> None:
+    """torchao post-training quantization (the config's `quantization:` keys; default int8
+    weight-only) of the trained model, merged first if it is an adapter; saved to
+    <output_dir>/quantized by default, loadable with from_pretrained."""
+    from launcher import output
+    from payload.posttrain.quantize import quantize as run_quantize
+
+    found = _target(run)
+    if found.cfg.quantization is None:
+        output.note("the config has no `quantization:` section: int8 weight-only (per row)")
+    done = run_quantize(found, dest)
+    merged = "adapter merged, then " if done.merged else ""
+    output.say(
+        f"{merged}quantized ({done.scheme}, torchao {done.torchao_config}, on {done.device}) "
+        f"saved to {done.dest}"
+    )
+
+
 # ---- sweeps: `launch sweep CFG --sweep GRID.yml` runs one; subcommands look after it
 
 

@@ -162,9 +162,9 @@ def finished(record: RunRecord) -> None:
     s = record.summary or {}
     if s.get("final_loss") is not None:
         first, final = s["first_loss"], s["final_loss"]
-        out().print(
-            f"   final loss  {final:.4f} (first {first:.4f}, {(final - first) / first:+.0%})"
-        )
+        # A policy-gradient loss (GRPO) starts at 0: no relative change to show.
+        change = f", {(final - first) / first:+.0%}" if first else ""
+        out().print(f"   final loss  {final:.4f} (first {first:.4f}{change})")
     if record.output_dir and Path(record.output_dir).exists():
         out().print(f"   artifacts   {escape(record.output_dir)}")
     if record.storage_uri:

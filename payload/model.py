@@ -111,21 +111,11 @@ def _attention(cfg: TrainConfig) -> str | None:
 
 
 def _quantization(cfg: TrainConfig) -> Any:
-    if not (cfg.load_in_4bit or cfg.load_in_8bit):
-        return None
-    import torch
-    from transformers import BitsAndBytesConfig
+    """bitsandbytes' settings for a 4-bit or 8-bit base (payload/quantized.py); bitsandbytes
+    runs both on a GPU and on the CPU."""
+    from payload.quantized import quantization_config
 
-    if not torch.cuda.is_available():
-        raise FerryError("load_in_4bit/load_in_8bit need a CUDA GPU (bitsandbytes); none found.")
-    if cfg.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16(cfg) else torch.float16,
-    )
+    return quantization_config(cfg)
 
 
 def load_model(
@@ -134,12 +124,15 @@ def load_model(
     *,
     head: str = "AutoModelForCausalLM",
     task_type: str = "CAUSAL_LM",
+    new_adapter: bool = True,
     **model_kwargs: Any,
 ) -> Any:
     """The base model, resized for added tokens, wrapped in LoRA when `adapter` is set.
     A recipe names the model `head` (an auto class, used unless `model_type` names
     another), peft's `task_type` for the adapter, and any settings of the head
-    (`num_labels`, say) in `model_kwargs`."""
+    (`num_labels`, say) in `model_kwargs`. `new_adapter=False`: the base exactly as
+    training loads it (dtype, quantization), for a trained adapter to be loaded onto
+    (payload.posttrain)."""
     import torch
 
     cls = _transformers_class(cfg.model_type, head)
@@ -183,7 +176,7 @@ def load_model(
         # Packing also needs it off: with a KV cache transformers no longer builds the
         # per-row mask from position_ids, and packed rows attend to each other.
         model.config.use_cache = False
-    if cfg.adapter:
+    if cfg.adapter and new_adapter:
         model = apply_lora(cfg, model, task_type)
     if cfg.unfrozen_parameters:
         unfreeze_only(model, cfg.unfrozen_parameters)
@@ -292,9 +285,14 @@ def apply_lora(cfg: TrainConfig, model: Any, task_type: str = "CAUSAL_LM") -> An
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit or cfg.load_in_8bit:
+        from payload.quantized import prepare_for_training
+
+        # peft freezes the base and casts its non-quantized parameters (norms,
+        # embeddings) to float32; the 4-bit and 8-bit weights stay as they are.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing
         )
+        prepare_for_training(model)
     elif cfg.gradient_checkpointing:
         # With a frozen base no input requires grad, and checkpointed blocks would then
         # have nothing to backpropagate through.
@@ -311,13 +309,19 @@ def apply_lora(cfg: TrainConfig, model: Any, task_type: str = "CAUSAL_LM") -> An
         # Parameters alone: no modules. Left as None, peft would add its default modules
         # for the architecture (q_proj and v_proj on a Llama).
         targets = []
+    keep = list(cfg.lora_modules_to_save or [])
+    if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        # The new classification head trains in full. Named before the LoRA layers are
+        # placed: peft's TOKEN_CLS model adds it only afterwards, when `all-linear` has
+        # already wrapped it in LoRA (and then fails).
+        keep += [name for name in ("score", "classifier") if name not in keep]
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.effective_lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         target_parameters=parameters or None,
-        modules_to_save=cfg.lora_modules_to_save,
+        modules_to_save=keep or None,
         use_rslora=bool(cfg.peft_use_rslora),
         use_dora=bool(cfg.peft_use_dora),
         task_type=task_type,

@@ -83,7 +83,7 @@ def test_bf16_on_cuda_trains(bf16_run):
 
 def test_qlora_4bit_on_cuda_trains_on_a_packed_base(tmp_path, bf16_run):
     if importlib.util.find_spec("bitsandbytes") is None:
-        pytest.skip("bitsandbytes is not installed: `make test-gpu` installs it")
+        pytest.skip("bitsandbytes is not installed: `make setup` installs it (the train extra)")
     log, out, losses = _cuda_run(tmp_path, "adapter: qlora\nload_in_4bit: true\nbf16: true\n")
     device, total = _model_line(log)
     assert device == "cuda" and "| qlora |" in log

@@ -110,7 +110,7 @@ def test_unknown_extra_is_refused():
 
     with pytest.raises(FerryError, match="flash unknown"):
         default_spec().with_overrides(extras=["flash"])
-    assert set(EXTRAS) == {"flash-attn", "deepspeed", "bitsandbytes"}
+    assert set(EXTRAS) == {"flash-attn", "deepspeed", "vllm"}
 
 
 def test_dockerfile_installs_torch_from_its_cuda_index_first():

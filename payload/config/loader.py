@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from payload.config import axolotl_keys, paths, trackers  # noqa: F401 - trackers: its rules
 from payload.config.overrides import apply_overrides
 from payload.config.rules import check_rules
-from payload.config.schema import DatasetConfig, TrainConfig
+from payload.config.schema import DatasetConfig, TrainConfig, TRLConfig
 from payload.errors import ConfigError, FerryError, Problem
 
 log = logging.getLogger("ferry.config")
@@ -170,7 +170,11 @@ _OFF = (None, False, "", [], {})  # values that ask for nothing
 
 # Axolotl's own keys, by the model whose entries they would be: what "not supported yet"
 # means at each depth. Ferry-only sections (launch) have none.
-_AXOLOTL = {TrainConfig: axolotl_keys.TOP_LEVEL, DatasetConfig: axolotl_keys.DATASET}
+_AXOLOTL = {
+    TrainConfig: axolotl_keys.TOP_LEVEL,
+    DatasetConfig: axolotl_keys.DATASET,
+    TRLConfig: axolotl_keys.TRL,
+}
 
 
 def _check_keys(

@@ -202,7 +202,12 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
         problems.append(
             Problem("dataset_prepared_path", "must be a local folder (the cache is locked there).")
         )
-    return cfg.model_copy(update=update), problems
+    # GRPO's reward functions and prompt transforms: code the config names, looked up like
+    # its files (next to the config) and imported to check them (payload.config.rewards).
+    from payload.config import rewards
+
+    cfg, code_problems = rewards.resolve(cfg.model_copy(update=update), base_dir)
+    return cfg, problems + code_problems
 
 
 def _resolve_dataset(

@@ -18,6 +18,7 @@ from payload.config.schema import (
     SUPPORTED_PREFERENCE_TYPES,
     DatasetConfig,
     TrainConfig,
+    preference_family,
 )
 from payload.config.user_formats import user_defined_problems
 from payload.errors import Problem
@@ -340,13 +341,16 @@ def _learning_rate_required(cfg: TrainConfig, given: set[str]) -> Iterator[Findi
         yield _error("learning_rate", "is required, e.g. `learning_rate: 2.0e-4`.")
 
 
-@rule("datasets", "test_datasets", "pretraining_dataset", "rl")
+@rule("datasets", "test_datasets", "pretraining_dataset", "rl", "reward_model")
 def _datasets(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if not cfg.datasets and not cfg.pretraining_dataset:
         yield _error("datasets", "is required: at least one dataset to train on.")
     for key, entries in (("datasets", cfg.datasets), ("test_datasets", cfg.test_datasets)):
         for i, ds in enumerate(entries):
-            yield from _dataset(f"{key}[{i}]", ds, cfg.rl)
+            # A reward model's rows are checked as the `reward` family of pair formats.
+            yield from _dataset(
+                f"{key}[{i}]", ds, cfg.rl or ("reward" if cfg.reward_model else None)
+            )
     for i, ds in enumerate(cfg.pretraining_dataset or []):
         if ds.type not in (None, "pretrain", "completion"):
             yield _error(
@@ -356,7 +360,9 @@ def _datasets(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 
 
 def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]:
-    family = (rl or "").lower()
+    family = preference_family(rl)
+    if family == "grpo":
+        return  # prompt rows or a transform function: the GRPO rules below check them
     if family in SUPPORTED_PREFERENCE_TYPES:
         known = SUPPORTED_PREFERENCE_TYPES[family]
         name = "user_defined" if isinstance(ds.type, dict) else ds.type
@@ -376,6 +382,8 @@ def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]
     if name not in SUPPORTED_DATASET_TYPES:
         close = difflib.get_close_matches(name, SUPPORTED_DATASET_TYPES, n=1)
         hint = f"did you mean `{close[0]}`? " if close else ""
+        if ds.type in SUPPORTED_PREFERENCE_TYPES["reward"]:
+            hint = "its pairs train a reward model: set `reward_model: true`; "
         yield _error(
             f"{where}.type",
             f"`{ds.type}` is not a prompt strategy Ferry knows; {hint}"
@@ -394,12 +402,6 @@ def _dataset(where: str, ds: DatasetConfig, rl: str | None) -> Iterator[Finding]
                 f"{where}.type",
                 f"`{ds.type}`: `{name}` has no loader `{loader}` ({choices}).",
             )
-    if name == "stepwise_supervised":
-        yield _error(
-            f"{where}.type",
-            "`stepwise_supervised` rows train a process reward model (a token-classification "
-            "head), which Ferry cannot train yet; its tokenization is ready for when it can.",
-        )
     alpaca_fields = ds.field_instruction or ds.field_input or ds.field_output
     if name in ("completion", "pretrain") and alpaca_fields:
         yield _warn(where, f"field_instruction/input/output are ignored by `{name}`.")
@@ -710,7 +712,405 @@ def _optimizer(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 
 # ---- objectives (payload/trainers): each block's rules below its own marker.
 # ---- rules: preference objectives
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "kto", "orpo")
+# TRL 1.16's DPOConfig.loss_type values (its docstring and DPOTrainer's dispatch).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+# The DPO losses that read label_smoothing (TRL 1.16's DPOTrainer.loss).
+DPO_SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+# Which objectives read each key; set for another, the key would be ignored.
+_PREFERENCE_KEYS = {
+    "dpo_loss_type": ("dpo",),
+    "dpo_loss_weights": ("dpo",),
+    "dpo_label_smoothing": ("dpo",),
+    "dpo_use_weighting": ("dpo",),
+    "precompute_ref_log_probs": ("dpo", "ipo", "kto"),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "orpo_alpha": ("orpo",),
+    "rl_beta": ("dpo", "ipo", "simpo", "kto", "orpo"),
+}
+
+
+@rule("rl", *_PREFERENCE_KEYS, "trl", "sample_packing", "pretraining_dataset", "micro_batch_size")
+def _preference(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    objective = (cfg.rl or "").lower()
+    for key, readers in _PREFERENCE_KEYS.items():
+        if getattr(cfg, key) is not None and objective not in readers:
+            yield _warn(key, f"ignored: only `rl:` {' or '.join(readers)} reads it.")
+    if objective not in PREFERENCE_OBJECTIVES:
+        return
+    trl_beta = cfg.trl.beta if cfg.trl is not None else None
+    if trl_beta is not None and cfg.rl_beta is not None and trl_beta != cfg.rl_beta:
+        yield _error("rl_beta", f"({cfg.rl_beta}) and trl.beta ({trl_beta}) differ; set one.")
+    if cfg.sample_packing:
+        yield _error(
+            "sample_packing",
+            f"does not apply to `rl: {objective}`: the trainer batches each prompt with its "
+            "answers itself. Remove it.",
+        )
+    if cfg.pretraining_dataset:
+        yield _error(
+            "pretraining_dataset",
+            f"is raw text; `rl: {objective}` trains on preference rows under `datasets`.",
+        )
+    if objective == "kto" and cfg.micro_batch_size < 2:
+        yield _error(
+            "micro_batch_size",
+            "must be at least 2 with `rl: kto`: KTO estimates its KL term from the other "
+            "rows of each batch.",
+        )
+    losses = cfg.dpo_loss_type or ["sigmoid"]
+    if objective == "dpo":
+        for loss in losses:
+            if loss not in DPO_LOSS_TYPES:
+                yield _error(
+                    "dpo_loss_type",
+                    f"`{loss}` is not a DPO loss TRL has; one of: {', '.join(DPO_LOSS_TYPES)}.",
+                )
+        smoothed = [loss for loss in losses if loss in DPO_SMOOTHED_LOSSES]
+        if cfg.dpo_label_smoothing and not smoothed:
+            yield _error(
+                "dpo_label_smoothing",
+                f"is read only by the DPO losses {', '.join(DPO_SMOOTHED_LOSSES)} in TRL 1.16 "
+                "(its sigmoid loss no longer smooths); with dpo_loss_type "
+                f"[{', '.join(losses)}] it would be ignored. For conservative DPO set "
+                "`dpo_loss_type: [robust]`.",
+            )
+        weights = cfg.dpo_loss_weights
+        if weights is not None and len(weights) != len(losses):
+            yield _error(
+                "dpo_loss_weights",
+                f"has {len(weights)} weights for {len(losses)} losses in dpo_loss_type "
+                f"({', '.join(losses)}); give one per loss.",
+            )
+
+
 # ---- rules: GRPO
+@rule("rl", "trl", "datasets", "micro_batch_size", "gradient_accumulation_steps", "launch")
+def _grpo(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    """GRPO's settings that TRL would refuse only once the model is loaded, and `trl:`
+    keys set for an objective that does not read them. The reward functions and prompt
+    transforms are imported and checked where files are found (payload.config.rewards,
+    called from paths.resolve: it needs the config's folder)."""
+    trl = cfg.trl
+    if (cfg.rl or "").lower() != "grpo":
+        if trl is not None:
+            unread = sorted(k for k in trl.model_fields_set if k != "beta")
+            if unread:
+                yield _warn(f"trl.{unread[0]}", "ignored: only `rl: grpo` reads trl: settings.")
+        return
+    if trl is None or not trl.reward_funcs:
+        yield _error(
+            "trl.reward_funcs",
+            "is required with `rl: grpo`: at least one reward function as `module.function` "
+            "(e.g. `rewards.my_reward` for my_reward in rewards.py next to the config).",
+        )
+        return
+    if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs):
+        yield _error(
+            "trl.reward_weights",
+            f"has {len(trl.reward_weights)} weights for {len(trl.reward_funcs)} reward "
+            "functions; give one per function.",
+        )
+    group = trl.num_generations or 8  # TRL's default
+    if trl.generation_batch_size is not None:
+        if trl.generation_batch_size % group:
+            yield _error(
+                "trl.generation_batch_size",
+                f"({trl.generation_batch_size}) must be a multiple of num_generations "
+                f"({group}): each prompt's completions are generated together.",
+            )
+        if trl.generation_batch_size % cfg.micro_batch_size:
+            yield _error(
+                "trl.generation_batch_size",
+                f"({trl.generation_batch_size}) must be a multiple of micro_batch_size "
+                f"({cfg.micro_batch_size}).",
+            )
+    elif (cfg.micro_batch_size * cfg.gradient_accumulation_steps) % group:
+        # The generation batch is micro_batch_size x GPUs x accumulation; on one GPU it
+        # must hold whole groups. More GPUs may fix it, so this is only a warning.
+        yield _warn(
+            "trl.num_generations",
+            f"({group}) does not divide micro_batch_size x gradient_accumulation_steps "
+            f"({cfg.micro_batch_size * cfg.gradient_accumulation_steps}); on one GPU TRL "
+            "refuses this. Set trl.generation_batch_size to a multiple of both.",
+        )
+    if trl.sync_ref_model and not trl.beta:
+        yield _error(
+            "trl.sync_ref_model",
+            "needs `trl.beta` above 0: with beta 0 there is no reference model to sync.",
+        )
+    if trl.sync_ref_model and cfg.adapter:
+        yield _error(
+            "trl.sync_ref_model",
+            "does not work with an adapter (the reference is the base with the adapter "
+            "off); leave it out or train without `adapter`.",
+        )
+    ref_keys = [
+        k for k in ("ref_model_sync_steps", "ref_model_mixup_alpha") if k in trl.model_fields_set
+    ]
+    if ref_keys and not trl.sync_ref_model:
+        yield _warn(f"trl.{ref_keys[0]}", "ignored without `trl.sync_ref_model: true`.")
+    yield from _vllm(cfg)
+    for i, ds in enumerate(cfg.datasets):
+        if isinstance(ds.type, dict):
+            yield _error(
+                f"datasets[{i}].type",
+                "GRPO rows need a `prompt` column, or `type: module.function` naming a "
+                "function that maps a row to {'prompt': ...}.",
+            )
+
+
+def _vllm(cfg: TrainConfig) -> Iterator[Finding]:
+    trl = cfg.trl
+    assert trl is not None
+    vllm_keys = [
+        k for k in trl.model_fields_set if k.startswith("vllm_") and getattr(trl, k) is not None
+    ]
+    if not trl.use_vllm:
+        if vllm_keys:
+            yield _warn(f"trl.{sorted(vllm_keys)[0]}", "ignored without `trl.use_vllm: true`.")
+        return
+    image = cfg.launch.image if cfg.launch else None
+    in_image = bool(image and "vllm" in image.extras)
+    import importlib.util
+
+    if not in_image and importlib.util.find_spec("vllm") is None:
+        yield _error(
+            "trl.use_vllm",
+            "needs vLLM, which is neither installed here nor in the run's image. Add it to "
+            "the image (`launch: {image: {extras: [vllm]}}`) for a cloud run, install it "
+            "(`pip install vllm`, on a machine with a GPU) for a local one, or set "
+            "`use_vllm: false` to generate with transformers.",
+        )
+    mode = trl.vllm_mode or "colocate"
+    server = ("vllm_server_host", "vllm_server_port", "vllm_server_timeout")
+    if mode == "colocate" and (stray := [k for k in server if k in vllm_keys]):
+        yield _warn(f"trl.{stray[0]}", "ignored with `vllm_mode: colocate` (server mode only).")
+    if mode == "server" and "vllm_gpu_memory_utilization" in vllm_keys:
+        yield _warn(
+            "trl.vllm_gpu_memory_utilization",
+            "ignored with `vllm_mode: server`: the server sets its own (trl vllm-serve "
+            "--gpu_memory_utilization).",
+        )
+
+
 # ---- rules: reward models
+@rule(
+    "reward_model",
+    "process_reward_model",
+    "rl",
+    "sample_packing",
+    "num_labels",
+    "center_rewards_coefficient",
+    "model_type",
+)
+def _reward_models(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    reward, process = bool(cfg.reward_model), bool(cfg.process_reward_model)
+    which = "reward_model" if reward else "process_reward_model"
+    if reward and process:
+        yield _error(
+            "process_reward_model",
+            "and `reward_model` are two different models (one score per sequence, or one "
+            "label per step); set one.",
+        )
+    if (reward or process) and cfg.rl:
+        yield _error("rl", f"and `{which}: true` are two objectives; set one.")
+    if (reward or process) and cfg.sample_packing:
+        yield _error(
+            "sample_packing",
+            f"cannot be used with `{which}`: a packed row holds several examples, and the "
+            "reward head scores one sequence (or one example's steps) per row; set "
+            "sample_packing: false.",
+        )
+    if cfg.num_labels is not None:
+        if not (reward or process):
+            yield _error(
+                "num_labels",
+                "sets the outputs of a reward head; it needs `reward_model: true` or "
+                "`process_reward_model: true`.",
+            )
+        elif reward and cfg.num_labels != 1:
+            yield _error(
+                "num_labels",
+                f"is {cfg.num_labels}, but a reward model gives one score per sequence "
+                "(TRL's RewardTrainer takes num_labels: 1 only); leave it out or set 1.",
+            )
+        elif process and not reward and cfg.num_labels < 2:
+            yield _error(
+                "num_labels",
+                "must be at least 2 for a process reward model: each step is labelled 0 "
+                "(wrong) or 1 (right).",
+            )
+    if cfg.center_rewards_coefficient is not None and not reward:
+        yield _error(
+            "center_rewards_coefficient",
+            "is a reward-model setting; it needs `reward_model: true`.",
+        )
+    head = {
+        "reward_model": "AutoModelForSequenceClassification",
+        "process_reward_model": "AutoModelForTokenClassification",
+    }
+    if (reward or process) and cfg.model_type and cfg.model_type != head[which]:
+        yield _error(
+            "model_type",
+            f"is `{cfg.model_type}`, but `{which}` trains a {head[which]} head; leave "
+            "model_type out.",
+        )
+
+
+@rule("process_reward_model", "reward_model", "datasets", "test_datasets", "pretraining_dataset")
+def _process_reward_rows(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    process = bool(cfg.process_reward_model)
+    for key, entries in (("datasets", cfg.datasets), ("test_datasets", cfg.test_datasets)):
+        for i, ds in enumerate(entries):
+            stepwise = ds.type == "stepwise_supervised"
+            if stepwise and not process and not cfg.rl and not cfg.reward_model:
+                yield _error(
+                    f"{key}[{i}].type",
+                    "`stepwise_supervised` rows label reasoning steps right or wrong: they "
+                    "train a process reward model; set `process_reward_model: true`.",
+                )
+            elif process and not stepwise and ds.type is not None:
+                yield _error(
+                    f"{key}[{i}].type",
+                    f"`{ds.type}` rows cannot train a process reward model; it trains on "
+                    "`stepwise_supervised` rows (prompt, completions, labels).",
+                )
+    if (cfg.reward_model or process) and cfg.pretraining_dataset:
+        which = "reward_model" if cfg.reward_model else "process_reward_model"
+        yield _error(
+            "pretraining_dataset",
+            f"is raw text, which has nothing for `{which}` to learn from; use datasets.",
+        )
+    if cfg.reward_model and cfg.dataset_prepared_path:
+        yield _warn(
+            "dataset_prepared_path",
+            "is not used by reward_model: its pairs are tokenized at the start of each run.",
+        )
+
+
 # ---- rules: QLoRA
+# BitsAndBytesConfig's settings (transformers 5), with what each accepts; the rest of its
+# fields are derived. load_in_4bit/load_in_8bit are top-level keys of their own.
+_BNB_SETTINGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "llm_int8_threshold": ("a number", lambda v: isinstance(v, int | float)),
+    "llm_int8_skip_modules": (
+        "a list of module names",
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    ),
+    "llm_int8_enable_fp32_cpu_offload": ("true or false", lambda v: isinstance(v, bool)),
+    "llm_int8_has_fp16_weight": ("true or false", lambda v: isinstance(v, bool)),
+    "bnb_4bit_compute_dtype": (
+        "float32, bfloat16 or float16",
+        lambda v: v in ("float32", "bfloat16", "float16"),
+    ),
+    "bnb_4bit_quant_type": ("nf4 or fp4", lambda v: v in ("nf4", "fp4")),
+    "bnb_4bit_use_double_quant": ("true or false", lambda v: isinstance(v, bool)),
+    "bnb_4bit_quant_storage": (
+        "uint8, bfloat16, float16 or float32",
+        lambda v: v in ("uint8", "bfloat16", "float16", "float32"),
+    ),
+}
+# Settings bitsandbytes reads only for 8-bit layers.
+_BNB_8BIT_ONLY = ("llm_int8_threshold", "llm_int8_has_fp16_weight")
+
+
+@rule("load_in_4bit", "load_in_8bit", "bnb_config_kwargs")
+def _bitsandbytes(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    extra = dict(cfg.bnb_config_kwargs or {})
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        if extra:
+            yield _warn(
+                "bnb_config_kwargs",
+                "ignored: the base is not quantized (set `load_in_4bit` or `load_in_8bit`).",
+            )
+        return
+    for key, value in extra.items():
+        where = f"bnb_config_kwargs.{key}"
+        if key in ("load_in_4bit", "load_in_8bit"):
+            yield _error(where, f"set the top-level `{key}` instead.")
+        elif key not in _BNB_SETTINGS:
+            close = difflib.get_close_matches(key, _BNB_SETTINGS, n=1)
+            hint = (
+                f"did you mean `{close[0]}`?" if close else f"one of: {', '.join(_BNB_SETTINGS)}."
+            )
+            yield _error(where, f"is not a bitsandbytes setting; {hint}")
+        elif not _BNB_SETTINGS[key][1](value):
+            yield _error(where, f"must be {_BNB_SETTINGS[key][0]}, not {value!r}.")
+        elif cfg.load_in_8bit and key.startswith("bnb_4bit_"):
+            yield _warn(where, "ignored: it sets 4-bit layers, and `load_in_8bit` is on.")
+        elif cfg.load_in_4bit and key in _BNB_8BIT_ONLY:
+            yield _warn(where, "ignored: it sets 8-bit layers, and `load_in_4bit` is on.")
+
+
 # ---- rules: after training
+# What `launch quantize` builds for each (weights, activations) pair: the rest are refused
+# here, by name, before any model is loaded. Which of these run on which device is
+# checked when it runs (payload/posttrain/quantize.py).
+QUANT_PAIRS = {
+    ("int8", None): "int8 weight-only",
+    ("int4", None): "int4 weight-only",
+    ("int8", "int8"): "int8 dynamic activations, int8 weights",
+    ("int4", "int8"): "int8 dynamic activations, int4 weights",
+    ("float8", "float8"): "float8 dynamic activations, float8 weights (GPU)",
+}
+# Per-row scales, whatever group_size says.
+QUANT_NO_GROUPS = {("int8", "int8"), ("float8", "float8")}
+
+
+def quant_dtype(name: str | None) -> str | None:
+    """Axolotl's aliases of float8 as one name."""
+    return "float8" if name in ("fp8", "float8", "float8_e4m3fn") else name
+
+
+@rule("quantization")
+def _quantization(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    q = cfg.quantization
+    if q is None:
+        return
+    pair = (quant_dtype(q.weight_dtype), quant_dtype(q.activation_dtype))
+    if pair not in QUANT_PAIRS:
+        shown = f"weight_dtype {q.weight_dtype}" + (
+            f" with activation_dtype {q.activation_dtype}" if q.activation_dtype else ""
+        )
+        yield _error(
+            "quantization",
+            f"{shown} is not a format `launch quantize` makes (NVFP4, MXFP4 and ternary "
+            "need prototype torchao kernels and recent GPUs). It makes: "
+            + "; ".join(
+                f"{w}{f' + activations {a}' if a else ''} ({what})"
+                for (w, a), what in QUANT_PAIRS.items()
+            )
+            + ".",
+        )
+    elif pair in QUANT_NO_GROUPS and q.group_size is not None:
+        yield _error(
+            "quantization.group_size",
+            f"is not used by {QUANT_PAIRS[pair]}, which keeps one scale per row; remove it.",
+        )
+    if q.quantize_embedding:
+        yield _error(
+            "quantization.quantize_embedding",
+            "is not supported yet: with torchao 0.18 and transformers 5.24 a quantized "
+            "embedding that shares its weights with the output head does not load again. "
+            "Remove it (the embeddings stay in full precision).",
+        )

@@ -66,7 +66,19 @@ SUPPORTED_PREFERENCE_TYPES = {
         "user_defined",
     ),
     "orpo": ("chat_template.argilla",),
+    # Not an `rl:` value: the rows of `reward_model: true` (payload.data.bradley_terry).
+    "reward": ("bradley_terry.chat_template",),
 }
+# Objectives that read another's formats: IPO and SimPO train on DPO's pairs.
+PREFERENCE_FAMILY = {"ipo": "dpo", "simpo": "dpo"}
+
+
+def preference_family(rl: str | None) -> str:
+    """The key of SUPPORTED_PREFERENCE_TYPES whose formats `rl:` reads ("" without rl)."""
+    name = (rl or "").lower()
+    return PREFERENCE_FAMILY.get(name, name)
+
+
 TRAIN_ON = Literal["all", "turn", "last", "none"]
 
 # Names as transformers spells them (its `OptimizerNames` and `SchedulerType`); a test
@@ -312,6 +324,34 @@ def parse_duration_s(value: str | int | float) -> int:
     return int(number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
 
 
+# Axolotl's names for torchao's formats (its TorchAOQuantDType), aliases included.
+QUANT_DTYPE = Literal["int4", "int8", "float8_e4m3fn", "fp8", "float8", "nvfp4", "mxfp4", "ternary"]
+
+
+class QuantizationConfig(_Strict):
+    """Axolotl's `quantization:` section: `launch quantize`'s post-training quantization
+    with torchao (payload/posttrain/quantize.py says which formats run where)."""
+
+    weight_dtype: QUANT_DTYPE = Field(
+        default="int8",
+        description="The weights' format: int8 or int4 (float8 on a GPU with compute "
+        "capability 8.9 or more). Default int8.",
+    )
+    activation_dtype: QUANT_DTYPE | None = Field(
+        default=None,
+        description="Quantize activations too, on the fly: int8 (with int8 or int4 weights), "
+        "or float8 with float8 weights. Default: none (weight-only).",
+    )
+    group_size: PositiveInt | None = Field(
+        default=None,
+        description="Weights per scale, for int4 (default 32, Axolotl's) and int8 weight-only "
+        "(default: one scale per row).",
+    )
+    quantize_embedding: bool | None = Field(
+        default=None, description="Quantize the embeddings too (not supported yet)."
+    )
+
+
 class VolumeMount(_Strict):
     name: str = Field(description="A named volume of the backend (Modal: a Volume).")
     mount: str = Field(description="Where it appears in the container, e.g. /data.")
@@ -322,7 +362,7 @@ class ImageOverrides(_Strict):
     pip: list[str] = Field(default_factory=list, description="Extra pip packages (pin them).")
     apt: list[str] = Field(default_factory=list, description="Extra apt packages.")
     commands: list[str] = Field(default_factory=list, description="Extra build commands.")
-    extras: list[Literal["flash-attn", "deepspeed", "bitsandbytes"]] = Field(
+    extras: list[Literal["flash-attn", "deepspeed", "vllm"]] = Field(
         default_factory=list, description="Optional pinned layers."
     )
 
@@ -390,6 +430,103 @@ class LaunchConfig(_Strict):
                 "secret by name instead (secrets: [NAME], --secret NAME)"
             )
         return value
+
+
+class TRLConfig(_Strict):
+    """Axolotl's `trl:` section: GRPO's settings (TRL's GRPOConfig names), and `beta` for
+    DPO too. Unset keys keep TRL's defaults."""
+
+    beta: float | None = Field(
+        default=None,
+        ge=0,
+        description="KL coefficient against the reference model; 0 (GRPO's default) loads "
+        "no reference model.",
+    )
+    num_generations: int | None = Field(
+        default=None, ge=2, description="Completions sampled per prompt (a group). Default 8."
+    )
+    generation_batch_size: PositiveInt | None = Field(
+        default=None,
+        description="Completions generated at once; a multiple of num_generations and of "
+        "micro_batch_size x GPUs. Default: micro_batch_size x GPUs x "
+        "gradient_accumulation_steps.",
+    )
+    max_completion_length: PositiveInt | None = Field(
+        default=None, description="Longest completion generated, in tokens. Default 512."
+    )
+    num_iterations: PositiveInt | None = Field(
+        default=None, description="Optimisation passes over each generated batch (mu). Default 1."
+    )
+    epsilon: float | None = Field(
+        default=None, gt=0, description="Lower clipping range of the ratio. Default 0.2."
+    )
+    epsilon_high: float | None = Field(
+        default=None, gt=0, description="Upper clipping range (DAPO). Default: epsilon."
+    )
+    loss_type: (
+        Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] | None
+    ) = Field(default=None, description="How token losses are aggregated. Default dapo.")
+    scale_rewards: bool | Literal["group", "batch", "none"] | None = Field(
+        default=None,
+        description="Divide advantages by the reward std of the group, the batch, or none "
+        "(true = group, false = none). Default group.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] | None = Field(
+        default=None, description="Ratio per token (GRPO) or per sequence (GSPO). Default token."
+    )
+    temperature: float | None = Field(
+        default=None, gt=0, description="Sampling temperature. Default 1.0."
+    )
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="Nucleus sampling mass. Default 1.0 (off)."
+    )
+    top_k: int | None = Field(default=None, ge=0, description="Top-k sampling. Default 0 (off).")
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="Minimum probability relative to the top token."
+    )
+    reward_funcs: list[str] | None = Field(
+        default=None,
+        description="Reward functions as `module.function`: a .py file next to the config "
+        "(`rewards.py` -> `rewards.my_reward`) or an importable module. Required for GRPO.",
+    )
+    reward_weights: list[float] | None = Field(
+        default=None, description="One weight per reward function. Default: all 1."
+    )
+    sync_ref_model: bool | None = Field(
+        default=None, description="Mix the policy into the reference model every few steps."
+    )
+    ref_model_sync_steps: PositiveInt | None = Field(
+        default=None, description="Steps between reference syncs. Default 512."
+    )
+    ref_model_mixup_alpha: float | None = Field(
+        default=None, ge=0, le=1, description="Share of the policy in each sync. Default 0.6."
+    )
+    use_vllm: bool | None = Field(
+        default=None,
+        description="Generate with vLLM (a GPU and the image's `vllm` extra); default: "
+        "transformers' generate.",
+    )
+    vllm_mode: Literal["colocate", "server"] | None = Field(
+        default=None,
+        description="colocate: vLLM in the training process; server: a `trl vllm-serve` "
+        "server at vllm_server_host:port. Default colocate.",
+    )
+    vllm_server_host: str | None = Field(default=None, description="Server mode: its host.")
+    vllm_server_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Server mode: its port. Default 8000."
+    )
+    vllm_server_timeout: float | None = Field(
+        default=None, gt=0, description="Server mode: seconds to wait for it. Default 240."
+    )
+    vllm_gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Colocate: GPU memory share for vLLM. Default 0.3."
+    )
+    log_completions: bool | None = Field(
+        default=None, description="Print a sample of prompts, completions and rewards per log."
+    )
+    mask_truncated_completions: bool | None = Field(
+        default=None, description="Leave completions cut at max_completion_length out of the loss."
+    )
 
 
 class TrainConfig(_ChatTemplateKeys):
@@ -892,10 +1029,110 @@ class TrainConfig(_ChatTemplateKeys):
 
     # ---- objectives (payload/trainers): each block's keys below its own marker.
     # ---- keys: preference objectives
+    rl_beta: float | None = Field(
+        default=None,
+        gt=0,
+        description="dpo/ipo/kto/simpo: how far the policy may move from the reference "
+        "(TRL's beta; for ipo the regulariser tau, for simpo the reward scale). "
+        "`trl.beta` is the same setting. Default 0.1.",
+    )
+    dpo_loss_type: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="dpo: the loss, or several summed with dpo_loss_weights (TRL's "
+        "loss_type: sigmoid, hinge, ipo, robust, sft, ...). Default [sigmoid].",
+    )
+    dpo_loss_weights: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        description="dpo: the weight of each dpo_loss_type (same length). Default all 1.",
+    )
+    dpo_label_smoothing: float | None = Field(
+        default=None,
+        ge=0,
+        lt=0.5,
+        description="dpo: the probability that a pair's preference is flipped, in [0, 0.5), "
+        "for the losses that read it (robust, exo_pair, aot, aot_unpaired). Default 0.",
+    )
+    dpo_use_weighting: bool | None = Field(
+        default=None,
+        description="dpo: weight each pair by the policy's length-normalised probability "
+        "of its answers (WPO).",
+    )
+    precompute_ref_log_probs: bool | None = Field(
+        default=None,
+        description="dpo/ipo/kto: compute the reference model's log-probabilities of every "
+        "row once before training, so no reference model runs (or, for a full fine-tune, "
+        "stays in memory) while training.",
+    )
+    simpo_gamma: float | None = Field(
+        default=None,
+        description="simpo: the target reward margin (gamma). Default 0.5.",
+    )
+    cpo_alpha: float | None = Field(
+        default=None,
+        ge=0,
+        description="simpo: weight of the supervised (NLL) loss on the chosen answers added "
+        "to the SimPO loss (CPO's behaviour-cloning term). Default 1 (TRL's); 0 is pure SimPO.",
+    )
+    kto_desirable_weight: float | None = Field(
+        default=None,
+        gt=0,
+        description="kto: the weight of the desirable rows' loss (to balance unequal "
+        "numbers of desirable and undesirable rows). Default 1.",
+    )
+    kto_undesirable_weight: float | None = Field(
+        default=None,
+        gt=0,
+        description="kto: the weight of the undesirable rows' loss. Default 1.",
+    )
+    orpo_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="orpo: the weight of the odds-ratio term added to the chosen answers' "
+        "NLL loss (TRL's ORPOConfig beta, as Axolotl maps it). Default 0.1.",
+    )
     # ---- keys: GRPO
+    trl: TRLConfig | None = Field(
+        default=None, description="TRL's settings for `rl: grpo` (and `beta` for DPO)."
+    )
     # ---- keys: reward models
+    reward_model: bool | None = Field(
+        default=None,
+        description="Train a reward model: a sequence-classification head scoring each "
+        "`bradley_terry.chat_template` chosen/rejected pair with TRL's RewardTrainer.",
+    )
+    process_reward_model: bool | None = Field(
+        default=None,
+        description="Train a process reward model: a token-classification head labelling "
+        "each reasoning step of `stepwise_supervised` rows correct or not.",
+    )
+    num_labels: PositiveInt | None = Field(
+        default=None,
+        description="Outputs of the reward head: 1 for reward_model (one score, the only "
+        "value TRL's RewardTrainer takes), default 2 for process_reward_model (step wrong / "
+        "right).",
+    )
+    center_rewards_coefficient: float | None = Field(
+        default=None,
+        ge=0,
+        description="reward_model: weight of the mean squared reward added to the loss, "
+        "which pulls the rewards towards zero mean (Eisenstein et al. 2023; 0.01 is usual).",
+    )
     # ---- keys: QLoRA
+    bnb_config_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="BitsAndBytesConfig settings for a 4-bit or 8-bit base, over Axolotl's "
+        "defaults (nf4, double quant, bfloat16 storage): bnb_4bit_quant_type, "
+        "bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, bnb_4bit_quant_storage, "
+        "llm_int8_threshold, llm_int8_skip_modules, llm_int8_has_fp16_weight, ...",
+    )
     # ---- keys: after training
+    quantization: QuantizationConfig | None = Field(
+        default=None,
+        description="`launch quantize`: torchao post-training quantization of the trained "
+        "model (weight_dtype, activation_dtype, group_size, quantize_embedding).",
+    )
     plugins: list[str] | None = Field(
         default=None, description="Axolotl plugin classes (not supported yet)."
     )

@@ -201,6 +201,12 @@ def preprocess(cfg: TrainConfig, progress: bool | None = None) -> dict[str, Any]
     where it is, whether it was a hit, and the report."""
     from payload.model import load_tokenizer
 
+    if (cfg.rl or "").lower() in ("dpo", "ipo", "simpo", "kto", "orpo"):
+        raise FerryError(
+            f"Nothing to prepare: `rl: {cfg.rl}` rows stay text until the trainer tokenizes "
+            "them when it starts (payload.data.preference_build); `launch validate` checks "
+            "the config, and a train run reports the rows it skips."
+        )
     if cfg.pretraining_dataset and cfg.streaming:
         raise FerryError(
             "Nothing to prepare: with `streaming: true` the pretraining text is tokenized "

@@ -27,7 +27,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from payload.config.schema import SUPPORTED_PREFERENCE_TYPES, DatasetConfig, TrainConfig
+from payload.config.schema import (
+    SUPPORTED_PREFERENCE_TYPES,
+    DatasetConfig,
+    TrainConfig,
+    preference_family,
+)
 from payload.config.user_formats import (
     PREFERENCE,
     PREFERENCE_EXTRA_FIELDS,
@@ -48,8 +53,9 @@ COLUMNS = {
     "dpo": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
     "orpo": ("prompt", "chosen", "rejected"),
+    "reward": ("chosen", "rejected"),  # whole conversations, for a reward model
 }
-_MODULES = ("payload.data.preference_formats",)
+_MODULES = ("payload.data.preference_formats", "payload.data.bradley_terry")
 
 
 def preference(family: str, *names: str) -> Callable[[Any], Any]:
@@ -70,8 +76,9 @@ def registered() -> dict[tuple[str, str], Any]:
 
 
 def format_key(ds: DatasetConfig, cfg: TrainConfig) -> tuple[str, str]:
-    """(family, type) for this dataset: a mapping `type:` is `user_defined`."""
-    family = (cfg.rl or "").lower()
+    """(family, type) for this dataset: a mapping `type:` is `user_defined`; ipo and
+    simpo read dpo's formats."""
+    family = preference_family(cfg.rl) or ("reward" if cfg.reward_model else "")
     name = "user_defined" if isinstance(ds.type, dict) else (ds.type or "")
     return family, name
 
@@ -159,7 +166,7 @@ class UserDefined:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.family = (ctx.cfg.rl or "").lower()
+        self.family = preference_family(ctx.cfg.rl)
         spec = ctx.ds.type if isinstance(ctx.ds.type, dict) else {}
         if problems := mapping_problems(spec, PREFERENCE[self.family]):
             raise ConfigError(f"{self.family} `user_defined` dataset {ctx.ds.path}", problems)
