@@ -495,3 +495,53 @@ def preprocess(source: str | Path, overrides: list[str] | None = None) -> Prepro
     if "error" in data:
         raise FerryError(data["error"], hint=data.get("hint"))
     return PreprocessResult(**data)
+
+
+# ---- after training (payload/posttrain). Each takes a run id (its artifacts are pulled
+# from storage if they are not here) or a config path (its output_dir holds the model).
+
+
+def target(spec: Any, registry: Registry | None = None) -> Any:
+    """The run or config `spec` names: its config and its trained model's folder
+    (`payload.posttrain.target.Target`; one given is returned as it is)."""
+    from payload.posttrain import target as targets
+
+    if isinstance(spec, targets.Target):
+        return spec
+    if targets.looks_like_config(spec):
+        return targets.from_config(spec)
+    return targets.from_run(status(spec, registry))
+
+
+def merge_lora(spec: Any, dest: str | Path | None = None) -> Any:
+    """Merge the trained LoRA adapter into its base (de-quantized for QLoRA) and save one
+    plain model with its tokenizer; returns where (`payload.posttrain.merge.Merged`)."""
+    from payload.posttrain.merge import merge
+
+    return merge(target(spec), dest)
+
+
+def generator(spec: Any, sampling: Any = None) -> Any:
+    """A loaded `payload.posttrain.inference.Generator` for the trained model:
+    `.complete(prompt)` returns the completion's text and tokens. `sampling` is a
+    `payload.posttrain.inference.Sampling` (default: greedy, 128 new tokens)."""
+    from payload.posttrain.inference import Generator, Sampling
+
+    sampling = sampling or Sampling()
+    sampling.check()
+    return Generator(target(spec), sampling)
+
+
+def evaluate(spec: Any) -> Any:
+    """Eval loss and perplexity of the trained model on the config's eval set."""
+    from payload.posttrain.evaluate import evaluate as run_eval
+
+    return run_eval(target(spec))
+
+
+def quantize(spec: Any, dest: str | Path | None = None) -> Any:
+    """torchao post-training quantization of the trained model (merged first if it is an
+    adapter), saved and loadable with from_pretrained."""
+    from payload.posttrain.quantize import quantize as run_quantize
+
+    return run_quantize(target(spec), dest)

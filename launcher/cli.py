@@ -358,27 +358,15 @@ DestOpt = Annotated[
 ]
 
 
-def _target(spec: str):  # type: ignore[no-untyped-def]
-    """The run or config `spec` names, with its config and its trained model's folder."""
-    from payload.posttrain import target
-
-    if target.looks_like_config(spec):
-        return target.from_config(spec)
-    from launcher import api
-
-    return target.from_run(api.status(spec))
-
-
 @app.command("merge-lora")
 def merge_lora(run: TargetArg, dest: DestOpt = None) -> None:
     """Merge a trained LoRA adapter into its base model and save one plain model (default
     <output_dir>/merged). A QLoRA adapter merges into the de-quantized 4-bit base."""
-    from launcher import output
-    from payload.posttrain.merge import merge
+    from launcher import api, output
 
-    found = _target(run)
+    found = api.target(run)
     output.note(f"merging the adapter in {found.model_dir} into {found.cfg.base_model} ...")
-    merged = merge(found, dest)
+    merged = api.merge_lora(found, dest)
     base = "de-quantized base" if merged.dequantized else "base"
     output.say(f"merged adapter + {base} ({merged.dtype}) saved to {merged.dest}")
 
@@ -419,14 +407,13 @@ def inference(
 ) -> None:
     """Complete prompts with the trained model (base + adapter, or the full model), tokens
     streamed as they come. Greedy unless --temperature > 0."""
-    from launcher import output
-    from payload.posttrain.inference import Generator, Sampling, prompts_from
+    from launcher import api, output
+    from payload.posttrain.inference import Sampling, prompts_from
 
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k, not no_chat_template)
     sampling.check()  # before the model loads
-    found = _target(run)
     interactive = prompt is None and sys.stdin.isatty()  # piped prompts get no "> " marks
-    generator = Generator(found, sampling)
+    generator = api.generator(run, sampling)
     if not generator.templated and sampling.chat_template and not json_:
         output.note("the tokenizer has no chat template: prompts go in as raw text")
 
@@ -456,10 +443,9 @@ def inference(
 def evaluate(run: TargetArg, json_: JsonOpt = False) -> None:
     """Eval loss and perplexity of the trained model on the config's eval set
     (test_datasets, or the val_set_size rows held out in training)."""
-    from launcher import output
-    from payload.posttrain.evaluate import evaluate as run_eval
+    from launcher import api, output
 
-    result = run_eval(_target(run))
+    result = api.evaluate(run)
     if json_:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -475,13 +461,12 @@ def quantize(run: TargetArg, dest: DestOpt = None) -> None:
     """torchao post-training quantization (the config's `quantization:` keys; default int8
     weight-only) of the trained model, merged first if it is an adapter; saved to
     <output_dir>/quantized by default, loadable with from_pretrained."""
-    from launcher import output
-    from payload.posttrain.quantize import quantize as run_quantize
+    from launcher import api, output
 
-    found = _target(run)
+    found = api.target(run)
     if found.cfg.quantization is None:
         output.note("the config has no `quantization:` section: int8 weight-only (per row)")
-    done = run_quantize(found, dest)
+    done = api.quantize(found, dest)
     merged = "adapter merged, then " if done.merged else ""
     output.say(
         f"{merged}quantized ({done.scheme}, torchao {done.torchao_config}, on {done.device}) "

@@ -165,6 +165,9 @@ def finished(record: RunRecord) -> None:
         # A policy-gradient loss (GRPO) starts at 0: no relative change to show.
         change = f", {(final - first) / first:+.0%}" if first else ""
         out().print(f"   final loss  {final:.4f} (first {first:.4f}{change})")
+    if progress := s.get("progress"):  # the objective's own measure: GRPO's reward, ...
+        name = f"final {progress['metric']}".ljust(11)
+        out().print(f"   {name} {progress['final']:.4f} (first {progress['first']:.4f})")
     if record.output_dir and Path(record.output_dir).exists():
         out().print(f"   artifacts   {escape(record.output_dir)}")
     if record.storage_uri:

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_AT_IMPORT = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0 or os.environ.get("FERRY_RUN_ID"):
         # Every rank reads the same config; rank 0 warns, and `launch` warned already.
         logging.getLogger("ferry.config").setLevel(logging.ERROR)
+    # Said at import by the training stack on every run, about optional kernels nothing
+    # here uses (torchao's CUDA builds and Triton, bitsandbytes' hub kernels) and a torch
+    # deprecation inside torchao: nothing a user can act on.
+    for name in QUIET_AT_IMPORT:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if args.command == "preprocess":
         return _preprocess(args)
     crash_rank = os.environ.get("FERRY_TEST_CRASH_RANK")  # test hook: see the docstring

@@ -19,6 +19,14 @@ from transformers import TrainerCallback
 
 from payload.storage.layout import METRICS_FILE, read_metrics
 
+# Objective metrics shown on each step line, when the trainer logs them: (key, label).
+PROGRESS = (
+    ("reward", "reward"),  # GRPO: mean reward of the step's completions
+    ("rewards/margins", "margin"),  # DPO/IPO/SimPO/KTO/ORPO: chosen minus rejected reward
+    ("rewards/accuracies", "acc"),  # share of pairs with chosen above rejected
+    ("accuracy", "acc"),  # reward model: pairs ranked right
+)
+
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -81,6 +89,9 @@ class MetricsCallback(TrainerCallback):
             tps = record.get("tokens_per_s")
             parts = [
                 f"loss {record['loss']:.4f}",
+                # What tells an objective's progress where the loss does not (GRPO's loss
+                # sits near 0 while its reward climbs; DPO's margin and accuracy).
+                *(f"{label} {record[key]:.4f}" for key, label in PROGRESS if key in record),
                 f"lr {record.get('learning_rate', 0):.2e}",
                 f"{tps:,.0f} tok/s" if tps else "- tok/s",
                 f"epoch {record['epoch']:.2f}",

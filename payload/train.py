@@ -23,7 +23,7 @@ import yaml
 from payload import distributed
 from payload.config.schema import TrainConfig
 from payload.data.build import DataReport
-from payload.metrics import MetricsCallback
+from payload.metrics import PROGRESS, MetricsCallback
 from payload.model import load_tokenizer
 from payload.storage.layout import CONFIG_FILE, SUMMARY_FILE, read_metrics
 from payload.trackers import Trackers, reporting
@@ -201,6 +201,16 @@ def _print_model(model: Any, cfg: TrainConfig, dist: distributed.DistInfo, objec
     )
 
 
+def _progress(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The objective's own measure of progress, first and last (GRPO's reward, DPO's
+    margin, a reward model's accuracy): the first of metrics.PROGRESS the trainer logs."""
+    for key, _ in PROGRESS:
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            return {"metric": key, "first": values[0], "final": values[-1]}
+    return None
+
+
 def _write_summary(
     cfg: TrainConfig, output_dir: str, report: DataReport, started: float, resumed: int | None
 ) -> dict[str, Any]:
@@ -214,6 +224,7 @@ def _write_summary(
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "progress": _progress(losses),
         "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "wall_s": round(time.time() - started, 1),
         "resumed_from_step": resumed,
@@ -227,11 +238,14 @@ def _write_summary(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     )
     first, final = summary["first_loss"], summary["final_loss"]
-    loss = (
-        f"loss {first:.4f} -> {final:.4f} ({(final - first) / first:+.0%})"
-        if first and final
-        else "no loss logged"
-    )
+    if first is None or final is None:
+        loss = "no loss logged"
+    else:
+        # A policy-gradient loss (GRPO) starts at 0: no relative change to show.
+        change = f" ({(final - first) / first:+.0%})" if first else ""
+        loss = f"loss {first:.4f} -> {final:.4f}{change}"
+    if progress := summary["progress"]:
+        loss += f", {progress['metric']} {progress['first']:.4f} -> {progress['final']:.4f}"
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']}s, {loss}; "
         f"{summary['artifact']} saved to {summary['output_dir']}",

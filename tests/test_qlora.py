@@ -150,9 +150,12 @@ def test_merge_lora_of_a_qlora_run_computes_what_the_trained_model_computes(qlor
     assert (wrong - want).abs().max() > 1e-2
 
 
-def _lora_gradients(extra: dict, evaluate_between: bool) -> tuple[float, dict]:
+def _lora_gradients(
+    extra: dict, evaluate_between: bool, guarded: bool = True
+) -> tuple[float, dict]:
     """Loss and LoRA gradients of a second training step on a freshly loaded quantized
-    model, with or without a `no_grad` eval forward after the first step."""
+    model, with or without a `no_grad` eval forward after the first step. `guarded=False`
+    undoes Ferry's guard (payload.quantized.keep_trainable_layout) after loading."""
     import torch
 
     from payload.model import load_model, load_tokenizer
@@ -161,6 +164,12 @@ def _lora_gradients(extra: dict, evaluate_between: bool) -> tuple[float, dict]:
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, tokenizer)
+    if not guarded:
+        from bitsandbytes.nn import Linear4bit
+
+        for layer in model.modules():
+            if isinstance(layer, Linear4bit):
+                layer.support_avx512bf16_for_cpu = True
     with torch.no_grad():  # non-zero B: the gradients then flow through every base layer
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -203,6 +212,24 @@ def test_an_eval_forward_leaves_the_lora_gradients_exact(extra):
     assert all(ref[n].abs().sum() > 0 for n in lowest), "no gradient reached layer 0"
     differ = [n for n in ref if not torch.equal(grads[n], ref[n])]
     assert not differ, f"{len(differ)} LoRA gradients changed, e.g. {differ[:2]}"
+
+
+@pytest.mark.slow
+def test_without_the_guard_the_eval_forward_does_change_the_gradients():
+    """The control for the test above: the trap is real on this CPU, so that test's
+    passing means the guard works (not that nothing could go wrong here). bitsandbytes
+    repacks only on a CPU with AVX512-BF16; on one without, the trap cannot happen and
+    there is nothing to control."""
+    import torch
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here")
+    qlora = {"adapter": "qlora", "load_in_4bit": True}
+    _, ref = _lora_gradients(qlora, evaluate_between=False, guarded=False)
+    _, grads = _lora_gradients(qlora, evaluate_between=True, guarded=False)
+    differ = [n for n in ref if not torch.equal(grads[n], ref[n])]
+    assert differ, "without the guard an eval forward left every LoRA gradient unchanged"
 
 
 def _layer(extra: dict, module: str = "q_proj"):

@@ -71,6 +71,8 @@ def test_logs_replays_the_run(quickstart_run):
     for follow in ([], ["-f"]):  # -f on a finished run prints everything and returns
         log = launch("logs", run_id, *follow, env=env, check=True, timeout=60).stdout
         assert "[step 80/80] loss" in log and "done: 80 steps" in log
+        # The training stack's import-time notes about kernels nothing here uses stay out.
+        assert "torchao" not in log and "_pytree" not in log and "kernels-community" not in log
 
 
 def test_quickstart_adapter_loads_and_changes_the_model(quickstart_run):

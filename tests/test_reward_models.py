@@ -376,3 +376,14 @@ def test_a_pair_without_a_prompt_is_a_bad_row_naming_the_field():
 
     with pytest.raises(BadRow, match="missing field `question`"):
         _pair_text({"chosen": "4", "rejected": "5"}, field_prompt="question")
+
+
+@pytest.mark.slow
+def test_inference_on_a_reward_model_says_it_writes_no_text(reward_run):
+    """A reward model scores text; `launch inference` says so instead of failing inside
+    generate (which a sequence-classification model does not have)."""
+    result = launch("inference", str(reward_run / "config.yml"), "--prompt", "hi")
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())
+    assert "is a reward model: it gives one score a conversation" in message, message
+    assert "AutoModelForSequenceClassification" in message

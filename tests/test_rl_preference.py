@@ -77,6 +77,9 @@ RUNS = {
 }
 
 
+PRINTED: dict[str, str] = {}  # each run's `launch train` output, filled by `runs`
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     """Each run of RUNS through `launch train`: its metrics.jsonl records. Three at a time:
@@ -91,6 +94,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         trained = launch("train", str(path), *args, env=env, check=True, timeout=600)
         (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
         assert_no_planted_leaks([home], [trained.stdout + trained.stderr], {})
+        PRINTED[name] = trained.stdout
         return name, read_metrics(run["output_dir"])
 
     with ThreadPoolExecutor(3) as pool:
@@ -146,6 +150,9 @@ def test_dpo_learns_the_rule_and_logs_the_rewards(runs):
     assert last["rewards/accuracies"] > 0.5
     kto = [r for r in runs["kto"] if "loss" in r]
     assert "rewards/chosen" in kto[-1] and "kl" in kto[-1]
+    # The step lines show the margin and accuracy, which the loss alone does not tell.
+    line = f"[step {STEPS}/{STEPS}] loss {last['loss']:.4f} | margin "
+    assert line + f"{last['rewards/margins']:.4f} | acc " in PRINTED["dpo"], PRINTED["dpo"][-2000:]
 
 
 def test_every_objective_counts_the_tokens_it_trains_on(runs):

@@ -69,7 +69,17 @@ class Generator:
     """The trained model loaded once, completing one prompt after another."""
 
     def __init__(self, target: Target, sampling: Sampling):
+        from payload.trainers import objective
+
         sampling.check()
+        if (name := objective(target.cfg)) in ("reward", "process_reward"):
+            kind = "one score a conversation" if name == "reward" else "a label a step"
+            raise FerryError(
+                f"{target.name} is a {name.replace('_', ' ')} model: it gives {kind}, it does "
+                "not write text, so there is nothing for launch inference to generate.",
+                hint="Load it with AutoModelForSequenceClassification (reward) or "
+                "AutoModelForTokenClassification (process reward) to score text.",
+            )
         loading.quiet()
         self.sampling = sampling
         self.tokenizer = loading.tokenizer(target)
