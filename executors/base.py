@@ -17,6 +17,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from payload.config import vllm
+from payload.config.rules import grpo_rank_problems
 from payload.config.schema import TrainConfig
 from payload.config.trackers import active as active_trackers
 from payload.config.trackers import credential_problems
@@ -65,8 +67,9 @@ class NotStarted(FerryError):  # noqa: N818 - a fact the backend reports
 
 @dataclass(frozen=True)
 class Resources:
-    """What a run asks for. `gpus_per_node` is the number of training processes per node
-    (on a machine without GPUs, that many CPU processes)."""
+    """What a run asks for. `gpus_per_node` is the GPUs each node gets (on a machine
+    without GPUs, that many CPU processes); all of them train, but for those a GRPO job
+    keeps for its own vLLM server (`JobSpec.procs_per_node`)."""
 
     accelerator: str | None = None  # e.g. "H100", "A100-80GB"; None: whatever is there
     gpus_per_node: int = 1
@@ -168,6 +171,12 @@ class JobSpec:
         """The config the run trains (validated when the job was made)."""
         return TrainConfig.model_validate(self.config)
 
+    @property
+    def procs_per_node(self) -> int:
+        """Training processes per node (torchrun's --nproc-per-node): the node's GPUs less
+        those the config keeps for its own vLLM server (payload.config.vllm)."""
+        return vllm.training_procs(self.train_config(), self.resources.gpus_per_node)
+
     def payload_env(self) -> dict[str, str]:
         env = dict(self.env)
         env["FERRY_RUN_ID"] = self.run_id
@@ -229,8 +238,18 @@ class Executor:
         problems: list[str] = []
         if not RUN_ID.match(job.run_id):
             problems.append(f"run id {job.run_id!r} must be lowercase letters, digits and dashes")
-        if job.resources.nodes < 1 or job.resources.gpus_per_node < 1:
+        r = job.resources
+        if r.nodes < 1 or r.gpus_per_node < 1:
             problems.append("a run needs at least one node and one process per node")
+        else:
+            # GPUs a self-started vLLM server keeps do not train: the batch shapes are
+            # checked on the ranks that remain.
+            cfg = job.train_config()
+            split = vllm.split_problems(cfg, r.gpus_per_node, r.nodes)
+            problems.extend(split)
+            if not split:
+                ranks = r.nodes * vllm.training_procs(cfg, r.gpus_per_node)
+                problems.extend(grpo_rank_problems(cfg, ranks))
         problems.extend(self._check(job))
         problems.extend(credential_problems(job.train_config(), job.secrets, self.remote))
         return problems
@@ -322,6 +341,17 @@ class Executor:
         raise NotImplementedError
 
 
+def vllm_rows(cfg: TrainConfig, gpus_per_node: int, python: str) -> list[tuple[str, str]]:
+    """A plan's rows for a job that starts its own vLLM server: which GPUs train, which
+    serve, where the trainer finds it, and the server's command (none without one)."""
+    from payload.runtime.vllm_server import server_command
+
+    rows = vllm.split_rows(cfg, gpus_per_node)
+    if rows:
+        rows.append(("vllm command", shlex.join(server_command(cfg, python))))
+    return rows
+
+
 def remote_job(
     job: JobSpec,
     config: dict[str, Any],
@@ -340,7 +370,7 @@ def remote_job(
         storage_uri=job.storage_uri,
         env=dict(job.env),
         nodes=job.resources.nodes,
-        procs_per_node=job.resources.gpus_per_node,
+        procs_per_node=job.procs_per_node,
         cluster=cluster,
         volume_mounts=dict(volume_mounts or {}),
         stop_grace_s=job.resources.stop_grace_s,

@@ -9,10 +9,11 @@
 The supervisor leads a new session (so the run outlives the terminal and can be
 cancelled as one group), its output goes to RUN_DIR/train.log, and its exit lands in
 RUN_DIR/exit.json; the first rank to fail writes why to RUN_DIR/error.json
-(FERRY_ERROR_FILE), which `launch status` reports. Without GPUs, N is the number of CPU
-processes (gloo). A cancel sends SIGTERM to every process of the run; the ranks save and
-upload a checkpoint and exit, and whatever is still running after the stop grace period
-(`launch.stop_grace`, torchrun's `--shutdown-timeout` too) is killed.
+(FERRY_ERROR_FILE), which `launch status` reports. N is the GPUs asked for, less those a
+GRPO job keeps for the vLLM server it starts (payload.config.vllm); without GPUs, N is
+the number of CPU processes (gloo). A cancel sends SIGTERM to every process of the run;
+the ranks save and upload a checkpoint and exit, and whatever is still running after the
+stop grace period (`launch.stop_grace`, torchrun's `--shutdown-timeout` too) is killed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
+from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status, vllm_rows
 from executors.supervise import EXIT_FILE
 from payload.config.trackers import missing_packages
 from payload.entry.remote import ERROR_FILE, training_command
@@ -75,6 +76,12 @@ def _missing_modules() -> list[str]:
     return [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
 
 
+def vllm_installed() -> bool:
+    """Is vLLM installed here (found, never imported)? A local run uses this machine's
+    packages, not the image's `vllm` layer."""
+    return importlib.util.find_spec("vllm") is not None
+
+
 class LocalExecutor(Executor):
     name = "local"
     remote = False  # credentials are this machine's own
@@ -98,8 +105,16 @@ class LocalExecutor(Executor):
         wanted = job.resources.gpus_per_node
         if gpus and wanted > gpus:
             problems.append(f"{wanted} GPUs asked for, this machine has {gpus}")
+        cfg = job.config
+        if (cfg.get("trl") or {}).get("use_vllm") and str(cfg.get("rl")).lower() == "grpo":
+            if not gpus:
+                problems.append(
+                    "`trl.use_vllm` needs vLLM on a CUDA GPU; this machine has none (leave it "
+                    "out to generate with transformers)"
+                )
+            elif not vllm_installed():
+                problems.append("`trl.use_vllm` needs vLLM, not installed here: pip install vllm")
         if not gpus:
-            cfg = job.config
             for key, needs in GPU_ONLY.items():
                 if cfg.get(key):
                     problems.append(f"`{key}` needs {needs}; this machine has no GPU")
@@ -136,7 +151,7 @@ class LocalExecutor(Executor):
 
     def _command(self, job: JobSpec) -> list[str]:
         r = job.resources
-        args = torchrun_args(r.gpus_per_node, SINGLE, MASTER_PORT, r.stop_grace_s)
+        args = torchrun_args(job.procs_per_node, SINGLE, MASTER_PORT, r.stop_grace_s)
         return training_command(sys.executable, args, job.config_path)
 
     def _env(self, job: JobSpec) -> dict[str, str]:
@@ -150,7 +165,7 @@ class LocalExecutor(Executor):
 
     def _plan(self, job: JobSpec) -> Plan:
         gpus = local_gpu_count()
-        n = job.resources.gpus_per_node
+        n = job.procs_per_node
         device = f"{n} x GPU (nccl)" if gpus else f"{n} x CPU process (gloo)"
         rows = [
             ("backend", "local (torchrun on this machine)"),
@@ -161,6 +176,7 @@ class LocalExecutor(Executor):
             ("log", str(job.run_dir / LOG_FILE)),
             ("storage", job.storage_uri or "-"),
             ("stop grace", f"{job.resources.stop_grace_s} s to save and upload after a stop"),
+            *vllm_rows(job.train_config(), job.resources.gpus_per_node, sys.executable),
         ]
         return Plan(self.name, job.run_id, rows, self._command(job))
 

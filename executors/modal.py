@@ -39,8 +39,10 @@ from executors.base import (
     RunState,
     Status,
     remote_job,
+    vllm_rows,
 )
 from payload.config.rewards import file_reference
+from payload.config.schema import TrainConfig
 from payload.errors import FerryError
 from payload.runtime.cluster import SINGLE, Node, torchrun_args
 from payload.runtime.deadline import DeadlineExceeded, call_within
@@ -238,6 +240,11 @@ class ModalExecutor(Executor):
                     "each node of a Modal cluster takes all 8 GPUs of its host "
                     f"(--gpus {accelerator}:8)"
                 )
+        if (job.config.get("trl") or {}).get("use_vllm") and not accelerator:
+            problems.append(
+                "`trl.use_vllm` needs vLLM on a GPU; ask for one (--gpus H100:2), or leave it "
+                "out to generate with transformers"
+            )
         if accelerator and r.spot is False:
             problems.append(
                 "Modal runs GPU functions on preemptible capacity only (`nonpreemptible` is "
@@ -280,14 +287,14 @@ class ModalExecutor(Executor):
         node = SINGLE
         if r.nodes > 1:
             node = Node("<container rank>", r.nodes, "<rank 0 container ip>")
-        args = torchrun_args(r.gpus_per_node, node, MASTER_PORT, r.stop_grace_s)
+        args = torchrun_args(job.procs_per_node, node, MASTER_PORT, r.stop_grace_s)
         return training_command("python", args, f"{default_workdir(job.run_id)}/{CONFIG_FILE}")
 
     def _plan(self, job: JobSpec) -> Plan:
         from images.render import build_steps
 
         r = job.resources
-        _, inputs = remote_config(job)
+        config, inputs = remote_config(job)
         rows = [
             ("backend", "modal"),
             ("run id", job.run_id),
@@ -318,6 +325,8 @@ class ModalExecutor(Executor):
             rows.append(("env", ", ".join(sorted(job.env))))
         rows.append(("storage", job.storage_uri or "-"))
         rows.extend(("input", f"{local} -> {remote}") for local, remote in inputs)
+        # The server as the container starts it: the model at its path there.
+        rows.extend(vllm_rows(TrainConfig.model_validate(config), r.gpus_per_node, "python"))
         return Plan(self.name, job.run_id, rows, self.command(job))
 
     def build(self, job: JobSpec) -> tuple[Any, Any, str]:

@@ -8,6 +8,8 @@ with the reason, everywhere else. Sized for one GPU in a few minutes.
 - 4-bit QLoRA (bitsandbytes) on CUDA trains, on a base whose linear weights are packed.
 - Packing with flash attention: a packed batch through flash attention's varlen path
   gives each row the logits it has alone, and without the segments it would not.
+- GRPO with the vLLM server the job starts itself, on 2 GPUs (skipped without vLLM or
+  with one GPU).
 
 The default tier hides the host's GPUs (tests/conftest.py); these tests hand them back
 to their subprocesses with `gpu_env()`, so torch in the pytest process never sees CUDA.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -267,3 +270,48 @@ def offload_check() -> dict:
 
 if __name__ == "__main__" and sys.argv[1:] == ["activation-offload"]:
     print(json.dumps(offload_check()))
+
+
+def _cuda_devices() -> int:
+    """CUDA devices the host shows its GPU-tier runs (asked in a child: torch in this
+    process never initialises CUDA)."""
+    env = {k: v for k, v in {**os.environ, **gpu_env()}.items() if v is not None}
+    probe = [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"]
+    done = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=120)
+    return int(done.stdout.strip() or 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm")
+def test_grpo_generates_with_the_vllm_server_the_job_starts_on_its_own_gpu(tmp_path):
+    """`trl.vllm_mode: server` without a host, on 2 GPUs: the job starts `trl vllm-serve`
+    on the second GPU, trains on the first, generates every step's completions there
+    (TRL pushes the new weights to it between steps), and stops the server at the end.
+    A few steps through the real CLI; the rewards are logged and nothing of the server
+    is left."""
+    if _cuda_devices() < 2:
+        pytest.skip("needs 2 CUDA GPUs: one to train, one for the vLLM server")
+    import shutil
+
+    import yaml
+
+    from payload.runtime.procs import running
+
+    shutil.copy(ROOT / "examples" / "rewards.py", tmp_path / "rewards.py")
+    raw = yaml.safe_load((ROOT / "examples" / "grpo.yml").read_text())
+    raw["base_model"] = str(ASSETS / "tiny-llama")
+    raw["datasets"][0]["path"] = str(ROOT / "examples" / "data" / "prompts_tiny.jsonl")
+    raw["trl"].update({"use_vllm": True, "vllm_mode": "server", "num_generations": 4})
+    raw["vllm"] = {"gpu_memory_utilization": 0.3, "dtype": "bfloat16", "max_model_len": 256}
+    raw.update({"max_steps": 3, "micro_batch_size": 4, "bf16": True, "save_strategy": "no"})
+    config = tmp_path / "grpo_vllm.yml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**gpu_env(), "FERRY_HOME": str(tmp_path / "ferry-home")}
+    result = launch("train", str(config), "--gpus", "2", env=env, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "vllm: ready at http://127.0.0.1:8000" in log and "training on GPUs 0" in log
+    runs = json.loads(launch("runs", "--json", env=env, check=True).stdout)
+    rewards = [r["reward"] for r in read_metrics(runs[0]["output_dir"]) if "reward" in r]
+    assert len(rewards) == 3, log[-6000:]
+    pid = int(re.search(r"vllm: server starting on GPUs 1 \(pid (\d+)\)", log).group(1))
+    assert not running(pid), "the vLLM server outlived the run"

@@ -557,3 +557,24 @@ TRL = frozenset(
         "vllm_sync_interval",
     }
 )
+
+# The keys of Axolotl's `vllm:` section (utils/schemas/vllm.py, Axolotl 0.21): the
+# server `axolotl vllm-serve` starts, which a Ferry job starts itself.
+VLLM = frozenset(
+    {
+        "data_parallel_size",
+        "device",
+        "dtype",
+        "enable_prefix_caching",
+        "enable_reasoning",
+        "enforce_eager",
+        "gpu_memory_utilization",
+        "host",
+        "max_model_len",
+        "port",
+        "reasoning_parser",
+        "serve_module",
+        "tensor_parallel_size",
+        "worker_extension_cls",
+    }
+)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from payload.config import axolotl_keys, paths, trackers  # noqa: F401 - trackers: its rules
 from payload.config.overrides import apply_overrides
 from payload.config.rules import check_rules
-from payload.config.schema import DatasetConfig, TrainConfig, TRLConfig
+from payload.config.schema import DatasetConfig, TrainConfig, TRLConfig, VllmConfig
 from payload.errors import ConfigError, FerryError, Problem
 
 log = logging.getLogger("ferry.config")
@@ -174,6 +174,7 @@ _AXOLOTL = {
     TrainConfig: axolotl_keys.TOP_LEVEL,
     DatasetConfig: axolotl_keys.DATASET,
     TRLConfig: axolotl_keys.TRL,
+    VllmConfig: axolotl_keys.VLLM,
 }
 
 

@@ -908,9 +908,99 @@ def _vllm(cfg: TrainConfig) -> Iterator[Finding]:
     if mode == "server" and "vllm_gpu_memory_utilization" in vllm_keys:
         yield _warn(
             "trl.vllm_gpu_memory_utilization",
-            "ignored with `vllm_mode: server`: the server sets its own (trl vllm-serve "
-            "--gpu_memory_utilization).",
+            "ignored with `vllm_mode: server`: the server has its own share, "
+            "`vllm.gpu_memory_utilization` for the server the job starts.",
         )
+    from payload.config import vllm
+
+    if vllm.self_started(cfg):
+        # The server loads base_model from disk; TRL then sends it the trained weights,
+        # but not a config or tokenizer that differ from the one on disk.
+        apart = [
+            key
+            for key, value in (
+                ("model_config", cfg.overrides_of_model_config),
+                ("base_model_config", cfg.base_model_config),
+                ("tokenizer_config", cfg.tokenizer_config),
+            )
+            if value
+        ]
+        if apart:
+            yield _warn(
+                apart[0],
+                "does not reach the vLLM server the job starts: it loads `base_model` as it is "
+                "on disk, so it generates with another config or tokenizer than the trainer "
+                "has. Leave it out, or generate with transformers (no `use_vllm`).",
+            )
+
+
+@rule("vllm", "trl", "rl")
+def _vllm_server(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    """The `vllm:` section describes the server a GRPO job starts itself in server mode
+    (payload.config.vllm); anywhere else nothing reads it. The GPU split, which needs the
+    run's GPU count, is checked by the executors (`split_problems`)."""
+    from payload.config import vllm
+
+    v = cfg.vllm
+    if v is None:
+        return
+    trl = cfg.trl
+    if not vllm.self_started(cfg):
+        if (cfg.rl or "").lower() != "grpo" or trl is None or not trl.use_vllm:
+            why = "only GRPO with `trl.use_vllm: true` and `trl.vllm_mode: server` reads it"
+        elif trl.vllm_mode != "server":
+            why = (
+                "it describes the server of `trl.vllm_mode: server`; colocate mode runs vLLM in "
+                "the training processes (its share: trl.vllm_gpu_memory_utilization)"
+            )
+        else:
+            why = (
+                f"`trl.vllm_server_host` ({trl.vllm_server_host}) names another machine, whose "
+                "server is yours to start; the job starts one itself only when that key is "
+                f"unset or one of {', '.join(vllm.LOCAL_HOSTS)}"
+            )
+        yield _warn("vllm", f"ignored: {why}.")
+        return
+    if v.host is not None and v.host not in vllm.BIND_HOSTS:
+        yield _error(
+            "vllm.host",
+            f"({v.host}): the server the job starts runs on the training node and the trainer "
+            f"connects to it there; bind {' or '.join(vllm.BIND_HOSTS)} (default 127.0.0.1).",
+        )
+    if v.port is not None and trl and trl.vllm_server_port not in (None, v.port):
+        yield _error(
+            "vllm.port",
+            f"({v.port}) and trl.vllm_server_port ({trl.vllm_server_port}) are the port of the "
+            "same server (the one the job starts, and the one the trainer connects to); set one.",
+        )
+
+
+def grpo_rank_problems(cfg: TrainConfig, ranks: int) -> list[str]:
+    """GRPO's batch shapes on `ranks` training processes in all (TRL's GRPOConfig refuses
+    these only once the model is loaded): known to the executors, which know the GPUs
+    and how many of them a self-started vLLM server keeps from training."""
+    trl = cfg.trl
+    if (cfg.rl or "").lower() != "grpo" or trl is None:
+        return []
+    group = trl.num_generations or 8  # TRL's default
+    global_batch = cfg.micro_batch_size * ranks
+    if trl.generation_batch_size is not None:
+        if trl.generation_batch_size % global_batch:
+            return [
+                f"trl.generation_batch_size ({trl.generation_batch_size}) must be a multiple of "
+                f"micro_batch_size x training ranks ({cfg.micro_batch_size} x {ranks} = "
+                f"{global_batch}): each rank takes whole micro-batches of it."
+            ]
+        return []
+    generated = global_batch * cfg.gradient_accumulation_steps
+    if generated % group:
+        return [
+            f"trl.num_generations ({group}) must divide the generation batch, micro_batch_size "
+            f"x training ranks x gradient_accumulation_steps ({cfg.micro_batch_size} x {ranks} "
+            f"x {cfg.gradient_accumulation_steps} = {generated}); set trl.generation_batch_size "
+            f"to a multiple of both {group} and {global_batch}."
+        ]
+    return []
 
 
 # ---- rules: reward models

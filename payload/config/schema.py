@@ -508,12 +508,20 @@ class TRLConfig(_Strict):
     )
     vllm_mode: Literal["colocate", "server"] | None = Field(
         default=None,
-        description="colocate: vLLM in the training process; server: a `trl vllm-serve` "
-        "server at vllm_server_host:port. Default colocate.",
+        description="colocate: vLLM in the training processes; server: a `trl vllm-serve` "
+        "server, which the job starts itself on GPUs it keeps from training (the `vllm:` "
+        "section) unless vllm_server_host names another machine. Default colocate.",
     )
-    vllm_server_host: str | None = Field(default=None, description="Server mode: its host.")
+    vllm_server_host: str | None = Field(
+        default=None,
+        description="Server mode: a server on another machine to connect to. Unset, or "
+        "127.0.0.1/localhost/0.0.0.0: the job starts its own.",
+    )
     vllm_server_port: int | None = Field(
-        default=None, ge=1, le=65535, description="Server mode: its port. Default 8000."
+        default=None,
+        ge=1,
+        le=65535,
+        description="Server mode: its port (the same setting as vllm.port). Default 8000.",
     )
     vllm_server_timeout: float | None = Field(
         default=None, gt=0, description="Server mode: seconds to wait for it. Default 240."
@@ -526,6 +534,47 @@ class TRLConfig(_Strict):
     )
     mask_truncated_completions: bool | None = Field(
         default=None, description="Leave completions cut at max_completion_length out of the loss."
+    )
+
+
+class VllmConfig(_Strict):
+    """Axolotl's `vllm:` section: the vLLM server a GRPO job starts itself
+    (`trl.vllm_mode: server` with no `trl.vllm_server_host`, or a local one;
+    payload.config.vllm). Each key set here goes on the server's command line."""
+
+    tensor_parallel_size: PositiveInt | None = Field(
+        default=None,
+        description="GPUs each copy of the model is split over. The server takes "
+        "tensor_parallel_size x data_parallel_size GPUs of the node. Default 1.",
+    )
+    data_parallel_size: PositiveInt | None = Field(
+        default=None,
+        description="Copies of the model the server runs (vLLM: for mixture-of-experts models). "
+        "Default 1.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Share of each server GPU vLLM takes. Default 0.9."
+    )
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = Field(
+        default=None, description="The server's weights and activations. Default auto."
+    )
+    max_model_len: PositiveInt | None = Field(
+        default=None,
+        description="Longest prompt plus completion, in tokens. Default: the model's context.",
+    )
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="Reuse the KV cache of shared prompt prefixes. Default: vLLM's."
+    )
+    host: str | None = Field(
+        default=None,
+        description="Address the server binds on its node: 127.0.0.1 (default; the trainer "
+        "runs there too) or 0.0.0.0 (reachable from other machines as well).",
+    )
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="The server's port; the same setting as trl.vllm_server_port. Default 8000.",
     )
 
 
@@ -1095,6 +1144,10 @@ class TrainConfig(_ChatTemplateKeys):
     # ---- keys: GRPO
     trl: TRLConfig | None = Field(
         default=None, description="TRL's settings for `rl: grpo` (and `beta` for DPO)."
+    )
+    vllm: VllmConfig | None = Field(
+        default=None,
+        description="The vLLM server a GRPO job starts itself in `trl.vllm_mode: server`.",
     )
     # ---- keys: reward models
     reward_model: bool | None = Field(

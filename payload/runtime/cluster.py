@@ -100,11 +100,14 @@ def discover(job: RemoteJob, env: Mapping[str, str]) -> Node:
     elif job.cluster == "skypilot":
         found = skypilot_node(env)
         gpus = env.get("SKYPILOT_NUM_GPUS_PER_NODE")
-        if found and gpus and gpus.isdigit() and int(gpus) not in (0, job.procs_per_node):
-            raise ClusterError(
-                f"the job runs {job.procs_per_node} processes per node but SkyPilot gave "
-                f"this node {gpus} GPUs"
-            )
+        expected = job.procs_per_node
+        if found and gpus and gpus.isdigit() and int(gpus) not in (0, expected):
+            expected += _server_gpus(job)  # only asked when the plain count differs
+            if int(gpus) != expected:
+                raise ClusterError(
+                    f"the job runs {job.procs_per_node} processes per node but SkyPilot gave "
+                    f"this node {gpus} GPUs"
+                )
     else:
         found = modal_node()
     if found is None:
@@ -121,6 +124,18 @@ def discover(job: RemoteJob, env: Mapping[str, str]) -> Node:
             f"{found.nodes}."
         )
     return found
+
+
+def _server_gpus(job: RemoteJob) -> int:
+    """GPUs per node the job's own vLLM server takes besides its training processes
+    (payload.config.vllm)."""
+    from payload.config.schema import TrainConfig
+    from payload.config.vllm import reserved_gpus
+
+    try:
+        return reserved_gpus(TrainConfig.model_validate(job.config))
+    except ValueError:  # pydantic's ValidationError: the ranks will say what is wrong
+        return 0
 
 
 def torchrun_args(

@@ -103,3 +103,54 @@ def stop_tree(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) ->
     signal_all(left, signal.SIGKILL)
     wait_gone(left, 5)
     return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """The running processes (zombies aside) of process group `pgid`. Without /proc,
+    only whether the group still has any process can be known: [pgid] or []."""
+    if not _PROC.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    members = []
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_group(leader: int, grace_s: float) -> bool:
+    """Stop the process group that `leader` leads (a child started in a session of its
+    own) together with every descendant of the leader, in the group or not: SIGTERM,
+    `grace_s` to exit, then SIGKILL for what is left. The group reaches processes whose
+    parent already exited (orphans leave the tree, not the group); the tree reaches those
+    that made a group of their own. True if everything stopped within the grace period."""
+    tree = process_tree(leader)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGTERM)
+    signal_all(tree, signal.SIGTERM)
+
+    def left() -> list[int]:
+        return [p for p in {*group_members(leader), *tree, *process_tree(leader)} if running(p)]
+
+    deadline = time.monotonic() + grace_s
+    while left():
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    else:
+        return True
+    remaining = left()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGKILL)
+    signal_all(remaining, signal.SIGKILL)
+    wait_gone(remaining, 5)
+    return False

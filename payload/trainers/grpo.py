@@ -3,7 +3,8 @@ per prompt (with transformers' generate, or vLLM with `trl.use_vllm`), scores th
 the config's reward functions (`trl.reward_funcs`, user code found and checked by
 `payload.config.rewards`), and moves the policy towards the completions that score above
 their group's mean. `reward` in metrics.jsonl is the mean reward of the step's
-completions.
+completions. In `vllm_mode: server` without a server on another machine, the job started
+one on this node before the ranks (payload.config.vllm); the trainer connects to it there.
 
 The reference model (`trl.beta` > 0): with an adapter TRL keeps a frozen copy of the
 adapter (the base is shared); for a full fine-tune TRL would load the model again from
@@ -21,7 +22,7 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from payload.config import rewards
+from payload.config import rewards, vllm
 from payload.config.schema import TrainConfig
 from payload.errors import FerryError
 from payload.trainers import register
@@ -65,6 +66,11 @@ def grpo_arguments(cfg: TrainConfig) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if trl is not None:
         values = {k: getattr(trl, k) for k in GRPO_KEYS if getattr(trl, k) is not None}
+    if vllm.self_started(cfg):
+        # The server the job started on this node (payload.entry.torchrun), at the port
+        # either of Axolotl's two keys names.
+        values["vllm_server_host"] = vllm.connect_host(cfg)
+        values["vllm_server_port"] = vllm.server_port(cfg)
     # GRPOTrainer counts prompt and completion tokens into num_input_tokens_seen itself;
     # the Trainer's own count would add the (absent) input_ids of the prompt batches.
     values["include_num_input_tokens_seen"] = "no"
