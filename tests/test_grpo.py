@@ -247,6 +247,7 @@ def test_every_trl_key_reaches_grpo_config(tmp_path):
         "vllm_gpu_memory_utilization": 0.5,
         "log_completions": True,
         "mask_truncated_completions": True,
+        "repetition_penalty": 1.3,
     }
     config = grpo_folder(tmp_path, trl, launch={"image": {"extras": ["vllm"]}})
     cfg = load_config(config)
@@ -300,7 +301,9 @@ def test_a_batch_shape_trl_refuses_is_a_user_error(tmp_path):
 def test_the_reference_model_for_beta_above_zero(tmp_path, adapter):
     """Full fine-tune: a frozen copy of the model as Ferry loaded it, not a reload from the
     path (which misses Ferry's changes: here a model_config override that the reloaded
-    model would not have). LoRA: TRL's frozen `ref` copy of the adapter, no second model."""
+    model would not have). LoRA: the adapter disabled (no second model, and no `ref`
+    copy of the adapter, which TRL would add and save beside the trained one); at the
+    start that is exactly the policy."""
     import torch
 
     from payload.model import load_tokenizer
@@ -331,7 +334,8 @@ def test_the_reference_model_for_beta_above_zero(tmp_path, adapter):
     )
     trainer = recipe.trainer(model, args, train, None, tokenizer, [])
     if adapter:
-        assert trainer.ref_model is None and "ref" in trainer.model.peft_config
+        assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
+        assert trainer.model.active_adapter == "default"
         return
     ref = trainer.ref_model
     assert ref is not None and ref is not trainer.model
@@ -390,3 +394,45 @@ def test_an_axolotl_style_factory_transform_gets_the_config_and_the_tokenizer(tm
     assert train.column_names == ["prompt", "n"]
     assert train[0]["prompt"] == "42/0: Say a word about cats."
     assert train[0]["n"] == len(tokenizer("Say a word about cats.")["input_ids"])
+
+
+def test_axolotls_rl_beta_and_reference_sync_defaults(tmp_path):
+    """As Axolotl reads them: `rl_beta` is GRPO's beta when `trl.beta` is unset (the two
+    set apart are refused), and `sync_ref_model` alone syncs every 64 steps with a 0.9
+    share of the policy (Axolotl's defaults; TRL's are 512 and 0.6)."""
+    from payload.trainers.grpo import FerryGRPOConfig, grpo_arguments
+    from payload.trainers.settings import training_arguments
+
+    trl = {"reward_funcs": ["rewards.target_share"], "sync_ref_model": True}
+    cfg = load_config(grpo_folder(tmp_path, trl, rl_beta=0.07))
+    args = training_arguments(
+        cfg, SINGLE, str(tmp_path / "o"), 5, False, cls=FerryGRPOConfig,
+        objective=grpo_arguments(cfg),
+    )  # fmt: skip
+    assert (args.beta, args.ref_model_sync_steps, args.ref_model_mixup_alpha) == (0.07, 64, 0.9)
+    with pytest.raises(ConfigError, match=r"rl_beta: \(0.07\) and trl.beta \(0.1\) differ"):
+        load_config(grpo_folder(tmp_path, {**trl, "beta": 0.1}, rl_beta=0.07))
+
+
+@pytest.mark.slow
+def test_a_reward_function_that_raises_is_the_users_error(tmp_path):
+    """A reward function that fails while scoring stops the run with exit 1 and a message
+    naming the key, the function and its line, not as a crash of Ferry (exit 70)."""
+    broken = REWARDS + "\n\ndef boom(prompts, completions, **kwargs):\n    return [1 / 0]\n"
+    config = grpo_folder(
+        tmp_path,
+        {"reward_funcs": ["rewards.boom"], "num_generations": 8, "max_completion_length": 4},
+        rewards=broken,
+        max_steps=1,
+    )
+    result = launch("train", str(config), "--set", f"output_dir={tmp_path / 'out'}", timeout=300)
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, said[-3000:]
+    line = broken.splitlines().index("    return [1 / 0]") + 1
+    expected = (
+        f"trl.reward_funcs[0]: `{config.parent / 'rewards.py'}:boom` raised ZeroDivisionError "
+        f"(rewards.py line {line}) "
+        "while scoring completions: division by zero"
+    )
+    assert expected in said, said[-3000:]
+    assert "bug in Ferry" not in said

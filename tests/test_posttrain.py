@@ -227,6 +227,34 @@ def test_a_run_whose_output_is_gone_is_pulled_from_storage(run, tmp_path):
     assert (dest / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_a_grpo_run_that_generated_with_vllm_is_usable_where_vllm_is_not(run, tmp_path):
+    """A run whose config asks for vLLM (a cloud GRPO run, with vLLM in its image) is
+    inspected on a machine without vLLM (this one): the post-training commands generate
+    with transformers and must not refuse it for the missing vLLM. The quickstart's
+    adapter stands in for the GRPO run's (same base, LoRA)."""
+    from launcher.registry import Registry, RunRecord
+
+    quick, _ = run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    raw = yaml.safe_load(Path(_config(tmp_path, quick.record["output_dir"])).read_text())
+    raw.update(
+        rl="grpo",
+        trl={"reward_funcs": ["rewards.share"], "use_vllm": True, "vllm_mode": "server"},
+        vllm={"tensor_parallel_size": 1},
+    )
+    (run_dir / "config.yml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    record = {**quick.record, "run_id": "grpo-20260101-000000-abcd", "run_dir": str(run_dir)}
+    home = tmp_path / "home"
+    Registry(home / "ferry.db").add(RunRecord(**record))
+    said = launch(
+        "inference", record["run_id"], "--prompt", PROMPT, "--max-new-tokens", "4", "--json",
+        env={"FERRY_HOME": str(home)}, check=True,
+    ).stdout  # fmt: skip
+    assert len(json.loads(said.splitlines()[-1])["tokens"]) == 4
+
+
 # ---- errors: each before any model is loaded
 
 

@@ -362,7 +362,7 @@ def test_validate_refuses_what_preference_runs_cannot_honour():
         "micro_batch_size": raw_config("kto", micro_batch_size=1),
         "dpo_loss_weights": raw_config("dpo", dpo_loss_weights=[1.0, 2.0]),
         "dpo_loss_type": raw_config("dpo", dpo_loss_type=["sigmod"]),
-        "dpo_label_smoothing": raw_config("dpo", dpo_label_smoothing=0.1),
+        "trl.beta": raw_config("ipo", trl={"beta": 0.0}),
         "sample_packing": raw_config("dpo", sample_packing=True),
         "rpo_alpha": raw_config("dpo", rpo_alpha=0.5),
         "rl_beta": raw_config("dpo", rl_beta=0.2, trl={"beta": 0.3}),
@@ -374,3 +374,26 @@ def test_validate_refuses_what_preference_runs_cannot_honour():
     # ipo and simpo read dpo's formats; kto's `chatml.intel` is its own
     for rl in ("ipo", "simpo", "kto"):
         validate_mapping(raw_config(rl))
+
+
+def test_settings_axolotl_passes_on_are_warned_about_not_refused():
+    """Axolotl passes these to TRL, which ignores them (label smoothing outside the losses
+    that read it) or reads them (WPO weighting for IPO): a config written for Axolotl
+    validates, with a warning for what has no effect."""
+    from payload.config import validate_mapping
+    from payload.distributed import DistInfo
+    from payload.trainers import recipe_for
+
+    single = DistInfo(rank=0, local_rank=0, world_size=1, backend=None, device="cpu")
+    warned: list[str] = []
+    validate_mapping(raw_config("dpo", dpo_label_smoothing=0.1), warn=warned.append)
+    assert any("dpo_label_smoothing: is read only by the DPO losses" in w for w in warned)
+    warned.clear()
+    cfg = validate_mapping(raw_config("ipo", dpo_use_weighting=True), warn=warned.append)
+    assert not [w for w in warned if "dpo_use_weighting" in w], warned
+    assert recipe_for(cfg, single).objective_arguments()["use_weighting"] is True
+    warned.clear()
+    sft = {**raw_config("dpo"), "rl": None, "trl": {"beta": 0.2}}
+    sft["datasets"] = [{"path": "rows.jsonl", "type": "alpaca"}]
+    validate_mapping(sft, resolve_paths=False, warn=warned.append)
+    assert any("trl.beta: ignored: only `rl:` objectives read it" in w for w in warned), warned

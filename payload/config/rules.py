@@ -664,15 +664,22 @@ def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error(chosen[0], f"and `{chosen[1]}` both choose attention; set one.")
 
 
+# Axolotl 0.21's `rl:` values (its RLType).
+AXOLOTL_RL = ("dpo", "gdpo", "grpo", "ipo", "orpo", "kto", "simpo", "ebft")
+
+
 @rule("context_parallel_size", "rl", "plugins")
 def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     # Recognised keys whose feature is still being built: refuse rather than ignore.
     if cfg.context_parallel_size > 1:
         yield _error("context_parallel_size", "above 1 is not supported yet.")
     if cfg.rl and cfg.rl.lower() not in RL_OBJECTIVES:
+        # Axolotl's objectives Ferry lacks (gdpo, ebft) are not typos of the ones it has.
+        close = difflib.get_close_matches(cfg.rl.lower(), RL_OBJECTIVES, n=1, cutoff=0.7)
+        guess = f"did you mean `{close[0]}`? " if close and cfg.rl not in AXOLOTL_RL else ""
         yield _error(
             "rl",
-            f"`{cfg.rl}` is not an objective Ferry trains; it trains "
+            f"`{cfg.rl}` is not an objective Ferry trains; {guess}it trains "
             f"{', '.join(RL_OBJECTIVES)} (and supervised fine-tuning without `rl:`).",
         )
     if cfg.plugins:
@@ -738,14 +745,14 @@ _PREFERENCE_KEYS = {
     "dpo_loss_type": ("dpo",),
     "dpo_loss_weights": ("dpo",),
     "dpo_label_smoothing": ("dpo",),
-    "dpo_use_weighting": ("dpo",),
     "precompute_ref_log_probs": ("dpo", "ipo", "kto"),
     "simpo_gamma": ("simpo",),
     "cpo_alpha": ("simpo",),
     "kto_desirable_weight": ("kto",),
     "kto_undesirable_weight": ("kto",),
     "orpo_alpha": ("orpo",),
-    "rl_beta": ("dpo", "ipo", "simpo", "kto", "orpo"),
+    "rl_beta": ("dpo", "ipo", "simpo", "kto", "orpo", "grpo"),  # GRPO too, as in Axolotl
+    "dpo_use_weighting": ("dpo", "ipo"),  # DPOConfig.use_weighting, whatever the loss
 }
 
 
@@ -755,11 +762,21 @@ def _preference(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     for key, readers in _PREFERENCE_KEYS.items():
         if getattr(cfg, key) is not None and objective not in readers:
             yield _warn(key, f"ignored: only `rl:` {' or '.join(readers)} reads it.")
+    trl_beta = cfg.trl.beta if cfg.trl is not None else None
+    if objective in (*PREFERENCE_OBJECTIVES, "grpo"):
+        if trl_beta is not None and cfg.rl_beta is not None and trl_beta != cfg.rl_beta:
+            yield _error("rl_beta", f"({cfg.rl_beta}) and trl.beta ({trl_beta}) differ; set one.")
+    elif trl_beta is not None:
+        yield _warn("trl.beta", "ignored: only `rl:` objectives read it.")
     if objective not in PREFERENCE_OBJECTIVES:
         return
-    trl_beta = cfg.trl.beta if cfg.trl is not None else None
-    if trl_beta is not None and cfg.rl_beta is not None and trl_beta != cfg.rl_beta:
-        yield _error("rl_beta", f"({cfg.rl_beta}) and trl.beta ({trl_beta}) differ; set one.")
+    if trl_beta == 0:
+        yield _error(
+            "trl.beta",
+            f"must be above 0 with `rl: {objective}`: the loss divides by it (IPO) or it "
+            "scales every reward to nothing (the others). 0 means no reference model only "
+            "for GRPO.",
+        )
     if cfg.sample_packing:
         yield _error(
             "sample_packing",
@@ -787,11 +804,13 @@ def _preference(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                 )
         smoothed = [loss for loss in losses if loss in DPO_SMOOTHED_LOSSES]
         if cfg.dpo_label_smoothing and not smoothed:
-            yield _error(
+            # A warning, not an error: Axolotl passes it on and TRL ignores it, so the
+            # configs written for Axolotl run as they did there.
+            yield _warn(
                 "dpo_label_smoothing",
                 f"is read only by the DPO losses {', '.join(DPO_SMOOTHED_LOSSES)} in TRL 1.16 "
                 "(its sigmoid loss no longer smooths); with dpo_loss_type "
-                f"[{', '.join(losses)}] it would be ignored. For conservative DPO set "
+                f"[{', '.join(losses)}] it is ignored. For conservative DPO set "
                 "`dpo_loss_type: [robust]`.",
             )
         weights = cfg.dpo_loss_weights
@@ -804,7 +823,15 @@ def _preference(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 
 
 # ---- rules: GRPO
-@rule("rl", "trl", "datasets", "micro_batch_size", "gradient_accumulation_steps", "launch")
+@rule(
+    "rl",
+    "trl",
+    "datasets",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "launch",
+    "sequence_len",
+)
 def _grpo(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     """GRPO's settings that TRL would refuse only once the model is loaded, and `trl:`
     keys set for an objective that does not read them. The reward functions and prompt
@@ -817,6 +844,12 @@ def _grpo(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             if unread:
                 yield _warn(f"trl.{unread[0]}", "ignored: only `rl: grpo` reads trl: settings.")
         return
+    if "sequence_len" in given:
+        yield _warn(
+            "sequence_len",
+            "ignored with `rl: grpo`: TRL 1.16's GRPO does not cut prompts; "
+            "trl.max_completion_length limits what it generates.",
+        )
     if trl is None or not trl.reward_funcs:
         yield _error(
             "trl.reward_funcs",
@@ -853,10 +886,11 @@ def _grpo(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             f"({cfg.micro_batch_size * cfg.gradient_accumulation_steps}); on one GPU TRL "
             "refuses this. Set trl.generation_batch_size to a multiple of both.",
         )
-    if trl.sync_ref_model and not trl.beta:
+    if trl.sync_ref_model and not (trl.beta if trl.beta is not None else cfg.rl_beta):
         yield _error(
             "trl.sync_ref_model",
-            "needs `trl.beta` above 0: with beta 0 there is no reference model to sync.",
+            "needs `trl.beta` (or `rl_beta`) above 0: with beta 0 there is no reference "
+            "model to sync.",
         )
     if trl.sync_ref_model and cfg.adapter:
         yield _error(

@@ -496,10 +496,19 @@ class TRLConfig(_Strict):
         default=None, description="Mix the policy into the reference model every few steps."
     )
     ref_model_sync_steps: PositiveInt | None = Field(
-        default=None, description="Steps between reference syncs. Default 512."
+        default=None, description="Steps between reference syncs. Default 64 (Axolotl's)."
     )
     ref_model_mixup_alpha: float | None = Field(
-        default=None, ge=0, le=1, description="Share of the policy in each sync. Default 0.6."
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of the policy in each sync. Default 0.9 (Axolotl's).",
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0,
+        description="Penalty on tokens already in the prompt or completion (above 1 "
+        "discourages repeats). Default 1.0 (none).",
     )
     use_vllm: bool | None = Field(
         default=None,

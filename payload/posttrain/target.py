@@ -83,8 +83,20 @@ def from_config(source: str, overrides: list[str] | None = None) -> Target:
     return Target(cfg, folder, source, source)
 
 
+def _without_generation_server(raw: dict) -> dict:
+    """The run's config without GRPO's vLLM settings: they need vLLM where the run
+    trained (its image), which a laptop inspecting the result has no need of (these
+    commands generate with transformers)."""
+    trl = raw.get("trl")
+    if isinstance(trl, dict):
+        raw["trl"] = {k: v for k, v in trl.items() if k != "use_vllm" and not k.startswith("vllm_")}
+    raw.pop("vllm", None)
+    return raw
+
+
 def from_run(record: RunInfo, overrides: list[str] | None = None) -> Target:
-    from payload.config import load_config
+    from payload.config import validate_mapping
+    from payload.config.loader import read_raw
 
     run_id = record.run_id
     config = Path(record.run_dir) / "config.yml"
@@ -92,7 +104,12 @@ def from_run(record: RunInfo, overrides: list[str] | None = None) -> Target:
         raise FerryError(f"run {run_id}: its run folder {record.run_dir} has no config.yml.")
     # As launched: its local files were found then. A data file the run shipped to a
     # remote machine need not exist here; merge, inference and quantize need none.
-    cfg = load_config(config, overrides, resolve_paths=False)
+    cfg = validate_mapping(
+        _without_generation_server(read_raw(config, overrides)),
+        str(config),
+        base_dir=config.parent,
+        resolve_paths=False,
+    )
     output = Path(record.output_dir) if record.output_dir else None
     if output is not None and has_model(output):
         return Target(cfg, output, f"run {run_id}", run_id)

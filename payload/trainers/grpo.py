@@ -6,8 +6,9 @@ their group's mean. `reward` in metrics.jsonl is the mean reward of the step's
 completions. In `vllm_mode: server` without a server on another machine, the job started
 one on this node before the ranks (payload.config.vllm); the trainer connects to it there.
 
-The reference model (`trl.beta` > 0): with an adapter TRL keeps a frozen copy of the
-adapter (the base is shared); for a full fine-tune TRL would load the model again from
+The reference model (`trl.beta` > 0): with an adapter, the base model (the adapter
+disabled: Ferry's adapter starts at zero, so that is the policy as training started); for
+a full fine-tune TRL would load the model again from
 its path, which is not the model Ferry trains when Ferry changed it after loading
 (added tokens, `model_config` overrides) and fails for a model built from a config.
 Ferry gives it a frozen copy of the model as loaded instead.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from trl import GRPOConfig
@@ -57,7 +59,10 @@ GRPO_KEYS = (
     "vllm_gpu_memory_utilization",
     "log_completions",
     "mask_truncated_completions",
+    "repetition_penalty",
 )
+# Axolotl's defaults where they differ from TRL's (its trl: schema): the reference sync.
+AXOLOTL_SYNC_DEFAULTS = {"ref_model_sync_steps": 64, "ref_model_mixup_alpha": 0.9}
 
 
 def grpo_arguments(cfg: TrainConfig) -> dict[str, Any]:
@@ -66,6 +71,11 @@ def grpo_arguments(cfg: TrainConfig) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if trl is not None:
         values = {k: getattr(trl, k) for k in GRPO_KEYS if getattr(trl, k) is not None}
+        if trl.sync_ref_model:
+            for key, default in AXOLOTL_SYNC_DEFAULTS.items():
+                values.setdefault(key, default)
+    if "beta" not in values and cfg.rl_beta is not None:
+        values["beta"] = cfg.rl_beta  # Axolotl reads trl.beta, else rl_beta, for GRPO too
     if vllm.self_started(cfg):
         # The server the job started on this node (payload.entry.torchrun), at the port
         # either of Axolotl's two keys names.
@@ -107,6 +117,35 @@ def _frozen_reference(model: Any) -> Iterator[None]:
         grpo_trainer.create_model_from_path = original
 
 
+def _user_errors(fn: Any, key: str, ref: str) -> Any:
+    """`fn`, whose exceptions become the user's error naming the key, the function and
+    the line of the user's code it came from (not a crash reported as Ferry's bug). The
+    name stays the function's: TRL logs each reward under it."""
+    import functools
+    import traceback
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+            code = getattr(fn, "__code__", None)
+            lines = [
+                f"{Path(frame.filename).name} line {frame.lineno}"
+                for frame in traceback.extract_tb(e.__traceback__)
+                if code is not None and frame.filename == code.co_filename
+            ]
+            at = f" ({lines[-1]})" if lines else ""
+            raise FerryError(
+                f"{key}: `{ref}` raised {type(e).__name__}{at} while scoring completions: "
+                f"{e}".rstrip(": "),
+                hint="Fix the reward function; `launch validate` checks that it imports, "
+                "not what it does with the completions.",
+            ) from e
+
+    return call
+
+
 @register("grpo")
 class GRPO(Recipe):
     name = "grpo"
@@ -130,7 +169,10 @@ class GRPO(Recipe):
 
     def reward_functions(self) -> list[Any]:
         assert self.cfg.trl and self.cfg.trl.reward_funcs  # the GRPO rule requires them
-        return [rewards.load(ref) for ref in self.cfg.trl.reward_funcs]
+        return [
+            _user_errors(rewards.load(ref), f"trl.reward_funcs[{i}]", ref)
+            for i, ref in enumerate(self.cfg.trl.reward_funcs)
+        ]
 
     def trainer(
         self,
@@ -147,7 +189,7 @@ class GRPO(Recipe):
         cls = with_settings(GRPOTrainer)
         full_reference = args.beta != 0.0 and not isinstance(model, PeftModel)
         with _frozen_reference(model) if full_reference else contextlib.nullcontext():
-            return cls(
+            trainer = cls(
                 model=model,
                 reward_funcs=self.reward_functions(),
                 args=args,
@@ -157,3 +199,11 @@ class GRPO(Recipe):
                 callbacks=callbacks,
                 cfg=self.cfg,
             )
+        peft = getattr(trainer.model, "peft_config", None)
+        if peft is not None and "ref" in peft:
+            # TRL's frozen copy of the adapter, for an adapter trained before. Ferry's is
+            # always fresh (LoRA's B is zero): with it disabled, the base is the same
+            # reference, without a second adapter to run and to save in every checkpoint.
+            trainer.model.delete_adapter("ref")
+            trainer.model.set_adapter("default")
+        return trainer

@@ -122,6 +122,8 @@ class Preference(Recipe):
                 out["use_weighting"] = cfg.dpo_use_weighting
         elif objective == "ipo":
             out["loss_type"] = ["ipo"]
+            if cfg.dpo_use_weighting is not None:
+                out["use_weighting"] = cfg.dpo_use_weighting
         elif objective == "simpo":
             out["loss_type"] = "simpo"
             if cfg.simpo_gamma is not None:
