@@ -41,7 +41,7 @@ from executors.base import (
     remote_job,
     vllm_rows,
 )
-from payload.config.rewards import file_reference
+from payload.config.rewards import file_reference, local_modules
 from payload.config.schema import TrainConfig
 from payload.errors import FerryError
 from payload.runtime.cluster import SINGLE, Node, torchrun_args
@@ -136,11 +136,28 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
             inputs.append((Path(value), seen[value]))
         return seen[value]
 
+    code_dirs: dict[Path, str] = {}
+
     def ship_code(value: Any) -> Any:
         """GRPO's reward functions and prompt transforms in local files (`path.py:name`,
-        payload.config.rewards) travel like data; the payload loads them by path."""
+        payload.config.rewards) travel like data, each folder's into a folder of its own
+        with the modules of that folder they import, under their own names: the payload
+        loads the file by path with its folder on sys.path, so `import helper` works
+        there as it did here."""
         ref = file_reference(value) if isinstance(value, str) else None
-        return f"{ship(ref[0])}:{ref[1]}" if ref else value
+        if not ref or not Path(ref[0]).is_file():
+            return value
+        path = Path(ref[0])
+        folder = path.parent
+        if folder not in code_dirs:
+            code_dirs[folder] = f"{INPUTS}/code-{len(code_dirs)}"
+        remote = code_dirs[folder]
+        for relative in local_modules(path):
+            target = f"{remote}/{relative.as_posix()}"
+            if target not in seen.values():
+                seen[str(folder / relative)] = target
+                inputs.append((folder / relative, target))
+        return f"{remote}/{path.name}:{ref[1]}"
 
     for key in INPUT_KEYS:
         if key in config:

@@ -146,7 +146,7 @@ def test_validate_checks_the_trl_section_and_the_prompt_transform(tmp_path):
     missing transform; vLLM asked for where it is neither installed nor in the image."""
     trl = {
         "num_generation": 4,
-        "repetition_penalty": 1.1,
+        "generation_kwargs": {"do_sample": True},
         "reward_weights": [1.0, 2.0],
         "reward_funcs": ["rewards.target_share"],
         "generation_batch_size": 16,
@@ -161,7 +161,7 @@ def test_validate_checks_the_trl_section_and_the_prompt_transform(tmp_path):
         load_config(config)
     problems = {p.key: p.message for p in caught.value.problems}
     assert "did you mean `num_generations`" in problems["trl.num_generation"]
-    assert problems["trl.repetition_penalty"] == "is not supported yet by Ferry."
+    assert problems["trl.generation_kwargs"] == "is not supported yet by Ferry."
     assert "2 weights for 1 reward functions" in problems["trl.reward_weights"]
     assert "multiple of num_generations (3)" in problems["trl.generation_batch_size"]
     assert "did you mean `to_prompt`" in problems["datasets[0].type"]
@@ -196,13 +196,68 @@ def test_a_modal_plan_ships_the_reward_file_and_the_job_loads_it_there(tmp_path)
     shipped = [i for i in inputs if i.startswith(f"{rewards_file} -> ")]
     assert len(shipped) == 1, inputs  # reward function and transform share one file
     remote = shipped[0].split(" -> ")[1]
-    assert remote.startswith("/ferry/inputs/") and remote.endswith("-rewards.py")
+    assert remote == "/ferry/inputs/code-0/rewards.py"
 
     job, _ = api.prepare(config, cloud="modal", gpus="H100:1")
     remote_cfg, _ = remote_config(job)
     assert remote_cfg["trl"]["reward_funcs"] == [f"{remote}:target_share"]
     assert remote_cfg["datasets"][0]["type"] == f"{remote}:to_prompt"
     assert plan_row(get_plan(job), "gpu") == "H100:1"
+
+
+def test_a_reward_file_travels_with_the_modules_beside_it_that_it_imports(tmp_path):
+    """rewards.py imports helper.py and a package beside it: the Modal job gets all three
+    in one folder, under their own names, and the function loads from there in a fresh
+    process that has only the shipped files (copied as Modal mounts them, under a stand-in
+    root for /ferry/inputs) and not the project folder. Unrelated files stay home."""
+    import subprocess
+    import sys
+
+    from executors.modal import remote_config
+    from launcher import api
+
+    rewards = (
+        "from helper import TARGET\nfrom scoring.share import share\n"
+        + REWARDS.replace("def target_share(", "def _unused(")
+        + "\n\ndef target_share(prompts, completions, completion_ids, **kwargs):\n"
+        + ("    return [share(ids, TARGET) for ids in completion_ids]\n")
+    )
+    config = grpo_folder(tmp_path, {"reward_funcs": ["rewards.target_share"]}, rewards=rewards)
+    project = config.parent
+    (project / "helper.py").write_text(f"TARGET = {TARGET}\n")
+    (project / "scoring").mkdir()
+    (project / "scoring" / "__init__.py").write_text("")
+    (project / "scoring" / "share.py").write_text(
+        "def share(ids, target):\n    return ids.count(target) / max(len(ids), 1)\n"
+    )
+    (project / "unrelated.py").write_text("raise SystemExit('not shipped')\n")
+    assert launch("validate", str(config)).returncode == 0
+
+    job, _ = api.prepare(config, cloud="modal", gpus="H100:1")
+    remote_cfg, inputs = remote_config(job)
+    code = {remote: local for local, remote in inputs if remote.startswith("/ferry/inputs/code-")}
+    assert code == {
+        "/ferry/inputs/code-0/rewards.py": project / "rewards.py",
+        "/ferry/inputs/code-0/helper.py": project / "helper.py",
+        "/ferry/inputs/code-0/scoring/__init__.py": project / "scoring" / "__init__.py",
+        "/ferry/inputs/code-0/scoring/share.py": project / "scoring" / "share.py",
+    }
+    root = tmp_path / "container"
+    for remote, local in code.items():
+        (root / remote.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / remote.lstrip("/")).write_bytes(local.read_bytes())
+    (reference,) = remote_cfg["trl"]["reward_funcs"]
+    assert reference == "/ferry/inputs/code-0/rewards.py:target_share"
+    script = (
+        "import sys\nfrom payload.config import rewards\n"
+        f"fn = rewards.load({str(root) + reference!r})\n"
+        f"print(fn(prompts=[], completions=[], completion_ids=[[{TARGET}, 1], [2, 3]]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0.5, 0.0]"
 
 
 def get_plan(job):

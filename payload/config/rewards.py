@@ -59,6 +59,40 @@ def file_reference(value: str) -> tuple[str, str] | None:
     return None
 
 
+def local_modules(path: Path) -> list[Path]:
+    """The modules beside `path` that it imports, and theirs in turn: `import helper` or
+    `from helper import x` with a helper.py (or a helper/ package) in the same folder. They
+    must travel with the file to a remote job, where its folder is on sys.path as it is
+    here (`_import`). Paths relative to the folder, the file itself first."""
+    import ast
+
+    folder = path.parent
+    found: list[Path] = []
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        relative = current.relative_to(folder)
+        if relative in found:
+            continue
+        found.append(relative)
+        try:
+            tree = ast.parse(current.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue  # validation reports an unreadable module; nothing more to find here
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        for name in sorted(names):
+            if (folder / f"{name}.py").is_file():
+                todo.append(folder / f"{name}.py")
+            elif (folder / name / "__init__.py").is_file():
+                todo.extend(sorted((folder / name).rglob("*.py")))
+    return found
+
+
 def locate(value: str, base_dir: Path | None) -> Found:
     """Find the module `value` names; raise FerryError saying why not."""
     if ref := file_reference(value):
