@@ -155,6 +155,18 @@ def test_dpo_learns_the_rule_and_logs_the_rewards(runs):
     assert line + f"{last['rewards/margins']:.4f} | acc " in PRINTED["dpo"], PRINTED["dpo"][-2000:]
 
 
+def test_every_objective_learns_the_rule(runs):
+    """Each objective's loss falls over its 6 steps on the rule-following pairs, and the
+    reward margin (chosen over rejected) grows from where it started for the objectives
+    whose loss is the preference term. (ORPO's loss is mostly the chosen answers' NLL,
+    and in 6 steps its margin has not grown yet: measured 0.023 -> 0.012.)"""
+    for name in ("dpo", "ipo", "simpo", "kto", "orpo"):
+        records = [r for r in runs[name] if "loss" in r]
+        assert records[-1]["loss"] < 0.9 * records[0]["loss"], name
+        if name != "orpo" and "rewards/margins" in records[0]:
+            assert records[-1]["rewards/margins"] > records[0]["rewards/margins"], name
+
+
 def test_every_objective_counts_the_tokens_it_trains_on(runs):
     """tokens/s needs the tokens of each batch: the CPO (simpo) and ORPO trainers' batches
     hold chosen_/rejected_ sequences, which Ferry counts; the others have input_ids."""
