@@ -32,6 +32,7 @@ from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status, vllm_rows
 from executors.supervise import EXIT_FILE
+from payload.config.rules import mesh_problems
 from payload.config.trackers import missing_packages
 from payload.entry.remote import ERROR_FILE, training_command
 from payload.runtime.cluster import SINGLE, torchrun_args
@@ -49,8 +50,6 @@ TRAIN_MODULES = ("torch", "transformers", "peft", "accelerate", "datasets")
 GPU_ONLY = {
     "fp16": "a CUDA GPU",
     "flash_attention": "flash-attn on a CUDA GPU",
-    "deepspeed": "CUDA GPUs",
-    "fsdp_config": "CUDA GPUs",
 }
 
 
@@ -101,8 +100,15 @@ class LocalExecutor(Executor):
                 f"the config reports to {', '.join(trackers)}, not installed here: "
                 "pip install 'ferry[trackers]'"
             )
+        if job.config.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+            # DeepSpeed runs on this machine's CPUs too (DS_ACCELERATOR=cpu, set by the payload).
+            problems.append(
+                "the config asks for DeepSpeed, not installed here: pip install 'ferry[deepspeed]'"
+            )
         gpus = local_gpu_count()
         wanted = job.resources.gpus_per_node
+        # FSDP2 runs on the CPU processes too (gloo); its mesh must fit the processes.
+        problems.extend(mesh_problems(job.train_config(), job.procs_per_node))
         if gpus and wanted > gpus:
             problems.append(f"{wanted} GPUs asked for, this machine has {gpus}")
         cfg = job.config

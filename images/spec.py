@@ -22,7 +22,8 @@ REPOSITORY = "ferry"  # image name; the tag is the spec's hash
 # Optional layers a config can ask for (launch.image.extras), each pinned.
 EXTRAS = {
     "flash-attn": ["flash-attn==2.8.3"],
-    "deepspeed": ["deepspeed==0.18.2"],
+    # The version the CPU tests run (pyproject.toml's `deepspeed` extra): keep them alike.
+    "deepspeed": ["deepspeed==0.19.0"],
     # GRPO generation with `trl.use_vllm` (its own torch pin may differ from the image's).
     "vllm": ["vllm==0.33.0"],
 }

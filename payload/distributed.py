@@ -39,6 +39,7 @@ class DistInfo:
     device: str  # "cuda:N" or "cpu"
     timeout_s: int = DEFAULT_TIMEOUT_S
     io_group: Any = None  # the gloo group for waits on one rank's I/O
+    mesh: Any = None  # the DeviceMesh of a run that lays its processes out (payload.parallel)
 
     @property
     def is_main(self) -> bool:

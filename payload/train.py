@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from payload import distributed
+from payload import distributed, parallel
 from payload.config.schema import TrainConfig
 from payload.data.build import DataReport
 from payload.metrics import PROGRESS, MetricsCallback
 from payload.model import load_tokenizer
+from payload.parallel import deepspeed as zero
+from payload.parallel import mesh
 from payload.storage.layout import CONFIG_FILE, SUMMARY_FILE, read_metrics
 from payload.trackers import Trackers, reporting
 from payload.trainers import recipe_for
@@ -62,7 +64,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     # From here on, SIGTERM and SIGINT mean "save and stop", even before training starts.
     stop = StopRequest(int(os.environ.get("RANK", "0"))).install()
-    dist = distributed.setup(cfg.ddp_timeout)
+    # The device mesh right after the process group: the one place both are made.
+    dist = mesh.with_mesh(cfg, distributed.setup(cfg.ddp_timeout))
     finished = False
     try:
         with reporting(cfg, cfg.output_dir or DEFAULT_OUTPUT_DIR, dist.is_main) as trackers:
@@ -92,6 +95,8 @@ def _train(
     store = durability.open_run_store(cfg)
     set_seed(cfg.seed)
     started = time.time()
+    # DeepSpeed, if asked for, before anything imports it (it picks its device then).
+    zero_run = zero.prepare(cfg, dist)
     recipe = recipe_for(cfg, dist)
     tokenizer = load_tokenizer(cfg)
     train_set, eval_set, report = recipe.datasets(tokenizer)
@@ -102,6 +107,7 @@ def _train(
             for line in recipe.debug_lines(train_set, tokenizer):
                 print(f"debug: {line}", flush=True)
     model = recipe.load_model(tokenizer)
+    model = parallel.apply(model, cfg, dist)  # FSDP2, when asked for (payload.parallel)
     if dist.is_main:
         _print_model(model, cfg, dist, recipe.name)
     batches = recipe.prepare(model, tokenizer, train_set, eval_set)
@@ -118,6 +124,8 @@ def _train(
     )
     callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
     callbacks += settings_callbacks(cfg, args)
+    if zero_run:
+        callbacks.append(zero_run.report())
     watchdog = LossWatchdog.of(cfg)
     if watchdog:
         callbacks.append(watchdog)
@@ -168,6 +176,8 @@ def _train(
         where = uploaded(step) or Path(output_dir) / f"checkpoint-{step}"
         raise watchdog.error(str(where))
     trainer.save_model(output_dir)
+    if zero_run:  # a ZeRO-3 model saved as shards becomes a save_pretrained one
+        zero_run.finish(trainer, output_dir)
     summary: dict[str, Any] = {}
     if dist.is_main:
         tokenizer.save_pretrained(output_dir)

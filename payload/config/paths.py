@@ -165,9 +165,7 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
         if value:
             update[key] = _resolve_one(key, value, base_dir, problems, hub_ok=True)
     if isinstance(cfg.deepspeed, str):
-        update["deepspeed"] = _resolve_one(
-            "deepspeed", cfg.deepspeed, base_dir, problems, hub_ok=False
-        )
+        update["deepspeed"] = _resolve_deepspeed(cfg, base_dir, problems)
     if is_template_path(cfg.chat_template_jinja):
         update["chat_template_jinja"] = _resolve_one(
             "chat_template_jinja", cfg.chat_template_jinja, base_dir, problems, hub_ok=False
@@ -208,6 +206,57 @@ def resolve(cfg: TrainConfig, base_dir: Path | None) -> tuple[TrainConfig, list[
 
     cfg, code_problems = rewards.resolve(cfg.model_copy(update=update), base_dir)
     return cfg, problems + code_problems
+
+
+# The DeepSpeed configs Ferry ships, found under the names Axolotl's configs use for its
+# own folder (`deepspeed: deepspeed_configs/zero3_bf16.json`) when no such file is here.
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "deepspeed"
+AXOLOTL_DEEPSPEED_FOLDER = "deepspeed_configs"
+
+
+def shipped_deepspeed(value: str) -> Path | None:
+    """The shipped file an Axolotl-style `deepspeed_configs/<name>.json` stands for."""
+    path = Path(value)
+    if path.is_absolute() or path.parent.name != AXOLOTL_DEEPSPEED_FOLDER:
+        return None
+    shipped = DEEPSPEED_CONFIGS / path.name
+    return shipped if shipped.is_file() else None
+
+
+def _resolve_deepspeed(cfg: TrainConfig, base_dir: Path | None, problems: list[Problem]) -> str:
+    """The DeepSpeed JSON's absolute path, a shipped one for Axolotl's names; its
+    contents are checked against the config (payload.config.rules.deepspeed_problems)."""
+    from payload.config.rules import deepspeed_json, deepspeed_problems
+
+    value = cfg.deepspeed
+    assert isinstance(value, str)
+    # A value no path can hold is named by _resolve_one below, before any lookup.
+    missing = path_problem(value) is None and find(value, base_dir) is None
+    if missing and (shipped := shipped_deepspeed(value)):
+        value = str(shipped)
+    elif missing and Path(value).parent.name == AXOLOTL_DEEPSPEED_FOLDER:
+        names = sorted(p.name for p in DEEPSPEED_CONFIGS.glob("*.json"))
+        hint = ""
+        if "_torch_compile" in value:  # Axolotl's zero1/zero2_torch_compile.json
+            hint = " For a compiled model, take the file without `_torch_compile` and set "
+            hint += "`torch_compile: true`."
+        problems.append(
+            Problem(
+                "deepspeed",
+                f"`{shown(value)}` is not here, and not one of the DeepSpeed configs Ferry "
+                f"ships for Axolotl's names: {', '.join(names) or 'none found'}.{hint}",
+            )
+        )
+        return value
+    before = len(problems)
+    resolved = _resolve_one("deepspeed", value, base_dir, problems, hub_ok=False)
+    if len(problems) == before:
+        ds, unreadable = deepspeed_json(resolved)
+        found = [unreadable] if unreadable else []
+        if not unreadable:
+            found = deepspeed_problems(ds, cfg, set(cfg.model_fields_set), f"`{shown(value)}`")
+        problems.extend(Problem("deepspeed", message) for message in found)
+    return resolved
 
 
 def _resolve_dataset(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from payload.config.schema import (
@@ -1238,3 +1239,532 @@ def _quantization(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             "embedding that shares its weights with the output head does not load again. "
             "Remove it (the embeddings stay in full precision).",
         )
+
+
+# ---- rules: deepspeed
+# A DeepSpeed config is checked before launch: an inline mapping by the rule below, a
+# JSON file once payload.config.paths has found it (`deepspeed_problems`). What the HF
+# Trainer would refuse at start-up (a value that contradicts the config) is named here.
+ZERO_STAGES = (0, 1, 2, 3)
+# Where ZeRO-Offload puts states: `none` turns it off. DeepSpeed's `nvme` needs libaio and
+# its compiled async-io op, which Ferry does not build or test yet.
+OFFLOAD_DEVICES = ("cpu", "none")
+# The objectives run under DeepSpeed so far (the SFT recipes): TRL's trainers keep a
+# second (reference or reward) model that ZeRO-3 must shard too, untested here.
+DEEPSPEED_UNTESTED = ("rl", "reward_model", "process_reward_model")
+
+
+def deepspeed_json(path: str) -> tuple[Any, str | None]:
+    """The contents of a DeepSpeed JSON file, or (None, why it cannot be used)."""
+    import json
+
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115 - read at once
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"`{path}` cannot be read: {getattr(e, 'strerror', None) or e}."
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"`{path}` is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})."
+
+
+def _node(ds: dict[str, Any], dotted: str) -> Any:
+    """The value at `a.b.c` in the DeepSpeed config, or None."""
+    value: Any = ds
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def deepspeed_precision(ds: dict[str, Any], name: str) -> Any:
+    """`<name>.enabled` (True, False or "auto"), None when the section is absent.
+    DeepSpeed also reads bf16 as `bfloat16`."""
+    for section in (name, "bfloat16") if name == "bf16" else (name,):
+        if isinstance(ds.get(section), dict) and "enabled" in ds[section]:
+            return ds[section]["enabled"]
+    return None
+
+
+def deepspeed_problems(ds: Any, cfg: TrainConfig, given: set[str], where: str) -> list[str]:
+    """What is wrong with DeepSpeed config `ds` (read from `where`) for this config: each
+    a message for the `deepspeed` key. Values left "auto" are the trainer's to fill."""
+    if not isinstance(ds, dict):
+        return [f"{where} must hold a JSON object (a mapping), not {type(ds).__name__}."]
+    found: list[str] = []
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return [f"`zero_optimization` in {where} must be a mapping, not {zero!r}."]
+    stage = zero.get("stage", 0)
+    if stage not in ZERO_STAGES or isinstance(stage, bool):
+        found.append(f"`zero_optimization.stage` is {stage!r} in {where}; ZeRO has stages 0 to 3.")
+        stage = 0
+    for section, least in (("offload_optimizer", 1), ("offload_param", 3)):
+        offload = zero.get(section)
+        if offload is None:
+            continue
+        device = offload.get("device", "none") if isinstance(offload, dict) else offload
+        if device == "nvme":
+            found.append(
+                f"`zero_optimization.{section}.device: nvme` in {where} is not supported yet "
+                "(it needs libaio and DeepSpeed's async-io op); offload to `cpu`."
+            )
+        elif device not in OFFLOAD_DEVICES:
+            found.append(
+                f"`zero_optimization.{section}.device` is {device!r} in {where}; DeepSpeed "
+                "offloads to `cpu` (or `none`: no offload)."
+            )
+        elif device == "cpu" and stage < least:
+            what = "stages 1 to 3" if least == 1 else "stage 3, which partitions the parameters"
+            found.append(
+                f"`zero_optimization.{section}` in {where} needs ZeRO {what}, not stage {stage}."
+            )
+    fp16, bf16 = deepspeed_precision(ds, "fp16"), deepspeed_precision(ds, "bf16")
+    if fp16 is True and bf16 is True:
+        found.append(f"{where} turns on both `fp16` and `bf16`; keep one.")
+    # The config's own choice: bf16 "auto" is decided on the machine (payload.parallel).
+    wanted = {"fp16": bool(cfg.fp16), "bf16": None if cfg.bf16 == "auto" else bool(cfg.bf16)}
+    for name, value in (("fp16", fp16), ("bf16", bf16)):
+        if isinstance(value, bool) and wanted[name] is not None and value != wanted[name]:
+            found.append(
+                f"`{name}.enabled` is {str(value).lower()} in {where}, but the config's "
+                f"`{name}` is {str(wanted[name]).lower()}; set `{name}: "
+                f'{str(value).lower()}` or write "auto" in the JSON.'
+            )
+    # Values the trainer fills where the JSON says "auto", and otherwise must equal.
+    adam = [cfg.adam_beta1 or 0.9, cfg.adam_beta2 or 0.999]  # transformers' defaults
+    steps = cfg.gradient_accumulation_steps
+    must_match = (
+        ("train_micro_batch_size_per_gpu", "micro_batch_size", cfg.micro_batch_size),
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", steps),
+        ("gradient_clipping", "max_grad_norm", cfg.max_grad_norm or 0.0),
+        ("optimizer.params.lr", "learning_rate", cfg.learning_rate),
+        ("optimizer.params.betas", "adam_beta1/adam_beta2", adam),
+        ("optimizer.params.eps", "adam_epsilon", cfg.adam_epsilon or 1e-8),
+        ("optimizer.params.weight_decay", "weight_decay", cfg.weight_decay),
+        ("scheduler.params.warmup_max_lr", "learning_rate", cfg.learning_rate),
+    )
+    for dotted, key, expected in must_match:
+        value = _node(ds, dotted)
+        if value is None or value == "auto" or expected is None:
+            continue
+        if isinstance(value, list | tuple) and list(value) == expected or value == expected:
+            continue
+        found.append(
+            f"`{dotted}` is {value!r} in {where}, but the config's `{key}` is {expected!r}; "
+            'set them alike or write "auto" in the JSON.'
+        )
+    # A JSON optimizer or scheduler replaces the config's: both set is a contradiction.
+    for section, key in (("optimizer", "optimizer"), ("scheduler", "lr_scheduler")):
+        if isinstance(ds.get(section), dict) and key in given:
+            kind = ds[section].get("type", "?")
+            found.append(
+                f"the `{section}` section of {where} ({kind}) replaces `{key}: "
+                f"{getattr(cfg, key)}`; keep one of them."
+            )
+    return found
+
+
+@rule("deepspeed", "fp16", "bf16", "micro_batch_size", "gradient_accumulation_steps", "adapter")
+def _deepspeed(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if not cfg.deepspeed:
+        return
+    for key in DEEPSPEED_UNTESTED:
+        if getattr(cfg, key):
+            yield _error(
+                key,
+                "with `deepspeed` is not supported yet: Ferry runs DeepSpeed with supervised "
+                "fine-tuning only so far (its reference and reward models are not sharded).",
+            )
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if getattr(cfg, key):
+            yield _error(
+                key,
+                "with `deepspeed` is not supported yet: ZeRO cannot partition bitsandbytes' "
+                "quantized weights; use QLoRA without DeepSpeed.",
+            )
+    if cfg.context_parallel_size > 1:
+        yield _error(
+            "context_parallel_size",
+            "with `deepspeed` is not supported yet (DeepSpeed's Ulysses sequence parallelism "
+            "is not wired in).",
+        )
+    # A file is checked once it has been found (payload.config.paths).
+    if isinstance(cfg.deepspeed, dict):
+        for message in deepspeed_problems(cfg.deepspeed, cfg, given, "the inline mapping"):
+            yield _error("deepspeed", message)
+
+
+# ---- rules: fsdp
+# FSDP2 is Ferry's own (payload/parallel applies `fully_shard`): its keys are read here,
+# once, by `fsdp_reading`, for the rules and for the payload alike, so what `launch
+# validate` says is what a run does. Axolotl's FSDP1 spellings (the `fsdp:` list,
+# `fsdp_version: 1`, `fsdp_`-prefixed and FSDP1-only fsdp_config keys) are mapped onto
+# FSDP2 as Axolotl's and accelerate's migrations map them, with one warning naming each.
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """FSDP2 as the config asks for it."""
+
+    reshard_after_forward: bool = True  # free each block's gathered weights after forward
+    activation_checkpointing: bool = False
+    layer_classes: tuple[str, ...] = ()  # the blocks to shard; empty: _no_split_modules
+
+
+@dataclass
+class FsdpReading:
+    """What the FSDP keys say: the settings (None: no FSDP), and the findings about them."""
+
+    settings: FsdpSettings | None
+    findings: list[Finding] = field(default_factory=list)
+
+
+# fsdp_config keys Ferry runs, with what each accepts.
+_FSDP_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "reshard_after_forward": ("true or false", lambda v: isinstance(v, bool)),
+    "activation_checkpointing": ("true or false", lambda v: isinstance(v, bool)),
+    "transformer_layer_cls_to_wrap": (
+        "a class name (or several, comma-separated or as a list)",
+        lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+    ),
+    "auto_wrap_policy": (
+        "TRANSFORMER_BASED_WRAP or SIZE_BASED_WRAP",
+        lambda v: v in ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP"),
+    ),
+    "state_dict_type": (
+        "FULL_STATE_DICT, SHARDED_STATE_DICT or LOCAL_STATE_DICT",
+        lambda v: v in ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"),
+    ),
+    "offload_params": ("true or false", lambda v: isinstance(v, bool)),
+    "cpu_offload_pin_memory": ("true or false", lambda v: isinstance(v, bool)),
+    "cpu_ram_efficient_loading": ("true or false", lambda v: isinstance(v, bool)),
+    "min_num_params": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "mixed_precision_policy": ("a string", lambda v: isinstance(v, str)),
+}
+_FSDP_CHECKS["final_state_dict_type"] = _FSDP_CHECKS["state_dict_type"]
+# Values Ferry cannot honour yet, refused by name: (key, value) -> why.
+_FSDP_NOT_YET: dict[tuple[str, Any], str] = {
+    ("auto_wrap_policy", "SIZE_BASED_WRAP"): "Ferry shards one transformer block at a time "
+    "(TRANSFORMER_BASED_WRAP)",
+    ("state_dict_type", "SHARDED_STATE_DICT"): "checkpoints are full state dicts gathered to "
+    "rank 0 for now (use FULL_STATE_DICT)",
+    ("state_dict_type", "LOCAL_STATE_DICT"): "checkpoints are full state dicts gathered to "
+    "rank 0 for now (use FULL_STATE_DICT)",
+    ("final_state_dict_type", "SHARDED_STATE_DICT"): "the final model is saved whole, with "
+    "save_pretrained (use FULL_STATE_DICT)",
+    ("final_state_dict_type", "LOCAL_STATE_DICT"): "the final model is saved whole, with "
+    "save_pretrained (use FULL_STATE_DICT)",
+    ("offload_params", True): "parameters stay on the training device",
+    ("cpu_ram_efficient_loading", True): "every rank reads the whole model before it is sharded",
+}
+# Set to anything, refused: FSDP2 settings of Axolotl's that Ferry does not run yet.
+_FSDP_KEYS_NOT_YET = {
+    "min_num_params": "it sizes SIZE_BASED_WRAP, and Ferry shards one transformer block at a time",
+    "mixed_precision_policy": "the precision comes from bf16 (FSDP2's MixedPrecisionPolicy: "
+    "bf16 compute, fp32 gradient reduction)",
+}
+# FSDP1-only settings with no FSDP2 counterpart: dropped, as Axolotl and accelerate drop them.
+_FSDP1_DROPPED = (
+    "backward_prefetch",
+    "backward_prefetch_policy",
+    "forward_prefetch",
+    "sync_module_states",
+    "limit_all_gathers",
+    "use_orig_params",
+)
+# FSDP1's sharding_strategy (by name or number) as FSDP2's reshard_after_forward.
+_SHARDING_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}
+_HYBRID = "is hybrid sharding: set dp_replicate_size (copies, usually the nodes) and "
+_HYBRID += "dp_shard_size (processes per copy) instead"
+_SHARDING_REFUSED = {
+    "NO_SHARD": "is plain data parallelism (DDP): remove the FSDP settings",
+    "3": "(NO_SHARD) is plain data parallelism (DDP): remove the FSDP settings",
+    "HYBRID_SHARD": _HYBRID,
+    "4": f"(HYBRID_SHARD) {_HYBRID}",
+    "HYBRID_SHARD_ZERO2": _HYBRID,
+    "5": f"(HYBRID_SHARD_ZERO2) {_HYBRID}",
+}
+
+
+def _fsdp_version(value: Any) -> int | None:
+    """1 or 2 from how a config may write it (2, "2", 2.0), else None."""
+    text = str(value).strip()
+    return {"1": 1, "1.0": 1, "2": 2, "2.0": 2}.get(text)
+
+
+def fsdp_reading(cfg: TrainConfig) -> FsdpReading:
+    """Read the FSDP keys: the FSDP2 settings they ask for (None without FSDP) and every
+    finding about them, one warning listing each FSDP1 key mapped or dropped among them."""
+    findings: list[Finding] = []
+    mapped: list[str] = []
+    dropped: list[str] = []
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # FSDP2 name -> the key as the user wrote it
+
+    def put(name: str, value: Any, key: str) -> None:
+        # FSDP1 configs often say it twice (`fsdp: [full_shard]` and FULL_SHARD): fine
+        # when both agree.
+        if name in where and where[name] != key and values[name] != value:
+            findings.append(
+                _error(key, f"and `{where[name]}` set {name} both ways ({value}, {values[name]}).")
+            )
+            return
+        values[name], where[name] = value, key
+
+    words = cfg.fsdp.split() if isinstance(cfg.fsdp, str) else list(cfg.fsdp or [])
+    for word in words:
+        said = str(word).strip().lower()
+        if said in ("full_shard", "shard_grad_op"):
+            put("reshard_after_forward", said == "full_shard", "fsdp")
+            flag = "true" if said == "full_shard" else "false"
+            mapped.append(f"fsdp `{said}` -> reshard_after_forward: {flag}")
+        elif said == "auto_wrap":
+            mapped.append("fsdp `auto_wrap` -> fully_shard per transformer block (always)")
+        elif said == "offload":
+            put("offload_params", True, "fsdp")
+            mapped.append("fsdp `offload` -> offload_params: true")
+        elif said in ("hybrid_shard", "hybrid_shard_zero2", "no_shard"):
+            findings.append(_error("fsdp", f"`{said}` {_SHARDING_REFUSED[said.upper()]}."))
+        else:
+            findings.append(
+                _error(
+                    "fsdp",
+                    f"`{word}` is not an FSDP option; the list takes full_shard, "
+                    "shard_grad_op, auto_wrap and offload (prefer fsdp_config).",
+                )
+            )
+
+    versions = [("fsdp_version", cfg.fsdp_version)] if cfg.fsdp_version is not None else []
+    raw = dict(cfg.fsdp_config or {})
+    for key, value in raw.items():
+        shown = f"fsdp_config.{key}"
+        name = key.removeprefix("fsdp_") if key != "fsdp_version" else key
+        if name in ("fsdp_version", "version"):
+            versions.append((shown, value))
+            continue
+        if name != key and name != "sharding_strategy" and name not in _FSDP1_DROPPED:
+            mapped.append(f"{shown} -> {name}")
+        if name == "sharding_strategy":
+            strategy = str(value).strip().upper()
+            if strategy in _SHARDING_STRATEGIES:
+                put("reshard_after_forward", _SHARDING_STRATEGIES[strategy], shown)
+                flag = str(_SHARDING_STRATEGIES[strategy]).lower()
+                mapped.append(f"{shown} {value} -> reshard_after_forward: {flag}")
+            else:
+                why = _SHARDING_REFUSED.get(strategy, "is not an FSDP sharding strategy")
+                findings.append(_error(shown, f"`{value}` {why}."))
+        elif name in _FSDP1_DROPPED:
+            dropped.append(shown)
+        elif name not in _FSDP_CHECKS:
+            known = [*_FSDP_CHECKS, "fsdp_version"]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"one of: {', '.join(known)}."
+            findings.append(_error(shown, f"is not an FSDP2 setting; {hint}"))
+        elif not _FSDP_CHECKS[name][1](value):
+            findings.append(_error(shown, f"must be {_FSDP_CHECKS[name][0]}, not {value!r}."))
+        else:
+            put(name, value, shown)
+    if cfg.fsdp_final_state_dict_type is not None:
+        mapped.append("fsdp_final_state_dict_type -> fsdp_config.final_state_dict_type")
+        value = cfg.fsdp_final_state_dict_type
+        if not _FSDP_CHECKS["final_state_dict_type"][1](value):
+            message = f"must be {_FSDP_CHECKS['final_state_dict_type'][0]}, not {value!r}."
+            findings.append(_error("fsdp_final_state_dict_type", message))
+        else:
+            put("final_state_dict_type", value, "fsdp_final_state_dict_type")
+
+    for key, value in versions:
+        version = _fsdp_version(value)
+        if version is None:
+            findings.append(_error(key, f"must be 1 or 2, not {value!r} (Ferry runs FSDP2)."))
+        elif version == 1:
+            mapped.append(f"{key} 1 -> 2")
+    known = {_fsdp_version(v) for _, v in versions} - {None}
+    if len(known) > 1:
+        findings.append(
+            _error(
+                versions[0][0],
+                "and " + " and ".join(f"`{k}`" for k, _ in versions[1:]) + " "
+                "disagree; set the version once (FSDP2 is what runs).",
+            )
+        )
+
+    if not (raw or words):
+        for key, value in (
+            ("fsdp_version", cfg.fsdp_version),
+            ("fsdp_final_state_dict_type", cfg.fsdp_final_state_dict_type),
+        ):
+            if value is not None:
+                findings.append(_warn(key, "ignored: there is no fsdp_config (FSDP is off)."))
+        return FsdpReading(None, findings)
+
+    for (name, value), why in _FSDP_NOT_YET.items():
+        if name in values and values[name] == value:
+            shown = where[name]
+            said = "true" if value is True else value
+            said = f"`{said}`" if shown != "fsdp" else f"`offload` ({name}: {said})"
+            findings.append(_error(shown, f"{said} is not supported yet: {why}."))
+    for name, why in _FSDP_KEYS_NOT_YET.items():
+        if name in values:
+            findings.append(_error(where[name], f"is not supported yet: {why}."))
+    if "cpu_offload_pin_memory" in values and not values.get("offload_params"):
+        findings.append(_warn(where["cpu_offload_pin_memory"], "ignored: offload_params is off."))
+    if mapped or dropped:
+        said = "FSDP1 settings read as FSDP2: " + "; ".join(mapped) if mapped else ""
+        if dropped:
+            said += "; " if said else ""
+            said += "dropped (FSDP2 has no such setting): " + ", ".join(dropped)
+        key = "fsdp_config" if raw else "fsdp"
+        findings.append(_warn(key, said + "."))
+
+    layers = values.get("transformer_layer_cls_to_wrap") or ()
+    if isinstance(layers, str):
+        layers = [name.strip() for name in layers.split(",") if name.strip()]
+    settings = FsdpSettings(
+        reshard_after_forward=values.get("reshard_after_forward", True),
+        activation_checkpointing=values.get("activation_checkpointing", False),
+        layer_classes=tuple(layers),
+    )
+    return FsdpReading(settings, findings)
+
+
+@rule("fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type")
+def _fsdp(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    yield from fsdp_reading(cfg).findings
+
+
+# Settings a sharded run cannot take yet, each with the test of whether it is on.
+_NOT_WITH_FSDP: dict[str, Callable[[TrainConfig], bool]] = {
+    "rl": lambda c: bool(c.rl),
+    "reward_model": lambda c: bool(c.reward_model),
+    "process_reward_model": lambda c: bool(c.process_reward_model),
+    "load_in_4bit": lambda c: bool(c.load_in_4bit),
+    "load_in_8bit": lambda c: bool(c.load_in_8bit),
+    "fp16": lambda c: bool(c.fp16),
+    "torch_compile": lambda c: c.torch_compile is True,
+    "unfrozen_parameters": lambda c: bool(c.unfrozen_parameters),
+    "activation_offloading": lambda c: bool(c.activation_offloading),
+    "gradient_checkpointing": lambda c: c.gradient_checkpointing in ("offload", "offload_disk"),
+    "lora_modules_to_save": lambda c: bool(c.lora_modules_to_save),
+    "peft_use_dora": lambda c: bool(c.peft_use_dora),
+}
+
+
+@rule("fsdp", "fsdp_config", "deepspeed", *_NOT_WITH_FSDP)
+def _fsdp_with(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    if fsdp_reading(cfg).settings is None:
+        return
+    if cfg.fsdp and cfg.deepspeed:
+        yield _error("fsdp", "and `deepspeed` are exclusive; pick one way to shard.")
+    for key, on in _NOT_WITH_FSDP.items():
+        if on(cfg):
+            yield _error(key, "is not supported yet with FSDP2 (fsdp_config).")
+
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as torchtitan lays them
+
+
+def _context_parallel(cfg: TrainConfig) -> int:
+    return max(cfg.context_parallel_size, cfg.sequence_parallel_degree or 1)
+
+
+def mesh_layout(cfg: TrainConfig, world: int) -> tuple[dict[str, int], list[str]]:
+    """The device mesh of a run on `world` processes, {dimension: size} in MESH_DIMS
+    order (dp_shard, when unset, takes the processes the others leave), or the problems
+    that make it impossible, each with the numbers."""
+    rep, cp = cfg.dp_replicate_size or 1, _context_parallel(cfg)
+    tp = cfg.tensor_parallel_size or 1
+    named = [
+        ("dp_replicate_size", rep),
+        ("context_parallel_size", cp),
+        ("tensor_parallel_size", tp),
+    ]
+    shown = [
+        f"{key} ({size})"
+        for key, size in named
+        if size > 1 or (key != "context_parallel_size" and getattr(cfg, key) is not None)
+    ]
+    others = rep * cp * tp
+    if cfg.dp_shard_size is None:
+        if world % others:
+            return {}, [
+                f"{' x '.join(shown)} = {others} does not divide the job's {world} processes "
+                "(nodes x processes per node): dp_shard_size would not be a whole number."
+            ]
+        shard = world // others
+    else:
+        shard = cfg.dp_shard_size
+        if shard * others != world:
+            factors = [f"dp_shard_size ({shard})", *shown]
+            product = " x ".join(factors) + (f" = {shard * others}" if shown else "")
+            return {}, [
+                f"{product}, but the job runs {world} processes (nodes x processes per node); "
+                "the product must equal it."
+            ]
+    return dict(zip(MESH_DIMS, (rep, shard, cp, tp), strict=True)), []
+
+
+def uses_mesh(cfg: TrainConfig) -> bool:
+    """Does the run lay its processes out as a device mesh (FSDP2, or a layout key)?"""
+    sizes = (cfg.dp_shard_size, cfg.dp_replicate_size, cfg.tensor_parallel_size)
+    return fsdp_reading(cfg).settings is not None or any(s is not None for s in sizes)
+
+
+def mesh_problems(cfg: TrainConfig, world: int) -> list[str]:
+    """Why the config's layout cannot run on `world` processes (for the executors, which
+    know the processes before launch)."""
+    return mesh_layout(cfg, world)[1] if uses_mesh(cfg) else []
+
+
+def _launch_world(cfg: TrainConfig) -> int | None:
+    """The processes the config's `launch:` section asks for, when it says."""
+    launch = cfg.launch
+    if launch is None or launch.gpus is None:
+        return None
+    return int(str(launch.gpus).rsplit(":", 1)[-1]) * (launch.nodes or 1)
+
+
+@rule(
+    "dp_shard_size",
+    "dp_replicate_size",
+    "context_parallel_size",
+    "sequence_parallel_degree",
+    "tensor_parallel_size",
+    "fsdp",
+    "fsdp_config",
+    "launch",
+    "sequence_len",
+)
+def _layout(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    spd, cp = cfg.sequence_parallel_degree, cfg.context_parallel_size
+    if spd is not None and "context_parallel_size" in given and spd != cp:
+        yield _error(
+            "sequence_parallel_degree",
+            f"({spd}) and `context_parallel_size` ({cp}) are the same setting; set one.",
+        )
+    elif spd and spd > 1:
+        yield _error("sequence_parallel_degree", "above 1 is not supported yet.")
+    if cfg.tensor_parallel_size and cfg.tensor_parallel_size > 1:
+        yield _error("tensor_parallel_size", "above 1 is not supported yet.")
+    if _context_parallel(cfg) > cfg.sequence_len:
+        yield _error(
+            "context_parallel_size",
+            f"({_context_parallel(cfg)}) splits each sequence, and sequence_len is only "
+            f"{cfg.sequence_len} tokens.",
+        )
+    if fsdp_reading(cfg).settings is None:
+        for key in ("dp_shard_size", "dp_replicate_size"):
+            if getattr(cfg, key) is not None:
+                yield _error(
+                    key, "shapes FSDP2's device mesh; set fsdp_config (fsdp_version: 2) too."
+                )
+        return
+    world = _launch_world(cfg)
+    if world is not None:
+        key = next(
+            (k for k in ("dp_shard_size", "dp_replicate_size") if getattr(cfg, k)), "launch.gpus"
+        )
+        for problem in mesh_layout(cfg, world)[1]:
+            yield _error(key, f"the layout does not fit launch.gpus x launch.nodes: {problem}")

@@ -1072,10 +1072,18 @@ class TrainConfig(_ChatTemplateKeys):
         "within it). Default 1800.",
     )
     deepspeed: str | dict[str, Any] | None = Field(
-        default=None, description="DeepSpeed config: a JSON path or an inline mapping."
+        default=None,
+        description="DeepSpeed ZeRO-1/2/3, with or without CPU offload: a JSON file's path, "
+        "an inline mapping, or one of the names Axolotl configs use "
+        "(`deepspeed_configs/zero3_bf16.json`: Ferry ships them under examples/deepspeed/). "
+        'Values written "auto" are filled from the config.',
     )
     fsdp_config: dict[str, Any] | None = Field(
-        default=None, description="FSDP settings, passed to the trainer."
+        default=None,
+        description="FSDP2 (Ferry shards the model with torch's `fully_shard`): "
+        "reshard_after_forward, activation_checkpointing, transformer_layer_cls_to_wrap, "
+        "state_dict_type, final_state_dict_type, ...; the `fsdp_`-prefixed FSDP1 names are "
+        "mapped onto these with a warning.",
     )
     context_parallel_size: PositiveInt = Field(
         default=1, description="Split each sequence over this many GPUs (not supported yet)."
@@ -1197,6 +1205,42 @@ class TrainConfig(_ChatTemplateKeys):
     )
     plugins: list[str] | None = Field(
         default=None, description="Axolotl plugin classes (not supported yet)."
+    )
+    # ---- keys: fsdp
+    # (fsdp_config and context_parallel_size are in the distributed block above; how the
+    # FSDP keys are read, legacy forms included: payload.config.rules, `fsdp_reading`.)
+    fsdp_version: int | None = Field(
+        default=None,
+        description="2: FSDP2 (`fully_shard`), the only FSDP Ferry runs. 1 (FSDP1) is read as "
+        "2, with a warning naming each setting mapped or dropped. Default 2.",
+    )
+    fsdp: str | list[str] | None = Field(
+        default=None,
+        description="The legacy FSDP1 list (full_shard, shard_grad_op, auto_wrap, offload), "
+        "mapped onto FSDP2's fsdp_config with a warning; prefer fsdp_config.",
+    )
+    fsdp_final_state_dict_type: str | None = Field(
+        default=None,
+        description="Deprecated spelling of fsdp_config.final_state_dict_type (mapped onto it).",
+    )
+    dp_shard_size: PositiveInt | None = Field(
+        default=None,
+        description="FSDP2: processes each parameter is sharded over. Default: all the "
+        "processes left after dp_replicate_size, context_parallel_size and "
+        "tensor_parallel_size.",
+    )
+    dp_replicate_size: PositiveInt | None = Field(
+        default=None,
+        description="FSDP2: copies of the sharded model (HSDP: shard within a group of "
+        "dp_shard_size processes, replicate across the groups; usually the nodes). Default 1.",
+    )
+    tensor_parallel_size: PositiveInt | None = Field(
+        default=None,
+        description="Split each layer's weights over this many GPUs (not supported yet).",
+    )
+    sequence_parallel_degree: PositiveInt | None = Field(
+        default=None,
+        description="Axolotl's older name of context_parallel_size (not supported yet).",
     )
 
     # ---- helpers used by the payload and the launcher

@@ -23,6 +23,7 @@ from payload import distributed
 from payload.config.schema import TrainConfig
 from payload.errors import FerryError
 from payload.model import use_bf16
+from payload.parallel.fsdp import ShardedTrainerMixin
 
 if TYPE_CHECKING:
     from payload.trackers import Trackers
@@ -94,9 +95,14 @@ def training_arguments(
     cuda = torch.cuda.is_available()
     sharding: dict[str, Any] = {}
     if cfg.deepspeed:
-        sharding["deepspeed"] = cfg.deepspeed
-    if cfg.fsdp_config:
-        sharding.update(fsdp="full_shard auto_wrap", fsdp_config=dict(cfg.fsdp_config))
+        from payload.parallel.deepspeed import trainer_config
+
+        # On a CPU, `use_cpu` below is what lets accelerate count the gloo ranks under
+        # DeepSpeed (payload.parallel.deepspeed).
+        sharding["deepspeed"] = trainer_config(cfg)
+    # FSDP2 is applied by Ferry (payload.parallel), never asked of the Trainer: on a CPU,
+    # accelerate would silently train DDP. The sharded model was checkpointed there too.
+    sharded = dist.mesh is not None
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing.
     fields = cls.__dataclass_fields__
     checkpointing = (
@@ -125,7 +131,7 @@ def training_arguments(
     }
     values: dict[str, Any] = dict(
         output_dir=output_dir,
-        **{checkpointing: bool(cfg.gradient_checkpointing)},
+        **{checkpointing: bool(cfg.gradient_checkpointing) and not sharded},
         **{f"{checkpointing}_kwargs": checkpoint_kwargs},
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
@@ -156,7 +162,8 @@ def training_arguments(
         train_sampling_strategy=(
             "group_by_length" if cfg.group_by_length and not cfg.sample_packing else "random"
         ),
-        **compile_arguments(cfg, cuda),
+        # Not under FSDP2 yet (`torch_compile: true` is refused with it; `auto` stays off).
+        **(compile_arguments(cfg, cuda) if not sharded else {}),
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=(trackers.report_to if trackers else None) or "none",
@@ -310,11 +317,12 @@ def _cosine_lambda(
     return max(0.0, (1 - floor) * 0.5 * (1 + math.cos(math.pi * num_cycles * 2 * progress))) + floor
 
 
-class SettingsMixin:
+class SettingsMixin(ShardedTrainerMixin):
     """The Axolotl settings the HF Trainer has no argument for: a cosine with a
     quadratic warmup or a held floor (lr_quadratic_warmup, cosine_constant_lr_ratio) and
-    activation offloading around each training step. Goes first in the bases of any
-    Trainer subclass (see `with_settings`); takes the config as `cfg=`."""
+    activation offloading around each training step; under it, what a model sharded
+    with FSDP2 needs of the Trainer (payload.parallel.fsdp). Goes first in the bases of
+    any Trainer subclass (see `with_settings`); takes the config as `cfg=`."""
 
     args: Any
     model: Any
