@@ -15,8 +15,8 @@ JSON is what its name says, bad JSONs are named at `launch validate`, the exampl
 for local and Modal with its JSON shipped along, and what runs untested is refused.
 
 DeepSpeed must be installed (`pip install 'ferry[deepspeed]'`, in the `dev` extra): these
-tests fail without it rather than skip. Its first use here compiles a C++ op (about a
-minute per op, cached in TORCH_EXTENSIONS_DIR).
+tests fail without it rather than skip. On CPU, Ferry stops DeepSpeed compiling its
+shared-memory op (used only by inference all-reduce), so nothing is compiled here.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ RUNS = {
     "lora_zero3": ({**TWO, **LORA, "deepspeed": "deepspeed_configs/zero3.json"}, GPUS2),
 }
 PRINTED: dict[str, str] = {}  # each run's `launch train` output
+HOMES: dict[str, Path] = {}  # each run's own folder
 
 
 def train(home: Path, name: str, raw: dict, args: list[str]) -> Path:
@@ -115,11 +116,13 @@ def train(home: Path, name: str, raw: dict, args: list[str]) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     path = home / f"{name}.yml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {"FERRY_HOME": str(home / "ferry")}
+    # A compiled op would land in the run's own extensions folder (checked below).
+    env = {"FERRY_HOME": str(home / "ferry"), "TORCH_EXTENSIONS_DIR": str(home / "ext")}
     # Run from the config's folder: `deepspeed_configs/...` is not there, so the shipped
     # file stands in for it.
     trained = launch("train", str(path), *args, env=env, check=True, timeout=900, cwd=home)
     PRINTED[name] = trained.stdout
+    HOMES[name] = home
     (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
     return Path(run["output_dir"])
 
@@ -232,6 +235,15 @@ def test_deepspeed_really_ran_and_split_the_states(runs, name, stage, optimizer,
             "zero_pp_rank_0_mp_rank_00_model_states.pt",
             "zero_pp_rank_1_mp_rank_00_model_states.pt",
         ]
+
+
+def test_no_run_compiled_a_deepspeed_op(runs):
+    """DeepSpeed on CPU would build its shared-memory op (minutes on 2 cores) for an
+    inference all-reduce training never calls: no run's extensions folder holds a file."""
+    assert set(HOMES) == set(runs)
+    for name, home in HOMES.items():
+        built = [p for p in (home / "ext").rglob("*") if p.is_file()]
+        assert built == [], (name, built)
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def test_a_run_whose_loss_breaks_down_stops_saved_and_fails_with_the_reason(tmp_
     assert (
         "Stopped at step 2: the training loss stayed above loss_watchdog_threshold (1) "
         "for 2 logged steps in a row (steps 1 to 2;" in said
-    )
+    ), said
     (run,) = (ferry_home / "runs").iterdir()
     checkpoint = run / "output" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()

@@ -125,6 +125,14 @@ def prepare(cfg: TrainConfig, dist: distributed.DistInfo) -> ZeroRun | None:
     # DeepSpeed's to fix, not the user's to act on.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
+    if wanted == "cpu":
+        # On CPU, DeepSpeed's comm layer compiles a shared-memory C++ op (about two
+        # minutes, the first time on each machine) that only its inference all-reduce
+        # calls; training's collectives go through torch.distributed. Marking the op
+        # incompatible makes it skip the build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # The process group exists (payload.distributed): DeepSpeed wraps it, and makes none.
     deepspeed.init_distributed(dist_backend=dist.backend)
     return ZeroRun(config, dist)
