@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from payload.config import vllm
-from payload.config.rules import grpo_rank_problems
+from payload.config.rules import grpo_rank_problems, mesh_problems
 from payload.config.schema import TrainConfig
 from payload.config.trackers import active as active_trackers
 from payload.config.trackers import credential_problems
@@ -250,6 +250,9 @@ class Executor:
             if not split:
                 ranks = r.nodes * vllm.training_procs(cfg, r.gpus_per_node)
                 problems.extend(grpo_rank_problems(cfg, ranks))
+                # The device mesh (FSDP2's shards, context and tensor parallel groups) must
+                # fit the processes, which only the launch knows.
+                problems.extend(mesh_problems(cfg, r.nodes * job.procs_per_node))
         problems.extend(self._check(job))
         problems.extend(credential_problems(job.train_config(), job.secrets, self.remote))
         return problems

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status, vllm_rows
 from executors.supervise import EXIT_FILE
-from payload.config.rules import mesh_problems
 from payload.config.trackers import missing_packages
 from payload.entry.remote import ERROR_FILE, training_command
 from payload.runtime.cluster import SINGLE, torchrun_args
@@ -107,8 +106,6 @@ class LocalExecutor(Executor):
             )
         gpus = local_gpu_count()
         wanted = job.resources.gpus_per_node
-        # FSDP2 runs on the CPU processes too (gloo); its mesh must fit the processes.
-        problems.extend(mesh_problems(job.train_config(), job.procs_per_node))
         if gpus and wanted > gpus:
             problems.append(f"{wanted} GPUs asked for, this machine has {gpus}")
         cfg = job.config

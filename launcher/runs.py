@@ -70,7 +70,9 @@ def job_for(
     config.setdefault("output_dir", str(run_dir / "output"))
     config.pop("storage", None)
     config.pop("launch", None)
-    image = settings.image
+    image = dict(settings.image or {})
+    if cfg.deepspeed:  # the run imports DeepSpeed: its image needs the layer, asked or not
+        image["extras"] = [*(image.get("extras") or ()), "deepspeed"]
     return JobSpec(
         run_id=run_id,
         name=name,

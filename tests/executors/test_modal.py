@@ -181,6 +181,22 @@ def test_impossible_requests_are_refused_before_launch(tmp_path, launch_args, wo
         get_executor("modal").check(job)
 
 
+def test_a_device_mesh_that_does_not_fit_the_job_is_refused_before_launch(tmp_path):
+    """The layout check runs for every backend: 2 nodes x 8 H100 are 16 processes, and
+    dp_shard_size 3 x dp_replicate_size 2 lays out 6."""
+    from payload.errors import FerryError
+
+    extra = (
+        "fsdp_version: 2\nfsdp_config: {reshard_after_forward: true}\n"
+        "dp_shard_size: 3\ndp_replicate_size: 2\n"
+    )
+    job = prepared(tmp_path, extra, gpus="H100:8", nodes=2)
+    with pytest.raises(FerryError) as caught:
+        get_executor("modal").check(job)
+    said = " ".join(str(caught.value).split())
+    assert "dp_shard_size (3) x dp_replicate_size (2) = 6, but the job runs 16 processes" in said
+
+
 def test_dry_run_prints_the_whole_plan_without_a_token(no_modal_token):
     result = launch(
         "train",
@@ -225,8 +241,10 @@ def test_a_real_launch_without_a_token_fails_fast_with_the_fix(no_modal_token):
 
 def test_every_example_plans_for_modal():
     for example in sorted((ROOT / "examples").glob("*.yml")):
-        job, _ = api.prepare(example, cloud="modal", gpus="H100:1")
-        assert plan_row(get_executor("modal").plan(job).text(), "gpu") == "H100:1"
+        # The nodes of a Modal cluster take whole 8-GPU hosts.
+        gpus = "H100:8" if "\n  nodes: 2\n" in example.read_text() else "H100:1"
+        job, _ = api.prepare(example, cloud="modal", gpus=gpus)
+        assert plan_row(get_executor("modal").plan(job).text(), "gpu") == gpus
 
 
 def test_the_job_gets_no_output_dir_from_the_laptop(tmp_path):
