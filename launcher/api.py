@@ -521,6 +521,20 @@ def merge_lora(spec: Any, dest: str | Path | None = None) -> Any:
     return merge(target(spec), dest)
 
 
+def merge_sharded(spec: Any, checkpoint: int | None = None, dest: str | Path | None = None) -> Any:
+    """Turn a sharded (DCP) checkpoint of an FSDP2 run, checkpoint-`checkpoint` or the
+    newest, into a save_pretrained model (or peft adapter) folder; returns where
+    (`payload.posttrain.sharded.MergedSharded`)."""
+    from payload.posttrain import sharded
+    from payload.posttrain.target import looks_like_config
+
+    if isinstance(spec, (str, Path)) and looks_like_config(str(spec)):
+        folder = sharded.from_config(str(spec), checkpoint)
+    else:
+        folder = sharded.from_run(status(spec), checkpoint)
+    return sharded.merge(folder, dest)
+
+
 def generator(spec: Any, sampling: Any = None) -> Any:
     """A loaded `payload.posttrain.inference.Generator` for the trained model:
     `.complete(prompt)` returns the completion's text and tokens. `sampling` is a

@@ -371,6 +371,33 @@ def merge_lora(run: TargetArg, dest: DestOpt = None) -> None:
     output.say(f"merged adapter + {base} ({merged.dtype}) saved to {merged.dest}")
 
 
+@app.command("merge-sharded")
+def merge_sharded(
+    run: TargetArg,
+    checkpoint: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint",
+            metavar="N",
+            help="checkpoint-N; default: the newest sharded save.",
+            show_default=False,
+        ),
+    ] = None,
+    dest: DestOpt = None,
+) -> None:
+    """Turn a sharded checkpoint of an FSDP2 run (fsdp_config.state_dict_type:
+    SHARDED_STATE_DICT) into one model folder that loads with from_pretrained, or a peft
+    adapter for a LoRA run (default <checkpoint>/merged)."""
+    from launcher import api, output
+
+    merged = api.merge_sharded(run, checkpoint, dest)
+    kind = "peft adapter" if merged.adapter else "model"
+    output.say(
+        f"{merged.source} ({merged.tensors} tensors, written by {merged.world_size} ranks) "
+        f"saved as one {kind} to {merged.dest}"
+    )
+
+
 @app.command()
 def inference(
     run: TargetArg,

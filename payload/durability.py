@@ -8,10 +8,17 @@ The run's storage is FERRY_STORAGE_URI (set by every backend), else the config's
     checkpoints/checkpoint-<step>/     each HF checkpoint, complete once its manifest is in
     final/                             the final adapter or model, metrics, summary, config
 
+On a job of several nodes each node's disk holds only its share of a checkpoint (its
+ranks' RNG states and shards): the first process of every node uploads its node's
+files, and rank 0 writes the manifest once every node's are in
+(payload.storage.parts). One node uploads its folder whole, as a one-node job always
+did.
+
 SIGTERM is what clouds send before they take a machine back, SIGINT what Modal sends.
-On either the payload finishes the current step, saves a checkpoint, and rank 0 uploads
-it while every other rank waits (`distributed.on_rank0`); then all exit with
-EXIT_PREEMPTED (75), and a relaunch of the same run continues from that checkpoint.
+On either the payload finishes the current step, saves a checkpoint, and the first
+process of each node uploads its part while every other rank waits
+(`distributed.on_each_node`); then all exit with EXIT_PREEMPTED (75), and a relaunch of
+the same run continues from that checkpoint.
 torchrun, the local supervisor and the remote wrapper give the ranks `launch.stop_grace`
 seconds for this before they kill them.
 """
@@ -23,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,7 +53,8 @@ from payload.storage import (
     upload_folder,
 )
 from payload.storage.layout import METRICS_FILE
-from payload.storage.sync import CHECKPOINT_DIR, read_manifest
+from payload.storage.parts import complete_from_parts, upload_part
+from payload.storage.sync import CHECKPOINT_DIR, CHECKPOINTS, apply_retention, read_manifest
 
 log = logging.getLogger("ferry.storage")
 
@@ -174,10 +183,14 @@ def _with_training_state(checkpoint: str | None, explicit: bool) -> str | None:
 
 def _snapshot(source: Path, staging: Path) -> Path:
     """Hard-link a checkpoint into the staging folder, so that rotation can delete the
-    original while it uploads (HF writes new files; it never rewrites old ones)."""
+    original while it uploads (HF writes new files; it never rewrites old ones). A node
+    with no folder for it (its ranks wrote nothing) gets an empty one: its part says so."""
     target = staging / source.name
     shutil.rmtree(target, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
+    if not source.is_dir():
+        target.mkdir()
+        return target
     try:
         shutil.copytree(source, target, copy_function=os.link)
     except OSError:  # no hard links here (another filesystem): copy
@@ -187,8 +200,10 @@ def _snapshot(source: Path, staging: Path) -> Path:
 
 
 class StorageSync(TrainerCallback):
-    """Uploads each checkpoint right after it is saved, on the main process, one at a
-    time in a background thread so that training does not wait."""
+    """Uploads each checkpoint right after it is saved, on the first process of every
+    node, one at a time in a background thread so that training does not wait. Rank 0
+    alone writes the manifests, the metrics, the trackers' files and the final
+    artifacts, and applies retention."""
 
     def __init__(
         self,
@@ -198,27 +213,85 @@ class StorageSync(TrainerCallback):
         keep: int | None,
         is_main: bool,
         distributed_run: bool,
+        *,
+        first_on_node: bool | None = None,
+        rank: int = 0,
+        group: Any = None,
+        part_timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
     ):
         self.store, self.output_dir, self.run_id, self.keep = store, Path(output_dir), run_id, keep
         self.is_main, self.distributed_run = is_main, distributed_run
+        self.first_on_node = is_main if first_on_node is None else first_on_node
+        self.rank, self.group, self.part_timeout_s = rank, group, part_timeout_s
+        # This process's place among the nodes, learnt at the first save (`_place`):
+        # one node until then, and for good in a run without a process group.
+        self.node, self.nodes = 0, 1
+        self.placed = not distributed_run
+        self.attempt = uuid.uuid4().hex  # rank 0's is every node's: see payload.storage.parts
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-upload")
         self.meter = Meter()  # bytes moved by every upload, for the waits on them
         self.pending: list[Future[None]] = []
         self.errors: list[str] = []
+
+    @classmethod
+    def for_run(
+        cls,
+        store: Store,
+        output_dir: str,
+        run_id: str | None,
+        keep: int | None,
+        dist: distributed.DistInfo,
+    ) -> StorageSync:
+        return cls(
+            store,
+            output_dir,
+            run_id,
+            keep,
+            dist.is_main,
+            dist.backend is not None,
+            first_on_node=dist.local_rank == 0,
+            rank=dist.rank,
+            group=dist.io_group,
+            part_timeout_s=dist.timeout_s,
+        )
+
+    def _place(self) -> None:
+        """Once, at the first save (every rank is here): how many nodes there are (the
+        processes with local rank 0), which of them this one leads, and rank 0's attempt
+        id. Nodes are numbered in rank order, as torchrun numbers them."""
+        if self.placed:
+            return
+        import torch.distributed as torch_dist
+
+        notes: list[Any] = [None] * torch_dist.get_world_size()
+        mine = (self.first_on_node, self.attempt if self.is_main else None)
+        torch_dist.all_gather_object(notes, mine, group=self.group)
+        leaders = [rank for rank, (first, _) in enumerate(notes) if first]
+        self.nodes, self.attempt = len(leaders), notes[0][1]
+        self.node = leaders.index(self.rank) if self.first_on_node else 0
+        self.placed = True
+
+    @property
+    def staging(self) -> Path:
+        """Where this node's snapshots wait; one folder per node, in case the nodes share
+        a disk."""
+        staging = self.output_dir / STAGING
+        return staging if self.nodes == 1 else staging / f"node-{self.node}"
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.distributed_run:
             import torch.distributed as torch_dist
 
             torch_dist.barrier()  # every rank has written its part (its RNG state) first
-        if not self.is_main:
+            self._place()
+        if not self.first_on_node:
             return
         step = state.global_step
         source = self.output_dir / f"checkpoint-{step}"
-        if not source.is_dir():
+        if not source.is_dir() and self.nodes == 1:
             return
-        snapshot = _snapshot(source, self.output_dir / STAGING)
-        trackers = self._copy_trackers(step)
+        snapshot = _snapshot(source, self.staging)
+        trackers = self._copy_trackers(step) if self.is_main else None
         self.pending.append(self.pool.submit(self._upload, snapshot, step, trackers))
 
     def _copy_trackers(self, step: int) -> Path | None:
@@ -248,13 +321,18 @@ class StorageSync(TrainerCallback):
             # The history first: once the checkpoint is complete (its manifest, written
             # last), the metrics up to its step are in storage too, whenever the run dies.
             # A resumed run keeps the records up to its step and drops the rest.
-            self._put_metrics()
-            result = upload_checkpoint(
-                snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
-            )
+            if self.is_main:
+                self._put_metrics()
+            if self.nodes == 1:
+                result = upload_checkpoint(
+                    snapshot, self.store, step, self.run_id, self.keep, progress=self.meter
+                )
+            else:
+                result = self._upload_part(snapshot, step)
             if trackers is not None:
                 self.put_trackers(trackers)
-            self._publish(f"checkpoint-{step}", self.store.uri, result)
+            what = f"checkpoint-{step}" if self.is_main else f"node {self.node}'s checkpoint-{step}"
+            self._publish(what, self.store.uri, result)
         except OSError as e:
             # A full disk is named plainly, with the file that did not fit.
             said = str(e)
@@ -269,6 +347,26 @@ class StorageSync(TrainerCallback):
             shutil.rmtree(snapshot, ignore_errors=True)
             if trackers is not None:
                 shutil.rmtree(trackers, ignore_errors=True)
+
+    def _upload_part(self, snapshot: Path, step: int) -> Any:
+        """A multi-node job's checkpoint: this node's files and part record, then, on rank
+        0, the wait for every node's and the manifest (payload.storage.parts)."""
+        prefix = f"{CHECKPOINTS}/checkpoint-{step}"
+        result = upload_part(snapshot, self.store, prefix, self.node, self.attempt, self.meter)
+        if self.is_main:
+            complete_from_parts(
+                self.store,
+                prefix,
+                self.nodes,
+                self.attempt,
+                run_id=self.run_id,
+                step=step,
+                timeout_s=self.part_timeout_s,
+                progress=self.meter,
+            )
+            if self.keep:
+                apply_retention(self.store, self.keep)
+        return result
 
     def wait(self) -> None:
         """Block until every queued upload is done; raise if any failed."""
@@ -297,9 +395,11 @@ class StorageSync(TrainerCallback):
         )
 
     def finish(self) -> None:
-        """The end of a run: every checkpoint upload done, then the final artifacts (the
-        trackers' files among them, and beside the checkpoints too)."""
+        """The end of a run: every checkpoint upload done, then, on rank 0, the final
+        artifacts (the trackers' files among them, and beside the checkpoints too)."""
         self.wait()
+        if not self.is_main:
+            return
         self.put_trackers()
         self.upload_final()
 
@@ -320,9 +420,10 @@ class StorageSync(TrainerCallback):
         """The trackers' files (`folder`: a copy of them; default: the folder itself,
         once the trackers have ended), beside the checkpoints: a preempted attempt's
         offline runs and event files survive it, and the next attempt fetches them back.
-        Best effort: a failure is logged and never fails the checkpoint's upload."""
+        Best effort: a failure is logged and never fails the checkpoint's upload. Rank 0
+        only."""
         folder = folder or self.output_dir / TRACKERS_DIR
-        if not folder.is_dir():
+        if not self.is_main or not folder.is_dir():
             return
         try:
             upload_folder(folder, self.store, TRACKERS_DIR, run_id=self.run_id)
@@ -335,9 +436,10 @@ class StorageSync(TrainerCallback):
             self.store.write_bytes(METRICS_FILE, metrics.read_bytes())
 
     def _publish(self, what: str, where: object, result: Any) -> None:
-        """After an upload: the metrics so far beside it, a commit (a volume shows nothing
-        to other readers before one), and one line in the log."""
-        self._put_metrics()
+        """After an upload: the metrics so far beside it (rank 0's), a commit (a volume
+        shows nothing to other readers before one), and one line in the log."""
+        if self.is_main:
+            self._put_metrics()
         self.store.commit()
         print(
             f"storage: {what} synced to {where} "

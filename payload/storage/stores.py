@@ -108,6 +108,10 @@ class Store:
     def commit(self) -> None:
         """Make what was written visible elsewhere (Modal volumes need it)."""
 
+    def refresh(self) -> None:
+        """See what other machines committed since this one last looked (a Modal
+        volume's mount shows it only after a reload)."""
+
     def check(self) -> str:
         """Write and delete a small probe object here, with this machine's credentials;
         raise FerryError if that fails. Returns which credentials were used."""
@@ -481,6 +485,10 @@ class VolumeStore(Store):
         # Inside Modal, writes to the mount stay private to this container until commit.
         if self.local and os.environ.get("MODAL_TASK_ID"):
             self._api(self.volume.commit, "a commit", VOLUME_TRANSFER_TIMEOUT_S)
+
+    def refresh(self) -> None:
+        if self.local and os.environ.get("MODAL_TASK_ID"):
+            self._api(self.volume.reload, "a reload")
 
 
 def modal_silent(what: str, seconds: float, cls: type[FerryError] = FerryError, then: str = ""):  # type: ignore[no-untyped-def]

@@ -136,11 +136,28 @@ def upload_folder(
     remote = read_manifest(store, prefix)
     if manifest.same_contents(remote):
         return Transfer(files_skipped=len(manifest.files))
+    result = send_files(folder, manifest.files, store, prefix, remote, progress)
+    store.write_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())  # last: now it is complete
+    store.commit()
+    result.manifest_written = True
+    return result
+
+
+def send_files(
+    folder: Path,
+    files: list[FileEntry],
+    store: Store,
+    prefix: str,
+    remote: Manifest | None = None,
+    progress: Progress | None = None,
+) -> Transfer:
+    """Put the `files` of `folder` under `prefix`, all but those the store already holds
+    with the same size and sha256 (per the `remote` manifest, or the object's checksum)."""
     listed = store.list(prefix)
     known = {f.path: f for f in remote.files} if remote else {}
     result = Transfer()
     todo = []
-    for entry in manifest.files:
+    for entry in files:
         key = f"{prefix}/{entry.path}"
         if listed.get(key) == entry.size:
             have = known.get(entry.path)
@@ -155,9 +172,6 @@ def upload_folder(
     )
     result.files_sent = len(todo)
     result.bytes_sent = sum(e.size for e in todo)
-    store.write_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())  # last: now it is complete
-    store.commit()
-    result.manifest_written = True
     return result
 
 

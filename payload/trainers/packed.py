@@ -19,6 +19,8 @@ from payload.data.collator import PackedCollator
 from payload.data.packing import MultipackBatchSampler
 from payload.distributed import DistInfo
 from payload.errors import FerryError
+from payload.parallel.context import splitter
+from payload.parallel.mesh import data_shard
 from payload.trainers.settings import FerryTrainer
 
 
@@ -70,8 +72,8 @@ class PackedRows:
 class Packing:
     train: MultipackBatchSampler
     eval: MultipackBatchSampler | None
-    collator: PackedCollator
-    eval_collator: PackedCollator  # the same, for eval_batch_size bins
+    collator: Any  # a PackedCollator (in a ContextSplit with context parallel)
+    eval_collator: Any  # the same, for eval_batch_size bins
 
     def lines(self) -> list[str]:
         s = self.train
@@ -99,8 +101,9 @@ def _sampler(
         group_size=cfg.sample_packing_group_size,
         sequential=cfg.sample_packing_sequentially,
         shuffle=shuffle,
-        world_size=dist.world_size,
-        rank=dist.rank,
+        # Dealt over the data-parallel replicas: a context-parallel group shares a batch.
+        world_size=data_shard(cfg, dist.rank, dist.world_size)[1],
+        rank=data_shard(cfg, dist.rank, dist.world_size)[0],
         seed=cfg.seed,
     )
 
@@ -124,14 +127,18 @@ def packing_setup(
     eval_packed = cfg.eval_sample_packing if cfg.eval_sample_packing is not None else True
     eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
 
-    def collator(batch: int) -> PackedCollator:
-        return PackedCollator(
+    split = splitter(cfg, dist.rank, dist.world_size, tokenizer.pad_token_id)
+
+    def collator(batch: int) -> Any:
+        whole = PackedCollator(
             tokenizer.pad_token_id,
             cfg.sequence_len,
             pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
             flatten="flash" in (attention or ""),
             micro_batch_size=batch,
         )
+        # Context parallel: this rank's part of each packed sequence.
+        return split(whole) if split else whole
 
     packing = Packing(
         train=_sampler(cfg, train_set, dist, shuffle=True, batch=cfg.micro_batch_size),
@@ -185,9 +192,7 @@ class PackedTrainer(FerryTrainer):
             return super().get_eval_dataloader(eval_dataset)
         return self._packed_loader(self.eval_dataset, self.packing.eval, self.packing.eval_collator)
 
-    def _packed_loader(
-        self, dataset: Any, sampler: MultipackBatchSampler, collator: PackedCollator
-    ) -> Any:
+    def _packed_loader(self, dataset: Any, sampler: MultipackBatchSampler, collator: Any) -> Any:
         from torch.utils.data import DataLoader
 
         loader = DataLoader(

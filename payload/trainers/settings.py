@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 from transformers import Trainer
 
 from payload import distributed
+from payload.config.rules import fsdp_reading
 from payload.config.schema import TrainConfig
 from payload.errors import FerryError
 from payload.model import use_bf16
+from payload.parallel.context import ContextParallelMixin
 from payload.parallel.fsdp import ShardedTrainerMixin
+from payload.parallel.mesh import data_shard
 
 if TYPE_CHECKING:
     from payload.trackers import Trackers
@@ -64,7 +67,9 @@ def training_arguments(
 
     cls = cls or TrainingArguments
 
-    per_epoch = steps_per_epoch(cfg, train_rows, dist.world_size, batches)
+    # Steps count the data-parallel replicas' batches: a context-parallel group shares one.
+    replicas = data_shard(cfg, dist.rank, dist.world_size)[1]
+    per_epoch = steps_per_epoch(cfg, train_rows, replicas, batches)
     save: dict[str, Any] = {"save_strategy": "epoch"}
     if cfg.save_strategy == "no":
         save = {"save_strategy": "no"}
@@ -102,7 +107,7 @@ def training_arguments(
         sharding["deepspeed"] = trainer_config(cfg)
     # FSDP2 is applied by Ferry (payload.parallel), never asked of the Trainer: on a CPU,
     # accelerate would silently train DDP. The sharded model was checkpointed there too.
-    sharded = dist.mesh is not None
+    sharded = fsdp_reading(cfg).settings is not None and dist.mesh is not None
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing.
     fields = cls.__dataclass_fields__
     checkpointing = (
@@ -162,8 +167,9 @@ def training_arguments(
         train_sampling_strategy=(
             "group_by_length" if cfg.group_by_length and not cfg.sample_packing else "random"
         ),
-        # Not under FSDP2 yet (`torch_compile: true` is refused with it; `auto` stays off).
-        **(compile_arguments(cfg, cuda) if not sharded else {}),
+        # Not under FSDP2 or context parallel yet (`torch_compile: true` is refused with
+        # them; `auto` stays off).
+        **(compile_arguments(cfg, cuda) if dist.mesh is None else {}),
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=(trackers.report_to if trackers else None) or "none",
@@ -317,11 +323,12 @@ def _cosine_lambda(
     return max(0.0, (1 - floor) * 0.5 * (1 + math.cos(math.pi * num_cycles * 2 * progress))) + floor
 
 
-class SettingsMixin(ShardedTrainerMixin):
+class SettingsMixin(ContextParallelMixin, ShardedTrainerMixin):
     """The Axolotl settings the HF Trainer has no argument for: a cosine with a
     quadratic warmup or a held floor (lr_quadratic_warmup, cosine_constant_lr_ratio) and
-    activation offloading around each training step; under it, what a model sharded
-    with FSDP2 needs of the Trainer (payload.parallel.fsdp). Goes first in the bases of
+    activation offloading around each training step; under it, what context parallel
+    (payload.parallel.context) and a model sharded with FSDP2 (payload.parallel.fsdp)
+    need of the Trainer. Goes first in the bases of
     any Trainer subclass (see `with_settings`); takes the config as `cfg=`."""
 
     args: Any
@@ -332,6 +339,8 @@ class SettingsMixin(ShardedTrainerMixin):
     def __init__(self, *args: Any, cfg: TrainConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.settings = cfg
+        if cfg is not None:
+            self.split_context(cfg)
         self.offload = activation_offloader(cfg, self.model) if cfg else contextlib.nullcontext()
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:

@@ -243,6 +243,8 @@ def test_every_example_plans_for_modal():
     for example in sorted((ROOT / "examples").glob("*.yml")):
         # The nodes of a Modal cluster take whole 8-GPU hosts.
         gpus = "H100:8" if "\n  nodes: 2\n" in example.read_text() else "H100:1"
+        if "\ncontext_parallel_size: 2\n" in example.read_text():
+            gpus = "H100:2"  # the sequence is split over 2 processes
         job, _ = api.prepare(example, cloud="modal", gpus=gpus)
         assert plan_row(get_executor("modal").plan(job).text(), "gpu") == gpus
 
