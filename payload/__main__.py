@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if crash_rank == str(rank):
             raise RuntimeError(f"FERRY_TEST_CRASH_RANK={crash_rank}: a crash for the tests")
+        from payload.runtime.unused import keep_out
+
+        keep_out(cfg)  # before the training stack imports them (payload.runtime.unused)
         from payload.durability import Preempted
         from payload.train import run
 
