@@ -22,7 +22,7 @@ from payload.config.schema import (
     preference_family,
 )
 from payload.config.user_formats import user_defined_problems
-from payload.errors import Problem
+from payload.errors import FerryError, Problem
 from payload.trainers import RL_OBJECTIVES
 
 # A finding is (key, message, is_error); warnings are settings that would be ignored.
@@ -1760,6 +1760,20 @@ def _tensor_parallel_with(cfg: TrainConfig, given: set[str]) -> Iterator[Finding
     for key, (on, why) in _NOT_WITH_TENSOR_PARALLEL.items():
         if on(cfg):
             yield _error(key, f"with tensor_parallel_size ({tp}) is not supported: {why}.")
+    # The heads and MLP width must divide by tp: checked here when the model's config is
+    # on this machine (a folder, or the hub cache), else when the model loads.
+    from types import SimpleNamespace
+
+    from payload.parallel.tensor import check
+    from payload.runtime.unused import model_config_json
+
+    found = model_config_json(cfg)
+    if found is not None:
+        try:
+            check(SimpleNamespace(**found), tp)
+        except FerryError as e:
+            key, _, said = e.message.partition(": ")
+            yield _error(key, said)
 
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as torchtitan lays them

@@ -32,15 +32,17 @@ def needs_bitsandbytes(cfg: TrainConfig) -> bool:
         return True
     if any(word in cfg.optimizer.lower() for word in BNB_OPTIMIZER_WORDS):
         return True
-    config = _model_config(cfg.base_model_config or cfg.base_model, cfg.revision_of_model)
+    config = model_config_json(cfg)
     if config is None:
         return True  # not here yet: it may be a checkpoint saved in 4 or 8 bits
     quantized = config.get("quantization_config") or {}
     return quantized.get("quant_method", "bitsandbytes") == "bitsandbytes" if quantized else False
 
 
-def _model_config(source: str, revision: str | None) -> dict | None:
-    """The model's config.json from its folder or this machine's hub cache, else None."""
+def model_config_json(cfg: TrainConfig) -> dict | None:
+    """The model's config.json from its folder or this machine's hub cache, else None
+    (never a download)."""
+    source, revision = cfg.base_model_config or cfg.base_model, cfg.revision_of_model
     path: Path | None = Path(source) / "config.json"
     if not path.is_file():
         from huggingface_hub import try_to_load_from_cache

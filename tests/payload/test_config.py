@@ -464,3 +464,23 @@ def test_keys_axolotl_ignores_are_taken_with_a_warning():
         "config: eval_table_size: has no effect (Axolotl deprecated it for generate_samples, "
         "and ignores it too).",
     ]
+
+
+def test_a_tensor_parallel_size_the_heads_do_not_divide_is_refused_at_validate(tmp_path):
+    """The tiny Llama's config is on this machine: 4 heads and 2 KV heads do not divide
+    by 8, and validate says so with the numbers; a size they divide by is fine. A model
+    whose config is not here is checked when it loads instead."""
+    raw = {
+        "base_model": str(ASSETS / "tiny-llama"),
+        "datasets": [{"path": str(DATA), "type": "alpaca"}],
+        "learning_rate": 1e-3,
+    }
+    said = problems({**raw, "tensor_parallel_size": 8})
+    assert said["tensor_parallel_size"].startswith(
+        "(8) splits each block's attention heads and MLP over 8 ranks, and the model's "
+        "num_attention_heads (4) and num_key_value_heads (2) are not divisible by 8."
+    )
+    validate_mapping({**raw, "tensor_parallel_size": 2}, "test.yml")
+    elsewhere = {**raw, "base_model": "someone/not-downloaded-model-xyz"}
+    # (refused here for another reason: the hub is offline in the tests)
+    assert "tensor_parallel_size" not in problems({**elsewhere, "tensor_parallel_size": 8})
