@@ -1716,6 +1716,11 @@ _NOT_WITH_TENSOR_PARALLEL: dict[str, tuple[Callable[[TrainConfig], bool], str]] 
         lambda c: context_parallel_size(c) > 1,
         "the two together are not tested yet",
     ),
+    "dp_replicate_size": (
+        lambda c: (c.dp_replicate_size or 1) > 1,
+        "HSDP copies of a tensor-parallel model are not tested yet; leave dp_replicate_size "
+        "out (the replicas then shard with FSDP2)",
+    ),
     "rl": (lambda c: bool(c.rl), "the preference and RL trainers are not tested with it yet"),
     "reward_model": (lambda c: bool(c.reward_model), "reward models are not tested with it yet"),
     "process_reward_model": (

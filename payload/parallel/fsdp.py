@@ -38,8 +38,9 @@ constructor:
 
 Test hook: FERRY_TEST_FSDP_PROBE=PATH makes every rank write PATH.rank<N>.json when
 training ends: its shard of each trained parameter (elements, and a checksum before and
-after training), the type the Trainer trained, and for each sharded block whether it
-reshards after forward and is checkpointed (tests/test_fsdp.py).
+after training), the type the Trainer trained, whether it took the model for HSDP, and
+for each sharded block whether it reshards after forward and is checkpointed
+(tests/test_fsdp.py, tests/test_tensor_parallel.py).
 
 Torch is imported inside the functions: `payload.trainers.settings` puts the mixin on
 every trainer, and this module must not slow down what does not shard.
@@ -150,13 +151,15 @@ def shard(model: Any, cfg: TrainConfig, dist: DistInfo, settings: FsdpSettings) 
     fully_shard(
         model, mesh=mesh, mp_policy=policy, reshard_after_forward=settings.reshard_after_forward
     )
-    _report(model, dist, blocks)
+    _report(model, dist, mesh, blocks)
     return model
 
 
-def _report(model: Any, dist: DistInfo, blocks: list[Any]) -> None:
+def _report(model: Any, dist: DistInfo, mesh: Any, blocks: list[Any]) -> None:
     """Check that every parameter is now a DTensor, and say (rank 0) how many elements
-    each rank holds: the proof, in the run's log, that it shards and is no DDP."""
+    each rank holds and over which data-parallel `mesh` they are sharded (tensor
+    parallel's tp split is its own line): the proof, in the run's log, that it shards and
+    is no DDP."""
     import torch.distributed as torch_dist
     from torch.distributed.tensor import DTensor
 
@@ -175,7 +178,7 @@ def _report(model: Any, dist: DistInfo, blocks: list[Any]) -> None:
     if dist.is_main:
         print(
             f"fsdp2: fully_shard on {len(blocks)} {kind} blocks and the "
-            f"root over {describe(dist.mesh)} ({dist.backend}); {len(params)} parameters are "
+            f"root over {describe(mesh)} ({dist.backend}); {len(params)} parameters are "
             f"DTensors [{'; '.join(placements)}]; elements held per rank: "
             f"{' / '.join(f'{n:,}' for n in everyone)} of {total:,}",
             flush=True,
@@ -303,7 +306,9 @@ class ShardedTrainerMixin:
         self.replicated = False  # HSDP: the sharded model has copies (dp_replicate)
         if self.sharded:
             first = next(iter(self.model.parameters()))
-            self.replicated = first.device_mesh.ndim > 1
+            # FSDP2's mesh has dp_replicate only for HSDP (payload.parallel.mesh.data_parallel);
+            # not its number of dimensions: tensor parallel adds tp to every parameter's.
+            self.replicated = "dp_replicate" in (first.device_mesh.mesh_dim_names or ())
             # After the constructor, which refuses optimizer checkpoints for such a model
             # (this class saves them; see the module docstring).
             self.is_distributed_loading_by_transformers = True
@@ -492,6 +497,7 @@ def _probe(trainer: Any, path: str) -> Any:
             record = {
                 "rank": rank,
                 "trained_type": self.trained,
+                "replicated": trainer.replicated,
                 "blocks": self.blocks,
                 "params": {
                     name: {"local": n, "full": full, "before": before, "after": after[name][2]}
