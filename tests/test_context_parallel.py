@@ -7,9 +7,11 @@ the logits, loss and gradients one process gets from the whole sequence.
   (the split pads it). The reference is the same model in this process with transformers'
   sdpa on the whole batch. A failure here means the attention, the mask or the split of
   positions/labels is wrong.
-- Through the CLI (module fixture): `launch train` on 1 process (the reference), on 2
-  processes with context_parallel_size 2 (packed), and on 4 processes as 2 data-parallel
-  replicas x 2 (unpacked); their logged losses must agree.
+- Through the CLI (module fixture): `launch train` unpacked on 1 process (the reference)
+  and on 2 processes with context_parallel_size 2 and gradient accumulation; packed on 1
+  process and on 4 as 2 data-parallel replicas x 2 with FSDP2 (sharded over the flattened
+  dp_shard x cp mesh). Their logged losses must agree, eval loss included, on an eval set
+  whose last batch is partial.
 - `launch validate` on layouts and combinations that cannot run.
 """
 
@@ -31,6 +33,9 @@ LENGTH = 37  # odd: the split pads it to 38
 # fp32 on CPU: a different order of the same sums (gathered keys, summed gradients)
 # moves the last bits only.
 TOLERANCE = 1e-5
+# FSDP2's gradient norm sums each shard's squares, then the ranks': another order over
+# every element (measured 4e-6 relative; tests/test_fsdp.py allows the same 1e-4).
+FSDP_NORM_RTOL = 1e-4
 
 
 def _batches(pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -180,14 +185,34 @@ def test_split_sequence_gives_the_whole_sequences_logits_loss_and_gradients(spli
 # ---- through the CLI
 
 STEPS = 3
+EVAL_ROWS = 15  # odd: each run's last eval step (2 rows) holds 1 real row
 RUNS = {  # name -> (keys on top of `raw`, processes)
     "unpacked_ref": ({}, 1),
-    # Both ranks must read the same rows (dealt by data-parallel rank), each its half.
-    "unpacked_cp2": ({"context_parallel_size": 2}, 2),
-    "packed_ref": ({"sample_packing": True}, 1),
-    # 2 replicas x micro-batch 1 read the reference's 2 bins per step; Axolotl's older name.
+    # Both ranks must read the same rows (dealt by data-parallel rank), each its half; two
+    # micro-batches of 1 row are the reference's one of 2 (eval batches stay 2 rows).
+    "unpacked_cp2": (
+        {
+            "context_parallel_size": 2,
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+            "eval_batch_size": 2,
+        },
+        2,
+    ),
+    # Packed training, unpacked eval: the eval rows are dealt by data-parallel rank, so the
+    # last step's second replica holds only a filler row.
+    "packed_ref": ({"sample_packing": True, "eval_sample_packing": False}, 1),
+    # 2 replicas x micro-batch 1 read the reference's 2 bins (eval rows) per step;
+    # Axolotl's older name.
     "packed_dp2_cp2": (
-        {"sample_packing": True, "micro_batch_size": 1, "sequence_parallel_degree": 2},
+        {
+            "sample_packing": True,
+            "eval_sample_packing": False,
+            "micro_batch_size": 1,
+            "sequence_parallel_degree": 2,
+            "fsdp_version": 2,
+            "fsdp_config": {"reshard_after_forward": True},
+        },
         4,
     ),
 }
@@ -206,7 +231,7 @@ def raw(**extra) -> dict:
         "seed": 42,
         "logging_steps": 1,
         "save_strategy": "no",
-        "val_set_size": 0.05,  # 16 rows, evaluated at the last step
+        "val_set_size": EVAL_ROWS,  # evaluated at the last step
         "eval_steps": STEPS,
         **extra,
     }
@@ -259,15 +284,26 @@ def runs(tmp_path_factory) -> dict[str, Run]:
 def test_context_parallel_run_logs_the_one_process_losses(runs, name, reference, keys):
     """A split run's logged losses, gradient norms (clipping at 0.5 bites, so a wrong
     gradient would change the next losses too), eval loss and tokens seen equal the
-    1-process run's: the sequence split, the token count of the loss, the gradient
-    reduction and the dealing of batches by data-parallel rank are all right."""
+    1-process run's: the sequence split, the token count of the loss over accumulated
+    micro-batches, the gradient reduction (DDP, or FSDP2 over dp_shard x cp) and the
+    dealing of batches by data-parallel rank are all right. Both evaluate EVAL_ROWS rows,
+    so an eval loss that weighs the last, partial batch wrong (or scores its filler row)
+    fails here."""
     got, want = runs[name], runs[reference]
     assert "each sequence split over 2 ranks" in got.printed
+    if name == "packed_dp2_cp2":
+        assert "fsdp2: fully_shard" in got.printed and "dp_shard_cp=4" in got.printed
+    for run in (got, want):
+        (evaluated,) = [r for r in run.records if "eval_loss" in r]
+        samples = evaluated["eval_samples_per_second"] * evaluated["eval_runtime"]
+        assert round(samples) == EVAL_ROWS, f"{run.name} evaluated {samples:.2f} rows"
     for key in keys:
         mine, theirs = got.values(key), want.values(key)
         assert sorted(mine) == sorted(theirs) and theirs, f"{name} {key} steps"
+        sharded = key == "grad_norm" and name == "packed_dp2_cp2"
         for step, value in theirs.items():
-            assert mine[step] == pytest.approx(value, abs=TOLERANCE), f"{name} {key} @ {step}"
+            want_value = pytest.approx(value, rel=FSDP_NORM_RTOL if sharded else 0, abs=TOLERANCE)
+            assert mine[step] == want_value, f"{name} {key} @ {step}"
 
 
 # ---- validation
@@ -305,6 +341,10 @@ def _validate(tmp_path: Path, *args: str, **extra) -> str:
         (
             {"context_parallel_size": 2, "torch_compile": True},
             "torch_compile: with context_parallel_size (2)",
+        ),
+        (
+            {"context_parallel_size": 2, "dp_replicate_size": 2, "fsdp_config": {}},
+            "dp_replicate_size: with context_parallel_size (2) is not supported: HSDP copies",
         ),
         ({"heads_k_stride": 1}, "heads_k_stride: tunes ring-flash-attn's kernels"),
         ({"ring_attn_func": "varlen_llama3"}, "ring_attn_func: tunes ring-flash-attn's kernels"),

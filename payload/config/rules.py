@@ -1672,6 +1672,8 @@ _NOT_WITH_CONTEXT_PARALLEL = {
     "process_reward_model": "a reward model scores tokens with its own head, not split yet",
     "streaming": "the ranks of a context-parallel group must read the same batches, and a "
     "stream is dealt out to every process",
+    "dp_replicate_size": "HSDP copies with split sequences are not tested yet; leave "
+    "dp_replicate_size out (FSDP2 then shards over the data-parallel and context ranks)",
 }
 
 
@@ -1682,6 +1684,8 @@ def _context_parallel_with(cfg: TrainConfig, given: set[str]) -> Iterator[Findin
         return
     for key, why in _NOT_WITH_CONTEXT_PARALLEL.items():
         value = getattr(cfg, key)
+        if key == "dp_replicate_size":
+            value = (value or 1) > 1
         if value and not (key == "torch_compile" and value == "auto"):
             yield _error(key, f"with context_parallel_size ({cp}) is not supported: {why}.")
 

@@ -31,6 +31,15 @@ Three parts, each where the HF Trainer already has a seam:
   every rank's part, divided by the batch's tokens: the full-sequence mean's, as one
   process with the whole batch computes it. The logged loss (the mean of the ranks') is
   that mean too.
+- The eval loss (`ContextParallelMixin`). The Trainer weighs each eval batch by its rows:
+  it gathers `loss.repeat(batch)` from every process and, on the last batch, keeps the
+  first `remainder` entries (accelerate's count of real rows, from batch x data-parallel
+  size once the loader deals by data-parallel rank). A rank's loss alone means nothing (its
+  own tokens over the whole world's count, times the world size), so each rank reports the
+  world's mean of them: the step's token mean over all its rows, as one process computes
+  it on the same rows. The last batch's filler rows (accelerate repeats the first rows to
+  fill it) get labels -100 first, and the gather keeps one rank per data-parallel replica,
+  in replica order, so the `remainder` entries kept are the real rows'.
 """
 
 from __future__ import annotations
@@ -198,14 +207,17 @@ def splitter(cfg: TrainConfig, rank: int, world: int, pad_id: int | None) -> Any
 
 
 class ContextParallelMixin:
-    """What the HF Trainer needs for context parallel: its collator wrapped in this
-    rank's `ContextSplit`, and its loaders dealing batches by data-parallel rank (accelerate
-    deals them over every process). Sits under payload.trainers.settings.SettingsMixin,
+    """What the HF Trainer needs when ranks share a batch (context or tensor parallel
+    groups): its collator wrapped in this rank's `ContextSplit`, its loaders dealing batches
+    by data-parallel rank (accelerate deals them over every process), and an exact eval
+    loss (see the module docstring). Sits under payload.trainers.settings.SettingsMixin,
     which calls `split_context`; a packed loader deals its own (payload.trainers.packed)."""
 
     args: Any
+    accelerator: Any
     data_collator: Any
     processing_class: Any
+    gather_function: Any
     data_rank: tuple[int, int] = (0, 1)  # (rank, size) among the data-parallel replicas
 
     def split_context(self, cfg: TrainConfig) -> None:
@@ -217,6 +229,10 @@ class ContextParallelMixin:
         wrap = splitter(cfg, rank, world, pad_id)
         if wrap is not None and self.data_collator is not None:
             self.data_collator = wrap(self.data_collator)
+
+    @property
+    def _shares_batches(self) -> bool:
+        return self.data_rank[1] != self.args.world_size
 
     def get_train_dataloader(self) -> Any:
         return self._deal_by_data_rank(super().get_train_dataloader())  # type: ignore[misc]
@@ -231,3 +247,54 @@ class ContextParallelMixin:
         if size != self.args.world_size and getattr(shard, "num_processes", 1) > 1:
             shard.num_processes, shard.process_index = size, rank
         return loader
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        # The Trainer sets gather_function back to gather_for_metrics after every loop.
+        if self._shares_batches:
+            self.gather_function = self._gather_replicas
+        return super().evaluation_loop(*args, **kwargs)  # type: ignore[misc]
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._shares_batches:
+            return super().prediction_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        inputs = self._drop_filler(inputs)
+        loss, logits, labels = super().prediction_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        if loss is not None:
+            loss = self.accelerator.reduce(loss, reduction="mean")
+        return loss, logits, labels
+
+    def _drop_filler(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with labels -100 on the rows accelerate repeated to fill the last batch:
+        in data-parallel order, the rows from the `remainder`th on."""
+        state = self.accelerator.gradient_state
+        if not state.end_of_dataloader or state.remainder <= 0 or "labels" not in inputs:
+            return inputs
+        rows = inputs["labels"].shape[0]
+        real = state.remainder - self.data_rank[0] * rows  # this replica's real rows
+        if real >= rows:
+            return inputs
+        out = dict(inputs)
+        for key in ("labels", "shift_labels"):
+            if key in out:
+                out[key] = out[key].clone()
+                out[key][max(real, 0) :] = IGNORE
+        return out
+
+    def _gather_replicas(self, data: Any) -> Any:
+        """gather_for_metrics over the data-parallel replicas: every process's `data`, of
+        which the first rank of each replica is kept (a replica's ranks report the same
+        rows; the mesh lays replicas out in contiguous blocks of ranks), truncated on the
+        last batch to its real rows."""
+        from accelerate.utils import recursively_apply
+
+        state = self.accelerator.gradient_state
+        world, replicas = self.args.world_size, self.data_rank[1]
+
+        def keep(tensor: Any) -> Any:
+            parts = tensor.reshape(world, -1, *tensor.shape[1:])[:: world // replicas]
+            kept = parts.flatten(0, 1)
+            if state.end_of_dataloader and state.remainder > 0:
+                kept = kept[: state.remainder]
+            return kept
+
+        return recursively_apply(keep, self.accelerator.gather(data))
