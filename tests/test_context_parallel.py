@@ -1,7 +1,7 @@
 """Context parallel (payload/parallel/context.py): a sequence split over 2 gloo ranks gives
 the logits, loss and gradients one process gets from the whole sequence.
 
-- In process: 2 ranks spawned with torch.multiprocessing run the tiny Llama with the
+- Beside the test: 2 rank processes (plain Python, gloo) run the tiny Llama with the
   `ferry_cp` attention on their halves of a batch (`split_batch`), packed (position ids
   restarting per sample) and unpacked (right padding, an attention mask), of an odd length
   (the split pads it). The reference is the same model in this process with transformers'
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,15 +144,36 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def split_runs(tmp_path_factory) -> tuple[dict, list[dict]]:
-    """(reference per batch kind, each rank's results per batch kind). The ranks are
-    forked before this process runs any model: they start with its imports (spawned ranks
-    took ~90 s on 2 busy cores to import them again)."""
-    import torch.multiprocessing as mp
+    """(reference per batch kind, each rank's results per batch kind). Each rank is a
+    fresh Python process running `_rank` (never a fork of this one: a fork of a test
+    process that holds other threads' locks, as pytest's does by then, can hang)."""
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(TINY).pad_token_id
     out = str(tmp_path_factory.mktemp("cp") / "results")
-    mp.start_processes(_rank, args=(_free_port(), out, pad_id), nprocs=2, start_method="fork")
+    port = _free_port()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_context_parallel as t; "
+        "t._rank(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))"
+    )
+    here = str(Path(__file__).parent)
+    ranks_started = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, here, str(rank), str(port), out, str(pad_id)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank, proc in enumerate(ranks_started):
+        try:
+            said, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for other in ranks_started:
+                other.kill()
+            raise
+        assert proc.returncode == 0, f"rank {rank}:\n{said[-3000:]}"
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
     reference = {kind: _reference(batch) for kind, batch in _batches(pad_id).items()}
     return reference, ranks
