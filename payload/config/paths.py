@@ -9,6 +9,7 @@ exist locally is taken as a hub id and left alone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,3 +301,22 @@ def is_template_path(value: str | None) -> bool:
     """`chat_template_jinja` holds a file's path rather than the template itself: one
     line with no Jinja braces (the data code reads the file in that case)."""
     return bool(value) and not any(c in value for c in "{}\n")
+
+
+def model_config_json(cfg: TrainConfig) -> dict | None:
+    """The model's config.json from its folder or this machine's hub cache, else None
+    (never a download)."""
+    source, revision = cfg.base_model_config or cfg.base_model, cfg.revision_of_model
+    path: Path | None = Path(source) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(source, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - not a hub id: the model load will say what it is
+            return None
+        path = Path(found) if isinstance(found, str) else None
+    try:
+        return json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return None

@@ -1773,8 +1773,8 @@ def _tensor_parallel_with(cfg: TrainConfig, given: set[str]) -> Iterator[Finding
     # on this machine (a folder, or the hub cache), else when the model loads.
     from types import SimpleNamespace
 
+    from payload.config.paths import model_config_json
     from payload.parallel.tensor import check
-    from payload.runtime.unused import model_config_json
 
     found = model_config_json(cfg)
     if found is not None:

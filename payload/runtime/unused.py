@@ -11,10 +11,9 @@ doubt (a model whose config this machine has not got yet) keeps the package.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
+from payload.config.paths import model_config_json
 from payload.config.schema import TrainConfig
 
 # Optimizer names that run on bitsandbytes (Axolotl's and the HF Trainer's).
@@ -35,27 +34,8 @@ def needs_bitsandbytes(cfg: TrainConfig) -> bool:
     config = model_config_json(cfg)
     if config is None:
         return True  # not here yet: it may be a checkpoint saved in 4 or 8 bits
-    quantized = config.get("quantization_config") or {}
-    return quantized.get("quant_method", "bitsandbytes") == "bitsandbytes" if quantized else False
-
-
-def model_config_json(cfg: TrainConfig) -> dict | None:
-    """The model's config.json from its folder or this machine's hub cache, else None
-    (never a download)."""
-    source, revision = cfg.base_model_config or cfg.base_model, cfg.revision_of_model
-    path: Path | None = Path(source) / "config.json"
-    if not path.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(source, "config.json", revision=revision)
-        except Exception:  # noqa: BLE001 - not a hub id: the model load will say what it is
-            return None
-        path = Path(found) if isinstance(found, str) else None
-    try:
-        return json.loads(path.read_text()) if path else None
-    except (OSError, ValueError):
-        return None
+    quantized = config.get("quantization_config")
+    return bool(quantized) and quantized.get("quant_method", "bitsandbytes") == "bitsandbytes"
 
 
 def keep_out(cfg: TrainConfig) -> list[str]:
