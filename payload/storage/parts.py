@@ -28,16 +28,17 @@ it is uploaded as before (payload.storage.sync.upload_checkpoint).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from payload.errors import FerryError, TransferError
+from payload.errors import TransferError
 from payload.storage.stores import Store
 from payload.storage.sync import (
     MANIFEST,
     FileEntry,
+    FileRecord,
     Manifest,
     Progress,
     Transfer,
@@ -50,25 +51,15 @@ POLL_S = 1.0  # how often rank 0 looks for the other nodes' parts
 
 
 @dataclass
-class Part:
+class Part(FileRecord):
     """What one node uploaded of a checkpoint, or why it could not (`error`)."""
+
+    KIND: ClassVar[str] = "part record"
 
     node: int
     attempt: str
     files: list[FileEntry] = field(default_factory=list)
     error: str | None = None
-
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes, where: str) -> Part:
-        try:
-            raw = json.loads(data)
-            files = [FileEntry(**f) for f in raw.pop("files")]
-            return cls(files=files, **raw)
-        except (ValueError, TypeError, KeyError) as e:
-            raise FerryError(f"{where}: the part record is unreadable ({e}).") from e
 
 
 def part_key(prefix: str, node: int) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from payload.errors import FerryError
 from payload.storage.stores import Store, sha256_file, walk_files
@@ -43,8 +44,32 @@ class FileEntry:
     sha256: str
 
 
+R = TypeVar("R", bound="FileRecord")
+
+
+class FileRecord:
+    """A JSON record that lists files (a manifest, a node's part of a checkpoint): its
+    `files` are FileEntry, the other fields plain values."""
+
+    KIND: ClassVar[str] = "record"  # what an error calls it
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=1) + "\n").encode()  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[R], data: bytes, where: str) -> R:
+        try:
+            raw = json.loads(data)
+            files = [FileEntry(**f) for f in raw.pop("files")]
+            return cls(files=files, **raw)  # type: ignore[call-arg]
+        except (ValueError, TypeError, KeyError) as e:
+            raise FerryError(f"{where}: the {cls.KIND} is unreadable ({e}).") from e
+
+
 @dataclass
-class Manifest:
+class Manifest(FileRecord):
+    KIND: ClassVar[str] = "manifest"
+
     files: list[FileEntry]
     run_id: str | None = None
     step: int | None = None
@@ -54,18 +79,6 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes, where: str) -> Manifest:
-        try:
-            raw = json.loads(data)
-            files = [FileEntry(**f) for f in raw.pop("files")]
-            return cls(files=files, **raw)
-        except (ValueError, TypeError, KeyError) as e:
-            raise FerryError(f"{where}: the manifest is unreadable ({e}).") from e
 
     def same_contents(self, other: Manifest | None) -> bool:
         return other is not None and (self.files, self.step, self.run_id) == (
