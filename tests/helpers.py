@@ -126,6 +126,24 @@ def _kill_tree(pid: int) -> None:
             os.kill(child, signal.SIGKILL)
 
 
+def tiny_run(steps: int, **extra) -> dict:
+    """A seeded fp32 fine-tune of the tiny Llama on the tiny alpaca rows for `steps`
+    steps, logging every step, no checkpoints: the base the distributed tests (FSDP2,
+    DeepSpeed, context and tensor parallel, sharded checkpoints) put their keys on."""
+    return {
+        "base_model": str(ASSETS / "tiny-llama"),
+        "datasets": [{"path": str(DATA), "type": "alpaca"}],
+        "sequence_len": 128,
+        "max_steps": steps,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "seed": 42,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        **extra,
+    }
+
+
 def quickstart_config(tmp_path: Path, extra: str = "", name: str = "quickstart.yml") -> Path:
     """A copy of the quickstart, anywhere, with absolute paths; the keys in `extra` (YAML)
     are set on top, replacing the quickstart's own."""

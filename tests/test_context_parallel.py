@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ASSETS, DATA, launch
+from helpers import ASSETS, launch, tiny_run
 
 from payload.parallel.context import split_batch
 
@@ -242,22 +242,9 @@ RUNS = {  # name -> (keys on top of `raw`, processes)
 
 
 def raw(**extra) -> dict:
-    return {
-        "base_model": str(TINY),
-        "datasets": [{"path": str(DATA), "type": "alpaca"}],
-        "sequence_len": 128,
-        "micro_batch_size": 2,
-        "max_steps": STEPS,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "max_grad_norm": 0.5,
-        "seed": 42,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "val_set_size": EVAL_ROWS,  # evaluated at the last step
-        "eval_steps": STEPS,
-        **extra,
-    }
+    fixed = {"micro_batch_size": 2, "max_grad_norm": 0.5}
+    # Evaluated at the last step.
+    return tiny_run(STEPS, **{**fixed, "val_set_size": EVAL_ROWS, "eval_steps": STEPS, **extra})
 
 
 class Run:

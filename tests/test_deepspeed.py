@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ASSETS, DATA, ROOT, launch
+from helpers import ASSETS, ROOT, launch, tiny_run
 
 from payload.storage.layout import read_metrics
 
@@ -59,20 +59,7 @@ WEIGHT_STRAY_SHARE = 1e-4
 
 def raw_config(**extra) -> dict:
     """A short seeded fp32 full fine-tune of the tiny Llama, `extra` keys on top."""
-    raw = {
-        "base_model": str(ASSETS / "tiny-llama"),
-        "datasets": [{"path": str(DATA), "type": "alpaca"}],
-        "sequence_len": 128,
-        "micro_batch_size": 4,
-        "max_steps": STEPS,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "bf16": False,
-        "seed": 42,
-        "logging_steps": 1,
-        "save_strategy": "no",
-    }
+    raw = tiny_run(STEPS, micro_batch_size=4, lr_scheduler="constant", bf16=False)
     if "save_steps" in extra:
         del raw["save_strategy"]
     raw.update(extra)

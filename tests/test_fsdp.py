@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ASSETS, DATA, launch
+from helpers import ASSETS, launch, tiny_run
 
 from payload.storage.layout import read_metrics
 
@@ -74,22 +74,8 @@ RUNS = {  # name -> (keys on top of `raw`, processes)
 
 
 def raw(**extra) -> dict:
-    return {
-        "base_model": str(TINY),
-        "datasets": [{"path": str(DATA), "type": "alpaca"}],
-        "sequence_len": 128,
-        "micro_batch_size": 4,
-        "max_steps": STEPS,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "cosine",
-        "warmup_steps": 2,
-        "max_grad_norm": 0.5,
-        "seed": 42,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        **extra,
-    }
+    fixed = {"micro_batch_size": 4, "lr_scheduler": "cosine", "warmup_steps": 2}
+    return tiny_run(STEPS, **{**fixed, "max_grad_norm": 0.5, **extra})
 
 
 class Run:

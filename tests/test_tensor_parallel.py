@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ASSETS, DATA, launch
+from helpers import ASSETS, launch, tiny_run
 
 TINY = ASSETS / "tiny-llama"  # 4 attention heads, 2 key/value heads, intermediate_size 384
 STEPS = 3
@@ -42,21 +42,9 @@ WEIGHTS = 2e-5
 
 
 def raw(**extra) -> dict:
-    return {
-        "base_model": str(TINY),
-        "datasets": [{"path": str(DATA), "type": "alpaca"}],
-        "sequence_len": 128,
-        "gradient_accumulation_steps": ACCUMULATE,
-        "max_steps": STEPS,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "max_grad_norm": 0.5,
-        "seed": 42,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": STEPS,  # one checkpoint, at the end
-        **extra,
-    }
+    fixed = {"gradient_accumulation_steps": ACCUMULATE, "max_grad_norm": 0.5}
+    # One checkpoint, at the end.
+    return tiny_run(STEPS, **{**fixed, "save_strategy": "steps", "save_steps": STEPS, **extra})
 
 
 class Run:
