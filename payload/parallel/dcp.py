@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from payload.errors import FerryError
+from payload.parallel.fsdp import _adapter_names, _is_peft
 
 MODEL_DIR = "model_dcp"
 OPTIMIZER_DIR = "optimizer_dcp"
@@ -45,10 +46,6 @@ def has_sharded_model(folder: str | Path) -> bool:
 
 def has_sharded_optimizer(folder: str | Path) -> bool:
     return (Path(folder) / OPTIMIZER_DIR / METADATA).is_file()
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config")
 
 
 def _model_options(model: Any, **kwargs: Any) -> Any:
@@ -141,7 +138,6 @@ def write_info(model: Any, folder: str, world_size: int) -> None:
     """Rank 0: the model's config (or the adapter's) and sharded.json, so that the folder
     turns into a loadable model without the training code (`read_model`). `model` is
     the peft model for LoRA, else the transformers model."""
-    from payload.parallel.fsdp import _adapter_names
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
