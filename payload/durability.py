@@ -199,6 +199,24 @@ def _snapshot(source: Path, staging: Path) -> Path:
     return target
 
 
+class OneSavePerStep(TrainerCallback):
+    """Keeps the Trainer from saving the checkpoint of a step it has just saved. A run
+    stopped early (a stop signal, the loss watchdog) saves at its step and leaves the
+    epoch; with `save_strategy: epoch` transformers then saves the same step again at the
+    epoch's end, rewriting files in place while the first save of them may be uploading."""
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.saved = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if control.should_save and state.global_step == self.saved:
+            control.should_save = False
+        return control
+
+
 class StorageSync(TrainerCallback):
     """Uploads each checkpoint right after it is saved, on the first process of every
     node, one at a time in a background thread so that training does not wait. Rank 0

@@ -133,6 +133,7 @@ def _train(
     if store is not None:
         sync = durability.StorageSync.for_run(store, output_dir, run_id, cfg.save_total_limit, dist)
         callbacks.append(sync)
+    callbacks.append(durability.OneSavePerStep())  # last: it overrules the others at epoch end
     trainer = recipe.trainer(model, args, train_set, eval_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
     resume = durability.resume_point(cfg, output_dir, dist, store)
