@@ -119,6 +119,7 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)
     secrets: list[str] = field(default_factory=list)  # names only; values never travel here
     volumes: list[dict[str, str]] = field(default_factory=list)  # extra {name, mount}
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"ray": {...}}
 
     @property
     def config_path(self) -> Path:
@@ -136,6 +137,7 @@ class JobSpec:
             "env": self.env,
             "secrets": self.secrets,
             "volumes": self.volumes,
+            "options": self.options,
         }
         (self.run_dir / JOB_FILE).write_text(json.dumps(launch, indent=1) + "\n")
 
@@ -164,6 +166,7 @@ class JobSpec:
             env=launch.get("env", {}),
             secrets=launch.get("secrets", []),
             volumes=launch.get("volumes", []),
+            options=launch.get("options", {}),
             **fields,
         )
 

@@ -112,6 +112,16 @@ StorageOpt = Annotated[
     ),
 ]
 
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="URL",
+        help="With --cloud ray: the cluster's Jobs API address (http://HEAD:8265). "
+        "Default: `launch.ray.address`, else RAY_ADDRESS.",
+    ),
+]
+
 
 def _debug() -> bool:
     return os.environ.get("FERRY_DEBUG") == "1"
@@ -160,9 +170,12 @@ def preprocess(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -
         )
 
 
-def _launch_flags(env: list[str] | None, **flags):  # type: ignore[no-untyped-def]
+def _launch_flags(env: list[str] | None, ray_address: str | None = None, **flags):  # type: ignore[no-untyped-def]
     """The launch flags as `launcher.api` takes them (names as in `launch:`)."""
     from payload.errors import FerryError
+
+    if ray_address:
+        flags["ray"] = {"address": ray_address}
 
     pairs = {}
     for item in env or []:
@@ -199,6 +212,7 @@ def train(
     storage: StorageOpt = None,
     stop_grace: StopGraceOpt = None,
     profile: ProfileOpt = None,
+    ray_address: RayAddressOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
     ] = False,
@@ -209,6 +223,7 @@ def train(
 
     launch = _launch_flags(
         env,
+        ray_address,
         cloud=cloud,
         gpus=gpus,
         nodes=nodes,
@@ -568,12 +583,14 @@ def sweep_run(
     detach: DetachOpt = False,
     storage: StorageOpt = None,
     stop_grace: StopGraceOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Expand the grid, validate every trial, then run them (the default subcommand)."""
     from launcher import api, output
 
     launch = _launch_flags(
         env,
+        ray_address,
         gpus=gpus,
         nodes=nodes,
         cpu=cpu,

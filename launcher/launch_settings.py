@@ -89,6 +89,10 @@ class LaunchSettings:
     volumes: list[dict[str, str]] = field(default_factory=list)
     image: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"ray": {...}}
+
+
+BACKEND_SECTIONS = ("ray",)  # backend settings, merged key by key across the layers
 
 
 def resolve(
@@ -115,7 +119,10 @@ def resolve(
     secrets: list[str] = []
     env: dict[str, str] = {}
     volumes: list[dict[str, str]] = []
+    options: dict[str, dict[str, Any]] = {}
     for layer in layers:
+        for section in BACKEND_SECTIONS:
+            options.setdefault(section, {}).update(layer.pop(section, None) or {})
         secrets += [s for s in layer.pop("secrets", []) if s not in secrets]
         env.update(layer.pop("env", {}))
         volumes += [v for v in layer.pop("volumes", []) if v not in volumes]
@@ -145,4 +152,5 @@ def resolve(
         volumes=volumes,
         image=merged.get("image") or {},
         storage=merged.get("storage") or config_storage,
+        options={k: v for k, v in options.items() if v},
     )

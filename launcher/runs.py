@@ -84,6 +84,7 @@ def job_for(
         env=dict(settings.env),
         secrets=list(settings.secrets),
         volumes=list(settings.volumes),
+        options={k: dict(v) for k, v in settings.options.items()},
     )
 
 

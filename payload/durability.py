@@ -528,6 +528,13 @@ class StopRequest:
         return self.signame is not None
 
     def install(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            # Ray Train runs the training function in a thread of its worker, where no
+            # handler can be set; there a preemption is a lost worker, which Ray restarts
+            # from the last reported checkpoint (payload.entry.ray).
+            return self
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         return self

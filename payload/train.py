@@ -58,8 +58,11 @@ def _quiet_libraries(is_main: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train as configured; return the summary (also written to `summary.json`)."""
+def run(cfg: TrainConfig, reporter: Any = None) -> dict[str, Any]:
+    """Train as configured; return the summary (also written to `summary.json`).
+    `reporter(dist, uploaded)`, if given, makes a callback that hears of each checkpoint
+    once every node has uploaded it (`uploaded(step)` waits for that and returns where it
+    is): Ray's driver reports checkpoints to Ray this way (payload.entry.ray)."""
     from payload.durability import StopRequest
 
     # From here on, SIGTERM and SIGINT mean "save and stop", even before training starts.
@@ -69,7 +72,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     finished = False
     try:
         with reporting(cfg, cfg.output_dir or DEFAULT_OUTPUT_DIR, dist.is_main) as trackers:
-            summary = _train(cfg, dist, stop, trackers)
+            summary = _train(cfg, dist, stop, trackers, reporter)
         finished = True
         return summary
     finally:
@@ -82,7 +85,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(
-    cfg: TrainConfig, dist: distributed.DistInfo, request: StopRequest, trackers: Trackers
+    cfg: TrainConfig,
+    dist: distributed.DistInfo,
+    request: StopRequest,
+    trackers: Trackers,
+    reporter: Any = None,
 ) -> dict[str, Any]:
     from transformers import PrinterCallback, set_seed
 
@@ -133,6 +140,22 @@ def _train(
     if store is not None:
         sync = durability.StorageSync.for_run(store, output_dir, run_id, cfg.save_total_limit, dist)
         callbacks.append(sync)
+
+    def uploaded(step: int) -> str | None:
+        """Where checkpoint-`step` is in storage (None without), once every node has
+        uploaded its part and rank 0 the trackers' files: every rank stays until the
+        uploads are done (or have failed)."""
+        if sync:
+
+            def upload() -> None:
+                sync.wait()
+                sync.put_trackers()
+
+            distributed.on_each_node(dist, f"the upload of checkpoint-{step}", upload, sync.meter)
+        return store.child(f"checkpoints/checkpoint-{step}") if store else None
+
+    if reporter is not None:
+        callbacks.append(reporter(dist, uploaded))  # after the sync: it queued the upload
     callbacks.append(durability.OneSavePerStep())  # last: it overrules the others at epoch end
     trainer = recipe.trainer(model, args, train_set, eval_set, tokenizer, callbacks)
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a tidier line
@@ -153,19 +176,6 @@ def _train(
     # The trackers' runs end with the training: their files are complete before any
     # upload below takes them (an offline W&B run flushes its records only when it ends).
     trackers.close()
-
-    def uploaded(step: int) -> str | None:
-        """Where checkpoint-`step` is in storage (None without), once every node has
-        uploaded its part and rank 0 the trackers' files: every rank stays until the
-        uploads are done (or have failed)."""
-        if sync:
-
-            def upload() -> None:
-                sync.wait()
-                sync.put_trackers()
-
-            distributed.on_each_node(dist, f"the upload of checkpoint-{step}", upload, sync.meter)
-        return store.child(f"checkpoints/checkpoint-{step}") if store else None
 
     if stop.stopped_at is not None:
         step = stop.stopped_at

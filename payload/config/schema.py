@@ -367,6 +367,32 @@ class ImageOverrides(_Strict):
     )
 
 
+class RayLaunch(_Strict):
+    """`launch.ray`: where the Ray cluster is and how a job runs on it."""
+
+    address: str | None = Field(
+        default=None,
+        description="The cluster's Jobs API (dashboard) address, http://HEAD:8265; else "
+        "--ray-address, else RAY_ADDRESS.",
+    )
+    runtime: Literal["ship", "pip", "image"] = Field(
+        default="ship",
+        description="What the workers run: `ship` the payload package with the job (the "
+        "cluster has the training stack, as in Ferry's image); `pip` also installs the "
+        "pinned requirements in the job's environment; `image` runs in Ferry's image "
+        "(image_uri, for clusters that run containers).",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="How Ray places the training workers on nodes."
+    )
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description='Each worker\'s Ray resources, e.g. {"CPU": 8, "GPU": 1}.'
+    )
+    use_gpu: bool | None = Field(
+        default=None, description="Workers on GPUs; default: if the cluster has any."
+    )
+
+
 class LaunchConfig(_Strict):
     """Where and on what a run goes: Ferry's `launch:` section. The CLI's flags win over
     it, and it wins over a --profile file."""
@@ -391,6 +417,7 @@ class LaunchConfig(_Strict):
     volumes: list[VolumeMount] = Field(default_factory=list, description="Extra volumes.")
     image: ImageOverrides | None = Field(default=None, description="Changes to the image.")
     storage: str | None = Field(default=None, description="Storage URI (as --storage).")
+    ray: RayLaunch | None = Field(default=None, description="The Ray backend's settings.")
     stop_grace: int | None = Field(
         default=None,
         ge=0,

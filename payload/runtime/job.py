@@ -27,7 +27,7 @@ from payload.errors import FerryError
 VERSION = 1
 MASTER_PORT = 29500  # torchrun's rendezvous port on the first node, unless the job says
 DEFAULT_STOP_GRACE_S = 120
-CLUSTERS = ("single", "static", "modal", "skypilot")
+CLUSTERS = ("single", "static", "modal", "skypilot", "ray")  # ray: Ray Train places the ranks
 # Words in a variable's name that say it holds a credential (HF_TOKEN, WANDB_API_KEY,
 # AWS_SECRET_ACCESS_KEY, ...): such values travel as the backend's secrets, by name.
 _SECRET_WORDS = frozenset(
