@@ -138,7 +138,10 @@ def s3_server():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    # This virtualenv's moto (the dev extra's), not whichever one PATH finds first: an
+    # older moto answers pyarrow's multipart uploads (Ray's storage) with errors.
+    ours = Path(sys.executable).with_name("moto_server")
+    exe = str(ours) if ours.exists() else shutil.which("moto_server")
     process = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -296,3 +299,71 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+
+
+@dataclass
+class RayHead:
+    address: str  # the Jobs API (dashboard), as users pass it to --ray-address
+    token: str  # the head's auth token (RAY_AUTH_MODE=token)
+    temp_dir: Path
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    probes, ports = [], []
+    for _ in range(count):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        probes.append(probe)
+        ports.append(probe.getsockname()[1])
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real Ray head on 127.0.0.1 for the session: `ray start --head` with ray[default]
+    (the dashboard and its Jobs API), every port explicit, a temp dir of its own, token
+    authentication on; stopped with `ray stop` at the end. 4 CPUs: two 2-worker runs, or
+    a 2-worker run and its driver, fit at once."""
+    import secrets
+    import shutil
+    import tempfile
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    # Short: Ray's unix sockets live under it, and their paths must fit 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="ferry-ray-", dir="/tmp"))
+    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node, objects = _free_ports(9)
+    workers = _free_ports(1)[0]
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    # Started from this virtualenv, as its user would: the jobs' `python` is this one.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [
+        ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node}",
+        f"--object-manager-port={objects}", f"--min-worker-port={workers}",
+        f"--max-worker-port={workers + 200}", "--num-cpus=4", f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield RayHead(f"http://127.0.0.1:{dashboard}", token, temp)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def on_ray(ray_head, monkeypatch):
+    """This test's `launch` calls talk to the session's Ray head with its token."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray_head

@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ray.init(log_to_driver=True)
@@ -238,6 +238,8 @@ def main(argv: list[str]) -> int:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=retries),
+            # Ray keeps as many pointers as Ferry keeps checkpoints.
+            checkpoint_config=CheckpointConfig(num_to_keep=job.config.get("save_total_limit")),
         ),
     )
     try:

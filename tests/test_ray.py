@@ -1,0 +1,185 @@
+"""The Ray backend against a real Ray head on 127.0.0.1 (tests/conftest.py `ray_head`:
+`ray start --head` with token authentication), through the real `launch` CLI: the Jobs
+API, Ray Train V2's TorchTrainer with 2 CPU workers on gloo, a moto S3 server as the
+run's storage. Nothing is replaced; the cluster is one machine, which is the only edge
+that differs from a real one.
+
+Each Ray fit costs tens of seconds here, so one run serves several assertions.
+Select these tests with `-k ray`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import TWO_RANK_RUN, launch, quickstart_config
+
+from payload.storage import open_store
+from payload.storage.layout import read_metrics
+from payload.storage.sync import MANIFEST, latest_complete_checkpoint
+
+pytestmark = pytest.mark.slow
+
+SAVE_EVERY_8 = TWO_RANK_RUN + "save_steps: 8\n"
+
+
+def s3_args(bucket: str) -> list[str]:
+    """Storage on the moto server; the credentials travel as secrets, by name."""
+    return [
+        "--storage",
+        f"s3://{bucket}/runs",
+        "--secret",
+        "AWS_ACCESS_KEY_ID",
+        "--secret",
+        "AWS_SECRET_ACCESS_KEY",
+        "--env",
+        f"AWS_ENDPOINT_URL={os.environ['AWS_ENDPOINT_URL']}",
+        "--env",
+        "AWS_DEFAULT_REGION=us-east-1",
+    ]
+
+
+def the_run() -> dict:
+    (run,) = json.loads(launch("runs", "--json", check=True).stdout)
+    return run
+
+
+def losses_of(folder: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(folder) if "loss" in r}
+
+
+def test_a_run_on_the_ray_head_trains_streams_stores_pulls_and_matches_torchrun(
+    tmp_path, s3_bucket, on_ray, two_rank_reference
+):
+    """`launch train --cloud ray --gpus 2`: two Ray Train workers train the quickstart to
+    the end; the command streams the job's log; every checkpoint and the final adapter
+    are in S3 with their manifests; `launch pull` fetches them; the losses are those of a
+    local 2-process torchrun run (the shared `two_rank_reference`)."""
+    config = quickstart_config(tmp_path, SAVE_EVERY_8)
+    trained = launch(
+        "train", str(config), "--cloud", "ray", "--ray-address", on_ray.address,
+        "--gpus", "2", *s3_args(s3_bucket), timeout=600,
+    )  # fmt: skip
+    said = trained.stdout + trained.stderr
+    assert trained.returncode == 0, said
+    assert "[step 24/24]" in said  # streamed while it ran
+    assert "succeeded" in said
+    run = the_run()
+    assert (run["backend"], run["state"]) == ("ray", "succeeded")
+    assert ray_jobs(on_ray, run["run_id"]) == {run["run_id"]: "SUCCEEDED"}
+
+    status = json.loads(launch("status", run["run_id"], "--json", check=True).stdout)
+    assert status["state"] == "succeeded"
+    logs = launch("logs", run["run_id"], check=True).stdout
+    assert "[step 24/24]" in logs and logs.count("[step 24/24]") == 1  # each line once
+
+    store = open_store(run["storage_uri"])
+    assert latest_complete_checkpoint(store).step == 24
+    stored = store.list("checkpoints")
+    for step in (16, 24):
+        assert f"checkpoints/checkpoint-{step}/{MANIFEST}" in stored
+    assert not [k for k in stored if k.startswith("checkpoints/checkpoint-8/")]  # limit 2
+    assert {"final/adapter_model.safetensors", f"final/{MANIFEST}"} <= set(store.list("final"))
+    # Ray's own record holds pointers only: no second copy of a checkpoint's weights.
+    ray_files = store.list("ray")
+    assert ray_files and not [f for f in ray_files if f.endswith(".safetensors")]
+
+    dest = tmp_path / "pulled"
+    launch("pull", run["run_id"], "--dest", str(dest), check=True)
+    assert (dest / "adapter_model.safetensors").is_file()
+    losses = losses_of(dest)
+    assert sorted(losses) == list(range(1, 25))
+    assert losses == pytest.approx(two_rank_reference, abs=1e-5)
+
+
+def ray_jobs(head, run_id: str) -> dict[str, str]:
+    """The cluster's jobs of this run, as its Jobs API lists them: submission id -> state."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
+    return {
+        j.submission_id: str(j.status).split(".")[-1]
+        for j in jobs.list_jobs()
+        if (j.metadata or {}).get("ferry_run_id") == run_id
+    }
+
+
+def pids(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in found.split()]
+
+
+def wait_for_report(store, run_id: str, step: int, timeout: float = 300) -> None:
+    """Until Ray's controller has recorded the checkpoint of `step` (its snapshot in the
+    run's `ray/` folder names it), which Ferry reports once it is complete in storage."""
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = store.read_bytes(f"ray/{run_id}/checkpoint_manager_snapshot.json")
+        latest = (json.loads(raw).get("latest_checkpoint_result") or {}) if raw else {}
+        if (latest.get("metrics") or {}).get("step", 0) >= step:
+            newest = latest_complete_checkpoint(store)
+            assert newest is not None and newest.step >= step  # reported once stored
+            return
+        assert time.monotonic() < deadline, f"Ray recorded no checkpoint of step {step}"
+        time.sleep(0.5)
+
+
+def test_a_killed_worker_and_a_killed_driver_each_resume_from_the_reported_checkpoint(
+    tmp_path, s3_bucket, on_ray, two_rank_reference
+):
+    """With `retries: 1`: a training worker SIGKILLed after checkpoint-8 makes Ray restart
+    the worker group, which resumes from the checkpoint it reported; then the job's
+    driver SIGKILLed after checkpoint-16 ends the job, and `launch resume` submits the
+    same run id again, which resumes too. The run finishes at step 24 with the losses of
+    an uninterrupted run."""
+    config = quickstart_config(tmp_path, SAVE_EVERY_8)
+    launch(
+        "train", str(config), "--cloud", "ray", "--ray-address", on_ray.address, "--gpus", "2",
+        "--retries", "1", "--detach", *s3_args(s3_bucket), check=True, timeout=120,
+    )  # fmt: skip
+    run = the_run()
+    store = open_store(run["storage_uri"])
+
+    wait_for_report(store, run["run_id"], 8)
+    workers = pids("RayTrainWorker")
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0], signal.SIGKILL)
+
+    wait_for_report(store, run["run_id"], 16)
+    (driver,) = pids("payload.entry.ray ferry-job.json")
+    os.kill(driver, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while (state := json.loads(launch("status", run["run_id"], "--json").stdout)["state"]) in (
+        "running",
+        "pending",
+    ):
+        assert time.monotonic() < deadline, "the job did not end after its driver was killed"
+        time.sleep(1)
+    assert state == "failed"
+    first_log = launch("logs", run["run_id"], check=True).stdout
+    assert "ray: resuming from the reported checkpoint" in first_log
+    assert re.search(r"resuming from step (8|16)\b", first_log), first_log[-3000:]
+
+    resumed = launch("resume", run["run_id"], timeout=600)
+    said = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, said
+    assert re.search(r"resuming from step (16|24)\b", said), said[-3000:]
+    run = the_run()
+    assert run["state"] == "succeeded"
+    # The same run id, submitted again: the cluster's second job of this run.
+    assert ray_jobs(on_ray, run["run_id"]) == {
+        run["run_id"]: "FAILED",
+        f"{run['run_id']}-2": "SUCCEEDED",
+    }
+
+    dest = tmp_path / "pulled"
+    launch("pull", run["run_id"], "--dest", str(dest), check=True)
+    losses = losses_of(dest)
+    assert sorted(losses) == list(range(1, 25))
+    assert losses == pytest.approx(two_rank_reference, abs=1e-5)
