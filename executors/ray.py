@@ -49,7 +49,7 @@ from payload.runtime.deadline import DeadlineExceeded, call_within
 from payload.runtime.job import RemoteJob, default_workdir
 
 API_TIMEOUT_S = 10.0  # any one call to the Jobs API
-CONNECT_TIMEOUT_S = 4.0  # the first answer from an address
+CONNECT_TIMEOUT_S = 3.0  # the first answer from an address
 SUBMIT_TIMEOUT_S = 300.0  # the submit, which uploads the job's files (each request: above)
 STOP_WAIT_S = 60.0  # how long a cancel waits for the job to end
 INPUTS_DIR = "inputs"  # in the job's working_dir: the files the config names
@@ -106,12 +106,13 @@ def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
 def _refused(address: str, e: Exception) -> FerryError | None:
     """The cluster's answer when it will not take our token, said with the fix."""
     text = str(e)
-    if not any(code in text for code in ("401", "403", "Unauthorized", "Forbidden")):
+    auth = type(e).__name__ == "AuthenticationError"  # ray.exceptions': 401 or 403
+    if not auth and not any(word in text for word in ("401", "403", "Unauthorized", "Forbidden")):
         return None
-    having = "a token" if auth_headers() else "no token"
+    said = "a token it does not accept" if auth_headers() else "no token"
     return FerryError(
         f"The Ray cluster at {address} refused the request: it requires token "
-        f"authentication and we sent {having} it accepts.",
+        f"authentication and we sent {said}.",
         hint="Set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the "
         "head prints it), or RAY_AUTH_TOKEN_PATH to a file holding it.",
     )
@@ -136,6 +137,8 @@ def client(address: str) -> Any:
                 ("/api/jobs/", "/api/packages")
             )
             read = SUBMIT_TIMEOUT_S if slow and "/stop" not in endpoint else API_TIMEOUT_S
+            if endpoint.startswith("/api/version"):  # the first answer: an address that
+                read = CONNECT_TIMEOUT_S  # takes connections but never answers fails fast
             kwargs.setdefault("timeout", (CONNECT_TIMEOUT_S, read))
             return super()._do_request(method, endpoint, **kwargs)
 
@@ -235,6 +238,10 @@ def entrypoint() -> str:
 
 class RayExecutor(Executor):
     name = "ray"
+
+    def _preflight(self, job: JobSpec) -> None:
+        """The cluster answers and takes our token, before anything is recorded."""
+        client(address_of(job) or "")
 
     def _check(self, job: JobSpec) -> list[str]:
         problems = []

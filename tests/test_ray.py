@@ -98,15 +98,16 @@ def test_a_run_on_the_ray_head_trains_streams_stores_pulls_and_matches_torchrun(
     assert losses == pytest.approx(two_rank_reference, abs=1e-5)
 
 
-def ray_jobs(head, run_id: str) -> dict[str, str]:
-    """The cluster's jobs of this run, as its Jobs API lists them: submission id -> state."""
+def ray_jobs(head, run_id: str | None) -> dict[str, str]:
+    """The cluster's jobs of this run (None: of every run), as its Jobs API lists them:
+    submission id -> state."""
     from ray.job_submission import JobSubmissionClient
 
     jobs = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
     return {
         j.submission_id: str(j.status).split(".")[-1]
         for j in jobs.list_jobs()
-        if (j.metadata or {}).get("ferry_run_id") == run_id
+        if run_id is None or (j.metadata or {}).get("ferry_run_id") == run_id
     }
 
 
@@ -185,3 +186,100 @@ def test_a_killed_worker_and_a_killed_driver_each_resume_from_the_reported_check
     losses = losses_of(dest)
     assert sorted(losses) == list(range(1, 25))
     assert losses == pytest.approx(two_rank_reference, abs=1e-5)
+
+
+def test_cancel_stops_the_ray_job_and_the_run_says_cancelled(tmp_path, on_ray):
+    """`launch cancel` while the workers train: Ray stops the job, the status says
+    cancelled, and the cluster lists the job as stopped."""
+    config = quickstart_config(tmp_path, TWO_RANK_RUN)
+    launch(
+        "train", str(config), "--cloud", "ray", "--ray-address", on_ray.address, "--gpus", "1",
+        "--storage", f"file://{tmp_path}/store", "--detach", check=True, timeout=120,
+    )  # fmt: skip
+    run_id = the_run()["run_id"]
+    deadline = time.monotonic() + 240
+    while "[step 2/24]" not in launch("logs", run_id).stdout:
+        assert time.monotonic() < deadline, "the run did not start training"
+        time.sleep(1)
+    cancelled = launch("cancel", run_id, "--yes", timeout=120)
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    status = json.loads(launch("status", run_id, "--json", check=True).stdout)
+    assert status["state"] == "cancelled", status
+    assert ray_jobs(on_ray, run_id) == {run_id: "STOPPED"}
+
+
+def test_an_unreachable_address_or_a_refused_token_fails_in_seconds_with_the_fix(
+    tmp_path, on_ray, monkeypatch
+):
+    """Nothing is submitted, and each says what to set: a port nobody listens on, a
+    server that takes the connection and never answers, the head with a wrong token and
+    with none."""
+    import socket
+
+    config = quickstart_config(tmp_path, "max_steps: 2\nnum_epochs: null\n")
+    storage = ["--storage", f"file://{tmp_path}/store"]
+    before = ray_jobs(on_ray, None)
+
+    def train(address: str, *, limit: float) -> str:
+        started = time.monotonic()
+        result = launch("train", str(config), "--cloud", "ray", "--ray-address", address, *storage)
+        took = time.monotonic() - started
+        said = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 1 and "Traceback" not in said, said
+        assert took < limit, f"took {took:.1f} s: {said}"
+        return said
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    said = train(f"http://127.0.0.1:{port}", limit=5)
+    assert f"Cannot reach the Ray cluster at http://127.0.0.1:{port}" in said
+    assert "--ray-address" in said and "RAY_ADDRESS" in said
+
+    with socket.socket() as silent:  # accepts (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        said = train(f"http://127.0.0.1:{port}", limit=8)
+        assert f"Cannot reach the Ray cluster at http://127.0.0.1:{port}" in said
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    said = train(on_ray.address, limit=5)
+    assert f"The Ray cluster at {on_ray.address} refused the request" in said
+    assert "a token it does not accept" in said and "RAY_AUTH_TOKEN" in said
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+    said = train(on_ray.address, limit=5)
+    assert "we sent no token" in said and "ray get-auth-token" in said
+    # Nothing was recorded or started.
+    assert json.loads(launch("runs", "--json", check=True).stdout) == []
+    assert ray_jobs(on_ray, None) == before
+
+
+def test_a_three_trial_sweep_on_the_head_two_at_a_time_reports_every_trial(tmp_path, on_ray):
+    """`launch sweep --cloud ray --max-parallel 2`: the trials are separate Ray jobs, at
+    most two at once; every one succeeds and the report lists the three, from storage."""
+    grid = tmp_path / "grid.yml"
+    grid.write_text("learning_rate: [1.0e-3, 2.0e-3, 4.0e-3]\n")
+    config = quickstart_config(tmp_path, "max_steps: 4\nnum_epochs: null\nlogging_steps: 1\n")
+    result = launch(
+        "sweep", str(config), "--sweep", str(grid), "--cloud", "ray",
+        "--ray-address", on_ray.address, "--max-parallel", "2", "--gpus", "1",
+        "--storage", f"file://{tmp_path}/store", timeout=900,
+    )  # fmt: skip
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    sweep_id = re.search(r"^sweep (\S+): 3 trials", result.stdout, re.M).group(1)
+    assert "3 trials, 3 succeeded" in said
+    status = json.loads(launch("sweep", "status", sweep_id, "--json", check=True).stdout)
+    trials = status["trials"]
+    assert [t["backend"] for t in trials] == ["ray"] * 3
+    starts = sorted(t["started_at"] for t in trials)
+    ends = sorted(t["finished_at"] for t in trials)
+    assert starts[2] >= ends[0]  # the third started once one of the first two had ended
+    for t in trials:
+        assert ray_jobs(on_ray, t["run_id"]) == {t["run_id"]: "SUCCEEDED"}
+    report = json.loads(launch("sweep", "report", sweep_id, "--json", check=True).stdout)
+    assert sorted(row["trial"] for row in report["trials"]) == [0, 1, 2]
+    assert all(isinstance(row["final_loss"], float) for row in report["trials"])
