@@ -201,7 +201,15 @@ def create(plan: SweepPlan, registry: Registry | None = None) -> SweepRecord:
     for trial, job in zip(plan.trials, plan.jobs, strict=True):
         job.write()
         trial_info = {"index": trial.index, "name": trial.name, "values": trial.values}
-        records.append(runs.record_for(job, plan.source, sweep_id=plan.sweep_id, trial=trial_info))
+        records.append(
+            runs.record_for(
+                job,
+                plan.source,
+                sweep_id=plan.sweep_id,
+                trial=trial_info,
+                storage_uri=job.storage_uri,  # --storage: each trial's own folder there
+            )
+        )
     registry.add_sweep(sweep)
     registry.add_many(records)
     return sweep

@@ -275,6 +275,10 @@ def test_a_three_trial_sweep_on_the_head_two_at_a_time_reports_every_trial(tmp_p
     status = json.loads(launch("sweep", "status", sweep_id, "--json", check=True).stdout)
     trials = status["trials"]
     assert [t["backend"] for t in trials] == ["ray"] * 3
+    # --storage holds each trial's own folder, where the report reads its metrics.
+    assert [t["storage_uri"] for t in trials] == [
+        f"file://{tmp_path}/store/{t['run_id']}" for t in trials
+    ]
     starts = sorted(t["started_at"] for t in trials)
     ends = sorted(t["finished_at"] for t in trials)
     assert starts[2] >= ends[0]  # the third started once one of the first two had ended

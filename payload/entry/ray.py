@@ -179,6 +179,9 @@ def worker(loop_config: dict[str, Any]) -> None:
         from payload.config import load_config
 
         cfg = load_config(str(config_path), [])
+        from payload.runtime.unused import keep_out
+
+        keep_out(cfg)  # as torchrun's ranks do: seconds off each worker's start
         pointer = resume_from(job.storage_uri)
         if pointer and not cfg.resume_from_checkpoint:
             if rank == 0:

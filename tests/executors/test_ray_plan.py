@@ -1,0 +1,139 @@
+"""The Ray backend without a cluster: where its settings come from, what its plan says,
+what it refuses before launch, and the driver's pure parts (paths, exit codes, storage).
+The runs themselves are in tests/test_ray.py, against a real head."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import PLANTED, launch, quickstart_config
+
+from executors.ray import RayExecutor, address_of, ray_job
+from launcher.runs import prepare
+from payload.entry.ray import WorkerExit, exit_code_of, localise, storage_for_ray
+from payload.errors import FerryError
+
+
+def ray_job_for(tmp_path, extra: str = "", **flags):
+    config = quickstart_config(tmp_path, extra)
+    job, backend = prepare(config, **{"cloud": "ray", **flags})
+    assert backend == "ray"
+    return job
+
+
+def test_the_address_comes_from_the_flag_then_the_config_then_ray_address(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://from-env:8265")
+    settings = (
+        "launch:\n  ray:\n    address: http://from-config:8265\n    placement_strategy: SPREAD\n"
+    )
+    job = ray_job_for(tmp_path, settings, ray={"address": "http://from-flag:8265"})
+    assert address_of(job) == "http://from-flag:8265"
+    # The flag replaces the address only: the config's other Ray settings stay.
+    assert RayExecutor().scaling(job)["placement_strategy"] == "SPREAD"
+    assert address_of(ray_job_for(tmp_path, settings)) == "http://from-config:8265"
+    assert address_of(ray_job_for(tmp_path)) == "http://from-env:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert address_of(ray_job_for(tmp_path)) is None
+
+
+def test_the_settings_survive_the_run_folder_for_a_relaunch(tmp_path):
+    from executors.base import JobSpec
+
+    job = ray_job_for(tmp_path, ray={"address": "http://head:8265"}, storage="s3://b/p")
+    job.write()
+    again = JobSpec.read(
+        job.run_dir, run_id=job.run_id, name=job.name, resources=job.resources, storage_uri=None
+    )
+    assert address_of(again) == "http://head:8265"
+
+
+def test_what_is_refused_before_launch(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    job = ray_job_for(tmp_path, secrets=["NOT_SET_HERE"])
+    problems = " | ".join(RayExecutor().problems(job))
+    assert "no Ray cluster address: pass --ray-address" in problems
+    assert "secret(s) NOT_SET_HERE are not set in this environment" in problems
+    job = ray_job_for(tmp_path, ray={"address": "ray://head:10001"}, storage="s3://b/p")
+    problems = " | ".join(RayExecutor().problems(job))
+    assert "is a Ray Client address; give the Jobs API's" in problems
+    # The local backend's default storage is on this machine: Ray needs its own.
+    job = ray_job_for(tmp_path, ray={"address": "http://head:8265"})
+    assert job.storage_uri is None
+    assert "keeps its checkpoints in storage that every node reaches" in " ".join(
+        RayExecutor().problems(job)
+    )
+    job = ray_job_for(tmp_path, ray={"address": "http://head:8265"}, storage="file:///shared/x")
+    assert RayExecutor().problems(job) == []
+    assert any("every Ray node mounts" in w for w in RayExecutor().warnings(job))
+
+
+def test_a_misspelt_ray_setting_is_refused_by_validate(tmp_path):
+    config = quickstart_config(tmp_path, "launch:\n  ray:\n    adress: http://head:8265\n")
+    result = launch("validate", str(config))
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, said
+    assert "launch.ray.adress" in said and "address" in said
+
+
+def test_the_dry_run_plan_names_everything_but_secret_values(tmp_path, monkeypatch):
+    """The plan: address, entrypoint, scaling, failure policy, storage, runtime env (env
+    var and secret names, never values)."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED["AWS_SECRET_ACCESS_KEY"])
+    config = quickstart_config(tmp_path)
+    result = launch(
+        "train", str(config), "--cloud", "ray", "--ray-address", "http://head:8265",
+        "--gpus", "2", "--nodes", "2", "--retries", "3", "--storage", "s3://bucket/runs",
+        "--secret", "AWS_SECRET_ACCESS_KEY", "--env", "MY_SETTING=1", "--dry-run",
+    )  # fmt: skip
+    said = result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "address        http://head:8265" in said
+    assert "entrypoint     python -m payload.entry.ray ferry-job.json" in said
+    assert "4 workers (2 node(s) x 2)" in said and "placement PACK" in said
+    assert "max_failures 3" in said
+    assert "s3://bucket/runs/" in said and "/ray (run " in said
+    assert "FERRY_RUN_ID, FERRY_STORAGE_URI, MY_SETTING" in said
+    assert "AWS_SECRET_ACCESS_KEY (values read from this machine's environment" in said
+    assert "py_modules" in said and "examples/data/alpaca_tiny.jsonl -> inputs/" in said
+    assert PLANTED["AWS_SECRET_ACCESS_KEY"] not in said
+
+
+def test_shipped_files_point_into_each_workers_working_dir(tmp_path):
+    job = ray_job_for(tmp_path, ray={"address": "http://head:8265"}, storage="s3://b/p")
+    contract, inputs = ray_job(job)
+    data = contract.config["datasets"][0]["path"]
+    assert data.startswith("/ferry/inputs/")
+    assert [relative for _, relative in inputs] == [
+        "inputs/0-tiny-llama",
+        "inputs/1-alpaca_tiny.jsonl",
+    ]
+    here = localise(contract.config, tmp_path / "wd")
+    assert here["datasets"][0]["path"] == str(tmp_path / "wd" / "inputs" / "1-alpaca_tiny.jsonl")
+    assert here["base_model"] == str(tmp_path / "wd" / "inputs" / "0-tiny-llama")
+    assert here["output_dir"] == contract.config["output_dir"]  # not a shipped file
+
+
+def test_a_workers_exit_code_is_read_back_however_ray_wraps_it():
+    class Wrapped(Exception):
+        pass
+
+    inner = WorkerExit(1, "datasets.0.path: no such file")
+    outer = Wrapped(f"Training failed due to worker errors:\n[Rank 0]\n{inner}\nmore text")
+    assert exit_code_of(outer) == (1, "datasets.0.path: no such file")
+    assert exit_code_of(WorkerExit(75, "stopped at step 9")) == (75, "stopped at step 9")
+    assert exit_code_of(RuntimeError("worker died\nActorDiedError: node lost")) == (
+        70,
+        "ActorDiedError: node lost",
+    )
+
+
+def test_rays_storage_is_the_runs_own_ray_folder(monkeypatch):
+    assert storage_for_ray("file:///shared/runs/r1") == ("/shared/runs/r1/ray", None)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert storage_for_ray("s3://bucket/runs/r1") == ("s3://bucket/runs/r1/ray", None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    path, fs = storage_for_ray("s3://bucket/runs/r1")
+    assert path == "bucket/runs/r1/ray" and type(fs).__name__ == "S3FileSystem"
+    with pytest.raises(FerryError, match="needs s3:// or a shared file://"):
+        storage_for_ray("volume://ferry-runs/r1")
