@@ -78,6 +78,8 @@ def test_a_run_on_the_ray_head_trains_streams_stores_pulls_and_matches_torchrun(
     assert status["state"] == "succeeded"
     logs = launch("logs", run["run_id"], check=True).stdout
     assert "[step 24/24]" in logs and logs.count("[step 24/24]") == 1  # each line once
+    followed = launch("logs", "-f", run["run_id"], check=True, timeout=120).stdout
+    assert "[step 24/24]" in followed and "ray: training finished" in followed
 
     store = open_store(run["storage_uri"])
     assert latest_complete_checkpoint(store).step == 24
