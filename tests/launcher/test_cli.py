@@ -67,6 +67,17 @@ def test_help_validate_and_dry_run_never_import_torch_or_cloud_sdks(tmp_path):
             "--nodes",
             "2",
         ],
+        [
+            "train",
+            "examples/quickstart.yml",
+            "--dry-run",
+            "--cloud",
+            "ray",
+            "--ray-address",
+            "http://head:8265",
+            "--storage",
+            "s3://bucket/runs",
+        ],
     ):
         result = launch(*args, env=env)
         assert result.returncode == 0, f"launch {args}: {result.stdout}{result.stderr}"
