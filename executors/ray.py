@@ -352,7 +352,7 @@ class RayExecutor(Executor):
             (
                 "failures",
                 f"max_failures {r.retries or 0}: a lost worker or node restarts the workers "
-                "from the last reported checkpoint",
+                "from the last reported checkpoint; a preempted node, without limit",
             ),
             ("ray storage", f"{job.storage_uri}/ray (run {job.run_id}: pointers to checkpoints)"),
             ("storage", f"{job.storage_uri} (checkpoints with manifests, final artifacts)"),

@@ -201,6 +201,18 @@ def worker(loop_config: dict[str, Any]) -> None:
         raise WorkerExit(e.exit_code, e.message) from None
 
 
+def failure_config(cls: Any, retries: int) -> Any:
+    """`max_failures` = launch.retries; a node's preemption, where this Ray tells it apart
+    (Train V2's `max_preemption_failures`), restarts without limit: a spot node taken
+    back is not the run's fault, and each restart resumes from the last checkpoint."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if "max_preemption_failures" in names:
+        return cls(max_failures=retries, max_preemption_failures=-1)
+    return cls(max_failures=retries)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(f"usage: python -m payload.entry.ray {JOB_FILE}", file=sys.stderr)
@@ -240,7 +252,7 @@ def main(argv: list[str]) -> int:
             name=job.run_id,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=retries),
+            failure_config=failure_config(FailureConfig, retries),
             # Ray keeps as many pointers as Ferry keeps checkpoints.
             checkpoint_config=CheckpointConfig(num_to_keep=job.config.get("save_total_limit")),
         ),

@@ -137,3 +137,20 @@ def test_rays_storage_is_the_runs_own_ray_folder(monkeypatch):
     assert path == "bucket/runs/r1/ray" and type(fs).__name__ == "S3FileSystem"
     with pytest.raises(FerryError, match="needs s3:// or a shared file://"):
         storage_for_ray("volume://ferry-runs/r1")
+
+
+def test_retries_are_rays_max_failures_and_preemptions_restart_without_limit():
+    import dataclasses
+
+    from ray.train import FailureConfig
+
+    from payload.entry.ray import failure_config
+
+    config = failure_config(FailureConfig, 2)
+    assert (config.max_failures, config.max_preemption_failures) == (2, -1)
+
+    @dataclasses.dataclass
+    class OlderRay:  # a FailureConfig without a preemption budget
+        max_failures: int = 0
+
+    assert failure_config(OlderRay, 1) == OlderRay(max_failures=1)
