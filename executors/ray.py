@@ -12,8 +12,8 @@ FERRY_STORAGE_URI, the config's `env`) and the secrets named in the launch setti
 values are read from this machine's environment at submit time and sent only as runtime
 env variables, never written to a file, the config or the registry. `launch.ray.runtime`
 says what the workers run: the cluster's own Python with the payload shipped (`ship`,
-the default: the cluster has the training stack, as Ferry's image does), the pinned
-requirements installed for the job (`pip`), or Ferry's image (`image`, image_uri).
+the default: the cluster has the training stack, as Ferry's image does), or the pinned
+requirements installed for the job too (`pip`).
 
 Every call to the cluster has a deadline; an address that does not answer fails in
 seconds with the address and the fix, and a cluster that refuses our token says which
@@ -49,18 +49,33 @@ from payload.runtime.deadline import DeadlineExceeded, call_within
 from payload.runtime.job import RemoteJob, default_workdir
 
 API_TIMEOUT_S = 10.0  # any one call to the Jobs API
-CONNECT_TIMEOUT_S = 3.0  # the first answer from an address
+CONNECT_TIMEOUT_S = 2.5  # the first answer from an address
 SUBMIT_TIMEOUT_S = 300.0  # the submit, which uploads the job's files (each request: above)
 STOP_WAIT_S = 60.0  # how long a cancel waits for the job to end
 INPUTS_DIR = "inputs"  # in the job's working_dir: the files the config names
 JOB_FILE = "ferry-job.json"  # in the job's working_dir: the job contract
-MAX_WORKING_DIR = 400 * 2**20  # Ray refuses a working_dir over 500 MiB
+MAX_WORKING_DIR = 90 * 2**20  # the Jobs API refuses an upload over 100 MiB (HTTP 413)
 INSTALL_HINT = "pip install 'ferry[ray]'"
 ENTRY_MODULE = "payload.entry.ray"
 STAGING = "ray-job"  # in the run folder: what the working_dir uploads
 
 # Ray's job states, and what they mean for a run (the exit code decides SUCCEEDED/FAILED).
 _LIVE = {"PENDING", "RUNNING"}
+LOG_SILENCE_S = 30.0  # `logs -f`: after this long without a line, ask whether the job ended
+# Ferry's accelerator names -> Ray's (ray.util.accelerators); others are refused by name.
+RAY_ACCELERATORS = {
+    "A100": "A100",
+    "A100-40GB": "A100-40G",
+    "A100-80GB": "A100-80G",
+    "A10G": "A10G",
+    "B200": "B200",
+    "H100": "H100",
+    "H200": "H200",
+    "L4": "L4",
+    "L40S": "L40S",
+    "T4": "T4",
+    "V100": "V100",
+}
 
 
 def ray_settings(job: JobSpec) -> dict[str, Any]:
@@ -104,10 +119,9 @@ def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _refused(address: str, e: Exception) -> FerryError | None:
-    """The cluster's answer when it will not take our token, said with the fix."""
-    text = str(e)
-    auth = type(e).__name__ == "AuthenticationError"  # ray.exceptions': 401 or 403
-    if not auth and not any(word in text for word in ("401", "403", "Unauthorized", "Forbidden")):
+    """The cluster's answer when it will not take our token, said with the fix. Ray's SDK
+    raises AuthenticationError for every 401 and 403; nothing else is one."""
+    if type(e).__name__ != "AuthenticationError":
         return None
     said = "a token it does not accept" if auth_headers() else "no token"
     return FerryError(
@@ -181,7 +195,15 @@ def api(address: str, what: str, fn: Any, seconds: float = API_TIMEOUT_S) -> Any
         refused = _refused(address, e)
         if refused:
             raise refused from e
-        raise
+        if _not_found(e):
+            raise
+        raise FerryError(f"Ray at {address}: {what} failed: {_first_line(e)}") from e
+
+
+def _not_found(e: BaseException) -> bool:
+    """The Jobs API's 404: the job id is unknown to the cluster (the SDK says so only in
+    its message: `Request failed with status code 404: ...`)."""
+    return isinstance(e, RuntimeError) and str(e).startswith("Request failed with status code 404")
 
 
 def ray_job(job: JobSpec) -> tuple[RemoteJob, list[tuple[Path, str]]]:
@@ -210,22 +232,21 @@ def runtime_env(job: JobSpec, working_dir: str | None) -> dict[str, Any]:
 
     settings = ray_settings(job)
     # Train V2 (the default since Ray 2.5x, asked for by name for older ones); prints
-    # straight to the log, not also through the root logger (each line said once).
+    # straight to the log, not also through the root logger (each line said once); the
+    # driver's orders: the workers and the failure budget (payload.entry.ray).
     env = {
         **job.payload_env(),
         "PYTHONUNBUFFERED": "1",
         "RAY_TRAIN_V2_ENABLED": "1",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "FERRY_RAY_SCALING": json.dumps(RayExecutor.scaling(job)),
+        "FERRY_RAY_MAX_FAILURES": str(job.resources.retries or 0),
     }
     runtime: dict[str, Any] = {"env_vars": env}
     if working_dir:
         runtime["working_dir"] = working_dir
-    mode = settings.get("runtime", "ship")
-    if mode == "image":
-        runtime["image_uri"] = job.image.tag
-    else:
-        runtime["py_modules"] = [str(Path(payload.__file__).parent)]
-    if mode == "pip":
+    runtime["py_modules"] = [str(Path(payload.__file__).parent)]
+    if settings.get("runtime", "ship") == "pip":
         from images.render import ray_runtime_env
 
         runtime["pip"] = ray_runtime_env(job.image)["pip"]
@@ -265,14 +286,18 @@ class RayExecutor(Executor):
             )
         elif job.storage_uri.startswith("volume://"):
             problems.append("volume:// storage is Modal's; on Ray use s3:// or a shared file://")
+        accelerator = job.resources.accelerator
+        if accelerator and accelerator.upper() not in RAY_ACCELERATORS:
+            problems.append(
+                f"Ray has no accelerator type {accelerator}; give one of "
+                f"{', '.join(RAY_ACCELERATORS)}, or a count alone (--gpus 8) for any GPU"
+            )
         missing = [name for name in job.secrets if name not in os.environ]
         if missing:
             problems.append(
                 f"secret(s) {', '.join(missing)} are not set in this environment: on Ray, a "
                 "secret's value is read from the launching machine's environment"
             )
-        if ray_settings(job).get("runtime") == "image" and job.image is None:
-            problems.append("`launch.ray.runtime: image` needs the image spec")
         try:
             _, inputs = ray_job(job)
         except FerryError as e:
@@ -282,8 +307,8 @@ class RayExecutor(Executor):
             if size > MAX_WORKING_DIR:
                 problems.append(
                     f"the files the config names add up to {size / 2**20:.0f} MiB, more than a "
-                    "Ray job carries (400 MiB); put the data in s3:// or on a path every node "
-                    "mounts, and name that"
+                    "Ray job carries (90 MiB: the Jobs API takes 100); put the data in s3:// "
+                    "or on a path every node mounts, and name that"
                 )
         return problems
 
@@ -295,6 +320,11 @@ class RayExecutor(Executor):
             said.append("--region is the cluster's business on Ray; ignored")
         if r.timeout_s:
             said.append("--timeout is not enforced on Ray; `launch cancel` stops the job")
+        if job.config.get("dataset_prepared_path"):
+            said.append(
+                "dataset_prepared_path is a folder on this machine; the Ray workers tokenize "
+                "into their own cache instead"
+            )
         storage = job.storage_uri or ""
         address = address_of(job) or ""
         if storage.startswith("file://") and not _loopback(address):
@@ -304,7 +334,8 @@ class RayExecutor(Executor):
             )
         return said
 
-    def scaling(self, job: JobSpec) -> dict[str, Any]:
+    @staticmethod
+    def scaling(job: JobSpec) -> dict[str, Any]:
         r, settings = job.resources, ray_settings(job)
         scaling: dict[str, Any] = {
             "num_workers": r.nodes * job.procs_per_node,
@@ -316,8 +347,8 @@ class RayExecutor(Executor):
             scaling["use_gpu"] = True
         if settings.get("resources_per_worker"):
             scaling["resources_per_worker"] = settings["resources_per_worker"]
-        if r.accelerator:
-            scaling["accelerator_type"] = r.accelerator
+        if r.accelerator and r.accelerator.upper() in RAY_ACCELERATORS:
+            scaling["accelerator_type"] = RAY_ACCELERATORS[r.accelerator.upper()]
         return scaling
 
     def _plan(self, job: JobSpec) -> Plan:
@@ -351,8 +382,14 @@ class RayExecutor(Executor):
             ),
             (
                 "failures",
-                f"max_failures {r.retries or 0}: a lost worker or node restarts the workers "
-                "from the last reported checkpoint; a preempted node, without limit",
+                (
+                    f"max_failures {r.retries}: a lost worker or node restarts the workers "
+                    "from the last reported checkpoint"
+                    if r.retries
+                    else "max_failures 0: a lost worker or node ends the run (`launch resume` "
+                    "continues it)"
+                )
+                + "; a preempted node restarts them without limit",
             ),
             ("ray storage", f"{job.storage_uri}/ray (run {job.run_id}: pointers to checkpoints)"),
             ("storage", f"{job.storage_uri} (checkpoints with manifests, final artifacts)"),
@@ -367,7 +404,11 @@ class RayExecutor(Executor):
                 if job.secrets
                 else "none",
             ),
-            ("stop grace", f"{r.stop_grace_s} s to save and upload after `launch cancel`"),
+            (
+                "cancel",
+                "ends the job at once (Ray stops its driver, then its workers); the run keeps "
+                "its last stored checkpoint",
+            ),
         ]
         rows.extend(("input", f"{local} -> {remote}") for local, remote in inputs)
         command = ["python", "-m", ENTRY_MODULE, JOB_FILE]
@@ -392,13 +433,15 @@ class RayExecutor(Executor):
 
     def _submit(self, job: JobSpec) -> Handle:
         address = _http(address_of(job) or "")
+        if ray_settings(job).get("address") != address:
+            # Kept with the run (job.json): `launch resume` finds the cluster without
+            # RAY_ADDRESS in its shell.
+            job.options["ray"] = {**ray_settings(job), "address": address}
+            job.write()
         jobs = client(address)
         folder = self.stage(job)
         runtime = runtime_env(job, str(folder))
         runtime["env_vars"].update(secret_values(job))  # values: only here, only in memory
-        if job.resources.retries:
-            runtime["env_vars"]["FERRY_RAY_MAX_FAILURES"] = str(job.resources.retries)
-        runtime["env_vars"]["FERRY_RAY_SCALING"] = json.dumps(self.scaling(job))
         submission = self._free_submission_id(jobs, address, job.run_id)
         try:
             api(
@@ -416,35 +459,36 @@ class RayExecutor(Executor):
             shutil.rmtree(folder, ignore_errors=True)  # uploaded: the cluster has it now
         return Handle(self.name, job.run_id, {"address": address, "submission_id": submission})
 
+    def _submissions(self, jobs: Any, address: str, run_id: str) -> Iterator[Any]:
+        """This run's jobs on the cluster, oldest first: `<run id>`, `<run id>-2`, ...
+        asked for one by one (a 404 ends them), never by listing everyone's jobs."""
+        n = 1
+        while True:
+            submission = run_id if n == 1 else f"{run_id}-{n}"
+            try:
+                yield api(address, "a job's state", lambda s=submission: jobs.get_job_info(s))
+            except RuntimeError as e:
+                if _not_found(e):
+                    return
+                raise
+            n += 1
+
     def _free_submission_id(self, jobs: Any, address: str, run_id: str) -> str:
         """The run id, or for a relaunch the first `<run id>-N` the cluster has not seen."""
-        taken = {
-            j.submission_id
-            for j in api(address, "the job list", jobs.list_jobs)
-            if j.submission_id and j.submission_id.startswith(run_id)
-        }
-        if run_id not in taken:
-            return run_id
-        n = 2
-        while f"{run_id}-{n}" in taken:
-            n += 1
-        return f"{run_id}-{n}"
+        taken = sum(1 for _ in self._submissions(jobs, address, run_id))
+        return run_id if taken == 0 else f"{run_id}-{taken + 1}"
 
     def _find(self, job: JobSpec) -> Handle | None:
-        """A live job of this run (submitted, but not recorded), found by its metadata."""
+        """A live job of this run (submitted, but not recorded)."""
         address = address_of(job)
         if not address:
             return None
         address = _http(address)
         jobs = client(address)
-        for info in api(address, "the job list", jobs.list_jobs):
-            meta = info.metadata or {}
-            if meta.get("ferry_run_id") == job.run_id and str(info.status).split(".")[-1] in _LIVE:
-                return Handle(
-                    self.name,
-                    job.run_id,
-                    {"address": address, "submission_id": info.submission_id},
-                )
+        for info in self._submissions(jobs, address, job.run_id):
+            if str(info.status).split(".")[-1] in _LIVE:
+                data = {"address": address, "submission_id": info.submission_id}
+                return Handle(self.name, job.run_id, data)
         return None
 
     def _status(self, handle: Handle) -> Status:
@@ -452,8 +496,17 @@ class RayExecutor(Executor):
         try:
             jobs = client(address)
             info = api(address, "the status", lambda: jobs.get_job_info(submission))
-        except FerryError as e:
-            return Status(RunState.RUNNING, f"state unknown: {e.message}", unknown=True)
+        except RuntimeError as e:
+            if not _not_found(e):
+                raise
+            return Status(
+                RunState.FAILED,
+                f"the Ray cluster at {address} no longer knows job {submission} (was its head "
+                "restarted?); `launch resume` submits the run again",
+            )
+        except Exception as e:  # noqa: BLE001 - not an ending: asked again next time
+            said = e.message if isinstance(e, FerryError) else _first_line(e)
+            return Status(RunState.RUNNING, f"state unknown: {said}", unknown=True)
         state = str(info.status).split(".")[-1]
         ended = info.end_time / 1000 if info.end_time else None
         if state in _LIVE:
@@ -493,7 +546,7 @@ class RayExecutor(Executor):
             text = api(address, "the logs", lambda: jobs.get_job_logs(submission))
             yield from text.splitlines(keepends=True)
             return
-        yield from _tail(jobs, submission)
+        yield from _tail(jobs, submission, lambda: self._status(handle).state.finished)
 
     def _cancel(self, handle: Handle) -> Status:
         address, submission = handle.data["address"], handle.data["submission_id"]
@@ -507,15 +560,19 @@ class RayExecutor(Executor):
             if status.state.finished:
                 return status
             time.sleep(1.0)
-        return Status(RunState.CANCELLED, "stop requested; Ray has not confirmed it yet")
+        status = self._status(handle)
+        detail = f"stop requested {STOP_WAIT_S:.0f} s ago; Ray has not ended the job yet"
+        return Status(status.state, detail, unknown=status.unknown)
 
 
-def _tail(jobs: Any, submission: str) -> Iterator[str]:
+def _tail(jobs: Any, submission: str, finished: Any) -> Iterator[str]:
     """`tail_job_logs` (an async generator) as lines, from a thread of its own: the
-    caller's thread may be in an event loop already, or not."""
+    caller's thread may be in an event loop already, or not. After LOG_SILENCE_S without
+    a line it asks whether the job ended (`finished()`), so a head that vanishes without
+    closing the stream ends the follow; a stream that fails says why."""
     import queue
 
-    lines: queue.Queue[str | None] = queue.Queue()
+    lines: queue.Queue[str | BaseException | None] = queue.Queue()
 
     async def pump() -> None:
         partial = ""
@@ -525,6 +582,8 @@ def _tail(jobs: Any, submission: str) -> Iterator[str]:
                 *whole, partial = partial.split("\n")
                 for line in whole:
                     lines.put(line + "\n")
+        except Exception as e:  # noqa: BLE001 - said by the reader below
+            lines.put(e)
         finally:
             if partial:
                 lines.put(partial)
@@ -532,17 +591,28 @@ def _tail(jobs: Any, submission: str) -> Iterator[str]:
 
     thread = threading.Thread(target=lambda: asyncio.run(pump()), daemon=True, name="ray-logs")
     thread.start()
-    while (line := lines.get()) is not None:
-        yield line
+    while True:
+        try:
+            item = lines.get(timeout=LOG_SILENCE_S)
+        except queue.Empty:
+            if finished():
+                return
+            continue
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            refused = _refused(jobs.get_address(), item) if isinstance(item, Exception) else None
+            raise refused or FerryError(
+                f"The log stream of Ray job {submission} broke: {_first_line(item)}",
+                hint="`launch logs RUN` shows the log so far; `launch status RUN` the state.",
+            )
+        yield item
 
 
 def _runtime_row(job: JobSpec, runtime: dict[str, Any]) -> str:
     mode = ray_settings(job).get("runtime", "ship")
     parts = [f"working_dir {runtime.get('working_dir')}"]
-    if "py_modules" in runtime:
-        parts.append(f"py_modules {', '.join(runtime['py_modules'])}")
-    if mode == "image":
-        parts.append(f"image_uri {runtime['image_uri']}")
+    parts.append(f"py_modules {', '.join(runtime['py_modules'])}")
     if mode == "pip":
         parts.append(f"pip {len(runtime['pip']['packages'])} pinned requirements (the image's)")
     return "; ".join(parts)

@@ -357,8 +357,30 @@ def ray_head():
     try:
         yield RayHead(f"http://127.0.0.1:{dashboard}", token, temp)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_head(ray, temp, env)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_ray_head(ray: str, temp: Path, env: dict[str, str]) -> None:
+    """`ray stop`, Ray's own command, when this head is the only Ray on the machine (it
+    stops every one); else this head's processes alone, found by its temp dir."""
+    import contextlib
+    import signal
+    import time
+
+    def processes(pattern: str) -> set[int]:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        return {int(p) for p in found.stdout.split()} - {os.getpid()}
+
+    ours = processes(str(temp))
+    if processes("ray/core/src/ray/(raylet|gcs)") <= ours:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes(str(temp)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(2)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import TWO_RANK_RUN, launch, quickstart_config
 
+from payload.runtime.job import default_workdir
 from payload.storage import open_store
 from payload.storage.layout import read_metrics
 from payload.storage.sync import MANIFEST, latest_complete_checkpoint
@@ -113,9 +115,19 @@ def ray_jobs(head, run_id: str | None) -> dict[str, str]:
     }
 
 
-def pids(pattern: str) -> list[int]:
+def pids(pattern: str, run_id: str) -> list[int]:
+    """This run's processes whose command line matches `pattern` (not another head's, not
+    another run's: the run id is in their environment)."""
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-    return [int(p) for p in found.split()]
+    mine = []
+    for pid in map(int, found.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if f"FERRY_RUN_ID={run_id}".encode() in environ:
+            mine.append(pid)
+    return mine
 
 
 def wait_for_report(store, run_id: str, step: int, timeout: float = 300) -> None:
@@ -150,12 +162,15 @@ def test_a_killed_worker_and_a_killed_driver_each_resume_from_the_reported_check
     store = open_store(run["storage_uri"])
 
     wait_for_report(store, run["run_id"], 8)
-    workers = pids("RayTrainWorker")
-    assert workers, "no Ray Train worker process found"
+    workers = pids("RayTrainWorker", run["run_id"])
+    assert len(workers) == 2, "the run's two Ray Train workers were not found"
     os.kill(workers[0], signal.SIGKILL)
+    # The restarted workers may be on another node: nothing of this one's output is left.
+    local_output = Path(default_workdir(run["run_id"])) / "output"
+    shutil.rmtree(local_output)
 
     wait_for_report(store, run["run_id"], 16)
-    (driver,) = pids(r"^\S*python\S* -m payload.entry.ray ferry-job.json")  # not its shell
+    (driver,) = pids(r"^\S*python\S* -m payload.entry.ray ferry-job.json", run["run_id"])
     os.kill(driver, signal.SIGKILL)
     deadline = time.monotonic() + 120
     while (state := json.loads(launch("status", run["run_id"], "--json").stdout)["state"]) in (
@@ -169,6 +184,7 @@ def test_a_killed_worker_and_a_killed_driver_each_resume_from_the_reported_check
     assert "ray: resuming from the reported checkpoint" in first_log
     assert re.search(r"resuming from step (8|16)\b", first_log), first_log[-3000:]
 
+    shutil.rmtree(local_output)  # the relaunch, too, may land elsewhere
     resumed = launch("resume", run["run_id"], timeout=600)
     said = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, said
@@ -191,8 +207,8 @@ def test_a_killed_worker_and_a_killed_driver_each_resume_from_the_reported_check
 
 
 def test_cancel_stops_the_ray_job_and_the_run_says_cancelled(tmp_path, on_ray):
-    """`launch cancel` while the workers train: Ray stops the job, the status says
-    cancelled, and the cluster lists the job as stopped."""
+    """`launch cancel` once the workers run: Ray stops the job, the status says cancelled,
+    the cluster lists the job as stopped, and no training worker is left."""
     config = quickstart_config(tmp_path, TWO_RANK_RUN)
     launch(
         "train", str(config), "--cloud", "ray", "--ray-address", on_ray.address, "--gpus", "1",
@@ -200,14 +216,19 @@ def test_cancel_stops_the_ray_job_and_the_run_says_cancelled(tmp_path, on_ray):
     )  # fmt: skip
     run_id = the_run()["run_id"]
     deadline = time.monotonic() + 240
-    while "[step 2/24]" not in launch("logs", run_id).stdout:
-        assert time.monotonic() < deadline, "the run did not start training"
+    while "Started training worker group" not in launch("logs", run_id).stdout:
+        assert time.monotonic() < deadline, "the run's workers did not start"
         time.sleep(1)
+    assert pids("RayTrainWorker", run_id)
     cancelled = launch("cancel", run_id, "--yes", timeout=120)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
     status = json.loads(launch("status", run_id, "--json", check=True).stdout)
     assert status["state"] == "cancelled", status
     assert ray_jobs(on_ray, run_id) == {run_id: "STOPPED"}
+    deadline = time.monotonic() + 60
+    while pids("RayTrainWorker", run_id):  # the workers go with the job
+        assert time.monotonic() < deadline, "Ray Train workers still running after cancel"
+        time.sleep(1)
 
 
 def test_an_unreachable_address_or_a_refused_token_fails_in_seconds_with_the_fix(
@@ -242,7 +263,7 @@ def test_an_unreachable_address_or_a_refused_token_fails_in_seconds_with_the_fix
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        said = train(f"http://127.0.0.1:{port}", limit=8)
+        said = train(f"http://127.0.0.1:{port}", limit=5)
         assert f"Cannot reach the Ray cluster at http://127.0.0.1:{port}" in said
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")

@@ -375,12 +375,11 @@ class RayLaunch(_Strict):
         description="The cluster's Jobs API (dashboard) address, http://HEAD:8265; else "
         "--ray-address, else RAY_ADDRESS.",
     )
-    runtime: Literal["ship", "pip", "image"] = Field(
+    runtime: Literal["ship", "pip"] = Field(
         default="ship",
         description="What the workers run: `ship` the payload package with the job (the "
         "cluster has the training stack, as in Ferry's image); `pip` also installs the "
-        "pinned requirements in the job's environment; `image` runs in Ferry's image "
-        "(image_uri, for clusters that run containers).",
+        "image's pinned requirements in the job's environment.",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK", description="How Ray places the training workers on nodes."

@@ -44,12 +44,19 @@ JOB_FILE = "ferry-job.json"
 EXIT_MARK = "ferry exit code "  # in a worker's exception: the payload's exit code
 
 
+ENDED = "ray/ferry-ended.json"  # in the run's storage: a user error ended the run
+
+
 class WorkerExit(Exception):  # noqa: N818 - how a worker's run ended, when not by success
-    """A worker's run ended with the payload's exit code (1, 70, 75) and its message."""
+    """A worker's run ended with the payload's exit code (1, 70, 75) and its message.
+    Ray pickles it from the worker to the driver (`__reduce__`: both fields)."""
 
     def __init__(self, code: int, message: str):
         super().__init__(f"{EXIT_MARK}{code}: {message}")
-        self.code = code
+        self.code, self.message = code, message
+
+    def __reduce__(self) -> tuple[Any, tuple[int, str]]:
+        return (WorkerExit, (self.code, self.message))
 
 
 def localise(value: Any, root: Path) -> Any:
@@ -93,17 +100,30 @@ def storage_for_ray(uri: str) -> tuple[str, Any]:
     raise FerryError(f"storage {uri}: a Ray run needs s3:// or a shared file:// folder.")
 
 
+def _exits(error: BaseException | None, seen: set[int]) -> Any:
+    """Every WorkerExit inside a failed fit: Ray's WorkerGroupError keeps each rank's
+    exception in `worker_failures` (rank order), itself or wrapped (`_base_exc`)."""
+    if error is None or id(error) in seen:
+        return
+    seen.add(id(error))
+    if isinstance(error, WorkerExit):
+        yield error
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict):
+        for rank in sorted(failures):
+            yield from _exits(failures[rank], seen)
+    for inner in (getattr(error, "_base_exc", None), error.__cause__, error.__context__):
+        if isinstance(inner, BaseException):
+            yield from _exits(inner, seen)
+
+
 def exit_code_of(error: BaseException) -> tuple[int, str]:
-    """The payload's exit code and message from a failed fit (the worker's WorkerExit,
-    however Ray wraps it), else a crash (70) with the error's text."""
-    text = str(error)
-    at = text.find(EXIT_MARK)
-    if at != -1:
-        rest = text[at + len(EXIT_MARK) :]
-        digits, _, message = rest.partition(":")
-        if digits.strip().isdigit():
-            return int(digits.strip()), message.strip().splitlines()[0] if message.strip() else ""
-    last = [line for line in text.splitlines() if line.strip()]
+    """The payload's exit code and message from a failed fit: the first rank's WorkerExit
+    (a user error's 1 before a crash's 70), else a crash (70) with the error's last line."""
+    exits = sorted(_exits(error, set()), key=lambda e: e.code != 1)
+    if exits:
+        return exits[0].code, exits[0].message
+    last = [line for line in str(error).splitlines() if line.strip()]
     return EXIT_FAILED, (last[-1] if last else type(error).__name__)[:500]
 
 
@@ -155,6 +175,29 @@ def resume_from(storage_uri: str | None) -> str | None:
     return f"{storage_uri.rstrip('/')}/checkpoints/checkpoint-{int(pointer['step'])}"
 
 
+def _ended(storage_uri: str | None) -> str | None:
+    """The user error an earlier attempt of this job ended with, if one did."""
+    if not storage_uri:
+        return None
+    from payload.storage import open_store
+
+    raw = open_store(storage_uri).read_bytes(ENDED)
+    return json.loads(raw)["error"] if raw else None
+
+
+def _record_ended(storage_uri: str | None, message: str) -> None:
+    """A user error (a bad row, the loss watchdog) is not retried: Ray restarts the
+    workers after any failure, and the restarted ones read this and stop at once."""
+    if not storage_uri:
+        return
+    from payload.storage import open_store
+
+    try:
+        open_store(storage_uri).write_bytes(ENDED, json.dumps({"error": message}).encode())
+    except Exception:  # noqa: BLE001 - then Ray tries again; the error is in the log anyway
+        logging.getLogger("ferry.ray").warning("could not record the error in storage")
+
+
 def worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the payload's training, as one rank of the job."""
     import ray.train
@@ -182,11 +225,17 @@ def worker(loop_config: dict[str, Any]) -> None:
         from payload.runtime.unused import keep_out
 
         keep_out(cfg)  # as torchrun's ranks do: seconds off each worker's start
+        ended = _ended(job.storage_uri)
+        if ended is not None:  # a restart after a user error: the same error, at once
+            raise WorkerExit(1, ended)
         pointer = resume_from(job.storage_uri)
         if pointer and not cfg.resume_from_checkpoint:
+            if cfg.auto_resume_from_checkpoints is False:
+                cfg = cfg.model_copy(update={"resume_from_checkpoint": pointer})
+            # Otherwise Ferry's auto-resume takes it (the newest complete checkpoint in
+            # storage: this one or a newer), with the run's metrics and tracker files.
             if rank == 0:
                 print(f"ray: resuming from the reported checkpoint {pointer}", flush=True)
-            cfg = cfg.model_copy(update={"resume_from_checkpoint": pointer})
         from payload.durability import Preempted
         from payload.train import run
 
@@ -198,6 +247,8 @@ def worker(loop_config: dict[str, Any]) -> None:
             raise WorkerExit(e.exit_code, str(e)) from None
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if e.exit_code == 1:
+            _record_ended(job.storage_uri, e.message)
         raise WorkerExit(e.exit_code, e.message) from None
 
 
@@ -231,13 +282,17 @@ def main(argv: list[str]) -> int:
     scaling.setdefault("num_workers", job.nodes * job.procs_per_node)
     if "use_gpu" not in scaling:
         scaling["use_gpu"] = ray.cluster_resources().get("GPU", 0) > 0
-    scaling.pop("accelerator_type", None) if not scaling["use_gpu"] else None
+    if not scaling["use_gpu"]:
+        scaling.pop("accelerator_type", None)
     retries = int(os.environ.get("FERRY_RAY_MAX_FAILURES") or 0)
     try:
         storage_path, filesystem = storage_for_ray(job.storage_uri or "")
     except FerryError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    from payload.storage import open_store
+
+    open_store(job.storage_uri or "").delete(ENDED)  # a new job: the user asked again
     print(
         f"ray: {scaling['num_workers']} workers (use_gpu {scaling['use_gpu']}), "
         f"max_failures {retries}, storage {storage_path}",
@@ -271,4 +326,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run as `python -m`, this file is `__main__`; Ray must pickle the worker function and
+    # WorkerExit by reference to the importable module, which the workers import too.
+    from payload.entry import ray as entry
+
+    sys.exit(entry.main(sys.argv[1:]))

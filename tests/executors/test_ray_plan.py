@@ -113,18 +113,37 @@ def test_shipped_files_point_into_each_workers_working_dir(tmp_path):
     assert here["output_dir"] == contract.config["output_dir"]  # not a shipped file
 
 
-def test_a_workers_exit_code_is_read_back_however_ray_wraps_it():
-    class Wrapped(Exception):
-        pass
+def test_a_workers_exit_code_crosses_rays_pickling_and_is_read_from_the_structure():
+    """Ray pickles a worker's exception to the controller and wraps it in its
+    WorkerGroupError (worker_failures: rank -> exception): the code and message survive,
+    and a user error (1) on one rank wins over another rank's crash."""
+    import pickle
 
-    inner = WorkerExit(1, "datasets.0.path: no such file")
-    outer = Wrapped(f"Training failed due to worker errors:\n[Rank 0]\n{inner}\nmore text")
-    assert exit_code_of(outer) == (1, "datasets.0.path: no such file")
-    assert exit_code_of(WorkerExit(75, "stopped at step 9")) == (75, "stopped at step 9")
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    again = pickle.loads(pickle.dumps(WorkerExit(1, "datasets.0.path: no such file")))
+    assert (again.code, again.message) == (1, "datasets.0.path: no such file")
+    failed = WorkerGroupError(
+        "2 workers failed", {0: RuntimeError("peer gone"), 1: WorkerExit(1, "bad row 7")}
+    )
+    assert exit_code_of(pickle.loads(pickle.dumps(failed))) == (1, "bad row 7")
+    chained = RuntimeError("fit failed")
+    chained.__cause__ = WorkerExit(75, "stopped at step 9")
+    assert exit_code_of(chained) == (75, "stopped at step 9")
     assert exit_code_of(RuntimeError("worker died\nActorDiedError: node lost")) == (
         70,
         "ActorDiedError: node lost",
     )
+
+
+def test_a_user_error_is_recorded_so_that_rays_restart_stops_at_once(tmp_path):
+    from payload.entry.ray import _ended, _record_ended
+
+    storage = f"file://{tmp_path}/run"
+    assert _ended(storage) is None
+    _record_ended(storage, "loss_watchdog_threshold: the loss stayed above 5")
+    assert _ended(storage) == "loss_watchdog_threshold: the loss stayed above 5"
+    assert (tmp_path / "run" / "ray" / "ferry-ended.json").is_file()
 
 
 def test_rays_storage_is_the_runs_own_ray_folder(monkeypatch):
