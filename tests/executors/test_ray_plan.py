@@ -173,3 +173,33 @@ def test_retries_are_rays_max_failures_and_preemptions_restart_without_limit():
         max_failures: int = 0
 
     assert failure_config(OlderRay, 1) == OlderRay(max_failures=1)
+
+
+def test_a_sweep_spreads_its_trials_over_ray_and_local(tmp_path):
+    """`--cloud ray --cloud local`: the trials alternate between the two backends, every
+    trial is checked against both before launch, and each gets its plan."""
+    grid = tmp_path / "grid.yml"
+    grid.write_text("learning_rate: [1.0e-3, 2.0e-3, 4.0e-3]\n")
+    result = launch(
+        "sweep", str(quickstart_config(tmp_path)), "--sweep", str(grid), "--cloud", "ray",
+        "--cloud", "local", "--ray-address", "http://127.0.0.1:8265",
+        "--storage", f"file://{tmp_path}/store", "--dry-run",
+    )  # fmt: skip
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "3 trials, at most 1 at a time on each of: ray, local" in said
+    backends = [
+        line.split()[-1] for line in said.splitlines() if line.startswith("t") and "-t" in line
+    ]
+    assert backends == ["ray", "local", "ray"]
+    assert said.count("entrypoint     python -m payload.entry.ray ferry-job.json") == 2
+    assert said.count("backend     local (torchrun on this machine)") == 1
+    # Without storage every node reaches, Ray refuses each trial before anything starts.
+    refused = launch(
+        "sweep", str(quickstart_config(tmp_path)), "--sweep", str(grid), "--cloud", "ray",
+        "--cloud", "local", "--ray-address", "http://127.0.0.1:8265", "--dry-run",
+    )  # fmt: skip
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1
+    assert "3 of 3 trials are invalid; nothing was launched" in said
+    assert "ray: a Ray run keeps its checkpoints in storage that every node reaches" in said
