@@ -285,7 +285,7 @@ def test_a_three_trial_sweep_on_the_head_two_at_a_time_reports_every_trial(tmp_p
     most two at once; every one succeeds and the report lists the three, from storage."""
     grid = tmp_path / "grid.yml"
     grid.write_text("learning_rate: [1.0e-3, 2.0e-3, 4.0e-3]\n")
-    config = quickstart_config(tmp_path, "max_steps: 4\nnum_epochs: null\nlogging_steps: 1\n")
+    config = quickstart_config(tmp_path, "max_steps: 2\nnum_epochs: null\nlogging_steps: 1\n")
     result = launch(
         "sweep", str(config), "--sweep", str(grid), "--cloud", "ray",
         "--ray-address", on_ray.address, "--max-parallel", "2", "--gpus", "1",

@@ -193,7 +193,10 @@ def test_every_example_validates_and_plans_on_every_backend():
         for backend in available():
             if backend == "local" and "\n  nodes: 2\n" in example.read_text():
                 continue  # one machine only: tests/test_multinode.py checks its refusal
-            launch("train", rel, "--cloud", backend, "--dry-run", check=True)
+            # Ray needs its cluster's address and storage every node reaches.
+            ray = ["--ray-address", "http://head:8265", "--storage", "s3://bucket/runs"]
+            extra = ray if backend == "ray" else []
+            launch("train", rel, "--cloud", backend, "--dry-run", *extra, check=True)
     grids = sorted((ROOT / "examples" / "sweeps").glob("*.yml"))
     assert grids
     for grid in grids:  # each sweep example names the config it is for in its header
