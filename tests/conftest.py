@@ -333,27 +333,40 @@ def ray_head():
     import tempfile
 
     ray = str(Path(sys.executable).with_name("ray"))
-    # Short: Ray's unix sockets live under it, and their paths must fit 107 bytes.
-    temp = Path(tempfile.mkdtemp(prefix="ferry-ray-", dir="/tmp"))
-    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node, objects = _free_ports(9)
-    workers = _free_ports(1)[0]
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     # Started from this virtualenv, as its user would: the jobs' `python` is this one.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [
-        ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node}",
-        f"--object-manager-port={objects}", f"--min-worker-port={workers}",
-        f"--max-worker-port={workers + 200}", "--num-cpus=4", f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+    said = ""
+    for _attempt in range(3):  # a port picked free may be taken before Ray binds it
+        # Short: Ray's unix sockets live under it, and their paths must fit 107 bytes.
+        temp = Path(tempfile.mkdtemp(prefix="ferry-ray-", dir="/tmp"))
+        gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node, objects = _free_ports(
+            9
+        )
+        command = [
+            ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+            f"--node-manager-port={node}", f"--object-manager-port={objects}",
+            # Workers below the kernel's ephemeral range, where the ports above come from.
+            "--min-worker-port=10002", "--max-worker-port=19999",
+            "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats",
+        ]  # fmt: skip
+        try:
+            started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            said = started.stdout + started.stderr
+            if started.returncode == 0:
+                break
+        except subprocess.TimeoutExpired as e:
+            said = f"ray start did not return within 120 s: {e.stdout!r} {e.stderr!r}"
+        _stop_ray_head(ray, temp, env)
+        shutil.rmtree(temp, ignore_errors=True)
+    else:
+        raise AssertionError(f"the Ray head did not start in 3 tries:\n{said}")
     try:
         yield RayHead(f"http://127.0.0.1:{dashboard}", token, temp)
     finally:
