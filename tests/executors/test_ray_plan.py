@@ -203,3 +203,30 @@ def test_a_sweep_spreads_its_trials_over_ray_and_local(tmp_path):
     assert refused.returncode == 1
     assert "3 of 3 trials are invalid; nothing was launched" in said
     assert "ray: a Ray run keeps its checkpoints in storage that every node reaches" in said
+
+
+def test_the_ray_settings_reach_the_objects_ray_is_given(tmp_path):
+    """launch.ray's placement_strategy, resources_per_worker and use_gpu become the
+    driver's ScalingConfig (through the job's FERRY_RAY_SCALING, as the driver reads it);
+    `runtime: pip` puts the image's pinned requirements in the runtime env."""
+    import json
+
+    from ray.train import ScalingConfig
+
+    from executors.ray import runtime_env
+    from images.spec import default_spec
+
+    settings = (
+        "launch:\n  ray:\n    placement_strategy: SPREAD\n    use_gpu: false\n"
+        "    runtime: pip\n    resources_per_worker: {CPU: 3}\n"
+    )
+    job = ray_job_for(tmp_path, settings, ray={"address": "http://h:8265"}, gpus="2", retries=2)
+    env = runtime_env(job, None)["env_vars"]
+    scaling = ScalingConfig(**json.loads(env["FERRY_RAY_SCALING"]))
+    assert (scaling.num_workers, scaling.placement_strategy) == (2, "SPREAD")
+    assert scaling.use_gpu is False and scaling.resources_per_worker == {"CPU": 3}
+    assert env["FERRY_RAY_MAX_FAILURES"] == "2"
+    pip = runtime_env(job, None)["pip"]["packages"]
+    assert default_spec().torch in pip and set(default_spec().locked) <= set(pip)
+    plain = ray_job_for(tmp_path, ray={"address": "http://h:8265"})
+    assert "pip" not in runtime_env(plain, None)
