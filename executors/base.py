@@ -81,6 +81,7 @@ class Resources:
     memory_mb: int | None = None  # per node
     retries: int | None = None  # restarts after a failure
     stop_grace_s: int = DEFAULT_STOP_GRACE_S  # to save and upload after a stop signal
+    max_cost: float | None = None  # USD: above this estimate, a launch asks first
 
     @classmethod
     def from_gpus(cls, gpus: str | int | None, **kwargs: Any) -> Resources:
@@ -221,11 +222,14 @@ class Plan:
     run_id: str
     rows: list[tuple[str, str]]
     command: list[str]
+    appendix: str = ""  # printed after the rows (SkyPilot's task YAML)
 
     def text(self) -> str:
         width = max(len(k) for k, _ in self.rows) if self.rows else 0
         lines = [f"{k.ljust(width)}  {v}" for k, v in self.rows]
         lines.append(f"{'command'.ljust(width)}  {shlex.join(self.command)}")
+        if self.appendix:
+            lines += ["", self.appendix.rstrip("\n")]
         return "\n".join(lines)
 
 
@@ -281,6 +285,11 @@ class Executor:
         """What only a real launch needs (credentials, quotas), checked before anything
         is recorded; a dry run skips it. Raise FerryError with the fix."""
         self._preflight(job)
+
+    def hourly_price(self, job: JobSpec) -> tuple[float, str] | str | None:
+        """One node-hour's price in USD and where it comes from; a string says why the
+        price is unknown; None: the backend does not bill by the hour (executors.cost)."""
+        return None
 
     def default_storage(self, home: Path) -> str | None:
         """Where runs sync to when neither --storage nor the config says (None: nowhere)."""

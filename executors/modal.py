@@ -307,6 +307,15 @@ class ModalExecutor(Executor):
         args = torchrun_args(job.procs_per_node, node, MASTER_PORT, r.stop_grace_s)
         return training_command("python", args, f"{default_workdir(job.run_id)}/{CONFIG_FILE}")
 
+    def hourly_price(self, job: JobSpec) -> tuple[float, str]:
+        """Modal's list price for one container of this job (executors.cost's dated
+        table): its GPUs, cores and memory."""
+        from executors.cost import MODAL_PRICES_DATE, modal_hourly
+
+        r = job.resources
+        price = modal_hourly(r.accelerator, r.gpus_per_node, r.cpu, r.memory_mb)
+        return price, f"Modal's list prices of {MODAL_PRICES_DATE}"
+
     def _plan(self, job: JobSpec) -> Plan:
         from images.render import build_steps
 

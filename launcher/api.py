@@ -78,7 +78,56 @@ def plan(
     from launcher import runs as _runs
 
     job, cloud = _runs.prepare(source, overrides, profile=profile, **launch)
-    return get_executor(cloud).plan(job)
+    executor = get_executor(cloud)
+    plan = executor.plan(job)
+    est = _estimate(executor, job, source, None)
+    if est is not None:
+        plan.rows.extend(est.rows())
+        if job.resources.max_cost:
+            plan.rows.append(
+                ("max cost", f"${job.resources.max_cost:,.2f}: a launch above it asks first")
+            )
+    return plan
+
+
+def _estimate(executor: Any, job: Any, source: str | Path, registry: Registry | None) -> Any:
+    """The run's cost estimate (executors.cost), with the step time an earlier run of
+    the same config measured, if the registry has one."""
+    from executors.cost import estimate
+
+    try:
+        registry = _registry(registry)
+    except Exception:  # noqa: BLE001 - no registry: no measured step time
+        registry = None
+    from payload.config.loader import is_url
+
+    known = str(source) if is_url(source) else str(Path(source).resolve())  # as recorded
+    return estimate(executor, job, registry, known)
+
+
+def check_cost(
+    executor: Any,
+    job: Any,
+    source: str | Path,
+    registry: Registry | None,
+    confirm: Callable[[str], bool] | None,
+) -> None:
+    """Stop a launch whose estimated cost is above `launch.max_cost` unless `confirm`
+    says yes (the CLI asks at a terminal; --yes says yes; no terminal: refused)."""
+    from executors.cost import over_limit
+
+    limit = job.resources.max_cost
+    if not limit:
+        return
+    why = over_limit(_estimate(executor, job, source, registry), limit)
+    if why is None:
+        return
+    if confirm is not None and confirm(why):
+        return
+    raise FerryError(
+        f"Not launched: {why}.",
+        hint="Pass --yes to launch anyway, raise `launch.max_cost`, or lower the timeout.",
+    )
 
 
 def train(
@@ -87,6 +136,7 @@ def train(
     *,
     profile: str | Path | None = None,
     registry: Registry | None = None,
+    confirm: Callable[[str], bool] | None = None,
     **launch: Any,
 ) -> RunRecord:
     """Validate, record and submit one run; returns at once (see `wait`).
@@ -102,6 +152,7 @@ def train(
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
     executor.preflight(job)  # credentials, quotas: what only a real launch needs
+    check_cost(executor, job, source, registry, confirm)  # `launch.max_cost`
     record = _runs.record_for(job, source, executor.name, storage_uri=job.storage_uri)
     job.write()
     registry.add(record)

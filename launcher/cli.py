@@ -122,6 +122,21 @@ RayAddressOpt = Annotated[
     ),
 ]
 
+ManagedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--managed",
+        help="With --cloud sky: a managed job, recovered after preemption (as "
+        "`launch.managed: true`).",
+    ),
+]
+YesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--yes", "-y", help="Launch even if the estimated cost is above `launch.max_cost`."
+    ),
+]
+
 
 def _debug() -> bool:
     return os.environ.get("FERRY_DEBUG") == "1"
@@ -170,12 +185,16 @@ def preprocess(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -
         )
 
 
-def _launch_flags(env: list[str] | None, ray_address: str | None = None, **flags):  # type: ignore[no-untyped-def]
+def _launch_flags(  # type: ignore[no-untyped-def]
+    env: list[str] | None, ray_address: str | None = None, managed: bool = False, **flags
+):
     """The launch flags as `launcher.api` takes them (names as in `launch:`)."""
     from payload.errors import FerryError
 
     if ray_address:
         flags["ray"] = {"address": ray_address}
+    if managed:
+        flags["managed"] = True
 
     pairs = {}
     for item in env or []:
@@ -213,10 +232,12 @@ def train(
     stop_grace: StopGraceOpt = None,
     profile: ProfileOpt = None,
     ray_address: RayAddressOpt = None,
+    managed: ManagedOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
     ] = False,
     detach: DetachRunOpt = False,
+    yes: YesOpt = False,
 ) -> None:
     """Train one config. Follows the logs until the run ends unless --detach."""
     from launcher import api, output
@@ -224,6 +245,7 @@ def train(
     launch = _launch_flags(
         env,
         ray_address,
+        managed,
         cloud=cloud,
         gpus=gpus,
         nodes=nodes,
@@ -240,7 +262,17 @@ def train(
     if dry_run:
         output.plan(api.plan(config, set_ or [], profile=profile, **launch))
         return
-    _follow(api.train(config, set_ or [], profile=profile, **launch), detach)
+    _follow(api.train(config, set_ or [], profile=profile, confirm=_confirm(yes), **launch), detach)
+
+
+def _confirm(yes: bool):  # type: ignore[no-untyped-def]
+    """How a launch above `launch.max_cost` gets its yes: --yes, else a question at a
+    terminal, else none (refused with the figure)."""
+    if yes:
+        return lambda _why: True
+    if sys.stdin.isatty():
+        return lambda why: typer.confirm(f"{why}. Launch anyway?", default=False)
+    return None
 
 
 @app.command()

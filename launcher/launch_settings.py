@@ -92,7 +92,7 @@ class LaunchSettings:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"ray": {...}}
 
 
-BACKEND_SECTIONS = ("ray",)  # backend settings, merged key by key across the layers
+BACKEND_SECTIONS = ("ray", "sky")  # backend settings, merged key by key across the layers
 
 
 def resolve(
@@ -123,6 +123,8 @@ def resolve(
     for layer in layers:
         for section in BACKEND_SECTIONS:
             options.setdefault(section, {}).update(layer.pop(section, None) or {})
+        if layer.get("managed") is not None:  # `launch.managed`, --managed: SkyPilot's
+            options.setdefault("sky", {})["managed"] = layer.pop("managed")
         secrets += [s for s in layer.pop("secrets", []) if s not in secrets]
         env.update(layer.pop("env", {}))
         volumes += [v for v in layer.pop("volumes", []) if v not in volumes]
@@ -142,6 +144,7 @@ def resolve(
         cpu=merged.get("cpu"),
         memory_mb=merged.get("memory"),
         retries=merged.get("retries"),
+        max_cost=merged.get("max_cost"),
         **({"stop_grace_s": merged["stop_grace"]} if merged.get("stop_grace") is not None else {}),
     )
     return LaunchSettings(

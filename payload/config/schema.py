@@ -392,6 +392,49 @@ class RayLaunch(_Strict):
     )
 
 
+class SkyLaunch(_Strict):
+    """`launch.sky`: how a run goes to SkyPilot (`--cloud sky`)."""
+
+    infra: str | None = Field(
+        default=None,
+        description="Where: a cloud, cloud/region or cloud/region/zone (aws, gcp/us-central1, "
+        "k8s). Default: wherever SkyPilot's optimizer finds the machines cheapest.",
+    )
+    accelerators: list[str] | None = Field(
+        default=None,
+        description="Acceptable accelerators per node, preferred first, e.g. [H100:8, "
+        "A100-80GB:8] (instead of --gpus NAME:COUNT).",
+    )
+    instance_type: str | None = Field(default=None, description="A cloud instance type.")
+    disk_size: PositiveInt | None = Field(default=None, description="Each node's disk, in GB.")
+    registry: str | None = Field(
+        default=None,
+        description="Run in Ferry's image pushed to this registry (docker:REGISTRY/ferry:TAG; "
+        "`python -m images tag` prints the tag). Default: the VM's own image, with `setup` "
+        "installing the image's pinned requirements.",
+    )
+    managed: bool | None = Field(
+        default=None,
+        description="A managed job (sky.jobs.launch), recovered after preemption: as "
+        "--managed or launch.managed.",
+    )
+    recovery: Literal["EAGER_NEXT_REGION", "FAILOVER"] | None = Field(
+        default=None,
+        description="A managed job's recovery strategy (SkyPilot's default: "
+        "EAGER_NEXT_REGION).",
+    )
+    cluster: str | None = Field(
+        default=None, description="A cluster job's cluster name. Default: the run id."
+    )
+    down: bool | None = Field(
+        default=None,
+        description="Tear a cluster job's cluster down when the job ends (default true).",
+    )
+    idle_minutes_to_autostop: int | None = Field(
+        default=None, ge=0, description="Stop (or with down, tear down) after this idle time."
+    )
+
+
 class LaunchConfig(_Strict):
     """Where and on what a run goes: Ferry's `launch:` section. The CLI's flags win over
     it, and it wins over a --profile file."""
@@ -417,6 +460,17 @@ class LaunchConfig(_Strict):
     image: ImageOverrides | None = Field(default=None, description="Changes to the image.")
     storage: str | None = Field(default=None, description="Storage URI (as --storage).")
     ray: RayLaunch | None = Field(default=None, description="The Ray backend's settings.")
+    sky: SkyLaunch | None = Field(default=None, description="The SkyPilot backend's settings.")
+    managed: bool | None = Field(
+        default=None,
+        description="On SkyPilot: a managed job, recovered after preemption (as --managed).",
+    )
+    max_cost: float | None = Field(
+        default=None,
+        gt=0,
+        description="Ask before a launch whose estimated cost (USD) is above this; refused "
+        "without a terminal unless --yes.",
+    )
     stop_grace: int | None = Field(
         default=None,
         ge=0,

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from payload.errors import FerryError
 
 VERSION = 1
+REMOTE_ROOT = "/ferry"  # container paths the launcher writes: /ferry/inputs/..., /ferry/work
 MASTER_PORT = 29500  # torchrun's rendezvous port on the first node, unless the job says
 DEFAULT_STOP_GRACE_S = 120
 CLUSTERS = ("single", "static", "modal", "skypilot", "ray")  # ray: Ray Train places the ranks
@@ -44,6 +45,20 @@ def secret_like(name: str) -> bool:
     if _SECRET_WORDS.intersection(words):
         return True
     return any(w == "KEY" and i and words[i - 1] in _KEY_QUALIFIERS for i, w in enumerate(words))
+
+
+def reroot(value: Any, root: str) -> Any:
+    """`value` (a config, a path) with every path under REMOTE_ROOT moved under `root`
+    (a reward function's `/ferry/inputs/code-0/file.py:name` too)."""
+    if isinstance(value, str):
+        if value == REMOTE_ROOT or value.startswith(REMOTE_ROOT + "/"):
+            return root + value[len(REMOTE_ROOT) :]
+        return value
+    if isinstance(value, dict):
+        return {k: reroot(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reroot(v, root) for v in value]
+    return value
 
 
 def default_workdir(run_id: str) -> str:
@@ -144,6 +159,14 @@ class RemoteJob:
             )
         if not self.workdir:
             object.__setattr__(self, "workdir", default_workdir(self.run_id))
+
+    def rooted(self, root: str) -> RemoteJob:
+        """This job with its container paths (REMOTE_ROOT/...: the shipped inputs, the
+        working folder) under `root` instead: a backend whose nodes get the job's files
+        in a folder of their own (SkyPilot's file mount) runs it from there."""
+        base = root.rstrip("/")
+        config = reroot(self.config, base)
+        return replace(self, config=config, workdir=reroot(self.workdir, base))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

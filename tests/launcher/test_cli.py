@@ -193,9 +193,11 @@ def test_every_example_validates_and_plans_on_every_backend():
         for backend in available():
             if backend == "local" and "\n  nodes: 2\n" in example.read_text():
                 continue  # one machine only: tests/test_multinode.py checks its refusal
-            # Ray needs its cluster's address and storage every node reaches.
+            # Ray needs its cluster's address and storage every node reaches; SkyPilot
+            # storage a new machine reaches after a preemption.
             ray = ["--ray-address", "http://head:8265", "--storage", "s3://bucket/runs"]
-            extra = ray if backend == "ray" else []
+            sky = ["--storage", "s3://bucket/runs"]
+            extra = {"ray": ray, "sky": sky}.get(backend, [])
             launch("train", rel, "--cloud", backend, "--dry-run", *extra, check=True)
     grids = sorted((ROOT / "examples" / "sweeps").glob("*.yml"))
     assert grids

@@ -1,0 +1,709 @@
+"""The SkyPilot backend: `launch train cfg.yml --cloud sky [--managed]`.
+
+A run becomes one SkyPilot task, written by Ferry (`task_config`): the resources from the
+launch settings (accelerators, spot, infra, disk, instance type, or a list of acceptable
+accelerators), `num_nodes`, the image (Ferry's image from a registry, `image_id:
+docker:...`, or a `setup` that installs the image's pinned requirements on the VM's own
+image), one file mount (`~/ferry-job`: the job contract, the files the config names, and
+in setup mode the payload source), the run's environment, the secrets by name, and a
+`run` script that starts the payload entry:
+
+    python -m payload.entry run job.json --root ~/ferry-job
+
+The entry reads SkyPilot's variables (SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, ...)
+through payload.runtime.cluster and starts torchrun with a static rendezvous at the first
+node's address, as every multi-node backend does.
+
+Two modes: a cluster job (`sky.launch`, the cluster torn down when the job ends unless
+`launch.sky.down: false`) and a managed job (`--managed`, `sky.jobs.launch`), which
+SkyPilot recovers after a preemption or a failure (`job_recovery`: Ferry's own
+preemption exit, 75, is always recovered; `launch.retries` restarts after errors). A
+recovered job starts on a fresh machine with the same run id and storage URI; Ferry's
+auto-resume continues from the newest checkpoint whose manifest is complete.
+
+Secret values are read from this machine's environment only at launch and handed to
+SkyPilot in memory (`secrets_overrides`); the task YAML that `--dry-run` prints and the
+run folder keeps (`sky-task.yml`) names them with no value.
+
+The SDK (`sky`) takes seconds to import and talks to a SkyPilot API server; it is
+imported only to launch, to ask for a status or logs, and for the optimizer's price in a
+dry run. What can be known without it is checked first: that it is installed, that a
+cloud is enabled (`sky check`'s record), the secrets' values.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status, remote_job
+from payload.errors import EXIT_PREEMPTED, FerryError
+from payload.runtime.deadline import DeadlineExceeded, call_within
+from payload.runtime.job import RemoteJob
+
+INSTALL_HINT = "pip install 'ferry[sky]'"
+JOB_DIR = "~/ferry-job"  # on every node: the file mount with the job's files
+JOB_FILE = "job.json"  # in JOB_DIR: the job contract
+REMOTE_ROOT = "/ferry"  # the contract's paths; the run script puts them under JOB_DIR
+WORK = f"{REMOTE_ROOT}/work"  # the node's working folder (config, local output)
+STAGING = "sky-job"  # in the run folder: what the file mount uploads
+TASK_FILE = "sky-task.yml"  # in the run folder: the task, secrets by name only
+VENV = "~/ferry-venv"  # setup mode: the image's pinned requirements on the VM
+API_TIMEOUT_S = 30.0  # one status, queue or cancel request to the API server
+LAUNCH_TIMEOUT_S = 120.0  # the API server accepting a launch (it uploads the files)
+STREAM_TIMEOUT_S = 30.0 * 60  # `logs -f` of a launch: provisioning and setup
+RECOVERY = ("EAGER_NEXT_REGION", "FAILOVER")
+ENDPOINT_VARIABLE = "SKYPILOT_API_SERVER_ENDPOINT"
+
+
+def sky_settings(job: JobSpec) -> dict[str, Any]:
+    return dict(job.options.get("sky") or {})
+
+
+def managed(job: JobSpec) -> bool:
+    return bool(sky_settings(job).get("managed"))
+
+
+def cluster_name(job: JobSpec) -> str:
+    """The cluster a cluster job runs on: `launch.sky.cluster`, else the run id (which
+    SkyPilot takes as it is when it starts with a letter)."""
+    name = sky_settings(job).get("cluster")
+    if name:
+        return str(name)
+    return job.run_id if job.run_id[0].isalpha() else f"ferry-{job.run_id}"
+
+
+# ---- the task
+
+
+def accelerators(job: JobSpec) -> list[str]:
+    """The acceptable accelerators, in the order preferred: `launch.sky.accelerators`,
+    else --gpus NAME:COUNT. Empty: a CPU machine."""
+    listed = sky_settings(job).get("accelerators") or []
+    if listed:
+        return [str(a) for a in listed]
+    r = job.resources
+    return [f"{r.accelerator}:{r.gpus_per_node}"] if r.accelerator else []
+
+
+def infra(job: JobSpec) -> str | None:
+    """`launch.sky.infra` (cloud[/region[/zone]]), with --region filled in when the infra
+    names only a cloud."""
+    text, region = sky_settings(job).get("infra"), job.resources.region
+    if not text:
+        return None
+    parts = str(text).split("/")
+    if region and len(parts) == 1:
+        parts.append(region)
+    return "/".join(parts)
+
+
+def resources_config(job: JobSpec) -> dict[str, Any]:
+    r, s = job.resources, sky_settings(job)
+    res: dict[str, Any] = {}
+    accs = accelerators(job)
+    if len(accs) == 1:
+        res["accelerators"] = accs[0]
+    elif accs:
+        res["accelerators"] = accs  # a list: SkyPilot tries them in this order
+    if r.cpu:
+        res["cpus"] = f"{r.cpu:g}+"
+    if r.memory_mb:
+        res["memory"] = f"{r.memory_mb / 1024:g}+"
+    if infra(job):
+        res["infra"] = infra(job)
+    if r.spot is not None:
+        res["use_spot"] = bool(r.spot)
+    if s.get("instance_type"):
+        res["instance_type"] = s["instance_type"]
+    if s.get("disk_size"):
+        res["disk_size"] = int(s["disk_size"])
+    if s.get("registry") and job.image is not None:
+        res["image_id"] = f"docker:{str(s['registry']).rstrip('/')}/{job.image.tag}"
+    if managed(job):
+        res["job_recovery"] = {
+            "strategy": s.get("recovery") or RECOVERY[0],
+            "max_restarts_on_errors": int(r.retries or 0),
+            "recover_on_exit_codes": [EXIT_PREEMPTED],
+        }
+    return res
+
+
+def sky_job(job: JobSpec) -> tuple[RemoteJob, list[tuple[Path, str]]]:
+    """The job contract every node reads (paths under /ferry, which the run script
+    roots in its copy of the job's files) and the (local, relative) files to ship."""
+    from executors.modal import INPUTS, shipped_inputs
+
+    config, inputs = shipped_inputs(job.config)
+    config.pop("dataset_prepared_path", None)  # a folder of this machine means nothing there
+    config["output_dir"] = f"{WORK}/output"
+    contract = replace(remote_job(job, config, "skypilot"), workdir=WORK)
+    shipped = [(local, "inputs/" + remote.removeprefix(INPUTS + "/")) for local, remote in inputs]
+    return contract, shipped
+
+
+def setup_mode(job: JobSpec) -> bool:
+    """Setup mode: the VM's own image, with the image's pinned requirements installed by
+    the task's `setup` and the payload shipped as source. Else Ferry's image."""
+    return not sky_settings(job).get("registry")
+
+
+def run_script(job: JobSpec) -> str:
+    """The task's `run`: SkyPilot runs it with bash on every node, in ~/sky_workdir."""
+    lines = []
+    if setup_mode(job):
+        lines.append(f"source {VENV}/bin/activate")
+    lines += ["set -euo pipefail", f"cd {JOB_DIR}"]
+    if setup_mode(job):  # the shipped payload source, ahead of anything installed
+        lines.append('export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"')
+    lines.append(f'exec python -m payload.entry run {JOB_FILE} --root "$PWD"')
+    return "\n".join(lines) + "\n"
+
+
+def task_config(job: JobSpec, staged: Path | str | None = None) -> dict[str, Any]:
+    """The SkyPilot task as YAML data. Secrets are named with no value (SkyPilot takes
+    the values at launch); `staged` is the local folder the file mount uploads."""
+    from images.render import sky_task_image
+
+    image = sky_task_image(job.image) if job.image is not None else {"envs": {}, "setup": ""}
+    envs = {**image["envs"], **job.payload_env(), "PYTHONUNBUFFERED": "1"}
+    task: dict[str, Any] = {
+        "name": job.run_id,
+        "num_nodes": job.resources.nodes,
+        "resources": resources_config(job),
+        "envs": {k: str(v) for k, v in envs.items()},
+    }
+    if job.secrets:
+        task["secrets"] = {name: None for name in job.secrets}
+    task["file_mounts"] = {JOB_DIR: str(staged or job.run_dir / STAGING)}
+    if setup_mode(job) and image["setup"]:
+        task["setup"] = image["setup"] + "\n"
+    task["run"] = run_script(job)
+    return task
+
+
+def stage(job: JobSpec) -> Path:
+    """The folder the file mount uploads: the contract, the config's files, and in setup
+    mode the payload source."""
+    from images.spec import PAYLOAD
+
+    contract, inputs = sky_job(job)
+    folder = job.run_dir / STAGING
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / JOB_FILE).write_text(contract.to_json())
+    for local, relative in inputs:
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if local.is_dir():
+            shutil.copytree(local, target)
+        else:
+            shutil.copy2(local, target)
+    if setup_mode(job):
+        shutil.copytree(PAYLOAD, folder / "payload", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def secret_values(job: JobSpec, environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    return [(name, environ[name]) for name in job.secrets if name in environ]
+
+
+def yaml_text(task: dict[str, Any]) -> str:
+    import yaml
+
+    class Literal(str):
+        pass
+
+    def literal(dumper: Any, value: Literal) -> Any:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+
+    yaml.add_representer(Literal, literal, Dumper=yaml.SafeDumper)
+    shown = {k: Literal(v) if k in ("run", "setup") else v for k, v in task.items()}
+    return yaml.safe_dump(shown, sort_keys=False, width=100)
+
+
+# ---- what can be known without the SDK
+
+
+def sky_home(environ: dict[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    return Path(environ.get("SKY_RUNTIME_DIR") or Path.home()) / ".sky"
+
+
+def api_endpoint(environ: dict[str, str] | None = None) -> str | None:
+    """The remote API server the SDK talks to, if one is configured (the variable, else
+    `api_server.endpoint` in ~/.sky/config.yaml); None: SkyPilot's local server."""
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    if environ.get(ENDPOINT_VARIABLE):
+        return environ[ENDPOINT_VARIABLE]
+    path = Path(environ.get("SKYPILOT_CONFIG") or Path.home() / ".sky" / "config.yaml")
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, ValueError):
+        return None
+    server = data.get("api_server") if isinstance(data, dict) else None
+    return server.get("endpoint") if isinstance(server, dict) else None
+
+
+def enabled_clouds(environ: dict[str, str] | None = None) -> list[str] | None:
+    """The clouds `sky check` last found usable here, from SkyPilot's own state database
+    (read-only, no import of the SDK, no network). None: it has no record."""
+    db = sky_home(environ) / "state.db"
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2) as conn:
+            rows = conn.execute(
+                "SELECT key, value FROM config WHERE key LIKE 'enabled_clouds_%_compute'"
+            ).fetchall()
+    except sqlite3.Error:
+        return None
+    clouds: list[str] = []
+    for _, value in rows:
+        try:
+            clouds += [str(c) for c in json.loads(value) if str(c) not in clouds]
+        except (TypeError, ValueError):
+            continue
+    return clouds
+
+
+def _server_answers(endpoint: str) -> str | None:
+    """None if the API server answers its health check within 3 s, else why not."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(endpoint.rstrip("/") + "/api/health", timeout=3) as reply:
+            reply.read(1024)
+        return None
+    except Exception as e:  # noqa: BLE001 - said to the user with the address
+        return str(getattr(e, "reason", e)) or type(e).__name__
+
+
+# ---- the SDK, bounded
+
+
+def sdk() -> Any:
+    if importlib.util.find_spec("sky") is None:
+        raise FerryError(
+            "SkyPilot is not installed here.", hint=f"{INSTALL_HINT}, then `sky check`."
+        )
+    import sky
+
+    return sky
+
+
+def call(what: str, fn: Any, seconds: float = API_TIMEOUT_S) -> Any:
+    """One SDK call (a request to the API server, or waiting for its result), bounded."""
+    try:
+        return call_within(fn, seconds, f"SkyPilot: {what}")
+    except DeadlineExceeded as e:
+        raise FerryError(
+            f"SkyPilot's API server did not answer {what} within {seconds:.0f} s.",
+            hint="`sky api info` says which server the SDK talks to and whether it is up.",
+        ) from e
+    except FerryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the SDK's own errors, said plainly
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise FerryError(f"SkyPilot: {what} failed: {text}") from e
+
+
+def request(sky: Any, what: str, fn: Any, seconds: float = API_TIMEOUT_S) -> Any:
+    """Send a request (its id comes back) and wait for its result, each bounded."""
+    request_id = call(what, fn, seconds)
+    return call(what, lambda: sky.get(request_id), seconds)
+
+
+def build_task(job: JobSpec, config: dict[str, Any], secrets: list[tuple[str, str]]) -> Any:
+    """The `sky.Task` for the YAML data (a copy: SkyPilot empties what it is given),
+    with the secrets' values added in memory."""
+    sky = sdk()
+    return sky.Task.from_yaml_config(copy.deepcopy(config), secrets_overrides=secrets or None)
+
+
+CLUSTER_STATES = {
+    "INIT": RunState.PENDING,
+    "PENDING": RunState.PENDING,
+    "SETTING_UP": RunState.PENDING,
+    "RUNNING": RunState.RUNNING,
+    "SUCCEEDED": RunState.SUCCEEDED,
+    "FAILED": RunState.FAILED,
+    "FAILED_SETUP": RunState.FAILED,
+    "FAILED_DRIVER": RunState.FAILED,
+    "CANCELLED": RunState.CANCELLED,
+}
+MANAGED_STATES = {
+    "PENDING": RunState.PENDING,
+    "SUBMITTED": RunState.PENDING,
+    "STARTING": RunState.PENDING,
+    "RUNNING": RunState.RUNNING,
+    "RECOVERING": RunState.RUNNING,
+    "WINDING_DOWN": RunState.RUNNING,
+    "CANCELLING": RunState.RUNNING,
+    "SUCCEEDED": RunState.SUCCEEDED,
+    "CANCELLED": RunState.CANCELLED,
+    "FAILED": RunState.FAILED,
+    "FAILED_SETUP": RunState.FAILED,
+    "FAILED_PRECHECKS": RunState.FAILED,
+    "FAILED_NO_RESOURCE": RunState.FAILED,
+    "FAILED_CONTROLLER": RunState.FAILED,
+}
+
+
+def _name(status: Any) -> str:
+    return str(getattr(status, "value", status)).split(".")[-1].upper()
+
+
+class SkyPilotExecutor(Executor):
+    name = "sky"
+
+    # ---- before anything starts
+    def _check(self, job: JobSpec) -> list[str]:
+        problems, s, r = [], sky_settings(job), job.resources
+        text = s.get("infra")
+        if r.region and not text:
+            problems.append(
+                f"--region {r.region}: SkyPilot needs the cloud too; set `launch.sky.infra: "
+                f"aws/{r.region}` (or gcp/..., azure/...)"
+            )
+        elif r.region and text and len(str(text).split("/")) > 1:
+            given = str(text).split("/")[1]
+            if given != r.region:
+                problems.append(
+                    f"--region {r.region} and `launch.sky.infra: {text}` name different regions"
+                )
+        if s.get("accelerators") and r.accelerator:
+            problems.append(
+                "name the accelerators once: --gpus NAME:COUNT or `launch.sky.accelerators`"
+            )
+        if s.get("recovery") and not managed(job):
+            problems.append("`launch.sky.recovery` applies to managed jobs: add --managed")
+        if managed(job) and s.get("down") is False:
+            problems.append("a managed job's machines always go when it ends: drop `down: false`")
+        if not job.storage_uri or not job.storage_uri.startswith("s3://"):
+            problems.append(
+                "a SkyPilot run keeps its checkpoints where a new machine finds them after a "
+                "preemption: pass --storage s3://BUCKET/PREFIX"
+            )
+        try:
+            sky_job(job)
+        except FerryError as e:
+            problems.append(e.message)
+        return problems
+
+    def _warnings(self, job: JobSpec) -> list[str]:
+        said = []
+        if not accelerators(job):
+            said.append(
+                "no accelerator named: SkyPilot picks the cheapest CPU machine; name GPUs "
+                "with --gpus H100:8 or `launch.sky.accelerators`"
+            )
+        if job.config.get("dataset_prepared_path"):
+            said.append(
+                "dataset_prepared_path is a folder on this machine; the nodes tokenize into "
+                "their own cache instead"
+            )
+        return said
+
+    def _preflight(self, job: JobSpec) -> None:
+        """Everything a launch needs that this machine can check in seconds, without
+        SkyPilot's SDK: it is installed, its server answers or a cloud is enabled, and
+        the secrets have values here."""
+        if importlib.util.find_spec("sky") is None:
+            raise FerryError(
+                "SkyPilot is not installed, so nothing was launched.",
+                hint=f"{INSTALL_HINT} (its own virtualenv is best: SkyPilot pins click<8.2), "
+                "then `sky check` to enable a cloud.",
+            )
+        endpoint = api_endpoint()
+        if endpoint:
+            why = _server_answers(endpoint)
+            if why:
+                raise FerryError(
+                    f"SkyPilot's API server at {endpoint} does not answer: {why}. Nothing was "
+                    "launched.",
+                    hint=f"Check {ENDPOINT_VARIABLE} (or api_server.endpoint in "
+                    "~/.sky/config.yaml) and `sky api info`.",
+                )
+        else:
+            clouds = enabled_clouds()
+            if not clouds:
+                raise FerryError(
+                    "SkyPilot has no cloud enabled on this machine (no credentials found by "
+                    "`sky check`), so nothing was launched.",
+                    hint="Set up a cloud's credentials (e.g. `aws configure`), then run "
+                    "`sky check`; or point SKYPILOT_API_SERVER_ENDPOINT at your team's "
+                    "SkyPilot API server.",
+                )
+            wanted = (infra(job) or "").split("/")[0].lower()
+            if wanted and wanted not in {"*", *(c.lower() for c in clouds)}:
+                raise FerryError(
+                    f"`launch.sky.infra` asks for {wanted}, but SkyPilot has only "
+                    f"{', '.join(clouds)} enabled here. Nothing was launched.",
+                    hint=f"`sky check {wanted}` says what {wanted} is missing.",
+                )
+        missing = [name for name in job.secrets if name not in os.environ]
+        if missing:
+            raise FerryError(
+                f"secret(s) {', '.join(missing)} are not set in this environment: on SkyPilot "
+                "a secret's value is read from the launching machine's environment. Nothing "
+                "was launched."
+            )
+
+    # ---- the plan
+    def optimizer_choice(self, job: JobSpec) -> tuple[str, float] | str:
+        """SkyPilot's optimizer's pick for the task and its hourly price per node, found
+        in-process (no API server, no launch), or why it cannot say."""
+        if importlib.util.find_spec("sky") is None:
+            return f"SkyPilot is not installed ({INSTALL_HINT})"
+        if not enabled_clouds():
+            return "no cloud is enabled for SkyPilot here (`sky check`)"
+        try:
+            sky = sdk()
+            config = task_config(job, staged=Path.cwd())
+            config.pop("file_mounts", None)  # the optimizer prices machines, not files
+            placeholders = [(name, "-") for name in job.secrets]
+            task = build_task(job, config, placeholders)
+            with sky.Dag() as dag:
+                dag.add(task)
+            call(
+                "the optimizer",
+                lambda: sky.Optimizer.optimize(dag, minimize=sky.OptimizeTarget.COST, quiet=True),
+                60,
+            )
+            best = task.best_resources
+            where = "/".join(str(x) for x in (best.cloud, best.region, best.zone) if x)
+            spot = " (spot)" if best.use_spot else ""
+            return f"{best.instance_type}{spot} in {where}", float(best.get_cost(3600))
+        except Exception as e:  # noqa: BLE001 - a dry run says why it has no price
+            text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            return f"SkyPilot's optimizer could not choose: {text}"
+
+    def hourly_price(self, job: JobSpec) -> tuple[float, str] | str:
+        """The price of one node-hour and where it comes from, or why it is unknown."""
+        choice = self.optimizer_choice(job)
+        if isinstance(choice, str):
+            return choice
+        what, price = choice
+        return price, f"SkyPilot's optimizer: {what}"
+
+    def _plan(self, job: JobSpec) -> Plan:
+        r = job.resources
+        s = sky_settings(job)
+        task = task_config(job)
+        _, inputs = sky_job(job)
+        recovery = resources_config(job).get("job_recovery")
+        rows = [
+            ("backend", "sky (SkyPilot)"),
+            ("run id", job.run_id),
+            (
+                "mode",
+                "managed job (sky.jobs.launch): recovered after every preemption"
+                + (
+                    f", and after up to {r.retries} error(s)"
+                    if r.retries
+                    else "; an error ends it (launch.retries: 0)"
+                )
+                if managed(job)
+                else f"cluster job (sky.launch) on cluster {cluster_name(job)}; "
+                + (
+                    "torn down when the job ends"
+                    if s.get("down", True)
+                    else "kept after the job ends"
+                )
+                + (
+                    f", autostop after {s['idle_minutes_to_autostop']} idle minutes"
+                    if s.get("idle_minutes_to_autostop") is not None
+                    else ""
+                ),
+            ),
+            ("resources", _describe_resources(job)),
+            (
+                "image",
+                task["resources"].get("image_id")
+                or f"the VM's own, with `setup` installing the image's pinned requirements "
+                f"into {VENV}",
+            ),
+            (
+                "files",
+                f"{job.run_dir / STAGING} -> {JOB_DIR} (job.json, inputs/"
+                + (", payload/)" if setup_mode(job) else ")"),
+            ),
+            ("storage", f"{job.storage_uri} (checkpoints with manifests, final artifacts)"),
+            ("env", ", ".join(sorted(task["envs"]))),
+            (
+                "secrets",
+                ", ".join(job.secrets) + " (values read from this machine's environment at "
+                "launch, never written to the task)"
+                if job.secrets
+                else "none",
+            ),
+        ]
+        if recovery:
+            rows.append(
+                (
+                    "recovery",
+                    f"strategy {recovery['strategy']}, exit {EXIT_PREEMPTED} (Ferry's "
+                    f"preemption exit) always recovered, "
+                    f"max_restarts_on_errors {recovery['max_restarts_on_errors']}",
+                )
+            )
+        rows.extend(("input", f"{local} -> {JOB_DIR}/{remote}") for local, remote in inputs)
+        command = ["python", "-m", "payload.entry", "run", JOB_FILE, "--root", JOB_DIR]
+        plan = Plan(self.name, job.run_id, rows, command)
+        plan.appendix = "task (sky-task.yml):\n" + yaml_text(task)
+        return plan
+
+    # ---- launch and follow
+    def _submit(self, job: JobSpec) -> Handle:
+        sky = sdk()
+        folder = stage(job)
+        config = task_config(job, folder)
+        (job.run_dir / TASK_FILE).write_text(yaml_text(config))
+        task = build_task(job, config, secret_values(job))
+        if managed(job):
+            request_id = call(
+                "the managed-job launch",
+                lambda: sky.jobs.launch(task, name=job.run_id),
+                LAUNCH_TIMEOUT_S,
+            )
+            data = {"mode": "managed", "request_id": str(request_id)}
+        else:
+            s = sky_settings(job)
+            request_id = call(
+                "the launch",
+                lambda: sky.launch(
+                    task,
+                    cluster_name=cluster_name(job),
+                    down=bool(s.get("down", True)),
+                    idle_minutes_to_autostop=s.get("idle_minutes_to_autostop"),
+                ),
+                LAUNCH_TIMEOUT_S,
+            )
+            data = {"mode": "cluster", "cluster": cluster_name(job), "request_id": str(request_id)}
+        return Handle(self.name, job.run_id, data)
+
+    def _job_id(self, sky: Any, handle: Handle) -> int | None:
+        """The SkyPilot job id of the launch, once its request has finished (None while
+        the machines are still being provisioned)."""
+        if handle.data.get("job_id") is not None:
+            return int(handle.data["job_id"])
+        request_id = handle.data["request_id"]
+        (payload,) = call("the launch's state", lambda: sky.api_status([request_id]))
+        state = _name(getattr(payload, "status", ""))
+        if state in ("PENDING", "RUNNING"):
+            return None
+        result = call("the launch's result", lambda: sky.get(request_id))
+        job_id = result[0]
+        if isinstance(job_id, list):
+            job_id = job_id[0]
+        handle.data["job_id"] = job_id
+        return int(job_id)
+
+    def _status(self, handle: Handle) -> Status:
+        try:
+            sky = sdk()
+            job_id = self._job_id(sky, handle)
+        except FerryError as e:
+            if "failed" in e.message and "state" not in e.message:
+                return Status(RunState.FAILED, e.message)
+            return Status(RunState.PENDING, f"state unknown: {e.message}", unknown=True)
+        if job_id is None:
+            return Status(RunState.PENDING, "SkyPilot is provisioning the machines")
+        try:
+            if handle.data["mode"] == "managed":
+                records = request(
+                    sky,
+                    "the managed job's state",
+                    lambda: sky.jobs.queue(refresh=False, job_ids=[job_id]),
+                )
+                record = next((r for r in records if _field(r, "job_id") == job_id), None)
+                if record is None:
+                    return Status(RunState.FAILED, f"SkyPilot has no managed job {job_id}")
+                state = MANAGED_STATES.get(_name(_field(record, "status")), RunState.RUNNING)
+                detail = _field(record, "failure_reason") or None
+                recoveries = _field(record, "recovery_count") or 0
+                if state == RunState.RUNNING and recoveries:
+                    detail = f"recovered {recoveries} time(s)"
+                return Status(state, detail)
+            cluster = handle.data["cluster"]
+            states = request(sky, "the job's state", lambda: sky.job_status(cluster, [job_id]))
+            value = (states or {}).get(job_id) or (states or {}).get(str(job_id))
+        except FerryError as e:
+            return Status(RunState.RUNNING, f"state unknown: {e.message}", unknown=True)
+        if value is None:
+            return Status(
+                RunState.FAILED,
+                f"cluster {handle.data['cluster']} no longer has job {job_id} (torn down?); "
+                "the storage keeps its checkpoints: `launch resume` continues it",
+            )
+        return Status(CLUSTER_STATES.get(_name(value), RunState.RUNNING))
+
+    def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
+        import io
+
+        sky = sdk()
+        out = io.StringIO()
+        job_id = self._job_id(sky, handle)
+        if job_id is None and follow:
+            call(
+                "the launch's log",
+                lambda: sky.stream_and_get(handle.data["request_id"], output_stream=out),
+                STREAM_TIMEOUT_S,
+            )
+            job_id = self._job_id(sky, handle)
+        if job_id is None:
+            yield from out.getvalue().splitlines(keepends=True)
+            return
+        if handle.data["mode"] == "managed":
+            stream = sky.jobs.tail_logs(job_id=job_id, follow=follow, output_stream=out)
+        else:
+            stream = sky.tail_logs(handle.data["cluster"], job_id, follow, output_stream=out)
+        del stream
+        yield from out.getvalue().splitlines(keepends=True)
+
+    def _cancel(self, handle: Handle) -> Status:
+        sky = sdk()
+        job_id = self._job_id(sky, handle)
+        if handle.data["mode"] == "managed":
+            if job_id is None:
+                raise FerryError("the managed job is still being launched; cancel it again soon")
+            request(sky, "the cancel", lambda: sky.jobs.cancel(job_ids=[job_id]))
+        else:
+            cluster = handle.data["cluster"]
+            if job_id is not None:
+                request(sky, "the cancel", lambda: sky.cancel(cluster, job_ids=[job_id]))
+            request(sky, "the teardown", lambda: sky.down(cluster), LAUNCH_TIMEOUT_S)
+        return Status(RunState.CANCELLED, "cancelled (SkyPilot stopped the job)")
+
+
+def _field(record: Any, name: str) -> Any:
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+
+def _describe_resources(job: JobSpec) -> str:
+    r = job.resources
+    accs = accelerators(job)
+    what = " or ".join(accs) if accs else "CPU only"
+    parts = [f"{r.nodes} node(s) x {what}", f"{job.procs_per_node} process(es) per node"]
+    if r.spot is not None:
+        parts.append("spot" if r.spot else "on-demand")
+    if infra(job):
+        parts.append(f"infra {infra(job)}")
+    s = sky_settings(job)
+    if s.get("instance_type"):
+        parts.append(f"instance {s['instance_type']}")
+    if s.get("disk_size"):
+        parts.append(f"disk {s['disk_size']} GB")
+    return ", ".join(parts)
