@@ -420,8 +420,7 @@ class SkyLaunch(_Strict):
     )
     recovery: Literal["EAGER_NEXT_REGION", "FAILOVER"] | None = Field(
         default=None,
-        description="A managed job's recovery strategy (SkyPilot's default: "
-        "EAGER_NEXT_REGION).",
+        description="A managed job's recovery strategy (SkyPilot's default: EAGER_NEXT_REGION).",
     )
     cluster: str | None = Field(
         default=None, description="A cluster job's cluster name. Default: the run id."
