@@ -143,7 +143,7 @@ def estimate(executor: Any, job: Any, registry: Any = None, source: str = "") ->
     timeout_h = r.timeout_s / 3600 if r.timeout_s else None
     if isinstance(price, str):
         return Estimate(None, price, r.nodes, timeout_h)
-    per_node, source = price
+    per_node, origin = price
     expected_h = measured = None
     max_steps = job.config.get("max_steps")
     if max_steps and registry is not None:
@@ -153,11 +153,7 @@ def estimate(executor: Any, job: Any, registry: Any = None, source: str = "") ->
             expected_h = int(max_steps) * seconds / 3600
             if timeout_h is not None:
                 expected_h = min(expected_h, timeout_h)
-    return Estimate(per_node, source, r.nodes, timeout_h, expected_h, measured)
-
-
-class CostAboveLimit(Exception):  # noqa: N818 - the reason a launch stops
-    """The estimate is above `launch.max_cost` and nobody said yes."""
+    return Estimate(per_node, origin, r.nodes, timeout_h, expected_h, measured)
 
 
 def over_limit(est: Estimate | None, max_cost: float | None) -> str | None:

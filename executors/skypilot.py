@@ -174,7 +174,10 @@ def task_config(job: JobSpec, staged: Path | str | None = None) -> dict[str, Any
     from images.render import sky_task_image
 
     image = sky_task_image(job.image) if job.image is not None else {"envs": {}, "setup": ""}
-    envs = {**image["envs"], **job.payload_env(), "PYTHONUNBUFFERED": "1"}
+    envs = dict(image["envs"])
+    if setup_mode(job):  # the image's cache folder is not there: HF's own default is
+        envs.pop("HF_HOME", None)
+    envs.update({**job.payload_env(), "PYTHONUNBUFFERED": "1"})
     task: dict[str, Any] = {
         "name": job.run_id,
         "num_nodes": job.resources.nodes,

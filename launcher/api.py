@@ -151,8 +151,8 @@ def train(
     job, cloud = _runs.prepare(source, overrides, profile=profile, **launch)
     executor = get_executor(cloud)
     executor.check(job)  # before anything is recorded or spent
-    executor.preflight(job)  # credentials, quotas: what only a real launch needs
     check_cost(executor, job, source, registry, confirm)  # `launch.max_cost`
+    executor.preflight(job)  # credentials, quotas: what only a real launch needs
     record = _runs.record_for(job, source, executor.name, storage_uri=job.storage_uri)
     job.write()
     registry.add(record)
