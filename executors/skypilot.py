@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +60,8 @@ TASK_FILE = "sky-task.yml"  # in the run folder: the task, secrets by name only
 VENV = "~/ferry-venv"  # setup mode: the image's pinned requirements on the VM
 API_TIMEOUT_S = 30.0  # one status, queue or cancel request to the API server
 LAUNCH_TIMEOUT_S = 120.0  # the API server accepting a launch (it uploads the files)
-STREAM_TIMEOUT_S = 30.0 * 60  # `logs -f` of a launch: provisioning and setup
+STREAM_TIMEOUT_S = 60.0 * 60  # `logs -f` waits this long for provisioning and setup
+POLL_S = 10.0  # ... asking this often whether the job has started
 RECOVERY = ("EAGER_NEXT_REGION", "FAILOVER")
 ENDPOINT_VARIABLE = "SKYPILOT_API_SERVER_ENDPOINT"
 
@@ -335,6 +337,11 @@ def build_task(job: JobSpec, config: dict[str, Any], secrets: list[tuple[str, st
     return sky.Task.from_yaml_config(copy.deepcopy(config), secrets_overrides=secrets or None)
 
 
+class LaunchFailed(FerryError):
+    """SkyPilot's launch request ended without starting the job (no machines, a setup
+    that failed, a cancelled request)."""
+
+
 CLUSTER_STATES = {
     "INIT": RunState.PENDING,
     "PENDING": RunState.PENDING,
@@ -599,28 +606,33 @@ class SkyPilotExecutor(Executor):
 
     def _job_id(self, sky: Any, handle: Handle) -> int | None:
         """The SkyPilot job id of the launch, once its request has finished (None while
-        the machines are still being provisioned)."""
+        the machines are still being provisioned). A launch that failed raises."""
         if handle.data.get("job_id") is not None:
             return int(handle.data["job_id"])
         request_id = handle.data["request_id"]
-        (payload,) = call("the launch's state", lambda: sky.api_status([request_id]))
-        state = _name(getattr(payload, "status", ""))
+        found = call("the launch's state", lambda: sky.api_status([request_id]))
+        state = _name(_field(found[0], "status")) if found else ""
         if state in ("PENDING", "RUNNING"):
             return None
-        result = call("the launch's result", lambda: sky.get(request_id))
+        try:
+            result = call("the launch", lambda: sky.get(request_id))
+        except FerryError as e:
+            if state in ("FAILED", "CANCELLED"):  # the request ended without a job
+                raise LaunchFailed(e.message) from e
+            raise
         job_id = result[0]
-        if isinstance(job_id, list):
+        if isinstance(job_id, list):  # a managed job: the ids of its tasks
             job_id = job_id[0]
-        handle.data["job_id"] = job_id
+        handle.data["job_id"] = int(job_id)
         return int(job_id)
 
     def _status(self, handle: Handle) -> Status:
         try:
             sky = sdk()
             job_id = self._job_id(sky, handle)
+        except LaunchFailed as e:
+            return Status(RunState.FAILED, e.message)
         except FerryError as e:
-            if "failed" in e.message and "state" not in e.message:
-                return Status(RunState.FAILED, e.message)
             return Status(RunState.PENDING, f"state unknown: {e.message}", unknown=True)
         if job_id is None:
             return Status(RunState.PENDING, "SkyPilot is provisioning the machines")
@@ -654,27 +666,36 @@ class SkyPilotExecutor(Executor):
         return Status(CLUSTER_STATES.get(_name(value), RunState.RUNNING))
 
     def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
-        import io
-
+        """The job's log from its nodes (SkyPilot streams it), after the launch's own
+        (provisioning, setup) while the machines are being set up."""
         sky = sdk()
-        out = io.StringIO()
         job_id = self._job_id(sky, handle)
         if job_id is None and follow:
-            call(
-                "the launch's log",
-                lambda: sky.stream_and_get(handle.data["request_id"], output_stream=out),
-                STREAM_TIMEOUT_S,
+            yield (
+                "ferry: SkyPilot is provisioning the machines and running the setup "
+                f"(`sky api logs {handle.data['request_id']}` shows it)\n"
             )
-            job_id = self._job_id(sky, handle)
+            deadline = time.monotonic() + STREAM_TIMEOUT_S
+            while job_id is None and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+                job_id = self._job_id(sky, handle)
         if job_id is None:
-            yield from out.getvalue().splitlines(keepends=True)
             return
         if handle.data["mode"] == "managed":
-            stream = sky.jobs.tail_logs(job_id=job_id, follow=follow, output_stream=out)
+            stream = call(
+                "the log",
+                lambda: sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False),
+            )
         else:
-            stream = sky.tail_logs(handle.data["cluster"], job_id, follow, output_stream=out)
-        del stream
-        yield from out.getvalue().splitlines(keepends=True)
+            cluster = handle.data["cluster"]
+            stream = call(
+                "the log",
+                lambda: sky.tail_logs(cluster, job_id, follow, preload_content=False),
+            )
+        for chunk in stream:
+            if chunk is None:  # the log has ended
+                return
+            yield from chunk.splitlines(keepends=True)
 
     def _cancel(self, handle: Handle) -> Status:
         sky = sdk()
