@@ -162,6 +162,31 @@ def test_the_plan_prices_the_run_with_skypilots_optimizer_offline(tmp_path, aws_
     assert OUTSIDE == []
 
 
+def test_a_launch_above_max_cost_is_refused_with_the_optimizers_figure(tmp_path, aws_on_moto):
+    """The real CLI, without a terminal: 2 spot p5.48xlarge for 10 h ($800 at most) under
+    `launch.max_cost: 500` is refused with the figure before anything is recorded; at
+    `max_cost: 1000` it goes on (to the preflight, which finds the secret unset)."""
+    import os
+
+    cfg = quickstart_config(tmp_path, "launch:\n  max_cost: 500\n")
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
+    env["AWS_SECRET_ACCESS_KEY"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+    args = [
+        "train", str(cfg), "--cloud", "sky", "--gpus", "H100:8", "--nodes", "2", "--spot",
+        "--timeout", "10h", "--storage", "s3://b/runs", "--secret", "UNSET_SECRET_FOR_TEST",
+    ]  # fmt: skip
+    refused = launch(*args, env=env, timeout=120)
+    assert refused.returncode != 0
+    assert "$800.00 at most (to its timeout), is above launch.max_cost $500.00" in (
+        refused.stderr
+    ), refused.stderr
+    assert json.loads(launch("runs", "--json", env=env, check=True).stdout) == []
+    cfg.write_text(cfg.read_text().replace("max_cost: 500", "max_cost: 1000"))
+    passed = launch(*args, env=env, timeout=120)
+    assert passed.returncode != 0 and "max_cost" not in passed.stderr
+    assert "UNSET_SECRET_FOR_TEST are not set in this environment" in passed.stderr, passed.stderr
+
+
 def test_with_no_cloud_enabled_a_launch_fails_in_seconds_saying_sky_check(tmp_path):
     """SkyPilot installed, but `sky check` never found credentials here (a fresh HOME and
     runtime folder): the launch stops in under 5 s, before anything is recorded, and says
