@@ -282,3 +282,26 @@ def test_every_example_is_a_task_with_its_files_and_payload(tmp_path):
                 path = value.removeprefix("/ferry/").split(":")[0]
                 assert (folder / path).exists(), (example, value)
         shutil.rmtree(folder)
+
+
+def test_the_entry_roots_only_the_paths_the_launcher_wrote():
+    """`--root DIR` moves the shipped inputs and the working folder under DIR (where the
+    file mount put them on this node), and leaves a user's own /ferry/... path alone."""
+    from payload.runtime.job import RemoteJob
+
+    job = RemoteJob(
+        run_id="r1",
+        config={
+            "output_dir": "/ferry/work/output",
+            "datasets": [{"path": "/ferry/inputs/0-data.jsonl"}, {"path": "/ferry/data"}],
+            "reward_funcs": ["/ferry/inputs/code-0/rewards.py:score"],
+        },
+        workdir="/ferry/work",
+    )
+    rooted = job.rooted("/home/u/ferry-job")
+    assert rooted.workdir == "/home/u/ferry-job/work"
+    assert rooted.config == {
+        "output_dir": "/home/u/ferry-job/work/output",
+        "datasets": [{"path": "/home/u/ferry-job/inputs/0-data.jsonl"}, {"path": "/ferry/data"}],
+        "reward_funcs": ["/home/u/ferry-job/inputs/code-0/rewards.py:score"],
+    }

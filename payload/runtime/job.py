@@ -48,11 +48,13 @@ def secret_like(name: str) -> bool:
 
 
 def reroot(value: Any, root: str) -> Any:
-    """`value` (a config, a path) with every path under REMOTE_ROOT moved under `root`
-    (a reward function's `/ferry/inputs/code-0/file.py:name` too)."""
+    """`value` (a config, a path) with the paths the launcher wrote under REMOTE_ROOT (the
+    shipped inputs, the working folder) moved under `root`; a reward function's
+    `/ferry/inputs/code-0/file.py:name` too. A user's own /ferry/... path is left alone."""
     if isinstance(value, str):
-        if value == REMOTE_ROOT or value.startswith(REMOTE_ROOT + "/"):
-            return root + value[len(REMOTE_ROOT) :]
+        for prefix in (f"{REMOTE_ROOT}/inputs", f"{REMOTE_ROOT}/work"):
+            if value == prefix or value.startswith((prefix + "/", prefix + ":")):
+                return root + value[len(REMOTE_ROOT) :]
         return value
     if isinstance(value, dict):
         return {k: reroot(v, root) for k, v in value.items()}
