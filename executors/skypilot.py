@@ -602,6 +602,7 @@ class SkyPilotExecutor(Executor):
                 LAUNCH_TIMEOUT_S,
             )
             data = {"mode": "cluster", "cluster": cluster_name(job), "request_id": str(request_id)}
+        data["storage_uri"] = job.storage_uri
         return Handle(self.name, job.run_id, data)
 
     def _job_id(self, sky: Any, handle: Handle) -> int | None:
@@ -656,14 +657,37 @@ class SkyPilotExecutor(Executor):
             states = request(sky, "the job's state", lambda: sky.job_status(cluster, [job_id]))
             value = (states or {}).get(job_id) or (states or {}).get(str(job_id))
         except FerryError as e:
+            if type(e.__cause__).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError"):
+                return self._after_teardown(handle)
             return Status(RunState.RUNNING, f"state unknown: {e.message}", unknown=True)
         if value is None:
-            return Status(
-                RunState.FAILED,
-                f"cluster {handle.data['cluster']} no longer has job {job_id} (torn down?); "
-                "the storage keeps its checkpoints: `launch resume` continues it",
-            )
+            return self._after_teardown(handle)
         return Status(CLUSTER_STATES.get(_name(value), RunState.RUNNING))
+
+    def _after_teardown(self, handle: Handle) -> Status:
+        """A cluster job whose cluster is gone (torn down when the job ended, by default):
+        the run's storage says how it ended. Its final artifacts, manifest and all, mean
+        it succeeded; without them it stopped early, and its checkpoints are there for
+        `launch resume`."""
+        from payload.storage import FINAL, MANIFEST, open_store
+
+        cluster, uri = handle.data["cluster"], handle.data.get("storage_uri")
+        try:
+            done = bool(uri) and f"{FINAL}/{MANIFEST}" in open_store(uri).list(FINAL)
+        except Exception as e:  # noqa: BLE001 - asked again next time
+            return Status(
+                RunState.RUNNING,
+                f"cluster {cluster} is gone and its storage did not answer: {e}",
+                unknown=True,
+            )
+        if done:
+            return Status(RunState.SUCCEEDED, f"cluster {cluster} torn down after the job", 0)
+        return Status(
+            RunState.FAILED,
+            f"cluster {cluster} is gone and the run left no final artifacts in {uri}: it "
+            "stopped early (`launch logs` has what was shown; `launch resume` continues from "
+            "its last checkpoint)",
+        )
 
     def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
         """The job's log from its nodes (SkyPilot streams it), after the launch's own

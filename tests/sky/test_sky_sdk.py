@@ -223,6 +223,7 @@ class FakeServer:
         self.job_states: dict[int, object] = {}
         self.managed: list[dict] = []
         self.log = ["line one\n", "line two\n"]
+        self.cluster_gone = False
 
     def request(self, name: str, result: object, state: str = "SUCCEEDED") -> str:
         rid = self.RequestId(f"req-{len(self.results)}-{name}")
@@ -256,13 +257,13 @@ class FakeServer:
         monkeypatch.setattr(sky.jobs, "launch", jobs_launch)
         monkeypatch.setattr(sky, "get", lambda rid: self.results[rid])
         monkeypatch.setattr(sky, "api_status", api_status)
-        monkeypatch.setattr(
-            sky,
-            "job_status",
-            lambda cluster, ids: self.request(
-                "job_status", {i: self.job_states.get(i) for i in ids}
-            ),
-        )
+
+        def job_status(cluster, ids):
+            if self.cluster_gone:  # as the server answers for a torn-down cluster
+                raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
+            return self.request("job_status", {i: self.job_states.get(i) for i in ids})
+
+        monkeypatch.setattr(sky, "job_status", job_status)
         monkeypatch.setattr(
             sky.jobs,
             "queue",
@@ -279,13 +280,19 @@ class FakeServer:
         )
 
 
-def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(tmp_path, monkeypatch):
+def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
+    tmp_path, monkeypatch, s3_bucket
+):
+    """Launch, state, log and cancel of a cluster job; once its cluster is torn down (as
+    it is when the job ends), the run's storage in S3 (moto) says how it ended."""
     import sky
+
+    from payload.storage import open_store
 
     server = FakeServer()
     server.install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_value_read_at_launch_only")
-    job = job_of(tmp_path, gpus="A10G:1", secrets=["HF_TOKEN"])
+    job = job_of(tmp_path, gpus="A10G:1", secrets=["HF_TOKEN"], storage=f"s3://{s3_bucket}/runs")
     executor = get_executor("sky")
     handle = executor.submit(job)
     (task,) = server.tasks
@@ -308,8 +315,11 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(tmp_pa
     server.job_states[7] = sky.JobStatus.SUCCEEDED
     assert executor.status(handle).state == RunState.SUCCEEDED
     server.job_states.pop(7)
+    server.cluster_gone = True
     gone = executor.status(handle)
-    assert gone.state == RunState.FAILED and "launch resume" in gone.detail
+    assert gone.state == RunState.FAILED and "no final artifacts" in gone.detail, gone
+    open_store(job.storage_uri).write_bytes("final/ferry-manifest.json", b"{}")
+    assert executor.status(handle).state == RunState.SUCCEEDED
 
     cancelled = executor.cancel(handle)
     assert cancelled.state == RunState.CANCELLED
