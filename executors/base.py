@@ -238,6 +238,7 @@ class Executor:
 
     name: str = ""
     remote = True  # runs elsewhere: credentials travel as named secrets
+    priced = False  # bills by the hour: `hourly_price` says how much (executors.cost)
 
     # ---- public API: shared checks, then the backend's hook
     def problems(self, job: JobSpec) -> list[str]:
@@ -266,7 +267,14 @@ class Executor:
 
     def warnings(self, job: JobSpec) -> list[str]:
         """Settings this backend would ignore: said, never silently dropped."""
-        return self._warnings(job)
+        said = [
+            f"`launch.{section}` settings are for --cloud {section}; ignored here"
+            for section in job.options
+            if section != self.name and job.options[section]
+        ]
+        if job.resources.max_cost and not self.priced:
+            said.append(f"launch.max_cost: {self.name} has no price to hold it against; ignored")
+        return said + self._warnings(job)
 
     def check(self, job: JobSpec) -> None:
         """Raise FerryError listing `problems(job)`, if there are any; log warnings."""

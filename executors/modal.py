@@ -233,6 +233,7 @@ def status_from_outcome(value: Any = None, error: BaseException | None = None) -
 
 class ModalExecutor(Executor):
     name = "modal"
+    priced = True
 
     def default_storage(self, home: Path) -> str | None:
         return f"volume://{RUNS_VOLUME}"

@@ -59,10 +59,11 @@ STAGING = "sky-job"  # in the run folder: what the file mount uploads
 TASK_FILE = "sky-task.yml"  # in the run folder: the task, secrets by name only
 VENV = "~/ferry-venv"  # setup mode: the image's pinned requirements on the VM
 API_TIMEOUT_S = 30.0  # one status, queue or cancel request to the API server
-LAUNCH_TIMEOUT_S = 120.0  # the API server accepting a launch (it uploads the files)
 STREAM_TIMEOUT_S = 60.0 * 60  # `logs -f` waits this long for provisioning and setup
 POLL_S = 10.0  # ... asking this often whether the job has started
 RECOVERY = ("EAGER_NEXT_REGION", "FAILOVER")
+CONTEXT_INFRA = ("k8s", "kubernetes", "ssh")  # their second part is a context, not a region
+CLOUD_ALIASES = {"k8s": "kubernetes"}
 ENDPOINT_VARIABLE = "SKYPILOT_API_SERVER_ENDPOINT"
 
 
@@ -103,7 +104,7 @@ def infra(job: JobSpec) -> str | None:
     if not text:
         return None
     parts = str(text).split("/")
-    if region and len(parts) == 1:
+    if region and len(parts) == 1 and parts[0].lower() not in CONTEXT_INFRA:
         parts.append(region)
     return "/".join(parts)
 
@@ -166,7 +167,11 @@ def run_script(job: JobSpec) -> str:
     lines += ["set -euo pipefail", f"cd {JOB_DIR}"]
     if setup_mode(job):  # the shipped payload source, ahead of anything installed
         lines.append('export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"')
-    lines.append(f'exec python -m payload.entry run {JOB_FILE} --root "$PWD"')
+    entry = f'python -m payload.entry run {JOB_FILE} --root "$PWD"'
+    r = job.resources
+    if r.timeout_s:  # SIGTERM at the timeout: the ranks save and upload, then exit 124
+        entry = f"timeout --signal=TERM --kill-after={r.stop_grace_s}s {r.timeout_s}s {entry}"
+    lines.append(f"exec {entry}")
     return "\n".join(lines) + "\n"
 
 
@@ -283,12 +288,33 @@ def enabled_clouds(environ: dict[str, str] | None = None) -> list[str] | None:
     return clouds
 
 
+def redact(url: str) -> str:
+    """The URL with any password in it replaced."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def _server_answers(endpoint: str) -> str | None:
     """None if the API server answers its health check within 3 s, else why not."""
+    import base64
     import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
 
+    parts = urlsplit(endpoint)
+    bare = urlunsplit(
+        parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    )
+    ask = urllib.request.Request(bare.rstrip("/") + "/api/health")
+    if parts.username:
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        ask.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(endpoint.rstrip("/") + "/api/health", timeout=3) as reply:
+        with urllib.request.urlopen(ask, timeout=3) as reply:
             reply.read(1024)
         return None
     except Exception as e:  # noqa: BLE001 - said to the user with the address
@@ -342,6 +368,7 @@ class LaunchFailed(FerryError):
     that failed, a cancelled request)."""
 
 
+MANAGED_FIELDS = ["job_id", "job_name", "status", "recovery_count", "failure_reason"]
 CLUSTER_STATES = {
     "INIT": RunState.PENDING,
     "PENDING": RunState.PENDING,
@@ -377,6 +404,7 @@ def _name(status: Any) -> str:
 
 class SkyPilotExecutor(Executor):
     name = "sky"
+    priced = True
 
     # ---- before anything starts
     def _check(self, job: JobSpec) -> list[str]:
@@ -397,6 +425,16 @@ class SkyPilotExecutor(Executor):
             problems.append(
                 "name the accelerators once: --gpus NAME:COUNT or `launch.sky.accelerators`"
             )
+        elif s.get("accelerators"):
+            counts = {
+                int(a.rpartition(":")[2]) if ":" in a and a.rpartition(":")[2].isdigit() else 1
+                for a in map(str, s["accelerators"])
+            }
+            if counts != {r.gpus_per_node}:
+                problems.append(
+                    f"`launch.sky.accelerators` ({', '.join(map(str, s['accelerators']))}) must "
+                    f"all give one count, the processes per node ({r.gpus_per_node} here)"
+                )
         if s.get("recovery") and not managed(job):
             problems.append("`launch.sky.recovery` applies to managed jobs: add --managed")
         if managed(job) and s.get("down") is False:
@@ -413,11 +451,22 @@ class SkyPilotExecutor(Executor):
         return problems
 
     def _warnings(self, job: JobSpec) -> list[str]:
-        said = []
+        said, s, r = [], sky_settings(job), job.resources
+        if managed(job):
+            for key in ("cluster", "idle_minutes_to_autostop"):
+                if s.get(key) is not None:
+                    said.append(f"`launch.sky.{key}` is for cluster jobs; a managed job ignores it")
+        elif r.retries:
+            said.append("--retries restarts a managed job (--managed); a cluster job runs once")
+            if r.spot:
+                said.append("a spot cluster job ends at a preemption: --managed recovers it")
+        elif r.spot:
+            said.append("a spot cluster job ends at a preemption: --managed recovers it")
         if not accelerators(job):
             said.append(
-                "no accelerator named: SkyPilot picks the cheapest CPU machine; name GPUs "
-                "with --gpus H100:8 or `launch.sky.accelerators`"
+                f"no accelerator named: SkyPilot picks the cheapest CPU machine and runs "
+                f"{job.procs_per_node} process(es) on it; name GPUs with --gpus "
+                f"H100:{job.resources.gpus_per_node} or `launch.sky.accelerators`"
             )
         if job.config.get("dataset_prepared_path"):
             said.append(
@@ -441,8 +490,8 @@ class SkyPilotExecutor(Executor):
             why = _server_answers(endpoint)
             if why:
                 raise FerryError(
-                    f"SkyPilot's API server at {endpoint} does not answer: {why}. Nothing was "
-                    "launched.",
+                    f"SkyPilot's API server at {redact(endpoint)} does not answer: {why}. "
+                    "Nothing was launched.",
                     hint=f"Check {ENDPOINT_VARIABLE} (or api_server.endpoint in "
                     "~/.sky/config.yaml) and `sky api info`.",
                 )
@@ -457,6 +506,7 @@ class SkyPilotExecutor(Executor):
                     "SkyPilot API server.",
                 )
             wanted = (infra(job) or "").split("/")[0].lower()
+            wanted = CLOUD_ALIASES.get(wanted, wanted)
             if wanted and wanted not in {"*", *(c.lower() for c in clouds)}:
                 raise FerryError(
                     f"`launch.sky.infra` asks for {wanted}, but SkyPilot has only "
@@ -582,27 +632,27 @@ class SkyPilotExecutor(Executor):
         config = task_config(job, folder)
         (job.run_dir / TASK_FILE).write_text(yaml_text(config))
         task = build_task(job, config, secret_values(job))
-        if managed(job):
-            request_id = call(
-                "the managed-job launch",
-                lambda: sky.jobs.launch(task, name=job.run_id),
-                LAUNCH_TIMEOUT_S,
-            )
-            data = {"mode": "managed", "request_id": str(request_id)}
-        else:
-            s = sky_settings(job)
-            request_id = call(
-                "the launch",
-                lambda: sky.launch(
+        # Not under a thread deadline: an abandoned thread could still send the launch,
+        # and start machines nobody follows. The SDK uploads the file mount, then posts.
+        s = sky_settings(job)
+        try:
+            if managed(job):
+                request_id = sky.jobs.launch(task, name=job.run_id)
+                data: dict[str, Any] = {"mode": "managed"}
+            else:
+                down = bool(s.get("down", True))
+                request_id = sky.launch(
                     task,
                     cluster_name=cluster_name(job),
-                    down=bool(s.get("down", True)),
+                    down=down,
                     idle_minutes_to_autostop=s.get("idle_minutes_to_autostop"),
-                ),
-                LAUNCH_TIMEOUT_S,
-            )
-            data = {"mode": "cluster", "cluster": cluster_name(job), "request_id": str(request_id)}
+                )
+                data = {"mode": "cluster", "cluster": cluster_name(job), "down": down}
+        except Exception as e:  # noqa: BLE001 - the SDK's own errors, said plainly
+            raise FerryError(f"SkyPilot: the launch failed: {_first_line(e)}") from e
+        data["request_id"] = str(request_id)
         data["storage_uri"] = job.storage_uri
+        data["stop_grace_s"] = job.resources.stop_grace_s
         return Handle(self.name, job.run_id, data)
 
     def _job_id(self, sky: Any, handle: Handle) -> int | None:
@@ -613,7 +663,9 @@ class SkyPilotExecutor(Executor):
         request_id = handle.data["request_id"]
         found = call("the launch's state", lambda: sky.api_status([request_id]))
         state = _name(_field(found[0], "status")) if found else ""
-        if state in ("PENDING", "RUNNING"):
+        if not state:  # the server no longer has the request (kept 24 h): find the job
+            return self._job_by_name(sky, handle)
+        if state not in ("SUCCEEDED", "FAILED", "CANCELLED"):  # PENDING, WAITING, RUNNING
             return None
         try:
             result = call("the launch", lambda: sky.get(request_id))
@@ -627,6 +679,33 @@ class SkyPilotExecutor(Executor):
         handle.data["job_id"] = int(job_id)
         return int(job_id)
 
+    def _job_by_name(self, sky: Any, handle: Handle) -> int | None:
+        """The newest job named after the run (the task's name), on its cluster or among
+        the managed jobs; None if there is none (yet)."""
+        if handle.data["mode"] == "managed":
+            records = self._managed(sky, name_match=handle.run_id)
+        else:
+            cluster = handle.data["cluster"]
+            records = request(sky, "the cluster's queue", lambda: sky.queue(cluster))
+        ids = [
+            int(_field(r, "job_id"))
+            for r in records or []
+            if _field(r, "job_name") == handle.run_id and _field(r, "job_id") is not None
+        ]
+        if not ids:
+            return None
+        handle.data["job_id"] = max(ids)
+        return max(ids)
+
+    def _managed(self, sky: Any, **query: Any) -> list[Any]:
+        """Managed-job records (queue_v2, with the fields Ferry reads)."""
+        result = request(
+            sky,
+            "the managed jobs' state",
+            lambda: sky.jobs.queue_v2(refresh=False, fields=MANAGED_FIELDS, **query),
+        )
+        return list(result[0] if isinstance(result, tuple) else result or [])
+
     def _status(self, handle: Handle) -> Status:
         try:
             sky = sdk()
@@ -639,11 +718,7 @@ class SkyPilotExecutor(Executor):
             return Status(RunState.PENDING, "SkyPilot is provisioning the machines")
         try:
             if handle.data["mode"] == "managed":
-                records = request(
-                    sky,
-                    "the managed job's state",
-                    lambda: sky.jobs.queue(refresh=False, job_ids=[job_id]),
-                )
+                records = self._managed(sky, job_ids=[job_id])
                 record = next((r for r in records if _field(r, "job_id") == job_id), None)
                 if record is None:
                     return Status(RunState.FAILED, f"SkyPilot has no managed job {job_id}")
@@ -658,6 +733,7 @@ class SkyPilotExecutor(Executor):
             value = (states or {}).get(job_id) or (states or {}).get(str(job_id))
         except FerryError as e:
             if type(e.__cause__).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError"):
+                # A torn-down cluster, or a stopped jobs controller: storage says.
                 return self._after_teardown(handle)
             return Status(RunState.RUNNING, f"state unknown: {e.message}", unknown=True)
         if value is None:
@@ -717,23 +793,42 @@ class SkyPilotExecutor(Executor):
                 lambda: sky.tail_logs(cluster, job_id, follow, preload_content=False),
             )
         for chunk in stream:
-            if chunk is None:  # the log has ended
-                return
+            if chunk is None:  # a status message of the stream, not a line of the log
+                continue
             yield from chunk.splitlines(keepends=True)
 
     def _cancel(self, handle: Handle) -> Status:
+        """Cancel the job (its ranks get SIGTERM: they save and upload, within the stop
+        grace); a cluster job's cluster is then torn down if the run said so (`down`, the
+        default). A launch still provisioning is cancelled as a request."""
         sky = sdk()
         job_id = self._job_id(sky, handle)
-        if handle.data["mode"] == "managed":
-            if job_id is None:
-                raise FerryError("the managed job is still being launched; cancel it again soon")
+        managed_job = handle.data["mode"] == "managed"
+        if job_id is None:
+            request(sky, "the launch's cancel", lambda: sky.api_cancel(handle.data["request_id"]))
+        elif managed_job:
             request(sky, "the cancel", lambda: sky.jobs.cancel(job_ids=[job_id]))
         else:
             cluster = handle.data["cluster"]
-            if job_id is not None:
-                request(sky, "the cancel", lambda: sky.cancel(cluster, job_ids=[job_id]))
-            request(sky, "the teardown", lambda: sky.down(cluster), LAUNCH_TIMEOUT_S)
+            request(sky, "the cancel", lambda: sky.cancel(cluster, job_ids=[job_id]))
+        if not managed_job and handle.data.get("down", True):
+            if job_id is not None:  # let the ranks save and upload before the machines go
+                deadline = time.monotonic() + float(handle.data.get("stop_grace_s") or 120)
+                while time.monotonic() < deadline and not self._status(handle).state.finished:
+                    time.sleep(min(POLL_S, 2.0))
+            cluster = handle.data["cluster"]
+            request_id = call("the teardown", lambda: sky.down(cluster))
+            return Status(
+                RunState.CANCELLED,
+                f"cancelled; teardown of cluster {cluster} requested (`sky api logs "
+                f"{request_id}` follows it)",
+            )
         return Status(RunState.CANCELLED, "cancelled (SkyPilot stopped the job)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _field(record: Any, name: str) -> Any:

@@ -89,8 +89,13 @@ def modal_image(spec: ImageSpec) -> Any:
 def sky_task_image(spec: ImageSpec, registry: str | None = None) -> dict[str, Any]:
     """SkyPilot's view: run inside the pushed image when a registry is given, else set
     the same environment up on the VM's own image."""
+    # SkyPilot's stock images have no python3.11 and an externally managed system Python;
+    # SkyPilot installs uv on every node (~/.local/bin/uv), which fetches the Python the
+    # pins need. Any failed step fails the setup.
     setup = [
-        f"python{spec.python} -m venv ~/ferry-venv || python3 -m venv ~/ferry-venv",
+        "set -euo pipefail",
+        'UV="$(command -v uv || echo ~/.local/bin/uv)"',
+        f'"$UV" venv --seed --python {spec.python} ~/ferry-venv',
         "source ~/ferry-venv/bin/activate",
         _pip([spec.torch], spec.torch_index),
         *(_pip(layer) for layer in spec.pip_layers if layer),

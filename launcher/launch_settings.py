@@ -135,6 +135,12 @@ def resolve(
                 f"Secret {name!r}: give the name of a secret the backend stores, not a value."
             )
 
+    listed = (options.get("sky") or {}).get("accelerators")
+    if listed and merged.get("gpus") is None:
+        # SkyPilot's acceptable accelerators, one count for all: that many processes per node
+        counts = {str(a).rpartition(":")[2] if ":" in str(a) else "1" for a in listed}
+        if len(counts) == 1 and counts <= {str(n) for n in range(1, 65)}:
+            merged["gpus"] = counts.pop()
     resources = Resources.from_gpus(
         merged.get("gpus"),
         nodes=int(merged.get("nodes", 1)),

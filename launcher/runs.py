@@ -335,7 +335,10 @@ def refresh(record: RunRecord, registry: Registry) -> RunRecord:
     """Ask the backend how an unfinished run is doing and record the answer."""
     if RunState(record.state).finished or not record.handle:
         return record
-    status = get_executor(record.backend).status(handle_of(record))
+    handle = handle_of(record)
+    status = get_executor(record.backend).status(handle)
+    if handle.to_json() != record.handle:  # the backend learnt more (SkyPilot's job id)
+        record = registry.update(record.run_id, handle=handle.to_json())
     if status.state.value == record.state and status.detail == record.detail:
         return record
     changes: dict[str, Any] = {"detail": status.detail}

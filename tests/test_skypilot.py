@@ -174,7 +174,7 @@ def test_the_dry_run_prints_the_task_with_secrets_named_never_valued(tmp_path):
     shown = launch(
         "train", str(cfg), "--cloud", "sky", "--gpus", "A10G:1", "--nodes", "2", "--spot",
         "--region", "us-east-1", "--storage", "s3://bucket/runs", "--secret", "HF_TOKEN",
-        "--managed", "--retries", "3", "--dry-run", env=env, check=True,
+        "--managed", "--retries", "3", "--timeout", "2h", "--dry-run", env=env, check=True,
     ).stdout  # fmt: skip
     assert "hf_planted_value" not in shown
     task = yaml.safe_load(shown.split("task (sky-task.yml):\n", 1)[1])
@@ -190,7 +190,15 @@ def test_the_dry_run_prints_the_task_with_secrets_named_never_valued(tmp_path):
             "recover_on_exit_codes": [75],
         },
     }
-    assert task["run"].rstrip().endswith('exec python -m payload.entry run job.json --root "$PWD"')
+    # SIGTERM at the timeout (the ranks save and upload), SIGKILL after the stop grace.
+    assert (
+        task["run"]
+        .rstrip()
+        .endswith(
+            "exec timeout --signal=TERM --kill-after=120s 7200s python -m payload.entry run "
+            'job.json --root "$PWD"'
+        )
+    )
     assert "torch==2.13.0" in task["setup"]
     assert "after up to 3 error(s)" in shown
     assert json.loads(launch("runs", "--json", env=env, check=True).stdout) == []

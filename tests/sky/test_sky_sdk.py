@@ -95,6 +95,8 @@ def test_every_kind_of_task_passes_skypilots_schema_and_round_trips(tmp_path):
     job = job_of(tmp_path / "5", extra)
     config, task = validated(job)
     assert [r.accelerators for r in task.resources] == [{"H100": 8}, {"A100-80GB": 8}]
+    assert job.procs_per_node == 8  # the list's count: 8 processes per node
+    assert json.loads((job.run_dir / "sky-job" / "job.json").read_text())["procs_per_node"] == 8
     assert config["resources"]["image_id"] == f"docker:ghcr.io/acme/{job.image.tag}"
     assert "setup" not in config and "source" not in config["run"]
 
@@ -210,7 +212,9 @@ def test_with_no_cloud_enabled_a_launch_fails_in_seconds_saying_sky_check(tmp_pa
 
 class FakeServer:
     """SkyPilot's API server, as the SDK's request functions see it: each request gets
-    a RequestId; `sky.get` returns its result. It keeps every Task it was given."""
+    a RequestId; `sky.get` returns its result, or raises for a request that failed. It
+    keeps every Task it was given, and answers with SkyPilot's own types (JobStatus,
+    ManagedJobStatus, ManagedJobRecord, ClusterJobRecord-like records)."""
 
     def __init__(self) -> None:
         from sky.server.common import RequestId
@@ -218,11 +222,13 @@ class FakeServer:
         self.RequestId = RequestId
         self.results: dict[str, object] = {}
         self.request_state: dict[str, str] = {}
+        self.forgotten: set[str] = set()  # requests the server no longer keeps (24 h)
         self.tasks: list = []
         self.calls: list[tuple] = []
         self.job_states: dict[int, object] = {}
-        self.managed: list[dict] = []
-        self.log = ["line one\n", "line two\n"]
+        self.managed: list = []
+        self.queue: list[dict] = []
+        self.log = ["line one\n", None, "line two\n"]  # None: a status message
         self.cluster_gone = False
 
     def request(self, name: str, result: object, state: str = "SUCCEEDED") -> str:
@@ -247,34 +253,56 @@ class FakeServer:
             return self.request("jobs.launch", ([11], object()), state="RUNNING")
 
         def api_status(request_ids=None, **kw):
-            return [type("Payload", (), {"status": self.request_state[r]})() for r in request_ids]
+            return [
+                type("Payload", (), {"status": self.request_state[r]})()
+                for r in request_ids
+                if r not in self.forgotten
+            ]
+
+        def get(rid):
+            if self.request_state[rid] == "FAILED":
+                raise sky.exceptions.ResourcesUnavailableError("no A10G in any region")
+            return self.results[rid]
 
         def tail(*args, preload_content=True, **kw):
+            assert preload_content is False
             self.calls.append(("tail", args, kw))
-            return iter([*self.log, None])
-
-        monkeypatch.setattr(sky, "launch", launch_)
-        monkeypatch.setattr(sky.jobs, "launch", jobs_launch)
-        monkeypatch.setattr(sky, "get", lambda rid: self.results[rid])
-        monkeypatch.setattr(sky, "api_status", api_status)
+            return iter(self.log)
 
         def job_status(cluster, ids):
             if self.cluster_gone:  # as the server answers for a torn-down cluster
                 raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
             return self.request("job_status", {i: self.job_states.get(i) for i in ids})
 
+        def cancel(cluster, job_ids=None, **kw):
+            for i in job_ids:
+                self.job_states[i] = sky.JobStatus.CANCELLED
+            return self.request("cancel", None)
+
+        def queue_v2(refresh, fields=None, job_ids=None, name_match=None, **kw):
+            assert "failure_reason" in fields
+            records = [
+                r
+                for r in self.managed
+                if (job_ids is None or r.job_id in job_ids)
+                and (name_match is None or r.job_name == name_match)
+            ]
+            return self.request("jobs.queue_v2", (records, len(records), {}, len(records)))
+
+        monkeypatch.setattr(sky, "launch", launch_)
+        monkeypatch.setattr(sky.jobs, "launch", jobs_launch)
+        monkeypatch.setattr(sky, "get", get)
+        monkeypatch.setattr(sky, "api_status", api_status)
         monkeypatch.setattr(sky, "job_status", job_status)
-        monkeypatch.setattr(
-            sky.jobs,
-            "queue",
-            lambda refresh, job_ids=None, **kw: self.request("jobs.queue", self.managed),
-        )
+        monkeypatch.setattr(sky.jobs, "queue_v2", queue_v2)
+        monkeypatch.setattr(sky, "queue", lambda cluster, **kw: self.request("queue", self.queue))
         monkeypatch.setattr(sky, "tail_logs", tail)
         monkeypatch.setattr(sky.jobs, "tail_logs", tail)
-        monkeypatch.setattr(
-            sky, "cancel", lambda cluster, job_ids=None, **kw: self.request("cancel", None)
-        )
+        monkeypatch.setattr(sky, "cancel", cancel)
         monkeypatch.setattr(sky, "down", lambda cluster, **kw: self.request("down", None))
+        monkeypatch.setattr(
+            sky, "api_cancel", lambda request_ids, **kw: self.request("api_cancel", None)
+        )
         monkeypatch.setattr(
             sky.jobs, "cancel", lambda job_ids=None, **kw: self.request("jobs.cancel", None)
         )
@@ -284,7 +312,8 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
     tmp_path, monkeypatch, s3_bucket
 ):
     """Launch, state, log and cancel of a cluster job; once its cluster is torn down (as
-    it is when the job ends), the run's storage in S3 (moto) says how it ended."""
+    it is when the job ends), the run's storage in S3 (moto) says how it ended. A launch
+    request the server no longer keeps is found by the job's name."""
     import sky
 
     from payload.storage import open_store
@@ -305,6 +334,8 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
 
     status = executor.status(handle)
     assert status.state == RunState.PENDING and "provisioning" in status.detail
+    server.request_state[handle.data["request_id"]] = "WAITING"  # a retry's backoff
+    assert executor.status(handle).state == RunState.PENDING
     server.request_state[handle.data["request_id"]] = "SUCCEEDED"
     server.job_states[7] = sky.JobStatus.RUNNING
     assert executor.status(handle).state == RunState.RUNNING
@@ -314,6 +345,19 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
     assert executor.status(handle).state == RunState.FAILED
     server.job_states[7] = sky.JobStatus.SUCCEEDED
     assert executor.status(handle).state == RunState.SUCCEEDED
+
+    # The request is gone from the server: the job is found on its cluster by name.
+    fresh = type(handle)(handle.backend, handle.run_id, {**handle.data, "job_id": None})
+    server.forgotten.add(handle.data["request_id"])
+    server.queue[:] = [{"job_id": 3, "job_name": "other"}, {"job_id": 7, "job_name": job.run_id}]
+    assert executor.status(fresh).state == RunState.SUCCEEDED and fresh.data["job_id"] == 7
+
+    server.job_states[7] = sky.JobStatus.RUNNING
+    cancelled = executor.cancel(handle)
+    assert cancelled.state == RunState.CANCELLED and "teardown" in cancelled.detail
+    names = [c[0] for c in server.calls]
+    assert names.index("cancel") < names.index("down")  # the ranks save before the machines go
+
     server.job_states.pop(7)
     server.cluster_gone = True
     gone = executor.status(handle)
@@ -321,13 +365,30 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
     open_store(job.storage_uri).write_bytes("final/ferry-manifest.json", b"{}")
     assert executor.status(handle).state == RunState.SUCCEEDED
 
-    cancelled = executor.cancel(handle)
-    assert cancelled.state == RunState.CANCELLED
-    assert [c[0] for c in server.calls][-2:] == ["cancel", "down"]
+
+def test_a_failed_launch_and_a_kept_cluster(tmp_path, monkeypatch):
+    """A launch request that failed (no machines anywhere) fails the run with SkyPilot's
+    reason; with `launch.sky.down: false` a cancel leaves the cluster up."""
+    server = FakeServer()
+    server.install(monkeypatch)
+    job = job_of(tmp_path, "launch:\n  sky:\n    down: false\n", gpus="A10G:1")
+    executor = get_executor("sky")
+    handle = executor.submit(job)
+    assert ("launch", job.run_id, False, None) in server.calls
+    server.request_state[handle.data["request_id"]] = "FAILED"
+    failed = executor.status(handle)
+    assert failed.state == RunState.FAILED and "no A10G in any region" in failed.detail
+    server.request_state[handle.data["request_id"]] = "SUCCEEDED"
+    import sky
+
+    server.job_states[7] = sky.JobStatus.RUNNING
+    assert executor.cancel(handle).state == RunState.CANCELLED
+    assert "down" not in [c[0] for c in server.calls]
 
 
 def test_a_managed_job_reports_its_recoveries_and_its_failure(tmp_path, monkeypatch):
     import sky.jobs
+    from sky.schemas.api.responses import ManagedJobRecord
 
     server = FakeServer()
     server.install(monkeypatch)
@@ -339,15 +400,17 @@ def test_a_managed_job_reports_its_recoveries_and_its_failure(tmp_path, monkeypa
     assert list(task.resources)[0].job_recovery["recover_on_exit_codes"] == [75]
     server.request_state[handle.data["request_id"]] = "SUCCEEDED"
     status = sky.jobs.ManagedJobStatus
-    server.managed[:] = [{"job_id": 11, "status": status.RECOVERING, "recovery_count": 1}]
+
+    def record(**fields):  # type: ignore[no-untyped-def]
+        return ManagedJobRecord(job_id=11, job_name=job.run_id, **fields)
+
+    server.managed[:] = [record(status=status.RECOVERING, recovery_count=1)]
     now = executor.status(handle)
     assert now.state == RunState.RUNNING and now.detail == "recovered 1 time(s)"
-    server.managed[:] = [
-        {"job_id": 11, "status": status.FAILED_NO_RESOURCE, "failure_reason": "no capacity"}
-    ]
+    server.managed[:] = [record(status=status.FAILED_NO_RESOURCE, failure_reason="no capacity")]
     now = executor.status(handle)
     assert now.state == RunState.FAILED and now.detail == "no capacity"
-    server.managed[:] = [{"job_id": 11, "status": status.SUCCEEDED}]
+    server.managed[:] = [record(status=status.SUCCEEDED)]
     assert executor.status(handle).state == RunState.SUCCEEDED
     assert executor.cancel(handle).state == RunState.CANCELLED
     assert server.calls[-1] == ("jobs.cancel",)
