@@ -299,6 +299,10 @@ class Executor:
         price is unknown; None: the backend does not bill by the hour (executors.cost)."""
         return None
 
+    def timeout_s(self, job: JobSpec) -> int | None:
+        """How long the backend lets the run go: `launch.timeout`, or its own limit."""
+        return job.resources.timeout_s
+
     def default_storage(self, home: Path) -> str | None:
         """Where runs sync to when neither --storage nor the config says (None: nowhere)."""
         return None

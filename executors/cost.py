@@ -140,7 +140,8 @@ def estimate(executor: Any, job: Any, registry: Any = None, source: str = "") ->
     if price is None:
         return None
     r = job.resources
-    timeout_h = r.timeout_s / 3600 if r.timeout_s else None
+    limit = executor.timeout_s(job)  # Modal's own 24 h when none is set
+    timeout_h = limit / 3600 if limit else None
     if isinstance(price, str):
         return Estimate(None, price, r.nodes, timeout_h)
     per_node, origin = price

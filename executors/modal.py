@@ -308,6 +308,9 @@ class ModalExecutor(Executor):
         args = torchrun_args(job.procs_per_node, node, MASTER_PORT, r.stop_grace_s)
         return training_command("python", args, f"{default_workdir(job.run_id)}/{CONFIG_FILE}")
 
+    def timeout_s(self, job: JobSpec) -> int:
+        return job.resources.timeout_s or DEFAULT_TIMEOUT_S
+
     def hourly_price(self, job: JobSpec) -> tuple[float, str]:
         """Modal's list price for one container of this job (executors.cost's dated
         table): its GPUs, cores and memory."""

@@ -255,7 +255,7 @@ def api_endpoint(environ: dict[str, str] | None = None) -> str | None:
     environ = os.environ if environ is None else environ  # type: ignore[assignment]
     if environ.get(ENDPOINT_VARIABLE):
         return environ[ENDPOINT_VARIABLE]
-    path = Path(environ.get("SKYPILOT_CONFIG") or Path.home() / ".sky" / "config.yaml")
+    path = Path(environ.get("SKYPILOT_GLOBAL_CONFIG") or Path.home() / ".sky" / "config.yaml")
     try:
         import yaml
 
@@ -479,11 +479,24 @@ class SkyPilotExecutor(Executor):
         """Everything a launch needs that this machine can check in seconds, without
         SkyPilot's SDK: it is installed, its server answers or a cloud is enabled, and
         the secrets have values here."""
-        if importlib.util.find_spec("sky") is None:
+        try:
+            from importlib.metadata import version
+
+            installed = version("skypilot")
+        except Exception:  # noqa: BLE001 - not installed (or its metadata is gone)
+            installed = None
+        if importlib.util.find_spec("sky") is None or installed is None:
             raise FerryError(
                 "SkyPilot is not installed, so nothing was launched.",
                 hint=f"{INSTALL_HINT} (its own virtualenv is best: SkyPilot pins click<8.2), "
                 "then `sky check` to enable a cloud.",
+            )
+        major_minor = tuple(int(x) for x in installed.split(".")[:2] if x.isdigit())
+        if major_minor < (0, 14):
+            raise FerryError(
+                f"SkyPilot {installed} is installed; Ferry needs 0.14 or newer. Nothing was "
+                "launched.",
+                hint=f"pip install -U {INSTALL_HINT.removeprefix('pip install ')}",
             )
         endpoint = api_endpoint()
         if endpoint:

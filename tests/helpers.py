@@ -93,6 +93,7 @@ def launch(
         [*launch_command(), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,  # no terminal: a prompt is never waited on
         text=True,
         env=full_env,
         cwd=cwd,
