@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # SkyPilot's SDK pins click<8.2 and the training stack (huggingface_hub) needs click>=8.4:
-# SkyPilot gets a virtualenv of its own, with Ferry's launcher, for tests/sky.
+# SkyPilot gets a virtualenv of its own, with Ferry's launcher, for tests/sky_sdk.
 $(SKY_VENV)/.installed: pyproject.toml
 	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
 	$(SKY_VENV)/bin/python -m pip install --quiet -e ".[sky]" "pytest>=8" "moto[server]>=5" boto3
@@ -35,11 +35,11 @@ quickstart: setup
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 # The CPU tier, on any machine (the GPU tier is `make test-gpu`).
-# Then tests/sky, in SkyPilot's virtualenv (its conftest says why).
+# Then tests/sky_sdk, in SkyPilot's virtualenv (its conftest says why).
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
-	$(SKY_VENV)/bin/python -m pytest tests/sky; sky=$$?; \
+	$(SKY_VENV)/bin/python -m pytest tests/sky_sdk; sky=$$?; \
 	if [ $$sky -eq 5 ]; then echo "pytest collected no SkyPilot tests" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$sky
 

@@ -3,7 +3,7 @@ run shared by every test that only needs to look at its results."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -21,14 +21,25 @@ from helpers import (
     launch,
 )
 
-# tests/sky/ need SkyPilot's SDK, which cannot share this Python with the training stack:
-# `make test` runs them with .venv-sky (tests/sky/conftest.py says why).
-collect_ignore = [] if importlib.util.find_spec("sky") else ["sky"]
+
+def _has_skypilot() -> bool:
+    """SkyPilot installed in this Python (by its distribution: a folder named like its
+    package on sys.path would fool an import-spec lookup)."""
+    try:
+        importlib.metadata.version("skypilot")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# tests/sky_sdk/ need SkyPilot's SDK, which cannot share this Python with the training
+# stack: `make test` runs them with .venv-sky (tests/sky_sdk/conftest.py says why).
+collect_ignore = [] if _has_skypilot() else ["sky_sdk"]
 
 
 def pytest_report_header(config):  # type: ignore[no-untyped-def]
     if collect_ignore:
-        return "tests/sky/: not collected (no SkyPilot in this Python); `make test` runs them"
+        return "tests/sky_sdk: not collected (no SkyPilot in this Python); `make test` runs them"
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,5 +1,5 @@
 """The SkyPilot backend, in the Python that trains (SkyPilot's SDK is not installed here:
-its own tests, tests/sky/, run in .venv-sky).
+its own tests, tests/sky_sdk/, run in .venv-sky).
 
 The task's `run` script is run the way SkyPilot runs it on a node: `/bin/bash -i` on the
 script, with the task's envs, SkyPilot's variables and the file mount in place. What

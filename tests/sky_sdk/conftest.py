@@ -1,4 +1,4 @@
-"""tests/sky/ run in .venv-sky, the Python with SkyPilot's SDK: SkyPilot pins click<8.2,
+"""tests/sky_sdk/ run in .venv-sky, the Python with SkyPilot's SDK: SkyPilot pins click<8.2,
 and the training stack (huggingface_hub) needs click>=8.4, so they cannot share one
 Python. `make test` runs these there; tests/test_skypilot.py holds the SkyPilot tests that
 train, in the training Python.

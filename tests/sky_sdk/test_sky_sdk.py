@@ -6,7 +6,7 @@ types. No API server runs, and nothing is launched.
   trip.
 - The optimizer runs in-process and offline: AWS is enabled by SkyPilot's own `sky check`
   code answered by the moto server (fake keys), and the prices come from the stub
-  catalogs in tests/sky/catalogs. An audit hook shows no connection leaves this machine.
+  catalogs in tests/sky_sdk/catalogs. An audit hook shows no connection leaves this machine.
 - The API server is the network edge that cannot exist here: for submit, status, logs
   and cancel, the SDK's request functions (`sky.launch`, `sky.get`, `sky.api_status`,
   `sky.job_status`, `sky.jobs.queue`, ...) are replaced by a fake server that keeps the
