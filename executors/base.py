@@ -379,6 +379,27 @@ def vllm_rows(cfg: TrainConfig, gpus_per_node: int, python: str) -> list[tuple[s
     return rows
 
 
+def stage_job(
+    folder: Path, contract: RemoteJob, job_file: str, inputs: list[tuple[Path, str]]
+) -> Path:
+    """A fresh folder holding the job contract (as `job_file`) and the config's files at
+    their relative places: what a backend uploads for a job (Ray's working_dir,
+    SkyPilot's file mount)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / job_file).write_text(contract.to_json())
+    for local, relative in inputs:
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if local.is_dir():
+            shutil.copytree(local, target)
+        else:
+            shutil.copy2(local, target)
+    return folder
+
+
 def remote_job(
     job: JobSpec,
     config: dict[str, Any],

@@ -43,6 +43,7 @@ from executors.base import (
     RunState,
     Status,
     remote_job,
+    stage_job,
 )
 from payload.errors import FerryError
 from payload.runtime.deadline import DeadlineExceeded, call_within
@@ -418,18 +419,7 @@ class RayExecutor(Executor):
     def stage(self, job: JobSpec) -> Path:
         """The working_dir the job uploads: the contract and the config's files."""
         contract, inputs = ray_job(job)
-        folder = job.run_dir / STAGING
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        (folder / JOB_FILE).write_text(contract.to_json())
-        for local, relative in inputs:
-            target = folder / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if local.is_dir():
-                shutil.copytree(local, target)
-            else:
-                shutil.copy2(local, target)
-        return folder
+        return stage_job(job.run_dir / STAGING, contract, JOB_FILE, inputs)
 
     def _submit(self, job: JobSpec) -> Handle:
         address = _http(address_of(job) or "")

@@ -45,7 +45,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status, remote_job
+from executors.base import (
+    Executor,
+    Handle,
+    JobSpec,
+    Plan,
+    RunState,
+    Status,
+    remote_job,
+    stage_job,
+)
 from payload.errors import EXIT_PREEMPTED, FerryError
 from payload.runtime.deadline import DeadlineExceeded, call_within
 from payload.runtime.job import RemoteJob
@@ -206,17 +215,7 @@ def stage(job: JobSpec) -> Path:
     from images.spec import PAYLOAD
 
     contract, inputs = sky_job(job)
-    folder = job.run_dir / STAGING
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    (folder / JOB_FILE).write_text(contract.to_json())
-    for local, relative in inputs:
-        target = folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if local.is_dir():
-            shutil.copytree(local, target)
-        else:
-            shutil.copy2(local, target)
+    folder = stage_job(job.run_dir / STAGING, contract, JOB_FILE, inputs)
     if setup_mode(job):
         shutil.copytree(PAYLOAD, folder / "payload", ignore=shutil.ignore_patterns("__pycache__"))
     return folder

@@ -414,3 +414,20 @@ def test_a_managed_job_reports_its_recoveries_and_its_failure(tmp_path, monkeypa
     assert executor.status(handle).state == RunState.SUCCEEDED
     assert executor.cancel(handle).state == RunState.CANCELLED
     assert server.calls[-1] == ("jobs.cancel",)
+
+
+def test_cluster_settings_reach_the_launch_and_the_resources(tmp_path, monkeypatch):
+    """`launch.sky.cluster`, `idle_minutes_to_autostop` and `instance_type` take effect:
+    the cluster's name and autostop in `sky.launch`, the instance type in the Task."""
+    server = FakeServer()
+    server.install(monkeypatch)
+    extra = (
+        "launch:\n  sky:\n    cluster: dev-box\n    idle_minutes_to_autostop: 30\n"
+        "    instance_type: g5.xlarge\n"
+    )
+    job = job_of(tmp_path, extra, gpus="A10G:1")
+    handle = get_executor("sky").submit(job)
+    assert ("launch", "dev-box", True, 30) in server.calls
+    assert handle.data["cluster"] == "dev-box"
+    (task,) = server.tasks
+    assert list(task.resources)[0].instance_type == "g5.xlarge"
