@@ -12,11 +12,13 @@ BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup quickstart test test-gpu bench lint clean
+.PHONY: setup setup-sky quickstart test test-gpu bench lint clean
 
 SKY_VENV ?= .venv-sky
 
 setup: $(VENV)/.installed $(SKY_VENV)/.installed
+
+setup-sky: $(SKY_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,18 +1,9 @@
 """The SkyPilot backend: `launch train cfg.yml --cloud sky [--managed]`.
 
-A run becomes one SkyPilot task, written by Ferry (`task_config`): the resources from the
-launch settings (accelerators, spot, infra, disk, instance type, or a list of acceptable
-accelerators), `num_nodes`, the image (Ferry's image from a registry, `image_id:
-docker:...`, or a `setup` that installs the image's pinned requirements on the VM's own
-image), one file mount (`~/ferry-job`: the job contract, the files the config names, and
-in setup mode the payload source), the run's environment, the secrets by name, and a
-`run` script that starts the payload entry:
-
-    python -m payload.entry run job.json --root ~/ferry-job
-
-The entry reads SkyPilot's variables (SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, ...)
-through payload.runtime.cluster and starts torchrun with a static rendezvous at the first
-node's address, as every multi-node backend does.
+A run becomes one SkyPilot task, written by Ferry (executors.sky_task). The payload entry
+reads SkyPilot's variables (SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, ...) through
+payload.runtime.cluster and starts torchrun with a static rendezvous at the first node's
+address, as every multi-node backend does.
 
 Two modes: a cluster job (`sky.launch`, the cluster torn down when the job ends unless
 `launch.sky.down: false`) and a managed job (`--managed`, `sky.jobs.launch`), which
@@ -28,7 +19,7 @@ run folder keeps (`sky-task.yml`) names them with no value.
 The SDK (`sky`) takes seconds to import and talks to a SkyPilot API server; it is
 imported only to launch, to ask for a status or logs, and for the optimizer's price in a
 dry run. What can be known without it is checked first: that it is installed, that a
-cloud is enabled (`sky check`'s record), the secrets' values.
+cloud is enabled (`sky check`'s record) or the API server answers, the secrets' values.
 """
 
 from __future__ import annotations
@@ -37,207 +28,41 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from executors.base import (
-    Executor,
-    Handle,
-    JobSpec,
-    Plan,
-    RunState,
-    Status,
-    remote_job,
-    stage_job,
+from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
+from executors.sky_task import (
+    JOB_DIR,
+    STAGING,
+    TASK_FILE,
+    VENV,
+    accelerators,
+    cluster_name,
+    entry_command,
+    infra,
+    managed,
+    resources_config,
+    secret_values,
+    setup_mode,
+    sky_job,
+    sky_settings,
+    stage,
+    task_config,
+    yaml_text,
 )
 from payload.errors import EXIT_PREEMPTED, FerryError
 from payload.runtime.deadline import DeadlineExceeded, call_within
-from payload.runtime.job import RemoteJob
 
 INSTALL_HINT = "pip install 'ferry[sky]'"
-JOB_DIR = "~/ferry-job"  # on every node: the file mount with the job's files
-JOB_FILE = "job.json"  # in JOB_DIR: the job contract
-REMOTE_ROOT = "/ferry"  # the contract's paths; the run script puts them under JOB_DIR
-WORK = f"{REMOTE_ROOT}/work"  # the node's working folder (config, local output)
-STAGING = "sky-job"  # in the run folder: what the file mount uploads
-TASK_FILE = "sky-task.yml"  # in the run folder: the task, secrets by name only
-VENV = "~/ferry-venv"  # setup mode: the image's pinned requirements on the VM
 API_TIMEOUT_S = 30.0  # one status, queue or cancel request to the API server
 STREAM_TIMEOUT_S = 60.0 * 60  # `logs -f` waits this long for provisioning and setup
 POLL_S = 10.0  # ... asking this often whether the job has started
-RECOVERY = ("EAGER_NEXT_REGION", "FAILOVER")
-CONTEXT_INFRA = ("k8s", "kubernetes", "ssh")  # their second part is a context, not a region
-CLOUD_ALIASES = {"k8s": "kubernetes"}
+CLOUD_ALIASES = {"k8s": "kubernetes", "digitalocean": "do"}
 ENDPOINT_VARIABLE = "SKYPILOT_API_SERVER_ENDPOINT"
-
-
-def sky_settings(job: JobSpec) -> dict[str, Any]:
-    return dict(job.options.get("sky") or {})
-
-
-def managed(job: JobSpec) -> bool:
-    return bool(sky_settings(job).get("managed"))
-
-
-def cluster_name(job: JobSpec) -> str:
-    """The cluster a cluster job runs on: `launch.sky.cluster`, else the run id (which
-    SkyPilot takes as it is when it starts with a letter)."""
-    name = sky_settings(job).get("cluster")
-    if name:
-        return str(name)
-    return job.run_id if job.run_id[0].isalpha() else f"ferry-{job.run_id}"
-
-
-# ---- the task
-
-
-def accelerators(job: JobSpec) -> list[str]:
-    """The acceptable accelerators, in the order preferred: `launch.sky.accelerators`,
-    else --gpus NAME:COUNT. Empty: a CPU machine."""
-    listed = sky_settings(job).get("accelerators") or []
-    if listed:
-        return [str(a) for a in listed]
-    r = job.resources
-    return [f"{r.accelerator}:{r.gpus_per_node}"] if r.accelerator else []
-
-
-def infra(job: JobSpec) -> str | None:
-    """`launch.sky.infra` (cloud[/region[/zone]]), with --region filled in when the infra
-    names only a cloud."""
-    text, region = sky_settings(job).get("infra"), job.resources.region
-    if not text:
-        return None
-    parts = str(text).split("/")
-    if region and len(parts) == 1 and parts[0].lower() not in CONTEXT_INFRA:
-        parts.append(region)
-    return "/".join(parts)
-
-
-def resources_config(job: JobSpec) -> dict[str, Any]:
-    r, s = job.resources, sky_settings(job)
-    res: dict[str, Any] = {}
-    accs = accelerators(job)
-    if len(accs) == 1:
-        res["accelerators"] = accs[0]
-    elif accs:
-        res["accelerators"] = accs  # a list: SkyPilot tries them in this order
-    if r.cpu:
-        res["cpus"] = f"{r.cpu:g}+"
-    if r.memory_mb:
-        res["memory"] = f"{r.memory_mb / 1024:g}+"
-    if infra(job):
-        res["infra"] = infra(job)
-    if r.spot is not None:
-        res["use_spot"] = bool(r.spot)
-    if s.get("instance_type"):
-        res["instance_type"] = s["instance_type"]
-    if s.get("disk_size"):
-        res["disk_size"] = int(s["disk_size"])
-    if s.get("registry") and job.image is not None:
-        res["image_id"] = f"docker:{str(s['registry']).rstrip('/')}/{job.image.tag}"
-    if managed(job):
-        res["job_recovery"] = {
-            "strategy": s.get("recovery") or RECOVERY[0],
-            "max_restarts_on_errors": int(r.retries or 0),
-            "recover_on_exit_codes": [EXIT_PREEMPTED],
-        }
-    return res
-
-
-def sky_job(job: JobSpec) -> tuple[RemoteJob, list[tuple[Path, str]]]:
-    """The job contract every node reads (paths under /ferry, which the run script
-    roots in its copy of the job's files) and the (local, relative) files to ship."""
-    from executors.modal import INPUTS, shipped_inputs
-
-    config, inputs = shipped_inputs(job.config)
-    config.pop("dataset_prepared_path", None)  # a folder of this machine means nothing there
-    config["output_dir"] = f"{WORK}/output"
-    contract = replace(remote_job(job, config, "skypilot"), workdir=WORK)
-    shipped = [(local, "inputs/" + remote.removeprefix(INPUTS + "/")) for local, remote in inputs]
-    return contract, shipped
-
-
-def setup_mode(job: JobSpec) -> bool:
-    """Setup mode: the VM's own image, with the image's pinned requirements installed by
-    the task's `setup` and the payload shipped as source. Else Ferry's image."""
-    return not sky_settings(job).get("registry")
-
-
-def run_script(job: JobSpec) -> str:
-    """The task's `run`: SkyPilot runs it with bash on every node, in ~/sky_workdir."""
-    lines = []
-    if setup_mode(job):
-        lines.append(f"source {VENV}/bin/activate")
-    lines += ["set -euo pipefail", f"cd {JOB_DIR}"]
-    if setup_mode(job):  # the shipped payload source, ahead of anything installed
-        lines.append('export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"')
-    entry = f'python -m payload.entry run {JOB_FILE} --root "$PWD"'
-    r = job.resources
-    if r.timeout_s:  # SIGTERM at the timeout: the ranks save and upload, then exit 124
-        entry = f"timeout --signal=TERM --kill-after={r.stop_grace_s}s {r.timeout_s}s {entry}"
-    lines.append(f"exec {entry}")
-    return "\n".join(lines) + "\n"
-
-
-def task_config(job: JobSpec, staged: Path | str | None = None) -> dict[str, Any]:
-    """The SkyPilot task as YAML data. Secrets are named with no value (SkyPilot takes
-    the values at launch); `staged` is the local folder the file mount uploads."""
-    from images.render import sky_task_image
-
-    image = sky_task_image(job.image) if job.image is not None else {"envs": {}, "setup": ""}
-    envs = dict(image["envs"])
-    if setup_mode(job):  # the image's cache folder is not there: HF's own default is
-        envs.pop("HF_HOME", None)
-    envs.update({**job.payload_env(), "PYTHONUNBUFFERED": "1"})
-    task: dict[str, Any] = {
-        "name": job.run_id,
-        "num_nodes": job.resources.nodes,
-        "resources": resources_config(job),
-        "envs": {k: str(v) for k, v in envs.items()},
-    }
-    if job.secrets:
-        task["secrets"] = {name: None for name in job.secrets}
-    task["file_mounts"] = {JOB_DIR: str(staged or job.run_dir / STAGING)}
-    if setup_mode(job) and image["setup"]:
-        task["setup"] = image["setup"] + "\n"
-    task["run"] = run_script(job)
-    return task
-
-
-def stage(job: JobSpec) -> Path:
-    """The folder the file mount uploads: the contract, the config's files, and in setup
-    mode the payload source."""
-    from images.spec import PAYLOAD
-
-    contract, inputs = sky_job(job)
-    folder = stage_job(job.run_dir / STAGING, contract, JOB_FILE, inputs)
-    if setup_mode(job):
-        shutil.copytree(PAYLOAD, folder / "payload", ignore=shutil.ignore_patterns("__pycache__"))
-    return folder
-
-
-def secret_values(job: JobSpec, environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
-    environ = os.environ if environ is None else environ  # type: ignore[assignment]
-    return [(name, environ[name]) for name in job.secrets if name in environ]
-
-
-def yaml_text(task: dict[str, Any]) -> str:
-    import yaml
-
-    class Literal(str):
-        pass
-
-    def literal(dumper: Any, value: Literal) -> Any:
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
-
-    yaml.add_representer(Literal, literal, Dumper=yaml.SafeDumper)
-    shown = {k: Literal(v) if k in ("run", "setup") else v for k, v in task.items()}
-    return yaml.safe_dump(shown, sort_keys=False, width=100)
 
 
 # ---- what can be known without the SDK
@@ -539,6 +364,13 @@ class SkyPilotExecutor(Executor):
         in-process (no API server, no launch), or why it cannot say."""
         if importlib.util.find_spec("sky") is None:
             return f"SkyPilot is not installed ({INSTALL_HINT})"
+        endpoint = api_endpoint()
+        if endpoint:  # its clouds and credentials are the server's, not this machine's
+            return (
+                f"SkyPilot's API server at {redact(endpoint)} chooses the machines, and its "
+                "optimizer's price is not read back; `sky launch --dryrun` on the task "
+                "below shows it"
+            )
         if not enabled_clouds():
             return "no cloud is enabled for SkyPilot here (`sky check`)"
         try:
@@ -632,7 +464,7 @@ class SkyPilotExecutor(Executor):
                 )
             )
         rows.extend(("input", f"{local} -> {JOB_DIR}/{remote}") for local, remote in inputs)
-        command = ["python", "-m", "payload.entry", "run", JOB_FILE, "--root", JOB_DIR]
+        command = ["bash", "-c", f"cd {JOB_DIR} && {entry_command(job)}"]  # on every node
         plan = Plan(self.name, job.run_id, rows, command)
         plan.appendix = "task (sky-task.yml):\n" + yaml_text(task)
         return plan
@@ -663,6 +495,7 @@ class SkyPilotExecutor(Executor):
         except Exception as e:  # noqa: BLE001 - the SDK's own errors, said plainly
             raise FerryError(f"SkyPilot: the launch failed: {_first_line(e)}") from e
         data["request_id"] = str(request_id)
+        data["spot"] = bool(job.resources.spot)
         data["storage_uri"] = job.storage_uri
         data["stop_grace_s"] = job.resources.stop_grace_s
         return Handle(self.name, job.run_id, data)
@@ -682,9 +515,18 @@ class SkyPilotExecutor(Executor):
         try:
             result = call("the launch", lambda: sky.get(request_id))
         except FerryError as e:
-            if state in ("FAILED", "CANCELLED"):  # the request ended without a job
-                raise LaunchFailed(e.message) from e
-            raise
+            if state not in ("FAILED", "CANCELLED"):
+                raise
+            # The request ended without a job. Machines it already started (a setup or
+            # an upload that failed) stay up: `down` only acts once a job has ended.
+            left = ""
+            if handle.data["mode"] == "cluster":
+                cluster = handle.data["cluster"]
+                left = (
+                    f" Machines it may have started stay up and bill: `sky status {cluster}` "
+                    f"shows them, `sky down {cluster}` removes them."
+                )
+            raise LaunchFailed(e.message + left) from e
         job_id = result[0]
         if isinstance(job_id, list):  # a managed job: the ids of its tasks
             job_id = job_id[0]
@@ -770,6 +612,13 @@ class SkyPilotExecutor(Executor):
             )
         if done:
             return Status(RunState.SUCCEEDED, f"cluster {cluster} torn down after the job", 0)
+        if handle.data.get("spot"):  # a cluster job is not recovered: --managed would be
+            return Status(
+                RunState.PREEMPTED,
+                f"spot cluster {cluster} is gone and the run left no final artifacts in "
+                f"{uri}: most likely preempted (`launch resume` continues from its last "
+                "checkpoint; --managed recovers by itself)",
+            )
         return Status(
             RunState.FAILED,
             f"cluster {cluster} is gone and the run left no final artifacts in {uri}: it "

@@ -203,9 +203,14 @@ def cancel(run_id: str, registry: Registry | None = None) -> RunRecord:
     return _runs.cancel(run_id, _registry(registry))
 
 
-def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
+def resume(
+    run_id: str,
+    registry: Registry | None = None,
+    confirm: Callable[[str], bool] | None = None,
+) -> RunRecord:
     """Relaunch a run that stopped (preempted, failed, cancelled) under the same run id, on
-    the same backend. With storage it continues from its newest complete checkpoint."""
+    the same backend. With storage it continues from its newest complete checkpoint.
+    `launch.max_cost` is held as at its first launch (`confirm` as in `train`)."""
     from executors import RunState, get_executor
     from launcher import runs as _runs
 
@@ -225,6 +230,7 @@ def resume(run_id: str, registry: Registry | None = None) -> RunRecord:
     job = _runs.job_from_record(record)
     executor = get_executor(record.backend)
     executor.check(job)
+    check_cost(executor, job, record.source, registry, confirm)  # `launch.max_cost`
     executor.preflight(job)
     return _runs.start(_runs.claim(run_id, registry), job, record.backend, registry)
 
@@ -284,12 +290,72 @@ def sweep_plan(
     )
 
 
-def sweep_start(plan: Any, detach: bool = False, registry: Registry | None = None) -> Any:
-    """Check the plan's backends (credentials), record the sweep and its trials, and,
-    with `detach`, hand it to a background dispatcher. Returns the `SweepRecord`."""
+def sweep_cost(plan: Any, registry: Registry | None = None) -> tuple[float | None, str]:
+    """The sweep's estimated cost, every trial on the backend it would start on, and how
+    it was reached ("" when no trial is priced); None when a trial's price or bound is
+    unknown (the text says which)."""
+    from executors import get_executor
+
+    total, estimates, seen = 0.0, [], {}
+    for index, job in enumerate(plan.jobs):
+        backend = plan.backend_for(plan.trials[index].index)
+        # Trials mostly share their machines: price each kind once (SkyPilot's optimizer).
+        key = (backend, repr(job.resources), repr(job.options), job.config.get("max_steps"))
+        if key not in seen:
+            seen[key] = _estimate(get_executor(backend), job, plan.source, registry)
+        est = seen[key]
+        label = f"t{plan.trials[index].index} on {backend}"
+        if est is None:  # an unpriced backend (local, Ray): nothing to bill here
+            continue
+        if est.per_node_hour is None:
+            return None, f"{label}: the price is unknown ({est.source})"
+        if est.checked is None:
+            return None, f"{label}: nothing bounds its cost (no `launch.timeout`)"
+        total += est.checked
+        estimates.append(est)
+    if not estimates:
+        return 0.0, ""  # no trial runs on a priced backend
+    bound = "expected" if all(e.expected is not None for e in estimates) else "at most"
+    return total, f"${total:,.2f} {bound} for {len(estimates)} priced trial(s)"
+
+
+def check_sweep_cost(
+    plan: Any, registry: Registry | None, confirm: Callable[[str], bool] | None
+) -> None:
+    """A sweep is held to `launch.max_cost` as a whole: the sum of its trials' estimates
+    (one command should not spend more than the limit a single run may)."""
+    limits = [j.resources.max_cost for j in plan.jobs if j.resources.max_cost]
+    if not limits:
+        return
+    limit = min(limits)
+    total, how = sweep_cost(plan, registry)
+    if total is None:
+        why = f"launch.max_cost is ${limit:,.2f}, but this sweep's cost is unknown: {how}"
+    elif total > limit:
+        why = f"this sweep's estimated cost, {how}, is above launch.max_cost ${limit:,.2f}"
+    else:
+        return
+    if confirm is not None and confirm(why):
+        return
+    raise FerryError(
+        f"Not launched: {why}.",
+        hint="Pass --yes to launch anyway, raise `launch.max_cost`, or run fewer trials.",
+    )
+
+
+def sweep_start(
+    plan: Any,
+    detach: bool = False,
+    registry: Registry | None = None,
+    confirm: Callable[[str], bool] | None = None,
+) -> Any:
+    """Check the sweep's cost against `launch.max_cost` and its backends (credentials),
+    record the sweep and its trials, and, with `detach`, hand it to a background
+    dispatcher. Returns the `SweepRecord`."""
     from launcher import dispatch
 
     registry = _registry(registry)
+    check_sweep_cost(plan, registry, confirm)
     dispatch.preflight(plan)
     record = dispatch.create(plan, registry)
     if detach:
@@ -322,6 +388,7 @@ def sweep(
     detach: bool = False,
     on_event: Callable[[str, RunRecord], None] | None = None,
     registry: Registry | None = None,
+    confirm: Callable[[str], bool] | None = None,
     **launch: Any,
 ) -> Any:
     """Plan, record and run a sweep. Blocks until every trial has ended, unless `detach`
@@ -337,7 +404,7 @@ def sweep(
         profile=profile,
         **launch,
     )
-    record = sweep_start(plan, detach, registry)
+    record = sweep_start(plan, detach, registry, confirm)
     if not detach:
         sweep_dispatch(record.sweep_id, on_event, registry)
     return registry.get_sweep(record.sweep_id)

@@ -130,7 +130,7 @@ ManagedOpt = Annotated[
         "`launch.managed: true`).",
     ),
 ]
-YesOpt = Annotated[
+CostYesOpt = Annotated[
     bool,
     typer.Option(
         "--yes", "-y", help="Launch even if the estimated cost is above `launch.max_cost`."
@@ -237,7 +237,7 @@ def train(
         bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
     ] = False,
     detach: DetachRunOpt = False,
-    yes: YesOpt = False,
+    yes: CostYesOpt = False,
 ) -> None:
     """Train one config. Follows the logs until the run ends unless --detach."""
     from launcher import api, output
@@ -276,12 +276,12 @@ def _confirm(yes: bool):  # type: ignore[no-untyped-def]
 
 
 @app.command()
-def resume(run_id: RunArg, detach: DetachRunOpt = False) -> None:
+def resume(run_id: RunArg, detach: DetachRunOpt = False, yes: CostYesOpt = False) -> None:
     """Relaunch a stopped run (preempted, failed, cancelled) under the same run id; with
     storage it continues from its newest complete checkpoint."""
     from launcher import api
 
-    _follow(api.resume(run_id), detach)
+    _follow(api.resume(run_id, confirm=_confirm(yes)), detach)
 
 
 def _follow(record, detach: bool) -> None:  # type: ignore[no-untyped-def]
@@ -616,6 +616,7 @@ def sweep_run(
     storage: StorageOpt = None,
     stop_grace: StopGraceOpt = None,
     ray_address: RayAddressOpt = None,
+    yes: CostYesOpt = False,
 ) -> None:
     """Expand the grid, validate every trial, then run them (the default subcommand)."""
     from launcher import api, output
@@ -648,9 +649,9 @@ def sweep_run(
     for warning in plan.warnings:
         output.warning(warning)
     if dry_run:
-        output.sweep_dry_run(plan)
+        output.sweep_dry_run(plan, api.sweep_cost(plan))
         return
-    sweep = api.sweep_start(plan, detach=detach)
+    sweep = api.sweep_start(plan, detach=detach, confirm=_confirm(yes))
     output.sweep_started(sweep, len(plan.trials), detach)
     if not detach:
         _follow_sweep(sweep.sweep_id)

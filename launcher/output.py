@@ -256,13 +256,17 @@ def _trial_label(record: RunRecord) -> str:
     return f"t{trial.get('index')} ({trial.get('name')})"
 
 
-def sweep_dry_run(plan: Any) -> None:
+def sweep_dry_run(plan: Any, cost: tuple[float | None, str] = (0.0, "")) -> None:
+    """The trials and each one's plan; `cost` is `api.sweep_cost`'s (total, how)."""
     from rich.table import Table
 
     out().print(
         f"[bold]dry run[/]: sweep {plan.sweep_id} would run {len(plan.trials)} trials, "
         f"at most {plan.max_parallel} at a time on each of: {', '.join(plan.backends)}"
     )
+    total, how = cost
+    if how:
+        out().print(f"cost: {escape(how)}" if total is not None else f"cost unknown: {escape(how)}")
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("TRIAL", "NAME", "RUN ID", "BACKEND"):
         table.add_column(column, no_wrap=True)

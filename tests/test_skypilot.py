@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -30,7 +31,7 @@ import yaml
 from helpers import ROOT, launch, quickstart_config
 
 from executors import get_executor
-from executors.skypilot import JOB_DIR, stage, task_config
+from executors.sky_task import JOB_DIR, stage, task_config
 from launcher import api
 from payload.storage import open_store
 
@@ -201,6 +202,14 @@ def test_the_dry_run_prints_the_task_with_secrets_named_never_valued(tmp_path):
     )
     assert "torch==2.13.0" in task["setup"]
     assert "after up to 3 error(s)" in shown
+    # The plan's command is what runs on a node, the shell's $PWD included.
+    command = next(line for line in shown.splitlines() if line.startswith("command "))
+    assert shlex.split(command.split(None, 1)[1]) == [
+        "bash",
+        "-c",
+        "cd ~/ferry-job && timeout --signal=TERM --kill-after=120s 7200s python -m "
+        'payload.entry run job.json --root "$PWD"',
+    ]
     assert json.loads(launch("runs", "--json", env=env, check=True).stdout) == []
 
 
@@ -313,3 +322,71 @@ def test_the_entry_roots_only_the_paths_the_launcher_wrote():
         "datasets": [{"path": "/home/u/ferry-job/inputs/0-data.jsonl"}, {"path": "/ferry/data"}],
         "reward_funcs": ["/home/u/ferry-job/inputs/code-0/rewards.py:score"],
     }
+
+
+def test_launch_sky_typos_are_refused_at_validate_with_the_key(tmp_path):
+    """`launch validate` checks `launch.sky` the way SkyPilot would, without importing
+    it: the cloud part of infra (with a did-you-mean), each accelerator's form, the
+    cluster name's form; `managed` has one spelling, `launch.managed`. All collected in
+    one error."""
+    cfg = quickstart_config(
+        tmp_path,
+        "launch:\n  sky:\n    infra: awz/us-east-1\n    accelerators: [H100:8, 'A100 80GB:8']\n"
+        "    cluster: -train\n    managed: true\n",
+    )
+    said = launch("validate", str(cfg))
+    assert said.returncode != 0
+    text = " ".join(said.stderr.split())
+    assert "launch.sky.infra" in text and "Did you mean 'aws'?" in text
+    # Only the bad entry is blamed (the error quotes the whole list after "got").
+    assert "launch.sky.accelerators: 'A100 80GB:8': each entry is NAME or NAME:COUNT" in text
+    assert "launch.sky.cluster" in text and "'-train' is not a name SkyPilot accepts" in text
+    assert "launch.sky.managed" in text
+    good = quickstart_config(
+        tmp_path,
+        "launch:\n  managed: true\n  sky:\n    infra: k8s\n    accelerators: [H100:8, L4:8]\n"
+        "    cluster: my-team.train_1\n",
+    )
+    assert launch("validate", str(good)).returncode == 0
+
+
+def test_a_sweep_and_a_resume_are_held_to_max_cost_too(tmp_path):
+    """`launch.max_cost` bounds what one command may spend: a sweep's trials together
+    (3 trials on 8 H100s for 1 h, each under the $80 limit, $94.82 in all) are refused
+    without a terminal, the sum shown in its dry run; --yes goes on (to Modal's own
+    credential check). `launch resume` holds a stopped run to its limit as its first
+    launch did."""
+    cfg = quickstart_config(tmp_path, "launch:\n  max_cost: 80\n")
+    grid = tmp_path / "grid.yml"
+    grid.write_text("learning_rate: [0.0001, 0.0002, 0.0003]\n")
+    env = {"MODAL_TOKEN_ID": "", "MODAL_TOKEN_SECRET": "", "HOME": str(tmp_path)}
+    args = ["sweep", "run", str(cfg), "--sweep", str(grid), "--cloud", "modal"]
+    args += ["--gpus", "H100:8", "--timeout", "1h"]
+    hourly = 8 * 3.95 + 0.125 * 0.0473 + 0.125 * 0.008  # as in the Modal plan test
+    total = f"${3 * hourly:,.2f}"
+    shown = launch(*args, "--dry-run", env=env, check=True).stdout
+    assert f"cost: {total} at most for 3 priced trial(s)" in " ".join(shown.split())
+    refused = launch(*args, env=env)
+    assert refused.returncode != 0
+    said = " ".join(refused.stderr.split())
+    assert f"this sweep's estimated cost, {total} at most for 3 priced trial(s), is above " in said
+    assert "launch.max_cost $80.00" in said
+    assert json.loads(launch("runs", "--json", env=env, check=True).stdout) == []
+    passed = launch(*args, "--yes", env=env)
+    assert passed.returncode != 0 and "max_cost" not in passed.stderr, passed.stderr
+
+    from launcher.registry import Registry
+    from launcher.runs import record_for
+
+    job, _ = api.prepare(cfg, cloud="modal", gpus="H100:8", timeout="3h")
+    job.write()
+    record = record_for(job, cfg, "modal")
+    record.state = "preempted"
+    Registry().add(record)
+    refused = launch("resume", record.run_id, env=env)
+    assert refused.returncode != 0
+    assert f"${3 * hourly:,.2f} at most (to its timeout), is above launch.max_cost $80.00" in (
+        " ".join(refused.stderr.split())
+    ), refused.stderr
+    passed = launch("resume", record.run_id, "--yes", env=env)
+    assert passed.returncode != 0 and "max_cost" not in passed.stderr, passed.stderr

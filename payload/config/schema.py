@@ -392,6 +392,20 @@ class RayLaunch(_Strict):
     )
 
 
+# SkyPilot 0.14's clouds (sky.utils.registry.CLOUD_REGISTRY) and their aliases; a test
+# in SkyPilot's virtualenv keeps the list in step, since validation never imports it.
+SKY_CLOUDS = (
+    "aws", "azure", "cudo", "digitalocean", "do", "fluidstack", "gcp", "hyperbolic", "ibm",
+    "k8s", "kubernetes", "lambda", "mithril", "nebius", "oci", "paperspace",
+    "primeintellect", "runpod", "scp", "seeweb", "shadeform", "slurm", "ssh", "vast",
+    "verda", "vsphere", "yotta",
+)  # fmt: skip
+# An accelerator as Ferry gives it to SkyPilot: NAME or NAME:COUNT, one process per GPU.
+_SKY_ACCELERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*(:[1-9][0-9]*)?")
+# sky.skylet.constants.CLUSTER_NAME_VALID_REGEX
+_SKY_CLUSTER = re.compile(r"[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?")
+
+
 class SkyLaunch(_Strict):
     """`launch.sky`: how a run goes to SkyPilot (`--cloud sky`)."""
 
@@ -413,11 +427,6 @@ class SkyLaunch(_Strict):
         "`python -m images tag` prints the tag). Default: the VM's own image, with `setup` "
         "installing the image's pinned requirements.",
     )
-    managed: bool | None = Field(
-        default=None,
-        description="A managed job (sky.jobs.launch), recovered after preemption: as "
-        "--managed or launch.managed.",
-    )
     recovery: Literal["EAGER_NEXT_REGION", "FAILOVER"] | None = Field(
         default=None,
         description="A managed job's recovery strategy (SkyPilot's default: EAGER_NEXT_REGION).",
@@ -432,6 +441,48 @@ class SkyLaunch(_Strict):
     idle_minutes_to_autostop: int | None = Field(
         default=None, ge=0, description="Stop (or with down, tear down) after this idle time."
     )
+
+    @field_validator("infra")
+    @classmethod
+    def _infra(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        cloud = value.split("/")[0].strip().lower()
+        if cloud in SKY_CLOUDS or cloud == "*":
+            return value
+        import difflib
+
+        close = difflib.get_close_matches(cloud, SKY_CLOUDS, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{cloud!r} is not a cloud SkyPilot knows (cloud[/region[/zone]], one of "
+            f"{', '.join(SKY_CLOUDS)}).{hint}"
+        )
+
+    @field_validator("accelerators")
+    @classmethod
+    def _accelerators(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty list: name at least one accelerator, e.g. [H100:8]")
+        bad = [a for a in value if not _SKY_ACCELERATOR.fullmatch(str(a).strip())]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: each entry is NAME or NAME:COUNT with a "
+                "positive count (H100:8, A100-80GB:8, L4)"
+            )
+        return [str(a).strip() for a in value]
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str | None) -> str | None:
+        if value is not None and not _SKY_CLUSTER.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a name SkyPilot accepts for a cluster: a letter first, "
+                "then letters, digits, '-', '_' or '.', ending in a letter or digit"
+            )
+        return value
 
 
 class LaunchConfig(_Strict):

@@ -26,7 +26,7 @@ import pytest
 from helpers import ROOT, launch, quickstart_config
 
 from executors import RunState, get_executor
-from executors.skypilot import stage, task_config
+from executors.sky_task import stage, task_config
 from launcher import api
 
 
@@ -187,6 +187,20 @@ def test_a_launch_above_max_cost_is_refused_with_the_optimizers_figure(tmp_path,
     passed = launch(*args, env=env, timeout=120)
     assert passed.returncode != 0 and "max_cost" not in passed.stderr
     assert "UNSET_SECRET_FOR_TEST are not set in this environment" in passed.stderr, passed.stderr
+
+
+def test_with_a_remote_api_server_the_plan_does_not_price_from_local_credentials(
+    tmp_path, aws_on_moto, monkeypatch
+):
+    """This machine has AWS enabled (moto), but the runs go to a team's API server, whose
+    clouds are its own: the plan says where the price is, rather than pricing the task
+    with this machine's view. The password in the address is not shown."""
+    monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", "http://me:s3cret@sky.example:46580")
+    cfg = quickstart_config(tmp_path)
+    rows = dict(api.plan(cfg, cloud="sky", gpus="A10G:1", timeout="3h", storage="s3://b/r").rows)
+    assert rows["price"].startswith("unknown: SkyPilot's API server at ")
+    assert "me:***@sky.example:46580" in rows["price"] and "s3cret" not in rows["price"]
+    assert "sky launch --dryrun" in rows["price"]
 
 
 def test_with_no_cloud_enabled_a_launch_fails_in_seconds_saying_sky_check(tmp_path):
@@ -362,6 +376,9 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
     server.cluster_gone = True
     gone = executor.status(handle)
     assert gone.state == RunState.FAILED and "no final artifacts" in gone.detail, gone
+    handle.data["spot"] = True  # the same on a spot cluster: a preemption, resumable
+    gone = executor.status(handle)
+    assert gone.state == RunState.PREEMPTED and "most likely preempted" in gone.detail, gone
     open_store(job.storage_uri).write_bytes("final/ferry-manifest.json", b"{}")
     assert executor.status(handle).state == RunState.SUCCEEDED
 
@@ -378,6 +395,7 @@ def test_a_failed_launch_and_a_kept_cluster(tmp_path, monkeypatch):
     server.request_state[handle.data["request_id"]] = "FAILED"
     failed = executor.status(handle)
     assert failed.state == RunState.FAILED and "no A10G in any region" in failed.detail
+    assert f"`sky down {job.run_id}` removes them" in failed.detail  # machines may be up
     server.request_state[handle.data["request_id"]] = "SUCCEEDED"
     import sky
 
@@ -431,3 +449,14 @@ def test_cluster_settings_reach_the_launch_and_the_resources(tmp_path, monkeypat
     assert handle.data["cluster"] == "dev-box"
     (task,) = server.tasks
     assert list(task.resources)[0].instance_type == "g5.xlarge"
+
+
+def test_the_clouds_ferry_validates_are_skypilots():
+    """`launch.sky.infra` is checked without SkyPilot (payload.config.schema.SKY_CLOUDS):
+    the list is SkyPilot's own registry, aliases included."""
+    from sky.utils import registry
+
+    from payload.config.schema import SKY_CLOUDS
+
+    known = set(registry.CLOUD_REGISTRY) | set(registry.CLOUD_REGISTRY._aliases)
+    assert set(SKY_CLOUDS) == known
