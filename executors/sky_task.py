@@ -4,11 +4,12 @@ One task per run (`task_config`): the resources from the launch settings (accele
 spot, infra, disk, instance type, or a list of acceptable accelerators), `num_nodes`,
 the image (Ferry's image from a registry, `image_id: docker:...`, or a `setup` that
 installs the image's pinned requirements on the VM's own image), one file mount
-(`~/ferry-job`: the job contract, the files the config names, and in setup mode the
-payload source), the run's environment, the secrets by name, and a `run` script that
-starts the payload entry in the node's copy of the file mount:
+(`~/ferry-jobs/RUN_ID`: the job contract, the files the config names, and in setup mode
+the payload source; one folder per run, as runs may share a cluster), the run's
+environment, the secrets by name, and a `run` script that starts the payload entry in
+the node's copy of the file mount:
 
-    cd ~/ferry-job && python -m payload.entry run job.json --root "$PWD"
+    cd ~/ferry-jobs/RUN_ID && python -m payload.entry run job.json --root "$PWD"
 
 Plain data, no SkyPilot import: the dry run prints it and the run folder keeps it
 (`sky-task.yml`, secrets named with no value).
@@ -28,9 +29,9 @@ from executors.base import JobSpec, remote_job, stage_job
 from payload.errors import EXIT_PREEMPTED
 from payload.runtime.job import RemoteJob
 
-JOB_DIR = "~/ferry-job"  # on every node: the file mount with the job's files
-JOB_FILE = "job.json"  # in JOB_DIR: the job contract
-REMOTE_ROOT = "/ferry"  # the contract's paths; the run script puts them under JOB_DIR
+JOBS_DIR = "~/ferry-jobs"  # on every node: a file mount per run with the job's files
+JOB_FILE = "job.json"  # in the run's folder: the job contract
+REMOTE_ROOT = "/ferry"  # the contract's paths; the run script puts them under its folder
 WORK = f"{REMOTE_ROOT}/work"  # the node's working folder (config, local output)
 STAGING = "sky-job"  # in the run folder: what the file mount uploads
 TASK_FILE = "sky-task.yml"  # in the run folder: the task, secrets by name only
@@ -131,8 +132,15 @@ def setup_mode(job: JobSpec) -> bool:
     return not sky_settings(job).get("registry")
 
 
+def job_dir(job: JobSpec) -> str:
+    """The run's folder on every node: the file mount. One per run: SkyPilot syncs the
+    file mounts of every launch onto a shared cluster (`launch.sky.cluster`) without
+    deleting, so a run queued there must not share its folder with another."""
+    return f"{JOBS_DIR}/{job.run_id}"
+
+
 def entry_command(job: JobSpec) -> str:
-    """The payload entry as the run script starts it, in JOB_DIR: the contract's paths
+    """The payload entry as the run script starts it, in `job_dir`: the contract's paths
     rooted there, under `timeout` when the run has one (SIGTERM at the timeout: the ranks
     save and upload, then exit 124)."""
     entry = f'python -m payload.entry run {JOB_FILE} --root "$PWD"'
@@ -147,7 +155,7 @@ def run_script(job: JobSpec) -> str:
     lines = []
     if setup_mode(job):
         lines.append(f"source {VENV}/bin/activate")
-    lines += ["set -euo pipefail", f"cd {JOB_DIR}"]
+    lines += ["set -euo pipefail", f"cd {job_dir(job)}"]
     if setup_mode(job):  # the shipped payload source, ahead of anything installed
         lines.append('export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"')
     lines.append(f"exec {entry_command(job)}")
@@ -172,7 +180,7 @@ def task_config(job: JobSpec, staged: Path | str | None = None) -> dict[str, Any
     }
     if job.secrets:
         task["secrets"] = {name: None for name in job.secrets}
-    task["file_mounts"] = {JOB_DIR: str(staged or job.run_dir / STAGING)}
+    task["file_mounts"] = {job_dir(job): str(staged or job.run_dir / STAGING)}
     if setup_mode(job) and image["setup"]:
         task["setup"] = image["setup"] + "\n"
     task["run"] = run_script(job)

@@ -36,16 +36,16 @@ from typing import Any
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.sky_task import (
-    JOB_DIR,
     STAGING,
     TASK_FILE,
     VENV,
     accelerators,
     cluster_name,
-    entry_command,
     infra,
+    job_dir,
     managed,
     resources_config,
+    run_script,
     secret_values,
     setup_mode,
     sky_job,
@@ -61,6 +61,7 @@ INSTALL_HINT = "pip install 'ferry[sky]'"
 API_TIMEOUT_S = 30.0  # one status, queue or cancel request to the API server
 STREAM_TIMEOUT_S = 60.0 * 60  # `logs -f` waits this long for provisioning and setup
 POLL_S = 10.0  # ... asking this often whether the job has started
+POLL_WAIT_S = 2.0  # a cancel asks the storage this often for the ranks' last checkpoint
 CLOUD_ALIASES = {"k8s": "kubernetes", "digitalocean": "do"}
 ENDPOINT_VARIABLE = "SKYPILOT_API_SERVER_ENDPOINT"
 
@@ -441,7 +442,7 @@ class SkyPilotExecutor(Executor):
             ),
             (
                 "files",
-                f"{job.run_dir / STAGING} -> {JOB_DIR} (job.json, inputs/"
+                f"{job.run_dir / STAGING} -> {job_dir(job)} (job.json, inputs/"
                 + (", payload/)" if setup_mode(job) else ")"),
             ),
             ("storage", f"{job.storage_uri} (checkpoints with manifests, final artifacts)"),
@@ -463,8 +464,8 @@ class SkyPilotExecutor(Executor):
                     f"max_restarts_on_errors {recovery['max_restarts_on_errors']}",
                 )
             )
-        rows.extend(("input", f"{local} -> {JOB_DIR}/{remote}") for local, remote in inputs)
-        command = ["bash", "-c", f"cd {JOB_DIR} && {entry_command(job)}"]  # on every node
+        rows.extend(("input", f"{local} -> {job_dir(job)}/{remote}") for local, remote in inputs)
+        command = ["bash", "-c", "; ".join(run_script(job).splitlines())]  # on every node
         plan = Plan(self.name, job.run_id, rows, command)
         plan.appendix = "task (sky-task.yml):\n" + yaml_text(task)
         return plan
@@ -567,6 +568,8 @@ class SkyPilotExecutor(Executor):
         except LaunchFailed as e:
             return Status(RunState.FAILED, e.message)
         except FerryError as e:
+            if _gone(e):  # the request is forgotten and the cluster it ran on is gone
+                return self._after_teardown(handle)
             return Status(RunState.PENDING, f"state unknown: {e.message}", unknown=True)
         if job_id is None:
             return Status(RunState.PENDING, "SkyPilot is provisioning the machines")
@@ -586,8 +589,7 @@ class SkyPilotExecutor(Executor):
             states = request(sky, "the job's state", lambda: sky.job_status(cluster, [job_id]))
             value = (states or {}).get(job_id) or (states or {}).get(str(job_id))
         except FerryError as e:
-            if type(e.__cause__).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError"):
-                # A torn-down cluster, or a stopped jobs controller: storage says.
+            if _gone(e):  # a torn-down cluster, or a stopped jobs controller: storage says
                 return self._after_teardown(handle)
             return Status(RunState.RUNNING, f"state unknown: {e.message}", unknown=True)
         if value is None:
@@ -595,23 +597,36 @@ class SkyPilotExecutor(Executor):
         return Status(CLUSTER_STATES.get(_name(value), RunState.RUNNING))
 
     def _after_teardown(self, handle: Handle) -> Status:
-        """A cluster job whose cluster is gone (torn down when the job ended, by default):
-        the run's storage says how it ended. Its final artifacts, manifest and all, mean
-        it succeeded; without them it stopped early, and its checkpoints are there for
-        `launch resume`."""
+        """A job whose machines SkyPilot can no longer ask: a cluster job's cluster torn
+        down (when the job ended, by default), or the managed jobs' controller stopped
+        (it stops when idle). The run's storage says how it ended: its final artifacts,
+        manifest and all, mean it succeeded. Without them a cluster job stopped early (its
+        checkpoints are there for `launch resume`); a managed job's state waits for the
+        controller."""
         from payload.storage import FINAL, MANIFEST, open_store
 
-        cluster, uri = handle.data["cluster"], handle.data.get("storage_uri")
+        uri = handle.data.get("storage_uri")
+        where = (
+            "SkyPilot's jobs controller is stopped"
+            if handle.data["mode"] == "managed"
+            else f"cluster {handle.data['cluster']} is gone"
+        )
         try:
             done = bool(uri) and f"{FINAL}/{MANIFEST}" in open_store(uri).list(FINAL)
         except Exception as e:  # noqa: BLE001 - asked again next time
             return Status(
-                RunState.RUNNING,
-                f"cluster {cluster} is gone and its storage did not answer: {e}",
-                unknown=True,
+                RunState.RUNNING, f"{where} and the storage did not answer: {e}", unknown=True
             )
         if done:
-            return Status(RunState.SUCCEEDED, f"cluster {cluster} torn down after the job", 0)
+            return Status(RunState.SUCCEEDED, f"{where}; the run's final artifacts are in {uri}", 0)
+        if handle.data["mode"] == "managed":
+            return Status(
+                RunState.RUNNING,
+                f"{where} and the run left no final artifacts in {uri}: `sky jobs queue "
+                "--refresh` starts the controller and shows the job",
+                unknown=True,
+            )
+        cluster = handle.data["cluster"]
         if handle.data.get("spot"):  # a cluster job is not recovered: --managed would be
             return Status(
                 RunState.PREEMPTED,
@@ -625,6 +640,19 @@ class SkyPilotExecutor(Executor):
             "stopped early (`launch logs` has what was shown; `launch resume` continues from "
             "its last checkpoint)",
         )
+
+    def _saved(self, handle: Handle) -> tuple[int, bool] | None:
+        """The newest complete checkpoint's step in the run's storage (-1: none) and
+        whether the final artifacts are there; None if the storage did not answer."""
+        from payload.storage import FINAL, MANIFEST, latest_complete_checkpoint, open_store
+
+        try:
+            store = open_store(handle.data["storage_uri"])
+            newest = latest_complete_checkpoint(store)
+            final = f"{FINAL}/{MANIFEST}" in store.list(FINAL)
+        except Exception:  # noqa: BLE001 - then the cancel waits the whole grace
+            return None
+        return (newest.step if newest else -1), final
 
     def _logs(self, handle: Handle, follow: bool) -> Iterator[str]:
         """The job's log from its nodes (SkyPilot streams it), after the launch's own
@@ -659,32 +687,60 @@ class SkyPilotExecutor(Executor):
             yield from chunk.splitlines(keepends=True)
 
     def _cancel(self, handle: Handle) -> Status:
-        """Cancel the job (its ranks get SIGTERM: they save and upload, within the stop
-        grace); a cluster job's cluster is then torn down if the run said so (`down`, the
-        default). A launch still provisioning is cancelled as a request."""
+        """Cancel the job: its ranks get SIGTERM and save and upload a checkpoint. A
+        cluster job's cluster is then torn down if the run said so (`down`, the default),
+        but not before that checkpoint is complete in storage: SkyPilot marks a cancelled
+        job ended at once, so Ferry watches the storage, for up to the stop grace. A launch
+        still provisioning is cancelled as a request."""
         sky = sdk()
-        job_id = self._job_id(sky, handle)
         managed_job = handle.data["mode"] == "managed"
-        if job_id is None:
-            request(sky, "the launch's cancel", lambda: sky.api_cancel(handle.data["request_id"]))
-        elif managed_job:
-            request(sky, "the cancel", lambda: sky.jobs.cancel(job_ids=[job_id]))
-        else:
-            cluster = handle.data["cluster"]
-            request(sky, "the cancel", lambda: sky.cancel(cluster, job_ids=[job_id]))
-        if not managed_job and handle.data.get("down", True):
-            if job_id is not None:  # let the ranks save and upload before the machines go
-                deadline = time.monotonic() + float(handle.data.get("stop_grace_s") or 120)
-                while time.monotonic() < deadline and not self._status(handle).state.finished:
-                    time.sleep(min(POLL_S, 2.0))
-            cluster = handle.data["cluster"]
-            request_id = call("the teardown", lambda: sky.down(cluster))
-            return Status(
-                RunState.CANCELLED,
-                f"cancelled; teardown of cluster {cluster} requested (`sky api logs "
-                f"{request_id}` follows it)",
-            )
-        return Status(RunState.CANCELLED, "cancelled (SkyPilot stopped the job)")
+        try:
+            job_id = self._job_id(sky, handle)
+        except FerryError as e:
+            if not _gone(e):
+                raise
+            return Status(RunState.CANCELLED, "cancelled: its machines were already gone")
+        before = self._saved(handle) if job_id is not None and not managed_job else None
+        try:
+            if job_id is None:
+                request(
+                    sky, "the launch's cancel", lambda: sky.api_cancel(handle.data["request_id"])
+                )
+            elif managed_job:
+                request(sky, "the cancel", lambda: sky.jobs.cancel(job_ids=[job_id]))
+            else:
+                cluster = handle.data["cluster"]
+                request(sky, "the cancel", lambda: sky.cancel(cluster, job_ids=[job_id]))
+        except FerryError as e:
+            if not _gone(e):
+                raise
+            return Status(RunState.CANCELLED, "cancelled: its machines were already gone")
+        if managed_job or not handle.data.get("down", True):
+            return Status(RunState.CANCELLED, "cancelled (SkyPilot stopped the job)")
+        waited = ""
+        if job_id is not None:  # let the ranks save and upload before the machines go
+            grace = float(handle.data.get("stop_grace_s") or 120)
+            deadline = time.monotonic() + grace
+            waited = f"; no new checkpoint within the {grace:g} s stop grace"
+            while time.monotonic() < deadline:
+                now = self._saved(handle)
+                if now is not None and before is not None and (now[0] > before[0] or now[1]):
+                    waited = f"; checkpoint-{now[0]} saved first" if not now[1] else ""
+                    break
+                time.sleep(POLL_WAIT_S)
+        cluster = handle.data["cluster"]
+        request_id = call("the teardown", lambda: sky.down(cluster))
+        return Status(
+            RunState.CANCELLED,
+            f"cancelled{waited}; teardown of cluster {cluster} requested (`sky api logs "
+            f"{request_id}` follows it)",
+        )
+
+
+def _gone(e: FerryError) -> bool:
+    """SkyPilot said the machines to ask are not there (a cluster torn down, the jobs
+    controller stopped)."""
+    return type(e.__cause__).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
 
 
 def _first_line(e: BaseException) -> str:

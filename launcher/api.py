@@ -119,9 +119,14 @@ def check_cost(
     limit = job.resources.max_cost
     if not limit:
         return
-    why = over_limit(_estimate(executor, job, source, registry), limit)
+    est = _estimate(executor, job, source, registry)
+    why = over_limit(est, limit)
     if why is None:
         return
+    if est is not None and est.per_node_hour is None:
+        # No price, often for a reason the preflight states better (SkyPilot missing, no
+        # cloud enabled): that next step first, not a --yes that would still fail.
+        executor.preflight(job)
     if confirm is not None and confirm(why):
         return
     raise FerryError(

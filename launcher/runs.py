@@ -352,8 +352,23 @@ def refresh(record: RunRecord, registry: Registry) -> RunRecord:
 
 
 def read_summary(record: RunRecord) -> dict[str, Any] | None:
-    """The payload's summary.json, when the run's output is on this machine."""
-    return read_output_summary(record.output_dir) if record.output_dir else None
+    """The payload's summary.json: from the run's output when it is on this machine,
+    else from the final artifacts in its storage (a remote run's). None: not there (the
+    run did not finish, or the storage did not answer)."""
+    found = read_output_summary(record.output_dir) if record.output_dir else None
+    if found is not None or not record.storage_uri:
+        return found
+    import json
+
+    from payload.storage import FINAL, open_store
+    from payload.storage.layout import SUMMARY_FILE
+
+    try:
+        data = open_store(record.storage_uri).read_bytes(f"{FINAL}/{SUMMARY_FILE}")
+        summary = json.loads(data) if data else None
+    except Exception:  # noqa: BLE001 - a summary is a nicety; the state is already known
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def cancel(run_id: str, registry: Registry) -> RunRecord:

@@ -5,7 +5,7 @@ The task's `run` script is run the way SkyPilot runs it on a node: `/bin/bash -i
 script, with the task's envs, SkyPilot's variables and the file mount in place. What
 cannot exist here is replaced, and only that:
   - the VMs: each "node" is a HOME folder of its own on this machine, both on loopback;
-  - the file mount: the staged folder is copied to each HOME's ~/ferry-job, as SkyPilot
+  - the file mount: the staged folder is copied to each HOME's ~/ferry-jobs/RUN_ID, as SkyPilot
     copies it;
   - the task's `setup`: its venv (~/ferry-venv) is one whose activate script puts this
     test's Python, which has the pinned training stack, first on PATH;
@@ -31,7 +31,7 @@ import yaml
 from helpers import ROOT, launch, quickstart_config
 
 from executors import get_executor
-from executors.sky_task import JOB_DIR, stage, task_config
+from executors.sky_task import stage, task_config
 from launcher import api
 from payload.storage import open_store
 
@@ -60,8 +60,9 @@ def node(tmp_path: Path, name: str, folder: Path, task: dict) -> Path:
     """A machine's HOME: the file mount's copy of the job, the `setup` venv, the task's
     run script where SkyPilot writes it, and ~/sky_workdir, the run's working folder."""
     home = tmp_path / name
-    assert task["file_mounts"] == {JOB_DIR: str(folder)}
-    shutil.copytree(folder, home / "ferry-job")
+    ((mount, source),) = task["file_mounts"].items()
+    assert mount == f"~/ferry-jobs/{task['name']}" and source == str(folder)
+    shutil.copytree(folder, home / "ferry-jobs" / task["name"])
     activate = home / "ferry-venv" / "bin" / "activate"
     activate.parent.mkdir(parents=True)
     activate.write_text(f'export PATH="{VENV_BIN}:$PATH"\n')
@@ -79,7 +80,8 @@ def start(home: Path, task: dict, rank: int, nodes: int, **extra: str) -> subpro
         HOME=str(home),
         OMP_NUM_THREADS="1",
         SKYPILOT_NODE_RANK=str(rank),
-        SKYPILOT_NODE_IPS="\n".join(["127.0.0.1"] * nodes),
+        # Each node's own address differs: rank 1 must still dial the first one.
+        SKYPILOT_NODE_IPS="\n".join(f"127.0.0.{n + 1}" for n in range(nodes)),
         SKYPILOT_NUM_NODES=str(nodes),
         SKYPILOT_NUM_GPUS_PER_NODE="0",
         SKYPILOT_TASK_ID="sky-managed-2026-12-03-10-00-00-000000_quickstart_7-0",
@@ -123,7 +125,7 @@ def test_the_run_script_trains_the_quickstart_as_two_nodes(tmp_path, s3_bucket):
             "--nproc-per-node 1" in line
         ), line
         # The job's files were read from this node's own copy of the file mount.
-        assert f"{homes[rank]}/ferry-job/work/config.yml" in line, line
+        assert f"{homes[rank]}/ferry-jobs/{job.run_id}/work/config.yml" in line, line
     assert "| 2 x cpu (gloo)" in outs[0]
     assert "[step 4/4]" in outs[0]
     store = open_store(job.storage_uri)
@@ -131,6 +133,13 @@ def test_the_run_script_trains_the_quickstart_as_two_nodes(tmp_path, s3_bucket):
     assert "final/adapter_model.safetensors" in final
     summary = json.loads(store.read_bytes("final/summary.json"))
     assert summary["steps"] == 4
+    # The registry reads a remote run's summary from its storage (the step time a later
+    # plan's cost estimate uses).
+    from launcher.runs import read_summary, record_for
+
+    record = record_for(job, cfg, "sky", storage_uri=job.storage_uri)
+    assert record.output_dir is None or not (Path(record.output_dir) / "summary.json").exists()
+    assert read_summary(record) == summary
 
 
 @pytest.mark.slow
@@ -202,39 +211,43 @@ def test_the_dry_run_prints_the_task_with_secrets_named_never_valued(tmp_path):
     )
     assert "torch==2.13.0" in task["setup"]
     assert "after up to 3 error(s)" in shown
-    # The plan's command is what runs on a node, the shell's $PWD included.
+    # The plan's command is the task's run script, on one line, in the run's own folder.
     command = next(line for line in shown.splitlines() if line.startswith("command "))
     assert shlex.split(command.split(None, 1)[1]) == [
         "bash",
         "-c",
-        "cd ~/ferry-job && timeout --signal=TERM --kill-after=120s 7200s python -m "
-        'payload.entry run job.json --root "$PWD"',
+        "; ".join(task["run"].splitlines()),
     ]
+    assert f"\ncd ~/ferry-jobs/{task['name']}\n" in task["run"]
+    assert task["run"].startswith("source ~/ferry-venv/bin/activate\n")
     assert json.loads(launch("runs", "--json", env=env, check=True).stdout) == []
 
 
 def test_without_skypilot_a_launch_fails_in_seconds_with_the_next_step(tmp_path):
     """No SkyPilot in this Python (a None in sys.modules, the interpreter's own "cannot
     be imported" mark, so the test holds where it is installed too): the launch stops
-    before anything is recorded, in under 5 s, saying what to install."""
-    cfg = quickstart_config(tmp_path)
+    before anything is recorded, in under 5 s, saying what to install; with
+    `launch.max_cost` too (no price without SkyPilot), it says the same, not --yes."""
     code = (
         "import sys; sys.modules['sky'] = None; sys.argv[0] = 'launch'; "
         "from launcher.cli import main; main()"
     )
     home = tmp_path / "ferry"
     env = {**os.environ, "FERRY_HOME": str(home)}
-    started = time.monotonic()
-    refused = subprocess.run(
-        [sys.executable, "-c", code, "train", str(cfg), "--cloud", "sky", "--gpus", "A10G:1",
-         "--storage", "s3://bucket/runs"],
-        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    took = time.monotonic() - started
-    assert refused.returncode != 0
-    assert "SkyPilot is not installed" in refused.stderr, refused.stderr
-    assert "pip install 'ferry[sky]'" in refused.stderr
-    assert took < 5, took
+    for extra in ("", "launch:\n  max_cost: 100\n"):
+        cfg = quickstart_config(tmp_path, extra)
+        started = time.monotonic()
+        refused = subprocess.run(
+            [sys.executable, "-c", code, "train", str(cfg), "--cloud", "sky", "--gpus",
+             "A10G:1", "--storage", "s3://bucket/runs"],
+            env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert refused.returncode != 0
+        assert "SkyPilot is not installed" in refused.stderr, refused.stderr
+        assert "pip install 'ferry[sky]'" in refused.stderr
+        assert "--yes" not in refused.stderr
+        assert took < 5, took
     listed = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "runs", "--json"], env=env, capture_output=True,
         text=True, check=True,

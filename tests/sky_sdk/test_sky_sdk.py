@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -244,6 +245,9 @@ class FakeServer:
         self.queue: list[dict] = []
         self.log = ["line one\n", None, "line two\n"]  # None: a status message
         self.cluster_gone = False
+        self.controller_down = False  # the managed jobs' controller, stopped when idle
+        self.on_cancel = None  # what the job's ranks do when they get SIGTERM
+        self.down_at = 0.0
 
     def request(self, name: str, result: object, state: str = "SUCCEEDED") -> str:
         rid = self.RequestId(f"req-{len(self.results)}-{name}")
@@ -289,12 +293,23 @@ class FakeServer:
             return self.request("job_status", {i: self.job_states.get(i) for i in ids})
 
         def cancel(cluster, job_ids=None, **kw):
-            for i in job_ids:
+            if self.cluster_gone:
+                raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
+            for i in job_ids:  # SkyPilot marks it cancelled at once, the ranks still saving
                 self.job_states[i] = sky.JobStatus.CANCELLED
+            if self.on_cancel:
+                self.on_cancel()
             return self.request("cancel", None)
+
+        def queue(cluster, **kw):
+            if self.cluster_gone:
+                raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
+            return self.request("queue", self.queue)
 
         def queue_v2(refresh, fields=None, job_ids=None, name_match=None, **kw):
             assert "failure_reason" in fields
+            if self.controller_down and not refresh:
+                raise sky.exceptions.ClusterNotUpError("The jobs controller is not up.")
             records = [
                 r
                 for r in self.managed
@@ -309,11 +324,15 @@ class FakeServer:
         monkeypatch.setattr(sky, "api_status", api_status)
         monkeypatch.setattr(sky, "job_status", job_status)
         monkeypatch.setattr(sky.jobs, "queue_v2", queue_v2)
-        monkeypatch.setattr(sky, "queue", lambda cluster, **kw: self.request("queue", self.queue))
+        monkeypatch.setattr(sky, "queue", queue)
         monkeypatch.setattr(sky, "tail_logs", tail)
         monkeypatch.setattr(sky.jobs, "tail_logs", tail)
         monkeypatch.setattr(sky, "cancel", cancel)
-        monkeypatch.setattr(sky, "down", lambda cluster, **kw: self.request("down", None))
+        def down(cluster, **kw):
+            self.down_at = time.monotonic()
+            return self.request("down", None)
+
+        monkeypatch.setattr(sky, "down", down)
         monkeypatch.setattr(
             sky, "api_cancel", lambda request_ids, **kw: self.request("api_cancel", None)
         )
@@ -366,11 +385,30 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
     server.queue[:] = [{"job_id": 3, "job_name": "other"}, {"job_id": 7, "job_name": job.run_id}]
     assert executor.status(fresh).state == RunState.SUCCEEDED and fresh.data["job_id"] == 7
 
+    # Cancel: SkyPilot calls the job cancelled at once, while its ranks save checkpoint-3
+    # (1.5 s here); the teardown waits for that checkpoint's manifest in storage.
+    store = open_store(job.storage_uri)
+    store.write_bytes("checkpoints/checkpoint-2/ferry-manifest.json", b"{}")  # before
+    saved_at: list[float] = []
+
+    def ranks_save() -> None:
+        def save() -> None:
+            store.write_bytes("checkpoints/checkpoint-3/model.bin", b"w")
+            store.write_bytes("checkpoints/checkpoint-3/ferry-manifest.json", b"{}")
+            saved_at.append(time.monotonic())
+
+        threading.Timer(1.5, save).start()
+
+    server.on_cancel = ranks_save
     server.job_states[7] = sky.JobStatus.RUNNING
+    started = time.monotonic()
     cancelled = executor.cancel(handle)
     assert cancelled.state == RunState.CANCELLED and "teardown" in cancelled.detail
+    assert "checkpoint-3 saved first" in cancelled.detail, cancelled.detail
     names = [c[0] for c in server.calls]
-    assert names.index("cancel") < names.index("down")  # the ranks save before the machines go
+    assert names.index("cancel") < names.index("down")
+    assert saved_at and saved_at[0] < server.down_at  # the machines went after the save ...
+    assert time.monotonic() - started < 30  # ... not after the whole 120 s stop grace
 
     server.job_states.pop(7)
     server.cluster_gone = True
@@ -379,8 +417,14 @@ def test_a_cluster_job_is_launched_followed_and_cancelled_through_the_sdk(
     handle.data["spot"] = True  # the same on a spot cluster: a preemption, resumable
     gone = executor.status(handle)
     assert gone.state == RunState.PREEMPTED and "most likely preempted" in gone.detail, gone
+    # A cancel finds the machines gone: nothing to stop.
+    assert "already gone" in executor.cancel(handle).detail
+    # The launch request forgotten too (first asked after 24 h): found by storage still.
+    forgotten = type(handle)(handle.backend, handle.run_id, {**handle.data, "job_id": None})
+    assert executor.status(forgotten).state == RunState.PREEMPTED
     open_store(job.storage_uri).write_bytes("final/ferry-manifest.json", b"{}")
     assert executor.status(handle).state == RunState.SUCCEEDED
+    assert executor.status(forgotten).state == RunState.SUCCEEDED
 
 
 def test_a_failed_launch_and_a_kept_cluster(tmp_path, monkeypatch):
@@ -404,13 +448,15 @@ def test_a_failed_launch_and_a_kept_cluster(tmp_path, monkeypatch):
     assert "down" not in [c[0] for c in server.calls]
 
 
-def test_a_managed_job_reports_its_recoveries_and_its_failure(tmp_path, monkeypatch):
+def test_a_managed_job_reports_its_recoveries_and_its_failure(tmp_path, monkeypatch, s3_bucket):
     import sky.jobs
     from sky.schemas.api.responses import ManagedJobRecord
 
+    from payload.storage import open_store
+
     server = FakeServer()
     server.install(monkeypatch)
-    job = job_of(tmp_path, gpus="A10G:1", managed=True, retries=1)
+    job = job_of(tmp_path, gpus="A10G:1", managed=True, retries=1, storage=f"s3://{s3_bucket}/runs")
     executor = get_executor("sky")
     handle = executor.submit(job)
     assert ("jobs.launch", job.run_id) in server.calls
@@ -432,6 +478,14 @@ def test_a_managed_job_reports_its_recoveries_and_its_failure(tmp_path, monkeypa
     assert executor.status(handle).state == RunState.SUCCEEDED
     assert executor.cancel(handle).state == RunState.CANCELLED
     assert server.calls[-1] == ("jobs.cancel",)
+
+    # The jobs controller stopped (idle): the state is unknown until storage has the
+    # final artifacts, and Ferry does not start the controller (a VM) just to ask.
+    server.controller_down = True
+    now = executor.status(handle)
+    assert now.unknown and "sky jobs queue --refresh" in now.detail, now
+    open_store(job.storage_uri).write_bytes("final/ferry-manifest.json", b"{}")
+    assert executor.status(handle).state == RunState.SUCCEEDED
 
 
 def test_cluster_settings_reach_the_launch_and_the_resources(tmp_path, monkeypatch):
