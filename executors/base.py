@@ -238,6 +238,7 @@ class Executor:
 
     name: str = ""
     remote = True  # runs elsewhere: credentials travel as named secrets
+    secrets_are_variables = False  # each secret is one environment variable, by its name
     priced = False  # bills by the hour: `hourly_price` says how much (executors.cost)
 
     # ---- public API: shared checks, then the backend's hook
@@ -262,7 +263,11 @@ class Executor:
                 # fit the processes, which only the launch knows.
                 problems.extend(mesh_problems(cfg, r.nodes * job.procs_per_node))
         problems.extend(self._check(job))
-        problems.extend(credential_problems(job.train_config(), job.secrets, self.remote))
+        problems.extend(
+            credential_problems(
+                job.train_config(), job.secrets, self.remote, self.secrets_are_variables
+            )
+        )
         return problems
 
     def warnings(self, job: JobSpec) -> list[str]:

@@ -260,6 +260,7 @@ def entrypoint() -> str:
 
 class RayExecutor(Executor):
     name = "ray"
+    secrets_are_variables = True  # a secret is read from the environment by its name
 
     def _preflight(self, job: JobSpec) -> None:
         """The cluster answers and takes our token, before anything is recorded."""

@@ -36,6 +36,7 @@ from typing import Any
 
 from executors.base import Executor, Handle, JobSpec, Plan, RunState, Status
 from executors.sky_task import (
+    CONTEXT_INFRA,
     STAGING,
     TASK_FILE,
     VENV,
@@ -230,12 +231,18 @@ def _name(status: Any) -> str:
 class SkyPilotExecutor(Executor):
     name = "sky"
     priced = True
+    secrets_are_variables = True  # a secret is read from the environment by its name
 
     # ---- before anything starts
     def _check(self, job: JobSpec) -> list[str]:
         problems, s, r = [], sky_settings(job), job.resources
         text = s.get("infra")
-        if r.region and not text:
+        if r.region and text and str(text).split("/")[0].lower() in CONTEXT_INFRA:
+            problems.append(
+                f"--region {r.region}: `launch.sky.infra: {text}` names a Kubernetes or SSH "
+                "context, not a cloud with regions; drop --region"
+            )
+        elif r.region and not text:
             problems.append(
                 f"--region {r.region}: SkyPilot needs the cloud too; set `launch.sky.infra: "
                 f"aws/{r.region}` (or gcp/..., azure/...)"
@@ -287,7 +294,13 @@ class SkyPilotExecutor(Executor):
                 said.append("a spot cluster job ends at a preemption: --managed recovers it")
         elif r.spot:
             said.append("a spot cluster job ends at a preemption: --managed recovers it")
-        if not accelerators(job):
+        if s.get("cluster") and not managed(job) and s.get("down", True):
+            said.append(
+                f"`launch.sky.cluster: {s['cluster']}` with `down` (the default): the cluster "
+                "is torn down when this job ends, even one that was up before; `launch.sky."
+                "down: false` keeps it"
+            )
+        if not accelerators(job) and not s.get("instance_type"):
             said.append(
                 f"no accelerator named: SkyPilot picks the cheapest CPU machine and runs "
                 f"{job.procs_per_node} process(es) on it; name GPUs with --gpus "

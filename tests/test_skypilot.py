@@ -403,3 +403,25 @@ def test_a_sweep_and_a_resume_are_held_to_max_cost_too(tmp_path):
     ), refused.stderr
     passed = launch("resume", record.run_id, "--yes", env=env)
     assert passed.returncode != 0 and "max_cost" not in passed.stderr, passed.stderr
+
+
+def test_settings_that_would_surprise_are_said_before_launch(tmp_path):
+    """A named cluster that `down` would tear down is warned about; an instance type
+    without accelerators is not called a CPU machine; --region with a Kubernetes
+    context is refused (it would be dropped)."""
+    executor = get_executor("sky")
+    storage = "s3://bucket/runs"
+    cfg = quickstart_config(tmp_path, "launch:\n  sky:\n    cluster: team-box\n")
+    job, _ = api.prepare(cfg, cloud="sky", gpus="A10G:1", storage=storage)
+    said = " ".join(executor.warnings(job))
+    assert "`launch.sky.cluster: team-box` with `down` (the default)" in said
+    cfg = quickstart_config(
+        tmp_path, "launch:\n  sky:\n    cluster: team-box\n    down: false\n"
+        "    instance_type: g5.xlarge\n",
+    )  # fmt: skip
+    job, _ = api.prepare(cfg, cloud="sky", storage=storage)
+    said = " ".join(executor.warnings(job))
+    assert "torn down" not in said and "CPU machine" not in said
+    cfg = quickstart_config(tmp_path, "launch:\n  sky:\n    infra: k8s\n")
+    job, _ = api.prepare(cfg, cloud="sky", gpus="A10G:1", region="us-east-1", storage=storage)
+    assert any("names a Kubernetes or SSH context" in p for p in executor.problems(job))

@@ -322,6 +322,20 @@ def test_a_remote_launch_needs_the_trackers_secret_before_anything_starts(tmp_pa
     assert plan_row(plan, "tracker") == "W&B: project p, offline (files in the run folder)"
 
 
+def test_where_a_secret_is_one_variable_it_must_be_the_trackers_variable(tmp_path):
+    """On SkyPilot a secret is an environment variable by its name: `--secret wandb`
+    would give the node `$wandb`, not WANDB_API_KEY, so only the variable's name will do
+    (a Modal secret named wandb-key may hold WANDB_API_KEY; see the test above)."""
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(_cfg(wandb_project="p")))
+    args = ["train", str(path), "--cloud", "sky", "--storage", "s3://b/r", "--dry-run"]
+    refused = launch(*args, "--secret", "wandb")
+    assert refused.returncode != 0
+    assert "needs WANDB_API_KEY in the job" in refused.stderr
+    assert "--secret WANDB_API_KEY" in refused.stderr
+    launch(*args, "--secret", "WANDB_API_KEY", check=True)
+
+
 def test_a_local_launch_without_the_credential_is_refused(tmp_path, monkeypatch):
     from executors import get_executor
     from launcher import api

@@ -323,22 +323,30 @@ def _credential_here(variable: str) -> bool:
     return False
 
 
-def credential_problems(cfg: TrainConfig, secrets: list[str], remote: bool) -> list[str]:
+def credential_problems(
+    cfg: TrainConfig, secrets: list[str], remote: bool, variables: bool = False
+) -> list[str]:
     """What stops the trackers from reporting, said before the run starts. Remote: a
-    named secret must carry each needed credential (its name holds the tracker's word,
-    e.g. `wandb`, or is the variable itself). Local: the variable or the client's login
-    file must be here."""
+    named secret must carry each needed credential: its name holds the tracker's word
+    (e.g. `wandb`: a Modal secret holds several variables) or is the variable itself,
+    which is the only way where each secret is one variable (`variables`: SkyPilot, Ray).
+    Local: the variable or the client's login file must be here."""
     problems = []
     for tracker in active(cfg):
         need = tracker.credential
         if not need or tracker.optional_credential:
             continue
         if remote:
-            if any(s.upper() == need or tracker.secret_word in s.lower() for s in secrets):
+            if any(
+                s == need
+                or (not variables and (s.upper() == need or tracker.secret_word in s.lower()))
+                for s in secrets
+            ):
                 continue
+            name = need if variables else tracker.secret_word
             problems.append(
                 f"{tracker.label} ({tracker.where}) needs {need} in the job: name a secret "
-                f"holding it (--secret {tracker.secret_word}, or launch.secrets), or "
+                f"holding it (--secret {name}, or launch.secrets), or "
                 f"{_offline_hint(tracker)}"
             )
         elif not _credential_here(need):
