@@ -173,7 +173,9 @@ class JobSpec:
 
     def train_config(self) -> TrainConfig:
         """The config the run trains (validated when the job was made)."""
-        return TrainConfig.model_validate(self.config)
+        from payload.plugins import config_class_for
+
+        return config_class_for(self.config).model_validate(self.config)
 
     @property
     def procs_per_node(self) -> int:

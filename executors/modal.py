@@ -42,8 +42,8 @@ from executors.base import (
     vllm_rows,
 )
 from payload.config.rewards import file_reference, local_modules
-from payload.config.schema import TrainConfig
 from payload.errors import FerryError
+from payload.plugins import config_class_for
 from payload.runtime.cluster import SINGLE, Node, torchrun_args
 from payload.runtime.deadline import DeadlineExceeded, call_within
 from payload.runtime.job import MASTER_PORT, RemoteJob, default_workdir
@@ -356,7 +356,8 @@ class ModalExecutor(Executor):
         rows.append(("storage", job.storage_uri or "-"))
         rows.extend(("input", f"{local} -> {remote}") for local, remote in inputs)
         # The server as the container starts it: the model at its path there.
-        rows.extend(vllm_rows(TrainConfig.model_validate(config), r.gpus_per_node, "python"))
+        cfg = config_class_for(config).model_validate(config)
+        rows.extend(vllm_rows(cfg, r.gpus_per_node, "python"))
         return Plan(self.name, job.run_id, rows, self.command(job))
 
     def build(self, job: JobSpec) -> tuple[Any, Any, str]:

@@ -27,6 +27,7 @@ from payload.metrics import PROGRESS, MetricsCallback
 from payload.model import load_tokenizer
 from payload.parallel import deepspeed as zero
 from payload.parallel import mesh
+from payload.plugins import Plugins
 from payload.storage.layout import CONFIG_FILE, SUMMARY_FILE, read_metrics
 from payload.trackers import Trackers, reporting
 from payload.trainers import recipe_for
@@ -97,6 +98,10 @@ def _train(
 
     stop = durability.StopOnSignal(request, dist)
     _quiet_libraries(dist.is_main)
+    plugins = Plugins(cfg)  # payload.plugins: the config's own hooks into this run
+    if plugins.items and dist.is_main:
+        print(f"plugins: {', '.join(plugins.names)}", flush=True)
+    plugins.after_config()
     output_dir = cfg.output_dir or DEFAULT_OUTPUT_DIR
     run_id = os.environ.get("FERRY_RUN_ID")
     store = durability.open_run_store(cfg)
@@ -113,7 +118,8 @@ def _train(
         if cfg.debug:
             for line in recipe.debug_lines(train_set, tokenizer):
                 print(f"debug: {line}", flush=True)
-    model = recipe.load_model(tokenizer)
+    plugins.before_model()
+    model = plugins.after_model(recipe.load_model(tokenizer))
     model = parallel.apply(model, cfg, dist)  # FSDP2, when asked for (payload.parallel)
     if dist.is_main:
         _print_model(model, cfg, dist, recipe.name)
@@ -131,6 +137,7 @@ def _train(
     )
     callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
     callbacks += settings_callbacks(cfg, args)
+    callbacks += plugins.callbacks()
     if zero_run:
         callbacks.append(zero_run.report())
     watchdog = LossWatchdog.of(cfg)
@@ -191,6 +198,7 @@ def _train(
     if dist.is_main:
         tokenizer.save_pretrained(output_dir)
         summary = _write_summary(cfg, output_dir, report, started, resumed_step)
+    plugins.after_training(summary)  # before the final upload: what it writes goes too
     if sync:
         distributed.on_each_node(dist, "the final upload", sync.finish, sync.meter)
     return summary

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,3 +209,34 @@ def trained_runs(tokenizer, out) -> list[str]:
             found.append(tokenizer.decode(current))
             current = []
     return found + ([tokenizer.decode(current)] if current else [])
+
+
+BLOCKER = textwrap.dedent(
+    '''
+    """Loaded as sitecustomize: any import of a heavy module fails loudly.
+
+    find_spec still answers (so "is the training stack installed?" checks work), but
+    actually importing the module raises and leaves a mark on stderr.
+    """
+    import importlib.abc, importlib.machinery, sys
+
+    BLOCKED = {"torch", "transformers", "peft", "trl", "accelerate", "datasets", "ray",
+               "sky", "modal", "boto3", "botocore", "deepspeed", "bitsandbytes"}
+
+    class _Loader(importlib.abc.Loader):
+        def create_module(self, spec):
+            sys.stderr.write(f"BLOCKED-IMPORT {spec.name}\\n")
+            raise ImportError(f"blocked import: {spec.name}")
+
+        def exec_module(self, module):
+            pass
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in BLOCKED:
+                return importlib.machinery.ModuleSpec(name, _Loader())
+            return None
+
+    sys.meta_path.insert(0, _Finder())
+    '''
+)

@@ -20,6 +20,9 @@ from payload.config.overrides import apply_overrides
 from payload.config.rules import check_rules
 from payload.config.schema import DatasetConfig, TrainConfig, TRLConfig, VllmConfig
 from payload.errors import ConfigError, FerryError, Problem
+from payload.plugins import builtin_keys as builtin_plugin_keys
+from payload.plugins import config_class as plugin_config_class
+from payload.plugins import resolve_all as resolve_plugins
 
 log = logging.getLogger("ferry.config")
 
@@ -137,15 +140,22 @@ def validate_mapping(
     (default: the `ferry.config` logger) as "source: key: message"."""
     ignored = [k for k, v in raw.items() if k in axolotl_keys.NO_EFFECT and v not in _OFF]
     raw = {k: v for k, v in raw.items() if k not in axolotl_keys.NO_EFFECT}
-    problems, clean = _unknown_keys(raw)
+    # The listed plugins' keys join the schema (payload.plugins).
+    listed = raw.get("plugins") if isinstance(raw.get("plugins"), list) else None
+    plugins, unusable = resolve_plugins(listed)
+    model = plugin_config_class(tuple(plugins))
+    problems, clean = _unknown_keys(raw, model)
+    problems.extend(Problem(f"plugins[{i}]", f"{message}") for i, message in unusable)
     bad: set[str] = set()
     try:
-        cfg = TrainConfig.model_validate(clean)
+        cfg = model.model_validate(clean)
     except ValidationError as e:
-        problems.extend(_pydantic_problems(e, clean))
+        problems.extend(_pydantic_problems(e, clean, model))
         bad.update(str(err["loc"][0]) for err in e.errors())
         # Validate what is left so the cross-key rules can still run on it.
-        cfg = TrainConfig.model_validate({k: v for k, v in clean.items() if k not in bad})
+        cfg = model.model_validate({k: v for k, v in clean.items() if k not in bad})
+    for plugin in plugins:
+        problems.extend(Problem(k, m) for k, m in plugin().problems(cfg))
     errors, warnings = check_rules(cfg, set(clean), bad)
     warnings.extend(Problem(k, axolotl_keys.NO_EFFECT[k]) for k in ignored)
     problems.extend(errors)
@@ -159,11 +169,13 @@ def validate_mapping(
     return cfg
 
 
-def _unknown_keys(raw: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
+def _unknown_keys(
+    raw: dict[str, Any], model: type[BaseModel] = TrainConfig
+) -> tuple[list[Problem], dict[str, Any]]:
     """Report unknown and not-yet-supported keys, at every depth; return the mapping
-    without them."""
+    without them. `model`: TrainConfig, or TrainConfig with the listed plugins' keys."""
     problems: list[Problem] = []
-    return problems, _check_keys(raw, TrainConfig, axolotl_keys.TOP_LEVEL, "", problems)
+    return problems, _check_keys(raw, model, axolotl_keys.TOP_LEVEL, "", problems)
 
 
 _OFF = (None, False, "", [], {})  # values that ask for nothing
@@ -218,6 +230,15 @@ def _check_keys(
             # asks for nothing, so it is accepted as a no-op.
             if value not in _OFF:
                 problems.append(Problem(f"{prefix}{key}", "is not supported yet by Ferry."))
+        elif not prefix and key in builtin_plugin_keys():
+            if value not in _OFF:
+                problems.append(
+                    Problem(
+                        key,
+                        f"is a key of the plugin `{builtin_plugin_keys()[key]}`: list it "
+                        "under `plugins:`.",
+                    )
+                )
         else:
             known = frozenset(fields) | axolotl
             problems.append(Problem(f"{prefix}{key}", _unknown_message(key, known)))
@@ -273,14 +294,16 @@ def _unknown_message(key: str, candidates: frozenset[str]) -> str:
     return "unknown key."
 
 
-def _pydantic_problems(error: ValidationError, raw: dict[str, Any]) -> list[Problem]:
+def _pydantic_problems(
+    error: ValidationError, raw: dict[str, Any], top: type[BaseModel] = TrainConfig
+) -> list[Problem]:
     """One Problem per key, its key as the user wrote it. A union field fails once per
     member (`bool`, `'auto'`); those are merged into one "should be X or Y"."""
     by_key: dict[str, list[str]] = {}
     values: dict[str, Any] = {}
     for err in error.errors():
         key = ""
-        model: type[BaseModel] | None = TrainConfig
+        model: type[BaseModel] | None = top
         for part in err["loc"]:
             if isinstance(part, int):
                 key += f"[{part}]"

@@ -669,7 +669,7 @@ def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
 AXOLOTL_RL = ("dpo", "gdpo", "grpo", "ipo", "orpo", "kto", "simpo", "ebft")
 
 
-@rule("rl", "plugins")
+@rule("rl")
 def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     # Recognised keys whose feature is still being built: refuse rather than ignore.
     if cfg.rl and cfg.rl.lower() not in RL_OBJECTIVES:
@@ -681,8 +681,6 @@ def _not_yet(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             f"`{cfg.rl}` is not an objective Ferry trains; {guess}it trains "
             f"{', '.join(RL_OBJECTIVES)} (and supervised fine-tuning without `rl:`).",
         )
-    if cfg.plugins:
-        yield _error("plugins", "are not supported yet.")
 
 
 @rule("storage", "resume_from_checkpoint")

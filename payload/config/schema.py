@@ -1337,7 +1337,10 @@ class TrainConfig(_ChatTemplateKeys):
         "model (weight_dtype, activation_dtype, group_size, quantize_embedding).",
     )
     plugins: list[str] | None = Field(
-        default=None, description="Axolotl plugin classes (not supported yet)."
+        default=None,
+        description="Plugins: a `ferry.plugins` entry point's name, a dotted path to a "
+        "payload.plugins.Plugin class, or Axolotl's path of a plugin Ferry has (Liger, Cut "
+        "Cross-Entropy, SwanLab). Their keys join the config's.",
     )
     # ---- keys: fsdp
     # (fsdp_config and context_parallel_size are in the distributed block above; how the

@@ -129,11 +129,11 @@ def discover(job: RemoteJob, env: Mapping[str, str]) -> Node:
 def _server_gpus(job: RemoteJob) -> int:
     """GPUs per node the job's own vLLM server takes besides its training processes
     (payload.config.vllm)."""
-    from payload.config.schema import TrainConfig
     from payload.config.vllm import reserved_gpus
+    from payload.plugins import config_class_for
 
     try:
-        return reserved_gpus(TrainConfig.model_validate(job.config))
+        return reserved_gpus(config_class_for(job.config).model_validate(job.config))
     except ValueError:  # pydantic's ValidationError: the ranks will say what is wrong
         return 0
 

@@ -7,40 +7,9 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-from helpers import QUICKSTART, ROOT, launch, quickstart_config
-
-BLOCKER = textwrap.dedent(
-    '''
-    """Loaded as sitecustomize: any import of a heavy module fails loudly.
-
-    find_spec still answers (so "is the training stack installed?" checks work), but
-    actually importing the module raises and leaves a mark on stderr.
-    """
-    import importlib.abc, importlib.machinery, sys
-
-    BLOCKED = {"torch", "transformers", "peft", "trl", "accelerate", "datasets", "ray",
-               "sky", "modal", "boto3", "botocore", "deepspeed", "bitsandbytes"}
-
-    class _Loader(importlib.abc.Loader):
-        def create_module(self, spec):
-            sys.stderr.write(f"BLOCKED-IMPORT {spec.name}\\n")
-            raise ImportError(f"blocked import: {spec.name}")
-
-        def exec_module(self, module):
-            pass
-
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in BLOCKED:
-                return importlib.machinery.ModuleSpec(name, _Loader())
-            return None
-
-    sys.meta_path.insert(0, _Finder())
-    '''
-)
+from helpers import BLOCKER, QUICKSTART, ROOT, launch, quickstart_config
 
 
 def test_help_validate_and_dry_run_never_import_torch_or_cloud_sdks(tmp_path):
@@ -52,9 +21,16 @@ def test_help_validate_and_dry_run_never_import_torch_or_cloud_sdks(tmp_path):
         [sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env
     )
     assert blocked.returncode != 0 and "BLOCKED-IMPORT torch" in blocked.stderr
+    # A config that lists a plugin: resolving it (and its keys) stays light.
+    plugged = quickstart_config(
+        tmp_path,
+        "plugins: [axolotl.integrations.swanlab.SwanLabPlugin]\nuse_swanlab: true\n"
+        "swanlab_project: p\nswanlab_mode: offline\n",
+    )
     for args in (
         ["--help"],
         ["validate", "examples/quickstart.yml"],
+        ["validate", str(plugged)],
         ["train", "examples/quickstart.yml", "--dry-run", "--gpus", "2"],
         [
             "train",
