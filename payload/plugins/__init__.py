@@ -36,6 +36,9 @@ GROUP = "ferry.plugins"
 
 # Axolotl's plugin paths -> Ferry's own plugin for the same job.
 AXOLOTL = {
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": (
+        "payload.plugins.cce.CutCrossEntropyPlugin"
+    ),
     "axolotl.integrations.swanlab.SwanLabPlugin": "payload.plugins.swanlab.SwanLabPlugin",
 }
 # Axolotl plugins Ferry does not have (yet), with the reason.
@@ -44,12 +47,9 @@ NOT_YET = {
         "fetches kernels from the Hugging Face hub at run time (`use_kernels`)"
     ),
     "axolotl.integrations.liger.LigerPlugin": "is being built (Liger's kernels)",
-    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": (
-        "is being built (Cut Cross-Entropy)"
-    ),
 }
 # Ferry's plugins whose keys a config may set without listing them: said by name.
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = ("payload.plugins.cce.CutCrossEntropyPlugin",)
 
 
 class PluginConfig(BaseModel):

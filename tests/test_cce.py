@@ -1,0 +1,127 @@
+"""Cut Cross-Entropy (payload/plugins/cce.py): its loss and gradients equal the standard
+cross-entropy over materialised logits, for a loss alone and for the tiny Llama's own
+forward, and a real run with the plugin listed has the losses of the run without it.
+
+On this CPU the plugin uses CCE's torch_compile implementation (its Triton kernel needs
+CUDA): fp32 throughout, so the tolerance is float32 rounding over a sum of a few hundred
+terms, relative 1e-5 (measured differences are around 1e-7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ASSETS, launch, quickstart_config
+
+from payload.plugins.cce import causal_lm_loss, implementation, wrap
+from payload.storage.layout import read_metrics
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def reference_loss(hidden, weight, labels, count=None):  # type: ignore[no-untyped-def]
+    """The next-token cross-entropy from logits, written out: position t predicts
+    label t+1, -100 is ignored; the sum over the batch's labelled tokens, divided by
+    their number (or by `count`, the labelled tokens of the whole accumulated batch)."""
+    logits = hidden[:, :-1] @ weight.T
+    targets = labels[:, 1:]
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+        reduction="sum",
+    )  # fmt: skip
+    return total / (count if count is not None else (targets != -100).sum())
+
+
+def test_the_device_picks_the_implementation():
+    assert implementation(torch.device("cpu")) == "torch_compile"
+    assert implementation(torch.device("cuda", 0)) == "cce"
+
+
+@pytest.mark.parametrize("count", [None, 37])
+def test_the_loss_and_its_gradients_equal_cross_entropy_over_logits(count):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 12, 32, requires_grad=True)
+    weight = torch.randn(100, 32, requires_grad=True)
+    labels = torch.randint(0, 100, (2, 12))
+    labels[0, :4] = -100  # a prompt that is not trained on
+    labels[1, -3:] = -100  # padding
+    ours = causal_lm_loss(hidden, weight, labels, num_items_in_batch=count)
+    ours_grads = torch.autograd.grad(ours, (hidden, weight))
+    ref = reference_loss(hidden, weight, labels, count)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(ours, ref, rtol=RTOL, atol=ATOL)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_the_wrapped_model_trains_on_the_same_loss_and_gradients_and_still_generates():
+    """The tiny Llama's forward with labels: the loss and every parameter's gradient as
+    the model computes them from its logits; no logits are returned. Without labels
+    (generation) the model's own forward runs and returns logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama", dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    ref = model(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    wrap(model)
+    ours = model(input_ids=ids, labels=labels)
+    assert ours.logits is None
+    ours.loss.backward()
+    torch.testing.assert_close(ours.loss, ref.loss, rtol=RTOL, atol=ATOL)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name], rtol=RTOL, atol=ATOL, msg=name)
+    plain = model(input_ids=ids)
+    assert plain.logits.shape == (2, 16, model.config.vocab_size)
+
+
+def test_cce_keys_need_the_plugin_and_refuse_what_it_cannot_do(tmp_path):
+    unlisted = quickstart_config(tmp_path, "cut_cross_entropy: true\n", name="a.yml")
+    said = " ".join(launch("validate", str(unlisted)).stderr.split())
+    assert (
+        "cut_cross_entropy: is a key of the plugin "
+        "`axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin`: list it" in said
+    ), said
+    dpo = quickstart_config(
+        tmp_path,
+        "plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\nrl: dpo\n",
+        name="b.yml",
+    )
+    said = " ".join(launch("validate", str(dpo)).stderr.split())
+    assert "rl: Cut Cross-Entropy computes a causal LM's next-token loss; `rl: dpo` needs" in (
+        said
+    ), said
+
+
+@pytest.mark.slow
+def test_a_run_with_the_plugin_has_the_losses_of_the_run_without(tmp_path):
+    """Two real `launch train` runs of the quickstart, 4 steps, with and without the
+    plugin (listed by Axolotl's path): the same per-step losses, and the run says which
+    implementation it used."""
+    base = "max_steps: 4\nnum_epochs: null\nlogging_steps: 1\n"
+    losses = {}
+    for name, extra in (
+        ("off", ""),
+        ("on", "plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\n"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = quickstart_config(folder, base + extra)
+        env = {"FERRY_HOME": str(folder / "home")}
+        done = launch("train", str(cfg), env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if name == "on":
+            assert "cut_cross_entropy: the loss through its torch_compile implementation" in (
+                done.stdout
+            )
+        (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
+        losses[name] = [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]
+    assert len(losses["off"]) == 4
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
