@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         from payload.runtime.unused import keep_out
 
         keep_out(cfg)  # before the training stack imports them (payload.runtime.unused)
+        from payload.plugins import Plugins
+
+        Plugins(cfg).before_import()  # before the training stack (and Triton) is imported
         from payload.durability import Preempted
         from payload.train import run
 

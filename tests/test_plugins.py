@@ -138,7 +138,7 @@ def test_plugins_ferry_cannot_use_are_refused_by_name(tmp_path, acme):
     cfg = quickstart_config(
         tmp_path,
         "plugins:\n  - acme\n  - nosuchplugin\n  - acme_ferry.NoSuchClass\n"
-        "  - nosuchmodule.Plugin\n  - axolotl.integrations.liger.LigerPlugin\n"
+        "  - nosuchmodule.Plugin\n  - axolotl.integrations.spectrum.SpectrumPlugin\n"
         "  - axolotl.integrations.kernels.KernelsPlugin\n  - json.JSONDecoder\n",
     )
     said = launch("validate", str(cfg), env=acme)
@@ -149,7 +149,7 @@ def test_plugins_ferry_cannot_use_are_refused_by_name(tmp_path, acme):
     assert "plugins[3]: plugin `nosuchmodule.Plugin`: module `nosuchmodule` is not installed" in (
         text
     )
-    assert "plugins[4]: `axolotl.integrations.liger.LigerPlugin` is not a plugin Ferry has" in (
+    assert "plugins[4]: `axolotl.integrations.spectrum.SpectrumPlugin` is an Axolotl plugin " in (
         text
     )
     assert "plugins[5]: `axolotl.integrations.kernels.KernelsPlugin` is not a plugin" in text

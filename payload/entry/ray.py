@@ -225,6 +225,9 @@ def worker(loop_config: dict[str, Any]) -> None:
         from payload.runtime.unused import keep_out
 
         keep_out(cfg)  # as torchrun's ranks do: seconds off each worker's start
+        from payload.plugins import Plugins
+
+        Plugins(cfg).before_import()  # before the training stack (and Triton) is imported
         ended = _ended(job.storage_uri)
         if ended is not None:  # a restart after a user error: the same error, at once
             raise WorkerExit(1, ended)

@@ -14,6 +14,8 @@ model (`config_class`). A plugin's module is imported to validate, so it imports
 and its library inside its hooks, never at the top: `launch validate` stays light.
 
 The hooks, in the order a run calls them (payload.train; each gets the validated config):
+  before_import(cfg)             the training stack is not imported yet (environment
+                                 variables the libraries read at import go here)
   after_config(cfg)              the config is loaded, nothing is built yet
   before_model(cfg)              the model is about to load (patch its modules here)
   after_model(cfg, model)        the model is loaded (adapters applied); may return a new one
@@ -39,6 +41,7 @@ AXOLOTL = {
     "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": (
         "payload.plugins.cce.CutCrossEntropyPlugin"
     ),
+    "axolotl.integrations.liger.LigerPlugin": "payload.plugins.liger.LigerPlugin",
     "axolotl.integrations.swanlab.SwanLabPlugin": "payload.plugins.swanlab.SwanLabPlugin",
 }
 # Axolotl plugins Ferry does not have (yet), with the reason.
@@ -46,10 +49,12 @@ NOT_YET = {
     "axolotl.integrations.kernels.KernelsPlugin": (
         "fetches kernels from the Hugging Face hub at run time (`use_kernels`)"
     ),
-    "axolotl.integrations.liger.LigerPlugin": "is being built (Liger's kernels)",
 }
 # Ferry's plugins whose keys a config may set without listing them: said by name.
-BUILTIN: tuple[str, ...] = ("payload.plugins.cce.CutCrossEntropyPlugin",)
+BUILTIN: tuple[str, ...] = (
+    "payload.plugins.cce.CutCrossEntropyPlugin",
+    "payload.plugins.liger.LigerPlugin",
+)
 
 
 class PluginConfig(BaseModel):
@@ -67,6 +72,9 @@ class Plugin:
     def problems(self, cfg: Any) -> list[tuple[str, str]]:
         """(key, message) for a config this plugin cannot run, at validate time."""
         return []
+
+    def before_import(self, cfg: Any) -> None:
+        pass
 
     def after_config(self, cfg: Any) -> None:
         pass
@@ -186,6 +194,10 @@ class Plugins:
     @property
     def names(self) -> list[str]:
         return [p.name or type(p).__name__ for p in self.items]
+
+    def before_import(self) -> None:
+        for p in self.items:
+            p.before_import(self.cfg)
 
     def after_config(self) -> None:
         for p in self.items:
