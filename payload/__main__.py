@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         from payload.plugins import Plugins
 
         Plugins(cfg).before_import()  # before the training stack (and Triton) is imported
+        from payload import kernels
+
+        kernels.before_import(cfg)  # the fused LoRA layers, on a CPU: Triton's interpreter
         from payload.durability import Preempted
         from payload.train import run
 

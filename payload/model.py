@@ -327,8 +327,18 @@ def apply_lora(cfg: TrainConfig, model: Any, task_type: str = "CAUSAL_LM") -> An
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as e:
         raise FerryError(
             f"LoRA could not be applied (lora_target_modules, lora_target_parameters?): {e}"
         ) from e
+    from payload import kernels
+
+    if kernels.asked(cfg):  # Ferry's fused LoRA layers (payload.kernels)
+        from payload.kernels import apply, interpret
+
+        done = apply.apply(model, bool(cfg.lora_mlp_kernel), bool(cfg.lora_qkv_kernel),
+                           bool(cfg.lora_o_kernel))  # fmt: skip
+        how = " (Triton's interpreter: no CUDA here)" if interpret.on_cpu() else ""
+        print(f"kernels: {done}{how}", flush=True)
+    return model

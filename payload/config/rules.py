@@ -633,6 +633,52 @@ def _warmup(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _error("warmup_steps", "and `warmup_ratio` are exclusive; set one.")
 
 
+@rule("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+def _lora_kernels(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    """Ferry's fused LoRA layers (payload/kernels) run plain LoRA on unquantized weights,
+    in one process per model copy; the model's own structure is checked when it loads."""
+    asked = [k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if getattr(cfg, k)]
+    if not asked:
+        return
+    key = asked[0]
+    if cfg.adapter != "lora" or cfg.load_in_4bit or cfg.load_in_8bit:
+        yield _error(
+            key,
+            "runs LoRA on unquantized base weights: it needs `adapter: lora` without "
+            "load_in_4bit or load_in_8bit.",
+        )
+    if cfg.lora_dropout:
+        yield _error(key, f"needs `lora_dropout: 0` (it is {cfg.lora_dropout}): the fused "
+                     "layers keep no dropout mask.")  # fmt: skip
+    if cfg.peft_use_dora:
+        yield _error(key, "does not run DoRA (peft_use_dora).")
+    if cfg.lora_target_parameters:
+        yield _error(key, "does not run LoRA on parameters (lora_target_parameters).")
+    sharded = [
+        name
+        for name, on in (
+            ("fsdp_config", bool(cfg.fsdp_config)),
+            ("deepspeed", bool(cfg.deepspeed)),
+            ("tensor_parallel_size", (cfg.tensor_parallel_size or 1) > 1),
+            ("context_parallel_size", (cfg.context_parallel_size or 1) > 1),
+        )
+        if on
+    ]
+    if sharded:
+        yield _error(key, f"is not combined with {sharded[0]} yet.")
+    act = None
+    from payload.config.paths import model_config_json
+
+    found = model_config_json(cfg)
+    if found and "lora_mlp_kernel" in asked:
+        act = found.get("hidden_activation") or found.get("hidden_act")
+        if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new"):
+            yield _error(
+                "lora_mlp_kernel",
+                f"fuses a SiLU or GELU MLP; this model's activation is {act!r}.",
+            )
+
+
 @rule("fsdp_config", "deepspeed")
 def _sharding(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     if cfg.fsdp_config and cfg.deepspeed:

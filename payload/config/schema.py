@@ -905,6 +905,15 @@ class TrainConfig(_ChatTemplateKeys):
         "`mlp.experts.gate_up_proj` for MoE experts stored as one tensor (peft's "
         "target_parameters; needs lora_dropout 0).",
     )
+    lora_mlp_kernel: bool | None = Field(
+        default=None,
+        description="Ferry's fused LoRA MLP (SwiGLU or GeGLU) in every decoder layer "
+        "(payload/kernels): one autograd function, the activation in a Triton kernel.",
+    )
+    lora_qkv_kernel: bool | None = Field(
+        default=None, description="Ferry's fused LoRA q, k and v projections."
+    )
+    lora_o_kernel: bool | None = Field(default=None, description="Ferry's fused LoRA o projection.")
     load_in_8bit: bool = Field(default=False, description="Load the base model in 8 bits.")
     load_in_4bit: bool = Field(default=False, description="Load the base model in 4 bits.")
 

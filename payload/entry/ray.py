@@ -228,6 +228,9 @@ def worker(loop_config: dict[str, Any]) -> None:
         from payload.plugins import Plugins
 
         Plugins(cfg).before_import()  # before the training stack (and Triton) is imported
+        from payload import kernels
+
+        kernels.before_import(cfg)  # the fused LoRA layers, on a CPU: Triton's interpreter
         ended = _ended(job.storage_uri)
         if ended is not None:  # a restart after a user error: the same error, at once
             raise WorkerExit(1, ended)
