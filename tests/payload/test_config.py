@@ -66,8 +66,8 @@ def test_three_independent_errors_are_reported_together():
 
 
 def test_axolotl_key_not_supported_is_refused_by_name_not_as_typo():
-    found = problems({**BASE, "lora_mlp_kernel": True, "use_otel_metrics": True})
-    assert found["lora_mlp_kernel"] == "is not supported yet by Ferry."
+    found = problems({**BASE, "lora_embedding_kernel": True, "use_otel_metrics": True})
+    assert found["lora_embedding_kernel"] == "is not supported yet by Ferry."
     assert found["use_otel_metrics"] == "is not supported yet by Ferry."
 
 
