@@ -328,6 +328,7 @@ class FakeServer:
         monkeypatch.setattr(sky, "tail_logs", tail)
         monkeypatch.setattr(sky.jobs, "tail_logs", tail)
         monkeypatch.setattr(sky, "cancel", cancel)
+
         def down(cluster, **kw):
             self.down_at = time.monotonic()
             return self.request("down", None)
