@@ -281,6 +281,14 @@ class Executor:
         ]
         if job.resources.max_cost and not self.priced:
             said.append(f"launch.max_cost: {self.name} has no price to hold it against; ignored")
+        if self.remote:
+            from payload.plugins import foreign
+
+            said.extend(
+                f"plugin `{name}` is not Ferry's own: the machines the run trains on must "
+                "have it installed (Ferry's image: add its package under `image: pip:`)"
+                for name in foreign(job.config.get("plugins"))
+            )
         return said + self._warnings(job)
 
     def check(self, job: JobSpec) -> None:

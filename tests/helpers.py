@@ -221,7 +221,8 @@ BLOCKER = textwrap.dedent(
     import importlib.abc, importlib.machinery, sys
 
     BLOCKED = {"torch", "transformers", "peft", "trl", "accelerate", "datasets", "ray",
-               "sky", "modal", "boto3", "botocore", "deepspeed", "bitsandbytes"}
+               "sky", "modal", "boto3", "botocore", "deepspeed", "bitsandbytes", "triton",
+               "liger_kernel", "cut_cross_entropy"}
 
     class _Loader(importlib.abc.Loader):
         def create_module(self, spec):

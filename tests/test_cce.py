@@ -125,3 +125,28 @@ def test_a_run_with_the_plugin_has_the_losses_of_the_run_without(tmp_path):
         losses[name] = [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]
     assert len(losses["off"]) == 4
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_models_whose_logits_cce_would_get_wrong_are_refused():
+    """CCE computes lm_head(h) (and a softcap): a model that scales its logits, a head
+    with a bias or a LoRA adapter, or a model that is not a causal LM is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from payload.plugins.cce import head_problem, model_problem
+
+    llama = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
+    assert model_problem(llama) is None
+    assert "scales its logits (logits_scaling: 8.0)" in model_problem(
+        {**llama, "logits_scaling": 8.0}
+    )
+    assert "is not a causal LM" in model_problem(
+        {**llama, "architectures": ["LlavaForConditionalGeneration"]}
+    )
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama")
+    assert head_problem(model) is None
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    assert (
+        head_problem(adapted) == "the LM head has a LoRA adapter (lm_head in lora_target_modules)"
+    )

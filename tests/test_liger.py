@@ -54,7 +54,7 @@ PROBE = textwrap.dedent(
         torch.manual_seed(2); yr, gr = run(ref)
         diff = max(
             ((a - b).abs().max() / (1 + b.abs().max())).item()
-            for a, b in zip([*ys, *gs], [*yr, *gr])
+            for a, b in zip([*ys, *gs], [*yr, *gr], strict=True)
         )
         out[name] = {"diff": diff, "outputs": len(ys) + len(gs)}
 
@@ -121,7 +121,7 @@ PROBE = textwrap.dedent(
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     lab = ids.clone(); lab[:, :4] = -100
     torch.manual_seed(3)
-    plain = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).train()
     ref = plain(input_ids=ids, labels=lab); ref.loss.backward()
     ref_grads = {n: p.grad for n, p in plain.named_parameters()}
     from payload.plugins.liger import FAMILIES, switches
@@ -131,13 +131,16 @@ PROBE = textwrap.dedent(
     chosen = switches(SimpleNamespace(**keys), FAMILIES["llama"])
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     MODEL_TYPE_TO_APPLY_LIGER_FN["llama"](**chosen)
-    patched = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    patched = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).train()
     kinds = sorted({type(m).__name__ for m in patched.modules() if "Liger" in type(m).__name__})
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    rope = ml.apply_rotary_pos_emb is liger_rotary_pos_emb
     ours = patched(input_ids=ids, labels=lab); ours.loss.backward()
+    fused = ours.logits is None  # training mode: the fused loss, no logits
     diff = max(abs(ours.loss.item() - ref.loss.item()), *(
         ((p.grad - ref_grads[n]).abs().max() / (1 + ref_grads[n].abs().max())).item()
         for n, p in patched.named_parameters()))
-    out["model"] = {"diff": diff, "chosen": chosen, "kinds": kinds,
+    out["model"] = {"diff": diff, "chosen": chosen, "kinds": kinds, "rope": rope, "fused": fused,
                     "loss": ours.loss.item(), "ref_loss": ref.loss.item()}
     print("PROBE " + json.dumps(out))
     """
@@ -181,6 +184,7 @@ def test_the_plugins_patch_of_the_tiny_llama_keeps_its_loss_and_gradients(probe)
         "cross_entropy": False,
     }  # fmt: skip
     assert found["kinds"] == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+    assert found["rope"] and found["fused"], found
     assert found["diff"] < TOL, found
 
 

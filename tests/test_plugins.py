@@ -139,10 +139,16 @@ def test_plugins_ferry_cannot_use_are_refused_by_name(tmp_path, acme):
         tmp_path,
         "plugins:\n  - acme\n  - nosuchplugin\n  - acme_ferry.NoSuchClass\n"
         "  - nosuchmodule.Plugin\n  - axolotl.integrations.spectrum.SpectrumPlugin\n"
-        "  - axolotl.integrations.kernels.KernelsPlugin\n  - json.JSONDecoder\n",
+        "  - axolotl.integrations.kernels.KernelsPlugin\n  - json.JSONDecoder\n"
+        "  - broken_plugin_mod.Plugin\n",
     )
-    said = launch("validate", str(cfg), env=acme)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "broken_plugin_mod.py").write_text("def oops(:\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(broken), acme["PYTHONPATH"]])}
+    said = launch("validate", str(cfg), env=env)
     assert said.returncode == 1
+    assert "Traceback" not in said.stderr
     text = " ".join(said.stderr.split())
     assert "plugins[1]: `nosuchplugin` is not an installed plugin" in text, text
     assert "plugins[2]: plugin `acme_ferry.NoSuchClass`: module `acme_ferry` has no" in text
@@ -156,7 +162,24 @@ def test_plugins_ferry_cannot_use_are_refused_by_name(tmp_path, acme):
     assert "plugins[6]: plugin `json.JSONDecoder` is not a subclass of payload.plugins.Plugin" in (
         text
     )
+    assert (
+        "plugins[7]: plugin `broken_plugin_mod.Plugin`: module `broken_plugin_mod` could "
+        "not be imported: SyntaxError" in text
+    ), text
     assert "plugins[0]" not in text
+
+
+def test_a_remote_plan_says_a_foreign_plugin_must_be_on_the_machines(tmp_path, acme):
+    cfg = quickstart_config(
+        tmp_path, "plugins: [acme, axolotl.integrations.swanlab.SwanLabPlugin]\n"
+    )  # fmt: skip
+    said = launch("train", str(cfg), "--cloud", "modal", "--gpus", "H100:1", "--dry-run",
+                  env=acme, check=True)  # fmt: skip
+    text = " ".join((said.stdout + said.stderr).split())
+    assert "plugin `acme` is not Ferry's own: the machines the run trains on must have it" in text
+    assert "SwanLabPlugin` is not Ferry's own" not in text
+    local = launch("train", str(cfg), "--dry-run", env=acme, check=True)
+    assert "is not Ferry's own" not in local.stdout + local.stderr
 
 
 def test_a_listed_plugin_keeps_validate_light(tmp_path, acme):

@@ -103,6 +103,11 @@ def resolve(name: str) -> type[Plugin]:
     """The plugin class a `plugins:` entry names; FerryError saying why not."""
     if name in NOT_YET:
         raise FerryError(f"`{name}` is not a plugin Ferry has yet: it {NOT_YET[name]}.")
+    if name.startswith("axolotl.") and name not in AXOLOTL:  # never import Axolotl itself
+        raise FerryError(
+            f"`{name}` is an Axolotl plugin Ferry has no counterpart for; Ferry has "
+            f"{', '.join(sorted(AXOLOTL))}."
+        )
     path = AXOLOTL.get(name, name)
     found = _entry_points().get(name)
     if found is not None:
@@ -122,13 +127,13 @@ def resolve(name: str) -> type[Plugin]:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if name.startswith("axolotl."):
-                raise FerryError(
-                    f"`{name}` is an Axolotl plugin Ferry has no counterpart for; Ferry has "
-                    f"{', '.join(sorted(AXOLOTL))}."
-                ) from e
             raise FerryError(
                 f"plugin `{name}`: module `{module_name}` is not installed here ({e.name})."
+            ) from e
+        except Exception as e:  # noqa: BLE001 - the plugin's own import error, said
+            raise FerryError(
+                f"plugin `{name}`: module `{module_name}` could not be imported: "
+                f"{type(e).__name__}: {e}"
             ) from e
         cls = getattr(module, attr, None)
         if cls is None:
@@ -218,3 +223,17 @@ class Plugins:
     def after_training(self, summary: dict[str, Any]) -> None:
         for p in self.items:
             p.after_training(self.cfg, summary)
+
+
+def foreign(names: Iterable[str] | None) -> list[str]:
+    """The listed plugins that are not Ferry's own (they must be installed wherever the
+    run trains)."""
+    out = []
+    for name in names or []:
+        try:
+            cls = resolve(str(name))
+        except FerryError:
+            continue
+        if not cls.__module__.startswith("payload."):
+            out.append(str(name))
+    return out

@@ -117,6 +117,39 @@ def wrap(model: Any) -> Any:
     return model
 
 
+# What a family's forward may do to the logits besides lm_head(h) (and Gemma-2's softcap,
+# which CCE takes): CCE would drop it, so such a model is refused.
+LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")
+
+
+def model_problem(config: dict[str, Any] | None) -> str | None:
+    """Why a model (its config.json) is not one CCE computes the loss of exactly."""
+    if not config:
+        return None
+    text = config.get("text_config") or {}
+    architectures = config.get("architectures") or []
+    if architectures and not str(architectures[0]).endswith("ForCausalLM"):
+        return f"{architectures[0]} is not a causal LM (multimodal models are not covered yet)"
+    for key in LOGIT_SCALES:
+        value = config.get(key, text.get(key))
+        if value not in (None, 1, 1.0):
+            return f"this model scales its logits ({key}: {value}), which CCE would drop"
+    return None
+
+
+def head_problem(model: Any) -> str | None:
+    """Why the loaded model's LM head is not one CCE can compute through."""
+    lm = causal_lm(model)
+    if lm is None:
+        return f"{type(model).__name__} has no output embedding (LM head)"
+    head = lm.get_output_embeddings()
+    if hasattr(head, "base_layer"):
+        return "the LM head has a LoRA adapter (lm_head in lora_target_modules)"
+    if getattr(head, "bias", None) is not None:
+        return "the LM head has a bias, which CCE does not take"
+    return model_problem(lm.config.to_dict())
+
+
 class CutCrossEntropyPlugin(Plugin):
     name = "cut_cross_entropy"
     config = CutCrossEntropyConfig
@@ -137,20 +170,25 @@ class CutCrossEntropyPlugin(Plugin):
                     (key, "Cut Cross-Entropy is not combined with it yet: set it to 1, or "
                      "`cut_cross_entropy: false`")
                 )  # fmt: skip
+        if cfg.deepspeed:  # ZeRO-3 keeps the head's weight partitioned outside its forward
+            found.append(("deepspeed", "Cut Cross-Entropy is not combined with DeepSpeed yet"))
+        from payload.config.paths import model_config_json
+
+        if why_not := model_problem(model_config_json(cfg)):
+            found.append(("cut_cross_entropy", f"{why_not}."))
         return found
 
     def after_model(self, cfg: Any, model: Any) -> Any:
         if not cfg.cut_cross_entropy:
             return model
-        if causal_lm(model) is None:
+        if why_not := head_problem(model):
             from payload.errors import FerryError
 
-            raise FerryError(
-                f"cut_cross_entropy: {type(model).__name__} has no output embedding (LM "
-                "head) to compute the loss through."
-            )
-        device = next(model.parameters()).device
-        impl = implementation(device)
-        how = "its Triton kernel" if impl == "cce" else "its torch_compile implementation (CPU)"
+            raise FerryError(f"cut_cross_entropy: {why_not}.")
+        import torch
+
+        # The model is still on the CPU here (the trainer moves it): say what will run.
+        on_gpu = torch.cuda.is_available()
+        how = "its Triton kernel" if on_gpu else "its torch_compile implementation (CPU)"
         print(f"plugins: cut_cross_entropy: the loss through {how}", flush=True)
         return wrap(model)

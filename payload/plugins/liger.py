@@ -156,15 +156,19 @@ def refused(cfg: Any, model_type: str | None) -> list[tuple[str, str]]:
         found.append(
             ("liger_cross_entropy", "and liger_fused_linear_cross_entropy both compute the loss")
         )
-    if cfg.liger_fused_linear_cross_entropy and getattr(cfg, "cut_cross_entropy", None):
+    for key in ("liger_fused_linear_cross_entropy", "liger_cross_entropy"):
+        if getattr(cfg, key, None) and getattr(cfg, "cut_cross_entropy", None):
+            found.append((key, "and cut_cross_entropy both compute the loss: set one"))
+    if on and (cfg.tensor_parallel_size or 1) > 1:
+        found.append((on[0], "is not combined with tensor parallel (its tensors are sharded)"))
+    if cfg.liger_fused_linear_cross_entropy and cfg.deepspeed:
         found.append(
             (
                 "liger_fused_linear_cross_entropy",
-                "and cut_cross_entropy both compute the loss from the hidden states: set one",
+                "is not combined with DeepSpeed yet (ZeRO-3 keeps the head's weight "
+                "partitioned outside its forward)",
             )
         )
-    if cfg.liger_rms_norm and (cfg.tensor_parallel_size or 1) > 1:
-        found.append(("liger_rms_norm", "does not work with tensor parallel (its norm is whole)"))
     for key in ("liger_cross_entropy", "liger_fused_linear_cross_entropy"):
         if getattr(cfg, key, None) and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
             found.append((key, "patches the causal-LM loss, which this objective does not use"))
@@ -219,7 +223,10 @@ class LigerPlugin(Plugin):
         if kind is None:
             from transformers import AutoConfig
 
-            kind = AutoConfig.from_pretrained(cfg.base_model).model_type
+            from payload.model import _hub_kwargs
+
+            source = cfg.base_model_config or cfg.base_model
+            kind = AutoConfig.from_pretrained(source, **_hub_kwargs(cfg)).model_type
         problems = refused(cfg, kind)
         if problems:
             raise FerryError("; ".join(f"{k}: {m}" for k, m in problems))
@@ -233,3 +240,17 @@ class LigerPlugin(Plugin):
         on = ", ".join(sorted(k for k, v in chosen.items() if v))
         how = " through Triton's interpreter (no CUDA here)" if interpreted else ""
         print(f"plugins: liger: {on} for {kind}{how}", flush=True)
+
+    def after_model(self, cfg: Any, model: Any) -> Any:
+        """The patch reached the model: a model built by remote code uses its own modules,
+        which transformers' patched ones are not."""
+        from payload.errors import FerryError
+
+        modules = [m for m in ("liger_rms_norm", "liger_layer_norm", "liger_glu_activation")
+                   if getattr(cfg, m, None)]  # fmt: skip
+        if modules and not any("Liger" in type(m).__name__ for m in model.modules()):
+            raise FerryError(
+                f"{modules[0]}: the model has no Liger module after the patch (built by "
+                "remote code?), so Liger would change nothing."
+            )
+        return model

@@ -24,8 +24,10 @@ def test_help_validate_and_dry_run_never_import_torch_or_cloud_sdks(tmp_path):
     # A config that lists a plugin: resolving it (and its keys) stays light.
     plugged = quickstart_config(
         tmp_path,
-        "plugins: [axolotl.integrations.swanlab.SwanLabPlugin]\nuse_swanlab: true\n"
-        "swanlab_project: p\nswanlab_mode: offline\n",
+        "plugins: [axolotl.integrations.swanlab.SwanLabPlugin, axolotl.integrations."
+        "liger.LigerPlugin, axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\n"
+        "use_swanlab: true\nswanlab_project: p\nswanlab_mode: offline\nliger_rms_norm: "
+        "true\nlora_mlp_kernel: true\n",
     )
     for args in (
         ["--help"],
