@@ -209,3 +209,19 @@ def test_a_lora_run_with_the_fused_layers_has_the_losses_of_the_run_without(tmp_
         losses[name] = [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]
     assert len(losses["off"]) == 5
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_kernels_benchmark_checks_every_kernel_on_this_cpu():
+    """bench/kernels.py without CUDA: one passing correctness line per kernel."""
+    done = subprocess.run(
+        [sys.executable, "bench/kernels.py"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = [x.split() for x in done.stdout.splitlines() if x.startswith("CHECK ")]
+    assert [x[1] for x in lines] == [
+        "lora_mlp_silu", "lora_mlp_gelu", "lora_mlp_gelu_tanh", "lora_qkv", "lora_o",
+        "liger_rms_norm", "liger_rope", "cce_loss",
+    ]  # fmt: skip
+    assert all(x[3] == "ok" and float(x[2]) < TOL for x in lines), lines
