@@ -162,6 +162,8 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
     for key in INPUT_KEYS:
         if key in config:
             config[key] = ship(config[key])
+    if config.get("plugins"):  # plugins in local files travel like reward functions
+        config["plugins"] = [ship_code(p) for p in config["plugins"]]
     if isinstance(config.get("trl"), dict) and config["trl"].get("reward_funcs"):
         funcs = [ship_code(f) for f in config["trl"]["reward_funcs"]]
         config["trl"] = {**config["trl"], "reward_funcs": funcs}

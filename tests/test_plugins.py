@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,66 @@ def test_the_plugins_hooks_change_a_real_run(tmp_path, acme):
     # tiny Llama's 4 layers (hidden 128, 2 KV heads of 32, MLP 384), r x (in + out) each.
     per_layer = (128 + 128) * 2 + (128 + 64) * 2 + (128 + 384) * 3  # q o, k v, gate up down
     assert record["trainable"] == 16 * 4 * per_layer
+
+
+MINE = '''
+"""A plugin in a file beside the config, importing a neighbour."""
+from helper import FLAG_DEFAULT
+
+from payload.plugins import Plugin, PluginConfig
+
+
+class MineConfig(PluginConfig):
+    mine_flag: bool = FLAG_DEFAULT
+
+
+class MinePlugin(Plugin):
+    config = MineConfig
+'''
+
+
+def test_a_plugin_in_a_local_file_travels_with_a_remote_job(tmp_path):
+    """`plugins: [my_plugin.MinePlugin]` with my_plugin.py (and the helper.py it imports)
+    beside the config: validated from another folder, written as an absolute file
+    reference, staged with the job (SkyPilot's file mount) like a reward function, and
+    found there, in a fresh process, with the original files gone."""
+    from executors import get_executor
+    from executors.sky_task import stage
+    from launcher import api
+
+    home = tmp_path / "cfg"
+    home.mkdir()
+    (home / "my_plugin.py").write_text(MINE)
+    (home / "helper.py").write_text("FLAG_DEFAULT = False\n")
+    cfg = quickstart_config(home, "plugins: [my_plugin.MinePlugin]\nmine_flag: true\n")
+    launch("validate", str(cfg), cwd=tmp_path, check=True)
+    job, _ = api.prepare(cfg, cloud="sky", storage="s3://bucket/runs")
+    assert job.config["plugins"] == [f"{home / 'my_plugin.py'}:MinePlugin"]
+    said = " ".join(get_executor("sky").warnings(job))
+    assert "is not Ferry's own" not in said  # it travels with the job
+    folder = stage(job)
+    contract = json.loads((folder / "job.json").read_text())
+    assert contract["config"]["plugins"] == ["/ferry/inputs/code-0/my_plugin.py:MinePlugin"]
+    assert (folder / "inputs" / "code-0" / "helper.py").exists()
+    node = tmp_path / "node"
+    shutil.copytree(folder, node)
+    for name in ("my_plugin.py", "helper.py"):
+        (home / name).unlink()
+    probe = (
+        "import json, sys\n"
+        "from payload.runtime.job import RemoteJob\n"
+        "from payload.config.loader import validate_mapping\n"
+        "from payload.plugins import Plugins\n"
+        "job = RemoteJob.from_json((__import__('pathlib').Path(sys.argv[1]) / 'job.json')"
+        ".read_text()).rooted(sys.argv[1])\n"
+        "cfg = validate_mapping(job.config, resolve_paths=False)\n"
+        "(plugin,) = Plugins(cfg).items\n"
+        "print(json.dumps([cfg.mine_flag, sys.modules[type(plugin).__module__].__file__]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(node)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    flag, where = json.loads(done.stdout.strip().splitlines()[-1])
+    assert flag is True
+    assert where == str(node / "inputs" / "code-0" / "my_plugin.py")

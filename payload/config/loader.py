@@ -22,6 +22,7 @@ from payload.config.schema import DatasetConfig, TrainConfig, TRLConfig, VllmCon
 from payload.errors import ConfigError, FerryError, Problem
 from payload.plugins import builtin_keys as builtin_plugin_keys
 from payload.plugins import config_class as plugin_config_class
+from payload.plugins import reference as plugin_reference
 from payload.plugins import resolve_all as resolve_plugins
 
 log = logging.getLogger("ferry.config")
@@ -142,7 +143,7 @@ def validate_mapping(
     raw = {k: v for k, v in raw.items() if k not in axolotl_keys.NO_EFFECT}
     # The listed plugins' keys join the schema (payload.plugins).
     listed = raw.get("plugins") if isinstance(raw.get("plugins"), list) else None
-    plugins, unusable = resolve_plugins(listed)
+    plugins, unusable = resolve_plugins(listed, base_dir)
     model = plugin_config_class(tuple(plugins))
     problems, clean = _unknown_keys(raw, model)
     problems.extend(Problem(f"plugins[{i}]", f"{message}") for i, message in unusable)
@@ -159,6 +160,10 @@ def validate_mapping(
     errors, warnings = check_rules(cfg, set(clean), bad)
     warnings.extend(Problem(k, axolotl_keys.NO_EFFECT[k]) for k in ignored)
     problems.extend(errors)
+    if resolve_paths and listed and not unusable:  # local plugin files: by absolute path
+        cfg = cfg.model_copy(
+            update={"plugins": [plugin_reference(str(n), base_dir) for n in listed]}
+        )
     if resolve_paths and "base_model" not in bad and "datasets" not in bad:
         cfg, path_problems = paths.resolve(cfg, base_dir)
         problems.extend(path_problems)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -98,8 +99,34 @@ def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
+def _local(name: str, base_dir: Path | None) -> Any:
+    """Where a plugin in a local file is (payload.config.rewards.Found): a file reference
+    `path/to/mod.py:Class`, or `mod.Class` with mod.py beside the config (or in the
+    current folder); None for an installed module or an entry point."""
+    from payload.config.rewards import file_reference, locate
+
+    if file_reference(name):
+        return locate(name, base_dir)  # FerryError if the file is not there
+    module, _, attr = name.rpartition(".")
+    if not module or name.startswith("axolotl.") or name in AXOLOTL:
+        return None
+    try:
+        found = locate(name, base_dir)
+    except FerryError:
+        return None
+    return found if found.file is not None else None
+
+
+def reference(name: str, base_dir: Path | None = None) -> str:
+    """How the validated config names the plugin: a plugin in a local file as an
+    absolute file reference (remote jobs ship it, as they ship reward functions), any
+    other as written."""
+    found = _local(name, base_dir)
+    return found.reference if found is not None else name
+
+
 @functools.cache
-def resolve(name: str) -> type[Plugin]:
+def resolve(name: str, base_dir: Path | None = None) -> type[Plugin]:
     """The plugin class a `plugins:` entry names; FerryError saying why not."""
     if name in NOT_YET:
         raise FerryError(f"`{name}` is not a plugin Ferry has yet: it {NOT_YET[name]}.")
@@ -109,8 +136,15 @@ def resolve(name: str) -> type[Plugin]:
             f"{', '.join(sorted(AXOLOTL))}."
         )
     path = AXOLOTL.get(name, name)
-    found = _entry_points().get(name)
-    if found is not None:
+    local = _local(name, base_dir)
+    found = _entry_points().get(name) if local is None else None
+    if local is not None:
+        from payload.config.rewards import _import
+
+        cls = getattr(_import(local, name), local.function, None)
+        if cls is None:
+            raise FerryError(f"plugin `{name}`: {local.file.name} has no `{local.function}`.")
+    elif found is not None:
         try:
             cls = found.load()
         except Exception as e:  # noqa: BLE001 - the plugin's own import error, said
@@ -143,12 +177,14 @@ def resolve(name: str) -> type[Plugin]:
     return cls
 
 
-def resolve_all(names: Iterable[str] | None) -> tuple[list[type[Plugin]], list[tuple[int, str]]]:
+def resolve_all(
+    names: Iterable[str] | None, base_dir: Path | None = None
+) -> tuple[list[type[Plugin]], list[tuple[int, str]]]:
     """The listed plugins' classes and (index, problem) for those that cannot be used."""
     classes, problems = [], []
     for i, name in enumerate(names or []):
         try:
-            cls = resolve(str(name))
+            cls = resolve(str(name), base_dir)
         except FerryError as e:
             problems.append((i, e.message))
             continue
@@ -226,14 +262,16 @@ class Plugins:
 
 
 def foreign(names: Iterable[str] | None) -> list[str]:
-    """The listed plugins that are not Ferry's own (they must be installed wherever the
-    run trains)."""
+    """The listed plugins that are neither Ferry's own nor in a local file the job ships:
+    they must be installed wherever the run trains."""
+    from payload.config.rewards import file_reference
+
     out = []
     for name in names or []:
         try:
             cls = resolve(str(name))
         except FerryError:
             continue
-        if not cls.__module__.startswith("payload."):
+        if not cls.__module__.startswith("payload.") and not file_reference(str(name)):
             out.append(str(name))
     return out
