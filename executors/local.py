@@ -49,6 +49,7 @@ TRAIN_MODULES = ("torch", "transformers", "peft", "accelerate", "datasets")
 GPU_ONLY = {
     "fp16": "a CUDA GPU",
     "flash_attention": "flash-attn on a CUDA GPU",
+    "flex_attention": "a CUDA GPU (torch's FlexAttention has no backward on the CPU)",
 }
 
 

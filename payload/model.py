@@ -103,11 +103,13 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def _attention(cfg: TrainConfig) -> str | None:
-    if cfg.flash_attention:
-        return "flash_attention_2"
-    if cfg.sdp_attention:
-        return "sdpa"
-    return cfg.attn_implementation
+    """The backend the config asks for (payload.config.attention states them all)."""
+    from payload.config.attention import chosen, configure_flex_compile
+
+    name = chosen(cfg)
+    if name == "flex_attention":
+        configure_flex_compile(cfg.flex_attn_compile_kwargs)
+    return name
 
 
 def _quantization(cfg: TrainConfig) -> Any:

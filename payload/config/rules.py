@@ -702,13 +702,18 @@ def _schedules(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
         yield _warn(key, "ignored: there is no eval set (val_set_size or test_datasets).")
 
 
-@rule("flash_attention", "sdp_attention", "attn_implementation")
+@rule(
+    "flash_attention",
+    "sdp_attention",
+    "flex_attention",
+    "attn_implementation",
+    "flex_attn_compile_kwargs",
+    "context_parallel_size",
+)
 def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
-    chosen = [
-        k for k in ("flash_attention", "sdp_attention", "attn_implementation") if getattr(cfg, k)
-    ]
-    if len(chosen) > 1:
-        yield _error(chosen[0], f"and `{chosen[1]}` both choose attention; set one.")
+    from payload.config.attention import findings  # every backend, stated in one place
+
+    yield from findings(cfg)
 
 
 # Axolotl 0.21's `rl:` values (its RLType).

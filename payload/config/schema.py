@@ -998,6 +998,16 @@ class TrainConfig(_ChatTemplateKeys):
     )
     flash_attention: bool | None = Field(default=None, description="Use flash-attention-2.")
     sdp_attention: bool | None = Field(default=None, description="Use torch SDPA attention.")
+    flex_attention: bool | None = Field(
+        default=None,
+        description="Use torch's FlexAttention (trains on a CUDA GPU; its backward does not "
+        "run on the CPU). payload/config/attention.py states every backend.",
+    )
+    flex_attn_compile_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="torch.compile arguments for flex attention, e.g. {dynamic: false, "
+        "mode: max-autotune-no-cudagraphs}.",
+    )
     attn_implementation: str | None = Field(
         default=None, description="transformers attention backend, e.g. `sdpa`, `eager`."
     )
