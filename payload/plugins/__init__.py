@@ -48,7 +48,9 @@ AXOLOTL = {
 # Axolotl plugins Ferry does not have (yet), with the reason.
 NOT_YET = {
     "axolotl.integrations.kernels.KernelsPlugin": (
-        "fetches kernels from the Hugging Face hub at run time (`use_kernels`)"
+        "swaps mixture-of-experts layers for ScatterMoE or SonicMoE kernels (and loads hub "
+        "kernels at run time); Ferry has no MoE kernels yet. Its LoRA kernels are the "
+        "lora_mlp_kernel, lora_qkv_kernel and lora_o_kernel keys"
     ),
 }
 # Ferry's plugins whose keys a config may set without listing them: said by name.
