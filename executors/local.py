@@ -122,6 +122,11 @@ class LocalExecutor(Executor):
             for key, needs in GPU_ONLY.items():
                 if cfg.get(key):
                     problems.append(f"`{key}` needs {needs}; this machine has no GPU")
+            named = cfg.get("attn_implementation") or ""
+            if named.startswith("flash_attention") or named == "flex_attention":
+                problems.append(
+                    f"`attn_implementation: {named}` needs a CUDA GPU; this machine has none"
+                )
             if cfg.get("bf16") is True:
                 problems.append("`bf16: true` needs a CUDA GPU; this machine has none (use auto)")
         return problems

@@ -51,6 +51,10 @@ def test_what_cannot_work_is_refused_and_what_cp_replaces_is_said():
     errors, _ = check({"attn_implementation": "sdpaa"})
     assert "`sdpaa` is not an attention transformers has" in errors["attn_implementation"]
     assert "Did you mean `sdpa`?" in errors["attn_implementation"]
+    errors, _ = check({"flex_attention": True, "flex_attn_compile_kwargs": {"modee": "x"}})
+    assert errors["flex_attn_compile_kwargs"].startswith("modee: not torch.compile arguments")
+    errors, _ = check({"attn_implementation": "flash_attention_4"})
+    assert errors == {}
     errors, _ = check({"flex_attn_compile_kwargs": {"dynamic": False}})
     assert errors["flex_attn_compile_kwargs"] == (
         "applies to flex attention only: add `flex_attention: true`."
@@ -119,6 +123,9 @@ def test_flex_attn_compile_kwargs_reach_torch_compile(monkeypatch):
     assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
     wrapper(False)()  # eval: the same compiled function, not transformers' own compile
     assert len(seen) == 1
+    configure_flex_compile(None)  # the next config has none: transformers' own choice
+    wrapper(True)()
+    assert len(seen) == 2 and seen[1] == {}
 
 
 def test_a_cpu_run_with_flex_attention_is_refused_before_it_starts(tmp_path):
@@ -128,3 +135,7 @@ def test_a_cpu_run_with_flex_attention_is_refused_before_it_starts(tmp_path):
     assert "`flex_attention` needs a CUDA GPU (torch's FlexAttention has no backward on the " in (
         " ".join(said.stderr.split())
     )
+    named = quickstart_config(tmp_path, "attn_implementation: flex_attention\n", name="n.yml")
+    said = launch("train", str(named))
+    assert said.returncode != 0
+    assert "`attn_implementation: flex_attention` needs a CUDA GPU" in said.stderr

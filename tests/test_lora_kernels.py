@@ -113,6 +113,44 @@ PROBE = textwrap.dedent(
                     "grads": max(rel(grads[n], ref_grads[n]) for n in ref_grads),
                     "trained": len(grads), "with_grad": sum(g is not None for g in grads.values())}
 
+    # PEFT's disable_adapter() (TRL's reference model for DPO, KTO, GRPO): the fused
+    # layers step aside, and the logits are the base model's.
+    with torch.no_grad():
+        with plain.disable_adapter():
+            base_logits = plain(input_ids=ids).logits
+        with fused.disable_adapter():
+            fused_base = fused(input_ids=ids).logits
+        with_adapter = fused(input_ids=ids).logits
+    out["disabled"] = {"diff": rel(fused_base, base_logits),
+                       "adapter_matters": rel(with_adapter, base_logits)}
+
+    # bf16 autocast over the fp32 base (as fp16/bf16 mixed precision runs): the fused
+    # model trains, its adapter gradients stay fp32 and are close to PEFT's under the
+    # same autocast (bf16 rounding: 2e-2).
+    for model in (plain, fused):
+        model.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = plain(input_ids=ids, labels=labels).loss
+        ours = fused(input_ids=ids, labels=labels).loss
+    ref.backward(); ours.backward()
+    a = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    b = {n: p.grad for n, p in fused.named_parameters() if p.requires_grad}
+    out["autocast"] = {"loss": rel(ours.float(), ref.float()),
+                       "grads": max(rel(b[n], a[n]) for n in a),
+                       "dtypes": sorted({str(g.dtype) for g in b.values()})}
+
+    # The MLP's backward overwrites what it saved: a second one is refused, not wrong.
+    g, u, d = layer(16, 24), layer(16, 24), layer(24, 16)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = LoRAMLP.apply(x, g.weight, g.a, g.b, u.weight, u.a, u.b, d.weight, d.a, d.b,
+                      (g.scale, u.scale, d.scale), "silu").sum()
+    y.backward(retain_graph=True)
+    try:
+        y.backward()
+        out["second_backward"] = None
+    except RuntimeError as e:
+        out["second_backward"] = str(e)
+
     # A model the fused layers cannot run: LoRA dropout on every layer.
     base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
     dropped = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.1, target_modules="all-linear"))
@@ -162,6 +200,27 @@ def test_the_fused_tiny_llama_has_the_plain_models_loss_and_gradients(probe):
     # r=8 on 7 linear layers x 4 decoder layers: 56 A and B matrices, all with gradients.
     assert found["trained"] == 56 and found["with_grad"] == 56
     assert found["loss"] < TOL and found["grads"] < TOL, found
+
+
+@pytest.mark.slow
+def test_the_fused_layers_step_aside_when_peft_disables_the_adapter(probe):
+    found = probe["disabled"]
+    assert found["diff"] == 0.0, found  # exactly the base model's own layers
+    assert found["adapter_matters"] > 1e-3, found  # the check can tell them apart
+
+
+@pytest.mark.slow
+def test_the_fused_layers_train_under_autocast_with_fp32_adapter_gradients(probe):
+    found = probe["autocast"]
+    assert found["dtypes"] == ["torch.float32"]
+    assert found["loss"] < 2e-2 and found["grads"] < 2e-2, found
+
+
+@pytest.mark.slow
+def test_a_second_backward_through_the_fused_mlp_is_refused(probe):
+    assert probe["second_backward"] == (
+        "the fused LoRA MLP runs its backward once (no retain_graph)"
+    )
 
 
 @pytest.mark.slow

@@ -8,8 +8,12 @@ loads it by, and what it means for sample packing and context parallel.
 - `flex_attention: true` -> flex_attention. Packing: a block mask from position_ids.
   Trains on a CUDA GPU only (torch's FlexAttention has no backward on the CPU);
   `flex_attn_compile_kwargs` go to its torch.compile.
-- `attn_implementation: eager` (or another of transformers' names, or a hub kernel as
-  org/repo) -> that. Packing: a block-diagonal mask from position_ids.
+- `attn_implementation: eager` -> eager. Packing: a block-diagonal mask from
+  position_ids. flash_attention_3/4 and a hub kernel (org/repo) with a varlen function
+  pack as flash does.
+- Packing reads the segments from position_ids only without an attention_mask and
+  without a KV cache: Ferry's packed batches have no mask, and PackedTrainer turns the
+  cache off.
 - nothing -> the model's default (sdpa for most).
 - context parallel: every backend gives way to Ferry's all-gathered sdpa
   (payload/parallel/context.py); one other than sdpa is said.
@@ -32,12 +36,12 @@ KNOWN = (
     "sdpa",
     "flash_attention_2",
     "flash_attention_3",
+    "flash_attention_4",
     "flex_attention",
-    "paged_attention",
-    "sdpa_paged",
-    "eager_paged",
 )
 KEYS = ("flash_attention", "sdp_attention", "flex_attention", "attn_implementation")
+# torch.compile's keyword arguments (torch 2.13)
+COMPILE_ARGUMENTS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
 
 
 def chosen(cfg: Any) -> str | None:
@@ -68,6 +72,13 @@ def findings(cfg: Any) -> Iterator[tuple[str, str, bool]]:
             f"kernel as org/repo).{hint}",
             True,
         )
+    unknown = sorted(set(cfg.flex_attn_compile_kwargs or {}) - set(COMPILE_ARGUMENTS))
+    if unknown:
+        yield (
+            "flex_attn_compile_kwargs",
+            f"{', '.join(unknown)}: not torch.compile arguments ({', '.join(COMPILE_ARGUMENTS)}).",
+            True,
+        )
     if cfg.flex_attn_compile_kwargs and chosen(cfg) != "flex_attention":
         yield (
             "flex_attn_compile_kwargs",
@@ -83,16 +94,24 @@ def findings(cfg: Any) -> Iterator[tuple[str, str, bool]]:
         )
 
 
+_ORIGINAL_INIT: dict[str, Any] = {}
+
+
 def configure_flex_compile(kwargs: dict[str, Any] | None) -> None:
     """Compile transformers' flex attention with `kwargs` (flex_attn_compile_kwargs), in
-    place of its own choice, for training and eval alike."""
-    if not kwargs:
-        return
+    place of its own choice, for training and eval alike; without kwargs, transformers'
+    own choice again (a process may run several configs: a Ray worker, the tests)."""
     import torch
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations import flex_attention as integration
 
     wrapper = integration.WrappedFlexAttention
+    original = _ORIGINAL_INIT.setdefault("init", wrapper.__init__)
+    wrapper._instance = None
+    wrapper._is_flex_compiled = False
+    if not kwargs:
+        wrapper.__init__ = original  # type: ignore[method-assign]
+        return
 
     @torch.compiler.disable(recursive=False)
     def init(self: Any, training: bool) -> None:
@@ -102,5 +121,3 @@ def configure_flex_compile(kwargs: dict[str, Any] | None) -> None:
             self._is_flex_compiled = True
 
     wrapper.__init__ = init  # type: ignore[method-assign]
-    wrapper._instance = None
-    wrapper._is_flex_compiled = False

@@ -49,6 +49,14 @@ def _lora_problem(module: Any, name: str) -> str | None:
     return None
 
 
+def _bypassed(*modules: Any) -> bool:
+    """PEFT runs these layers without their adapter (`disable_adapter()`, as TRL's
+    reference model does for DPO, KTO and GRPO) or with it merged into the weight: the
+    layers' own forwards are then the right ones, not the fused LoRA."""
+    return any(getattr(m, "disable_adapters", False) or getattr(m, "merged", False)
+               for m in modules)  # fmt: skip
+
+
 def _tensors(module: Any) -> tuple[Any, Any, Any, float]:
     adapter = module.active_adapters[0]
     return (
@@ -122,7 +130,13 @@ def apply(model: Any, mlp: bool, qkv: bool, o: bool) -> str:
             kind = _activation(block, config)
             gate, up, down = (getattr(block, n) for n in MLP)
 
-            def mlp_forward(self: Any, x: Any, _g=gate, _u=up, _d=down, _k=kind) -> Any:
+            plain_mlp = block.forward
+
+            def mlp_forward(
+                self: Any, x: Any, _g=gate, _u=up, _d=down, _k=kind, _plain=plain_mlp
+            ) -> Any:
+                if _bypassed(_g, _u, _d):
+                    return _plain(x)
                 gw, ga, gb, gs = _tensors(_g)
                 uw, ua, ub, us = _tensors(_u)
                 dw, da, db, ds = _tensors(_d)
@@ -134,8 +148,11 @@ def apply(model: Any, mlp: bool, qkv: bool, o: bool) -> str:
             _fuse_qkv(attn, LoRAQKV)
         if o and attn is not None:
             proj = attn.o_proj
+            plain_o = proj.forward
 
-            def o_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            def o_forward(self: Any, x: Any, *args: Any, _plain=plain_o, **kwargs: Any) -> Any:
+                if _bypassed(self):
+                    return _plain(x, *args, **kwargs)
                 w, a, b, s = _tensors(self)
                 return LoRAO.apply(x, w, a, b, s)
 
@@ -150,6 +167,9 @@ def _fuse_qkv(attn: Any, function: Any) -> None:
     plain = {n: getattr(attn, n).forward for n in QKV}
 
     def q_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if _bypassed(q, k, v):
+            kept.clear()  # k_proj and v_proj then run as they were, too
+            return plain["q_proj"](x, *args, **kwargs)
         tensors = [t for m in (q, k, v) for t in _tensors(m)]
         scales = tuple(tensors[3::4])
         weights = [t for i, t in enumerate(tensors) if i % 4 != 3]

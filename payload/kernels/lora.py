@@ -46,10 +46,21 @@ class LoRA:
     scale: float
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a block computes in: autocast's where it is on (fp16 or bf16 over an
+    fp32 base), else the input's. The functions turn autocast off inside and cast
+    everything to this one dtype, forward and backward alike."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def lora_forward(x: torch.Tensor, layer: LoRA) -> torch.Tensor:
     """y for x [tokens, in] (no autograd graph of its own: the functions below own it)."""
     low = x @ layer.a.to(x.dtype).t()
-    return torch.addmm(x @ layer.weight.t(), low, layer.b.to(x.dtype).t(), alpha=layer.scale)
+    base = x @ layer.weight.to(x.dtype).t()
+    return torch.addmm(base, low, layer.b.to(x.dtype).t(), alpha=layer.scale)
 
 
 def lora_backward(
@@ -59,7 +70,7 @@ def lora_backward(
     b = layer.b.to(dy.dtype)
     a = layer.a.to(dy.dtype)
     dy_b = dy @ b  # [tokens, r]
-    dx = torch.addmm(dy @ layer.weight, dy_b, a, alpha=layer.scale)
+    dx = torch.addmm(dy @ layer.weight.to(dy.dtype), dy_b, a, alpha=layer.scale)
     da = (layer.scale * (dy_b.t() @ x)).to(layer.a.dtype) if need_a else None
     db = (layer.scale * (dy.t() @ (x @ a.t()))).to(layer.b.dtype) if need_b else None
     return dx, da, db
@@ -76,7 +87,7 @@ def _tanh(z):
 @triton.jit
 def _glu_forward(g_ptr, u_ptr, h_ptr, n, KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """h = act(g) * u, element-wise; KIND 0: SiLU, 1: GELU (erf), 2: GELU (tanh)."""
-    offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n
     g = tl.load(g_ptr + offsets, mask=mask, other=0).to(tl.float32)
     u = tl.load(u_ptr + offsets, mask=mask, other=0).to(tl.float32)
@@ -94,7 +105,7 @@ def _glu_forward(g_ptr, u_ptr, h_ptr, n, KIND: tl.constexpr, BLOCK_SIZE: tl.cons
 def _glu_backward(dh_ptr, g_ptr, u_ptr, n, KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """In place: dh <- h = act(g) * u (recomputed), g <- dg = dh * u * act'(g),
     u <- du = dh * act(g)."""
-    offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n
     dh = tl.load(dh_ptr + offsets, mask=mask, other=0).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask, other=0).to(tl.float32)
@@ -152,34 +163,41 @@ class LoRAMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gw, ga, gb, uw, ua, ub, dw, da, db, scales, kind):  # type: ignore[no-untyped-def]
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        gate, up, down = (
-            LoRA(gw, ga, gb, scales[0]),
-            LoRA(uw, ua, ub, scales[1]),
-            LoRA(dw, da, db, scales[2]),
-        )
-        g = lora_forward(x2, gate)
-        u = lora_forward(x2, up)
-        h = glu_forward(g, u, kind)
-        out = lora_forward(h, down)
+        shape, dtype = x.shape, compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            gate, up, down = (
+                LoRA(gw, ga, gb, scales[0]),
+                LoRA(uw, ua, ub, scales[1]),
+                LoRA(dw, da, db, scales[2]),
+            )
+            g = lora_forward(x2, gate)
+            u = lora_forward(x2, up)
+            h = glu_forward(g, u, kind)
+            out = lora_forward(h, down)
         ctx.save_for_backward(x2, g, u, gw, ga, gb, uw, ua, ub, dw, da, db)
-        ctx.scales, ctx.kind, ctx.shape = scales, kind, shape
+        ctx.scales, ctx.kind, ctx.shape, ctx.x_dtype, ctx.used = scales, kind, shape, x.dtype, False
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[no-untyped-def]
+        if ctx.used:  # g and u were overwritten in place by the first backward
+            raise RuntimeError("the fused LoRA MLP runs its backward once (no retain_graph)")
+        ctx.used = True
         x2, g, u, gw, ga, gb, uw, ua, ub, dw, da, db = ctx.saved_tensors
         sg, su, sd = ctx.scales
-        dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)
-        down = LoRA(dw, da, db, sd)
-        # h is needed for the down layer's LoRA gradients: recomputed with dg, du.
-        dh = torch.addmm(dout2 @ dw, dout2 @ db.to(dout2.dtype), da.to(dout2.dtype), alpha=sd)
-        h, dg, du = glu_backward(dh.contiguous(), g.contiguous(), u.contiguous(), ctx.kind)
-        _, d_da, d_db = lora_backward(dout2, h, down, *_needs(ctx, 8, 9))
-        dx_g, d_ga, d_gb = lora_backward(dg, x2, LoRA(gw, ga, gb, sg), *_needs(ctx, 2, 3))
-        dx_u, d_ua, d_ub = lora_backward(du, x2, LoRA(uw, ua, ub, su), *_needs(ctx, 5, 6))
-        dx = (dx_g + dx_u).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
+        with torch.autocast(x2.device.type, enabled=False):
+            dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)
+            down = LoRA(dw, da, db, sd)
+            # h is needed for the down layer's LoRA gradients: recomputed with dg, du.
+            dh = torch.addmm(
+                dout2 @ dw.to(x2.dtype), dout2 @ db.to(x2.dtype), da.to(x2.dtype), alpha=sd
+            )
+            h, dg, du = glu_backward(dh.contiguous(), g.contiguous(), u.contiguous(), ctx.kind)
+            _, d_da, d_db = lora_backward(dout2, h, down, *_needs(ctx, 8, 9))
+            dx_g, d_ga, d_gb = lora_backward(dg, x2, LoRA(gw, ga, gb, sg), *_needs(ctx, 2, 3))
+            dx_u, d_ua, d_ub = lora_backward(du, x2, LoRA(uw, ua, ub, su), *_needs(ctx, 5, 6))
+        dx = (dx_g + dx_u).reshape(ctx.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return dx, None, d_ga, d_gb, None, d_ua, d_ub, None, d_da, d_db, None, None
 
 
@@ -188,14 +206,16 @@ class LoRAQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qw, qa, qb, kw, ka, kb, vw, va, vb, scales):  # type: ignore[no-untyped-def]
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        shape, dtype = x.shape, compute_dtype(x)
         layers = [
             LoRA(qw, qa, qb, scales[0]),
             LoRA(kw, ka, kb, scales[1]),
             LoRA(vw, va, vb, scales[2]),
         ]
-        outs = [lora_forward(x2, layer) for layer in layers]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            outs = [lora_forward(x2, layer) for layer in layers]
+        ctx.x_dtype = x.dtype
         # An output nothing used gets None, not zeros: its adapter then has no gradient
         # (as without the fusion), and the optimizer leaves it alone.
         ctx.set_materialize_grads(False)
@@ -212,14 +232,15 @@ class LoRAQKV(torch.autograd.Function):
             if dy is None:
                 continue
             w, a, b = tensors[3 * i : 3 * i + 3]
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            layer = LoRA(w, a, b, ctx.scales[i])
-            part, grads[2 + 3 * i], grads[3 + 3 * i] = lora_backward(
-                dy2, x2, layer, *_needs(ctx, 2 + 3 * i, 3 + 3 * i)
-            )
+            with torch.autocast(x2.device.type, enabled=False):
+                dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+                layer = LoRA(w, a, b, ctx.scales[i])
+                part, grads[2 + 3 * i], grads[3 + 3 * i] = lora_backward(
+                    dy2, x2, layer, *_needs(ctx, 2 + 3 * i, 3 + 3 * i)
+                )
             dx = part if dx is None else dx + part
         if ctx.needs_input_grad[0] and dx is not None:
-            grads[0] = dx.reshape(ctx.shape)
+            grads[0] = dx.reshape(ctx.shape).to(ctx.x_dtype)
         return tuple(grads)
 
 
@@ -228,19 +249,22 @@ class LoRAO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, a, b, scale):  # type: ignore[no-untyped-def]
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        out = lora_forward(x2, LoRA(w, a, b, scale))
+        shape, dtype = x.shape, compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            out = lora_forward(x2, LoRA(w, a, b, scale))
         ctx.save_for_backward(x2, w, a, b)
-        ctx.scale, ctx.shape = scale, shape
+        ctx.scale, ctx.shape, ctx.x_dtype = scale, shape, x.dtype
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[no-untyped-def]
         x2, w, a, b = ctx.saved_tensors
-        dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)
-        dx, da, db = lora_backward(dout2, x2, LoRA(w, a, b, ctx.scale), *_needs(ctx, 2, 3))
-        return (dx.reshape(ctx.shape) if ctx.needs_input_grad[0] else None), None, da, db, None
+        with torch.autocast(x2.device.type, enabled=False):
+            dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)
+            dx, da, db = lora_backward(dout2, x2, LoRA(w, a, b, ctx.scale), *_needs(ctx, 2, 3))
+        dx = dx.reshape(ctx.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, da, db, None
 
 
 # ---- plain torch, for the tests to hold the functions to

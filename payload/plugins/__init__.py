@@ -110,13 +110,32 @@ def _local(name: str, base_dir: Path | None) -> Any:
     if file_reference(name):
         return locate(name, base_dir)  # FerryError if the file is not there
     module, _, attr = name.rpartition(".")
-    if not module or name.startswith("axolotl.") or name in AXOLOTL:
+    if not module or name.startswith(("axolotl.", "payload.")) or name in AXOLOTL:
         return None
     try:
         found = locate(name, base_dir)
     except FerryError:
         return None
-    return found if found.file is not None else None
+    if found.file is None:
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module.split(".")[0])
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if found.file.name == "__init__.py":
+        if spec is not None:  # an installed package whose source is here (editable)
+            return None
+        raise FerryError(
+            f"plugin `{name}` is a package beside the config: a plugin shipped with the "
+            "job is one .py file (with the .py files beside it that it imports); install a "
+            "package with pip instead."
+        )
+    if origin is not None and origin != found.file.resolve():
+        return None  # an installed module of that name wins over a file that shadows it
+    return found
 
 
 def reference(name: str, base_dir: Path | None = None) -> str:
