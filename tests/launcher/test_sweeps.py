@@ -110,7 +110,7 @@ def test_short_names_fall_back_to_full_keys_when_they_collide():
             "sweep key `lerning_rate`: `lerning_rate` is not a config key; "
             "did you mean `learning_rate`?",
         ),
-        ({"lora_mlp_kernel": [True]}, "`lora_mlp_kernel` is not supported yet"),
+        ({"lora_embedding_kernel": [True]}, "`lora_embedding_kernel` is not supported yet"),
         ({"_": {"adapter": "lora"}}, "sweep key `_`: needs a non-empty list of mappings"),
         ({"_": ["lora"]}, "sweep key `_[0]`: needs a mapping"),
         ({"_": [{"lerning_rate": 1}]}, "sweep key `lerning_rate`"),
