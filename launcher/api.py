@@ -127,11 +127,16 @@ def check_cost(
         # No price, often for a reason the preflight states better (SkyPilot missing, no
         # cloud enabled): that next step first, not a --yes that would still fail.
         executor.preflight(job)
+    _confirm_or_refuse(why, confirm, "or lower the timeout")
+
+
+def _confirm_or_refuse(why: str, confirm: Callable[[str], bool] | None, other: str) -> None:
+    """A launch above `launch.max_cost` goes on only with a yes (`confirm`)."""
     if confirm is not None and confirm(why):
         return
     raise FerryError(
         f"Not launched: {why}.",
-        hint="Pass --yes to launch anyway, raise `launch.max_cost`, or lower the timeout.",
+        hint=f"Pass --yes to launch anyway, raise `launch.max_cost`, {other}.",
     )
 
 
@@ -340,12 +345,7 @@ def check_sweep_cost(
         why = f"this sweep's estimated cost, {how}, is above launch.max_cost ${limit:,.2f}"
     else:
         return
-    if confirm is not None and confirm(why):
-        return
-    raise FerryError(
-        f"Not launched: {why}.",
-        hint="Pass --yes to launch anyway, raise `launch.max_cost`, or run fewer trials.",
-    )
+    _confirm_or_refuse(why, confirm, "or run fewer trials")
 
 
 def sweep_start(

@@ -241,3 +241,33 @@ BLOCKER = textwrap.dedent(
     sys.meta_path.insert(0, _Finder())
     '''
 )
+
+
+def run_probe(code: str, *args: str, timeout: float = 900) -> dict:
+    """Run `code` in a fresh Python (a process whose imports, Triton's interpreter say,
+    the test process must not share) and return the JSON it prints after `PROBE `."""
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("PROBE "))
+    return json.loads(line.removeprefix("PROBE "))
+
+
+def train_losses(folder: Path, extra: str, timeout: float = 900) -> tuple[str, list[float]]:
+    """`launch train` of the quickstart with `extra` keys, in a FERRY_HOME of its own under
+    `folder`: the run's stdout and its per-step losses."""
+    import json
+
+    from payload.storage.layout import read_metrics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = quickstart_config(folder, extra)
+    env = {"FERRY_HOME": str(folder / "home")}
+    done = launch("train", str(cfg), env=env, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
+    return done.stdout, [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]

@@ -13,10 +13,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ASSETS, launch, quickstart_config
+from helpers import ASSETS, launch, quickstart_config, train_losses
 
 from payload.plugins.cce import causal_lm_loss, implementation, wrap
-from payload.storage.layout import read_metrics
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -106,25 +105,12 @@ def test_a_run_with_the_plugin_has_the_losses_of_the_run_without(tmp_path):
     plugin (listed by Axolotl's path): the same per-step losses, and the run says which
     implementation it used."""
     base = "max_steps: 4\nnum_epochs: null\nlogging_steps: 1\n"
-    losses = {}
-    for name, extra in (
-        ("off", ""),
-        ("on", "plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\n"),
-    ):
-        folder = tmp_path / name
-        folder.mkdir()
-        cfg = quickstart_config(folder, base + extra)
-        env = {"FERRY_HOME": str(folder / "home")}
-        done = launch("train", str(cfg), env=env, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        if name == "on":
-            assert "cut_cross_entropy: the loss through its torch_compile implementation" in (
-                done.stdout
-            )
-        (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
-        losses[name] = [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]
-    assert len(losses["off"]) == 4
-    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+    _, off = train_losses(tmp_path / "off", base)
+    plugin = "plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\n"
+    said, on = train_losses(tmp_path / "on", base + plugin)
+    assert "cut_cross_entropy: the loss through its torch_compile implementation" in said
+    assert len(off) == 4
+    assert on == pytest.approx(off, rel=1e-4)
 
 
 def test_models_whose_logits_cce_would_get_wrong_are_refused():
@@ -150,3 +136,20 @@ def test_models_whose_logits_cce_would_get_wrong_are_refused():
     assert (
         head_problem(adapted) == "the LM head has a LoRA adapter (lm_head in lora_target_modules)"
     )
+
+
+def test_cut_cross_entropy_false_leaves_the_model_as_it_was():
+    """Listed with `cut_cross_entropy: false`, the plugin wraps nothing: the model's own
+    loss, logits and all; with the default (true), no logits."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from payload.plugins.cce import CutCrossEntropyPlugin
+
+    ids = torch.randint(0, 1000, (1, 8))
+    for on, has_logits in ((False, True), (True, False)):
+        model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-llama")
+        model = CutCrossEntropyPlugin().after_model(SimpleNamespace(cut_cross_entropy=on), model)
+        out = model(input_ids=ids, labels=ids)
+        assert (out.logits is not None) is has_logits

@@ -11,15 +11,10 @@ imported, as the plugin does, and stays out of the test process."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from helpers import ASSETS, ROOT, launch, quickstart_config
-
-from payload.storage.layout import read_metrics
+from helpers import ASSETS, launch, quickstart_config, run_probe, train_losses
 
 TOL = 1e-5
 
@@ -149,13 +144,7 @@ PROBE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(ASSETS / "tiny-llama")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("PROBE "))
-    return json.loads(line.removeprefix("PROBE "))
+    return run_probe(PROBE, str(ASSETS / "tiny-llama"))
 
 
 @pytest.mark.slow
@@ -239,29 +228,41 @@ logging_steps: 1
 def test_an_axolotl_style_config_with_both_plugins_plans_and_trains(tmp_path):
     """Validates, plans for Modal (the plugins are in the image), trains 2 steps on this
     CPU with the losses of the same run without the plugins."""
-    losses = {}
     # One row a step: the interpreter runs each kernel row by row in numpy.
     small = "micro_batch_size: 1\nlogging_steps: 1\n"
-    for name, extra in (("on", AXOLOTL_STYLE), ("off", "max_steps: 2\nnum_epochs: null\n")):
-        folder = tmp_path / name
-        folder.mkdir()
-        cfg = quickstart_config(folder, extra + small)
-        env = {"FERRY_HOME": str(folder / "home")}
-        if name == "on":
-            launch("validate", str(cfg), env=env, check=True)
-            plan = launch(
-                "train", str(cfg), "--cloud", "modal", "--gpus", "H100:1", "--dry-run",
-                env=env, check=True,
-            ).stdout  # fmt: skip
-            assert "backend" in plan and "modal" in plan
-        done = launch("train", str(cfg), env=env, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        if name == "on":
-            assert "plugins: liger: rms_norm, rope, swiglu for llama through Triton's" in (
-                done.stdout
-            ), done.stdout[-2000:]
-            assert "cut_cross_entropy: the loss through its torch_compile" in done.stdout
-        (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
-        losses[name] = [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]
-    assert len(losses["off"]) == 2
-    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+    cfg = quickstart_config(tmp_path, AXOLOTL_STYLE + small)
+    launch("validate", str(cfg), check=True)
+    plan = launch(
+        "train", str(cfg), "--cloud", "modal", "--gpus", "H100:1", "--dry-run", check=True
+    ).stdout
+    assert "backend" in plan and "modal" in plan
+    said, on = train_losses(tmp_path / "on", AXOLOTL_STYLE + small)
+    assert "plugins: liger: rms_norm, rope, swiglu for llama through Triton's" in said, said[-2000:]
+    assert "cut_cross_entropy: the loss through its torch_compile" in said
+    _, off = train_losses(tmp_path / "off", "max_steps: 2\nnum_epochs: null\n" + small)
+    assert len(off) == 2
+    assert on == pytest.approx(off, rel=1e-4)
+
+
+def test_each_liger_key_reaches_its_switch():
+    """The keys map onto liger-kernel's switches for the family: the GLU key onto swiglu
+    or geglu, liger_swiglu (the old name) as liger_glu_activation, every other switch
+    given as off (liger-kernel's functions default most to on)."""
+    from payload.config.schema import TrainConfig
+    from payload.plugins import config_class, resolve
+    from payload.plugins.liger import FAMILIES, switches
+
+    model = config_class((resolve("axolotl.integrations.liger.LigerPlugin"),))
+    assert issubclass(model, TrainConfig)
+    base = {"base_model": "m", "datasets": [{"path": "x", "type": "alpaca"}]}
+    cfg = model.model_validate({**base, "liger_layer_norm": True, "liger_swiglu": True,
+                                "liger_cross_entropy": True})  # fmt: skip
+    assert switches(cfg, FAMILIES["gemma3"]) == {
+        "rope": False, "rms_norm": False, "geglu": True, "layer_norm": True,
+        "cross_entropy": True, "fused_linear_cross_entropy": False,
+    }  # fmt: skip
+    cfg = model.model_validate({**base, "liger_rope": True, "liger_rms_norm": True})
+    assert switches(cfg, FAMILIES["qwen2"]) == {
+        "rope": True, "rms_norm": True, "swiglu": False, "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }  # fmt: skip

@@ -12,15 +12,12 @@ interpreter on before Triton is imported, as a training process does."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from helpers import ASSETS, ROOT, launch, quickstart_config
-
-from payload.storage.layout import read_metrics
+from helpers import ASSETS, ROOT, launch, quickstart_config, run_probe, train_losses
 
 TOL = 1e-5
 
@@ -151,6 +148,16 @@ PROBE = textwrap.dedent(
     except RuntimeError as e:
         out["second_backward"] = str(e)
 
+    # Each key on its own: only its block is fused.
+    alone = {}
+    for flags in ((True, False, False), (False, True, False), (False, False, True)):
+        one = peft_model()
+        apply.apply(one, *flags)
+        layer0 = one.base_model.model.model.layers[0]
+        alone[str(flags)] = [layer0.mlp.forward.__name__, layer0.self_attn.q_proj.forward.__name__,
+                             layer0.self_attn.o_proj.forward.__name__]
+    out["alone"] = alone
+
     # A model the fused layers cannot run: LoRA dropout on every layer.
     base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
     dropped = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.1, target_modules="all-linear"))
@@ -166,13 +173,7 @@ PROBE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(ASSETS / "tiny-llama")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("PROBE "))
-    return json.loads(line.removeprefix("PROBE "))
+    return run_probe(PROBE, str(ASSETS / "tiny-llama"))
 
 
 @pytest.mark.slow
@@ -200,6 +201,17 @@ def test_the_fused_tiny_llama_has_the_plain_models_loss_and_gradients(probe):
     # r=8 on 7 linear layers x 4 decoder layers: 56 A and B matrices, all with gradients.
     assert found["trained"] == 56 and found["with_grad"] == 56
     assert found["loss"] < TOL and found["grads"] < TOL, found
+
+
+@pytest.mark.slow
+def test_each_key_fuses_its_own_block(probe):
+    """lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel (model.py passes each as a flag):
+    each alone replaces only its block's forward."""
+    assert probe["alone"] == {
+        "(True, False, False)": ["mlp_forward", "forward", "forward"],
+        "(False, True, False)": ["forward", "q_forward", "forward"],
+        "(False, False, True)": ["forward", "forward", "o_forward"],
+    }
 
 
 @pytest.mark.slow
@@ -252,22 +264,11 @@ def test_a_lora_run_with_the_fused_layers_has_the_losses_of_the_run_without(tmp_
     three keys), then off."""
     base = "max_steps: 5\nnum_epochs: null\nlogging_steps: 1\nmicro_batch_size: 2\n"
     keys = "lora_mlp_kernel: true\nlora_qkv_kernel: true\nlora_o_kernel: true\n"
-    losses = {}
-    for name, extra in (("on", keys), ("off", "")):
-        folder = tmp_path / name
-        folder.mkdir()
-        cfg = quickstart_config(folder, base + extra)
-        env = {"FERRY_HOME": str(folder / "home")}
-        done = launch("train", str(cfg), env=env, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        if name == "on":
-            assert "kernels: fused LoRA mlp, qkv, o in 4 layer(s) (Triton's interpreter" in (
-                done.stdout
-            ), done.stdout[-2000:]
-        (run,) = json.loads(launch("runs", "--json", env=env, check=True).stdout)
-        losses[name] = [r["loss"] for r in read_metrics(run["output_dir"]) if "loss" in r]
-    assert len(losses["off"]) == 5
-    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+    said, on = train_losses(tmp_path / "on", base + keys)
+    assert "kernels: fused LoRA mlp, qkv, o in 4 layer(s) (Triton's interpreter" in said
+    _, off = train_losses(tmp_path / "off", base)
+    assert len(off) == 5
+    assert on == pytest.approx(off, rel=1e-4)
 
 
 @pytest.mark.slow
