@@ -108,11 +108,24 @@ def finish(process: subprocess.Popen, timeout: float = 400) -> str:
 def test_the_run_script_trains_the_quickstart_as_two_nodes(tmp_path, s3_bucket):
     """Two "nodes" run the task's `run` script at once, as SkyPilot starts it on each:
     each finds its rank and the first node's address in SkyPilot's variables, torchrun
-    gets the right arguments, and the two train one job of world size 2 into S3."""
+    gets the right arguments, and the two train one job of world size 2 into S3. The
+    config lists a plugin in a file beside it: the file mount carries it, and its hook
+    runs on the nodes (its file is in the final artifacts)."""
+    (tmp_path / "note_plugin.py").write_text(
+        "from pathlib import Path\n"
+        "from payload.plugins import Plugin\n\n\n"
+        "class NotePlugin(Plugin):\n"
+        "    def after_training(self, cfg, summary):\n"
+        "        if summary:  # rank 0\n"
+        "            Path(cfg.output_dir, 'note.txt').write_text(str(summary['steps']))\n"
+    )
     cfg = quickstart_config(
-        tmp_path, "max_steps: 4\nnum_epochs: null\nsave_steps: 2\nlogging_steps: 1\n"
+        tmp_path,
+        "max_steps: 4\nnum_epochs: null\nsave_steps: 2\nlogging_steps: 1\n"
+        "plugins: [note_plugin.NotePlugin]\n",
     )
     job, folder, task = staged(cfg, nodes=2, gpus="1", storage=f"s3://{s3_bucket}/runs")
+    (tmp_path / "note_plugin.py").unlink()  # the nodes have only the file mount's copy
     assert task["num_nodes"] == 2
     port = json.loads((folder / "job.json").read_text())["master_port"]
     homes = [node(tmp_path, f"node{rank}", folder, task) for rank in (0, 1)]
@@ -133,6 +146,7 @@ def test_the_run_script_trains_the_quickstart_as_two_nodes(tmp_path, s3_bucket):
     assert "final/adapter_model.safetensors" in final
     summary = json.loads(store.read_bytes("final/summary.json"))
     assert summary["steps"] == 4
+    assert store.read_bytes("final/note.txt") == b"4"  # the shipped plugin's hook ran
     # The registry reads a remote run's summary from its storage (the step time a later
     # plan's cost estimate uses).
     from launcher.runs import read_summary, record_for
