@@ -41,6 +41,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# This file's own folder comes off sys.path: its name would shadow the `kernels` package
+# (Hugging Face's hub kernels), which transformers imports when it is installed.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 TOL = 1e-5
 VARIANTS = ("baseline", "lora_kernels", "liger", "cce", "all")

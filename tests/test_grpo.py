@@ -260,6 +260,24 @@ def test_a_reward_file_travels_with_the_modules_beside_it_that_it_imports(tmp_pa
     assert done.stdout.strip() == "[0.5, 0.0]"
 
 
+def test_two_reward_files_in_one_process_each_import_their_own_neighbour(tmp_path):
+    """Two configs' folders both hold helper.py, and each folder's rewards.py imports it.
+    Loaded one after the other in one process (a sweep, or the test suite), each function
+    sees its own folder's helper, not the one the first file imported."""
+    from payload.config import rewards
+
+    fns = []
+    for name, target in (("one", 7), ("two", 9)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "helper.py").write_text(f"TARGET = {target}\n")
+        (folder / "rewards.py").write_text(
+            "from helper import TARGET\n\n\ndef target(**kwargs):\n    return TARGET\n"
+        )
+        fns.append(rewards.load(f"{folder / 'rewards.py'}:target"))
+    assert [fn() for fn in fns] == [7, 9]
+
+
 def get_plan(job):
     from executors import get_executor
 

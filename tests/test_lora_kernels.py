@@ -12,6 +12,7 @@ interpreter on before Triton is imported, as a training process does."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -272,11 +273,17 @@ def test_a_lora_run_with_the_fused_layers_has_the_losses_of_the_run_without(tmp_
 
 
 @pytest.mark.slow
-def test_the_kernels_benchmark_checks_every_kernel_on_this_cpu():
-    """bench/kernels.py without CUDA: one passing correctness line per kernel."""
+def test_the_kernels_benchmark_checks_every_kernel_on_this_cpu(tmp_path):
+    """bench/kernels.py without CUDA: one passing correctness line per kernel. A `kernels`
+    distribution's metadata (Hugging Face's hub kernels, which some installs pull in) is put
+    on the path: transformers then imports `kernels`, which must not be this script."""
+    meta = tmp_path / "kernels-0.18.5.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.5\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "bench/kernels.py"], cwd=ROOT, capture_output=True, text=True,
-        timeout=600,
+        timeout=600, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = [x.split() for x in done.stdout.splitlines() if x.startswith("CHECK ")]

@@ -141,8 +141,10 @@ def _import(found: Found, value: str) -> Any:
             # The file's folder goes on sys.path so that it can import its neighbours,
             # as it could when run from there.
             folder = str(found.file.parent)
-            if folder not in sys.path:
-                sys.path.insert(0, folder)
+            if folder in sys.path:
+                sys.path.remove(folder)
+            sys.path.insert(0, folder)
+            _forget_neighbours_from_elsewhere(found.file.parent)
             spec = importlib.util.spec_from_file_location(found.module, found.file)
             assert spec is not None and spec.loader is not None  # a .py file always has one
             module = importlib.util.module_from_spec(spec)
@@ -152,6 +154,25 @@ def _import(found: Found, value: str) -> Any:
         return _loaded[key]
     except Exception as e:  # noqa: BLE001 - the user's module may raise anything on import
         raise FerryError(f"`{value}`: {_import_failure(found, e)}") from e
+
+
+def _forget_neighbours_from_elsewhere(folder: Path) -> None:
+    """Drop from sys.modules the modules that an earlier user file's folder gave a name
+    that a file in `folder` also has: in one process (a sweep, or configs validated one
+    after another), `import helper` in this file must find this folder's helper.py, not the
+    helper.py beside an earlier config. Installed modules are never touched."""
+    earlier = {Path(f).parent for f, _ in _loaded}  # already resolved paths
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." in name or not file:
+            continue
+        where = Path(file).resolve()
+        home = where.parent.parent if where.name == "__init__.py" else where.parent
+        if home == folder.resolve() or home not in earlier:
+            continue
+        if (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file():
+            for sub in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
+                del sys.modules[sub]
 
 
 def _import_failure(found: Found, error: BaseException) -> str:
