@@ -46,6 +46,38 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         tokenizer = cls.from_pretrained(source, **kwargs)
     except OSError as e:
         raise FerryError(f"Could not load the tokenizer from {source}: {e}") from e
+    return _ready(tokenizer, cfg, source)
+
+
+def load_processor(cfg: TrainConfig) -> Any:
+    """A vision-language model's processor (`processor_type`), its tokenizer made ready
+    as `load_tokenizer` makes one (special tokens, pad, chat template, right padding)."""
+    cls = _transformers_class(cfg.processor_type, "AutoProcessor")
+    source = cfg.tokenizer_config or cfg.base_model
+    kwargs = _hub_kwargs(cfg, **(cfg.processor_kwargs or {}))
+    try:
+        processor = cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise FerryError(
+            f"processor_type: could not load a {cls.__name__} from {source}: {e}"
+        ) from e
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "image_processor"):
+        raise FerryError(
+            f"processor_type: {type(processor).__name__} from {source} is not an image-and-"
+            "text processor (it needs a tokenizer and an image processor).",
+            hint="Leave processor_type out for a text-only model.",
+        )
+    if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template
+    processor.tokenizer = _ready(tokenizer, cfg, source)
+    # The template the run uses is the one saved with the processor (and inference's).
+    processor.chat_template = processor.tokenizer.chat_template
+    return processor
+
+
+def _ready(tokenizer: Any, cfg: TrainConfig, source: str) -> Any:
+    """The run's settings on a freshly loaded tokenizer."""
     if cfg.special_tokens:
         tokenizer.add_special_tokens(dict(cfg.special_tokens))
     if tokenizer.pad_token is None:
@@ -171,8 +203,10 @@ def load_model(
             )
     if (rows := embedding_rows(len(tokenizer), cfg)) > vocab:
         model.resize_token_embeddings(rows)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # A multimodal model keeps its text settings in `text_config`.
+    text_config = getattr(model.config, "text_config", None) or model.config
+    if getattr(text_config, "pad_token_id", None) is None:
+        text_config.pad_token_id = tokenizer.pad_token_id
 
     if cfg.gradient_checkpointing or cfg.sample_packing:
         # Packing also needs it off: with a KV cache transformers no longer builds the
@@ -182,6 +216,9 @@ def load_model(
         model = apply_lora(cfg, model, task_type)
     if cfg.unfrozen_parameters:
         unfreeze_only(model, cfg.unfrozen_parameters)
+    if cfg.freeze_mm_modules:  # last: whatever else was set to train
+        frozen = freeze_multimodal(model)
+        print(f"frozen: {', '.join(frozen)} (freeze_mm_modules)", flush=True)
     return model
 
 
@@ -273,6 +310,101 @@ def _rows_mask(ranges: list[tuple[int, int | None]], rows: int, device: Any) -> 
     return keep
 
 
+# The last name of the modules of multimodal models that are not the language model:
+# vision and audio towers and the projectors into the language model's embeddings, as
+# transformers names them across families (LLaVA, Qwen2-VL, Gemma 3/3n/4, Idefics3/
+# SmolVLM, Llama 4, Mllama, Pixtral/Mistral 3, InternVL, PaddleOCR-VL, Voxtral, ...).
+MULTIMODAL_MODULES = frozenset(
+    {
+        "vision_tower",
+        "vision_model",
+        "visual",
+        "vision_encoder",
+        "image_encoder",
+        "audio_tower",
+        "audio_model",
+        "audio_encoder",
+        "multi_modal_projector",
+        "mm_projector",
+        "multimodal_projector",
+        "connector",
+        "projector",
+        "vision_projection",
+        "embed_vision",
+        "embed_audio",
+        "audio_projector",
+        "vision_adapter",
+    }
+)
+LANGUAGE_MODULES = ("language_model", "text_model")
+
+
+def multimodal_modules(model: Any) -> list[str]:
+    """The outermost non-language modules of a multimodal model, by name."""
+    language = language_model_name(model)
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in MULTIMODAL_MODULES:
+            continue
+        if language and (name + ".").startswith(language + "."):
+            continue
+        if any(name.startswith(outer + ".") for outer in found):
+            continue
+        found.append(name)
+    return found
+
+
+def language_model_name(model: Any) -> str | None:
+    """The name of a multimodal model's language model (its decoder), if it has one."""
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in LANGUAGE_MODULES]
+    return min(names, key=len) if names else None
+
+
+def freeze_multimodal(model: Any) -> list[str]:
+    """`freeze_mm_modules`: the vision/audio towers and projectors stop training; returns
+    their names. A model with none that Ferry recognises is an error."""
+    parts = multimodal_modules(model)
+    if not parts:
+        raise FerryError(
+            f"freeze_mm_modules: {type(model).__name__} has no vision or audio tower or "
+            f"projector that Ferry recognises (modules named {', '.join(sorted(MULTIMODAL_MODULES))})."
+        )
+    for name, param in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in parts):
+            param.requires_grad = False
+    return parts
+
+
+def language_targets(model: Any, targets: Any) -> Any:
+    """LoRA targets kept to a multimodal model's language model: `all-linear` or module
+    names become the full names of the matching linear layers inside it. A regex (a
+    string other than all-linear), or a model with no separate language model, is left as
+    it is."""
+    language = language_model_name(model)
+    if language is None or not multimodal_modules(model):
+        return targets
+    if isinstance(targets, str) and targets != "all-linear":
+        return targets  # a regex names exactly the modules it wants
+    wanted = None if targets == "all-linear" else [t for t in targets or []]
+    if wanted is not None and not wanted:
+        return targets
+    head = model.get_output_embeddings()
+    chosen = []
+    for name, module in model.named_modules():
+        if not name.startswith(language + ".") or "Linear" not in type(module).__name__:
+            continue
+        if module is head:
+            continue
+        if wanted is None or any(name == t or name.endswith("." + t) for t in wanted):
+            chosen.append(name)
+    if not chosen:
+        raise FerryError(
+            f"lora_target_modules: {', '.join(wanted or [])} match no linear layer of the "
+            f"language model ({language})."
+        )
+    return chosen
+
+
 def linear_layer_names(model: Any) -> set[str]:
     """The last name of every linear layer (plain or quantized) but the output head."""
     head = model.get_output_embeddings()
@@ -305,6 +437,7 @@ def apply_lora(cfg: TrainConfig, model: Any, task_type: str = "CAUSAL_LM") -> An
         # head, and the named modules.
         named = [targets] if isinstance(targets, str) else list(targets or [])
         targets = sorted(set(named) | linear_layer_names(model)) if named else "all-linear"
+    targets = language_targets(model, targets)  # a VLM's language model only
     parameters = cfg.lora_target_parameters
     parameters = [parameters] if isinstance(parameters, str) else list(parameters or [])
     if parameters and targets is None:

@@ -24,7 +24,6 @@ from payload import distributed, parallel
 from payload.config.schema import TrainConfig
 from payload.data.build import DataReport
 from payload.metrics import PROGRESS, MetricsCallback
-from payload.model import load_tokenizer
 from payload.parallel import deepspeed as zero
 from payload.parallel import mesh
 from payload.plugins import Plugins
@@ -110,7 +109,7 @@ def _train(
     # DeepSpeed, if asked for, before anything imports it (it picks its device then).
     zero_run = zero.prepare(cfg, dist)
     recipe = recipe_for(cfg, dist)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = recipe.tokenizer()
     train_set, eval_set, report = recipe.datasets(tokenizer)
     if dist.is_main:
         for line in report.lines():
@@ -196,7 +195,7 @@ def _train(
         zero_run.finish(trainer, output_dir)
     summary: dict[str, Any] = {}
     if dist.is_main:
-        tokenizer.save_pretrained(output_dir)
+        recipe.processing_class(tokenizer).save_pretrained(output_dir)  # a VLM's processor
         summary = _write_summary(cfg, output_dir, report, started, resumed_step)
     plugins.after_training(summary)  # before the final upload: what it writes goes too
     if sync:

@@ -759,6 +759,40 @@ class TrainConfig(_ChatTemplateKeys):
         description="Load Mistral's own tokenizer (mistral-common, a tekken.json or "
         "tokenizer.model.v* file) instead of the transformers one.",
     )
+    # ---- vision-language (and audio) models: payload/data/vision.py, payload/model.py
+    processor_type: str | None = Field(
+        default=None,
+        description="Load the model's processor (`AutoProcessor`, or a transformers processor "
+        "class) and train it as a vision-language model on image chats.",
+    )
+    processor_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="Arguments to the processor's from_pretrained, e.g. {min_pixels: 3136, "
+        "max_pixels: 401408} for Qwen2-VL.",
+    )
+    skip_prepare_dataset: bool = Field(
+        default=False,
+        description="With a processor: check every row when the run starts, then process "
+        "images as batches are drawn instead of keeping processed rows.",
+    )
+    remove_unused_columns: bool | None = Field(
+        default=None,
+        description="Accepted as Axolotl writes it (false for VLMs); Ferry's collators pass "
+        "the model exactly its inputs, so true is refused with a processor.",
+    )
+    freeze_mm_modules: bool | None = Field(
+        default=None,
+        description="Freeze the vision (and audio) tower and the projector of a multimodal "
+        "model, whatever else trains.",
+    )
+    image_size: int | list[int] | None = Field(
+        default=None,
+        description="Resize every image before the processor: a side (scaled to fit a "
+        "square, aspect kept, padded black) or [width, height] (a plain resize).",
+    )
+    image_resize_algorithm: Literal["bilinear", "bicubic", "lanczos", "nearest"] | None = Field(
+        default=None, description="How image_size resizes (default bilinear)."
+    )
     revision_of_model: str | None = Field(
         default=None,
         validation_alias=AliasChoices("revision_of_model", "model_revision"),

@@ -44,7 +44,7 @@ class Turn:
     reasoning trace, which the template reads under `thinking_key`."""
 
     role: str
-    content: str
+    content: str | list[dict[str, Any]]  # a list: content parts (multimodal rows)
     train: bool | None = None
     detail: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +76,17 @@ def role_map(roles: dict[str, list[str]] | None) -> dict[str, str]:
 class Conversation:
     """Turns a row into `list[Turn]`; built once per dataset."""
 
-    def __init__(self, ds: DatasetConfig, cfg: TrainConfig, *, prefer_sharegpt: bool = False):
+    def __init__(
+        self,
+        ds: DatasetConfig,
+        cfg: TrainConfig,
+        *,
+        prefer_sharegpt: bool = False,
+        parts: bool = False,
+    ):
+        # `parts`: a message's content may be a list of OpenAI-style parts (payload.data.
+        # vision), each {"type": "text", "text": ...} or a media part ({"type": "image"}).
+        self.parts = parts
         order = ("conversations", "messages") if prefer_sharegpt else ("messages", "conversations")
         self.fields = (ds.field_messages,) if ds.field_messages else order
         keys = dict(ds.message_property_mappings or {})
@@ -135,8 +145,11 @@ class Conversation:
         content = message.get(content_key)
         if content is None:
             raise BadRow(f"message {i} has no `{content_key}`")
-        if not isinstance(content, str):
-            raise BadRow(f"message {i} `{content_key}` is {kind(content)}, not text")
+        if self.parts and isinstance(content, list):
+            content = _parts(i, content_key, content)
+        elif not isinstance(content, str):
+            what = "text or a list of parts" if self.parts else "text"
+            raise BadRow(f"message {i} `{content_key}` is {kind(content)}, not {what}")
         turn = Turn(self.roles[role], content, thinking_key=self.thinking_key)
         source = next((k for k in self.thinking_sources if message.get(k) is not None), None)
         if source is not None:
@@ -161,8 +174,35 @@ class Conversation:
                 raise BadRow(f"message {i} `{self.train_key}` is {kind(train)}, not true/false")
             turn.train = train
         if self.detail_key and message.get(self.detail_key) is not None:
+            if not isinstance(turn.content, str):
+                raise BadRow(f"message {i}: `{self.detail_key}` needs text content, not parts")
             turn.detail = _detail(i, self.detail_key, message[self.detail_key])
         return turn
+
+
+# Media part types a template may place; their data comes from the row (payload.data.vision).
+MEDIA = ("image", "audio", "video")
+
+
+def _parts(i: int, key: str, content: list[Any]) -> list[dict[str, Any]]:
+    """A message's content parts, checked: each a mapping with a `type`, text parts with
+    their text. Keys a columnar reader filled with nulls (a text part's `image: null`)
+    are dropped, so a template sees the parts as written."""
+    out = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise BadRow(f"message {i} `{key}` part {j} is {kind(part)}, not a mapping")
+        part = {k: v for k, v in part.items() if v is not None}
+        kind_of = part.get("type")
+        if kind_of == "text":
+            if not isinstance(part.get("text"), str):
+                raise BadRow(f"message {i} `{key}` part {j} is a text part without text")
+        elif kind_of not in MEDIA:
+            raise BadRow(
+                f"message {i} `{key}` part {j} has type {kind_of!r}, not text, " + ", ".join(MEDIA)
+            )
+        out.append(part)
+    return out
 
 
 def _detail(i: int, key: str, spans: Any) -> list[dict[str, Any]]:

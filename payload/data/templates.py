@@ -90,6 +90,24 @@ BUILTIN_EOT = {
 _KNOWN_EOT = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
+# Axolotl's names for the templates of vision-language (and some newer text) families.
+# Ferry does not keep copies of them: the model's own template (its processor's or
+# tokenizer's, as the model ships it) is the family's.
+OWN_TEMPLATES = (
+    "qwen2_vl",
+    "qwen3_5",
+    "gemma3",
+    "gemma3n",
+    "gemma4",
+    "llama3_2_vision",
+    "llama4",
+    "pixtral",
+    "llava",
+    "mistral_v7_tekken",
+    "mistral_v3_tekken",
+)
+
+
 def resolve_template(
     cfg: TrainConfig, ds: DatasetConfig | None = None, tokenizer: Any = None
 ) -> str:
@@ -132,6 +150,16 @@ def template_source(
         choice = choice[len(FALLBACK_PREFIX) :]
     if choice in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[choice]
+    if choice in OWN_TEMPLATES:
+        own = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if isinstance(own, str) and own:
+            return own
+        raise FerryError(
+            f"{key}: `{choice}` is the model family's own template, which Ferry reads from "
+            "the model's processor or tokenizer; this one has no chat template.",
+            hint="Use a model folder that ships its template, or give one with "
+            "`chat_template: jinja` and `chat_template_jinja`.",
+        )
     if "{%" in choice or "{{" in choice:
         return choice
     close = difflib.get_close_matches(choice, [*BUILTIN_TEMPLATES, TOKENIZER_DEFAULT], n=1)

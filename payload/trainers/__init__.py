@@ -30,6 +30,7 @@ OBJECTIVES: dict[str, str] = {
     "grpo": "payload.trainers.grpo",
     "reward": "payload.trainers.reward",
     "process_reward": "payload.trainers.reward",
+    "vision": "payload.trainers.vision",
 }
 # The `rl:` values Ferry trains; any other (Axolotl's `ebft`, `gdpo`) is refused by name.
 RL_OBJECTIVES: tuple[str, ...] = ("dpo", "ipo", "simpo", "kto", "orpo", "grpo")
@@ -52,6 +53,8 @@ def objective(cfg: TrainConfig) -> str:
     """The recipe a config asks for: its `rl:`, a reward model, or supervised."""
     if cfg.rl:
         return cfg.rl.lower()
+    if getattr(cfg, "processor_type", None):
+        return "vision"
     if getattr(cfg, "process_reward_model", None):
         return "process_reward"
     if getattr(cfg, "reward_model", None):

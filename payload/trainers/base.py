@@ -21,6 +21,16 @@ class Recipe:
     def __init__(self, cfg: TrainConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
 
+    def tokenizer(self) -> Any:
+        """The run's tokenizer (a VLM recipe loads its processor here too)."""
+        from payload.model import load_tokenizer
+
+        return load_tokenizer(self.cfg)
+
+    def processing_class(self, tokenizer: Any) -> Any:
+        """What the trainer saves with each checkpoint, and the run with its output."""
+        return tokenizer
+
     def datasets(self, tokenizer: Any) -> tuple[Any, Any | None, Any]:
         """(train, eval or None, DataReport)."""
         from payload.data.build import build_datasets
@@ -76,7 +86,7 @@ class Recipe:
             args=args,
             train_dataset=train,
             eval_dataset=eval_set,
-            processing_class=tokenizer,
+            processing_class=self.processing_class(tokenizer),
             callbacks=callbacks,
             cfg=self.cfg,
             **self.trainer_kwargs(model, tokenizer),
