@@ -367,7 +367,8 @@ def freeze_multimodal(model: Any) -> list[str]:
     if not parts:
         raise FerryError(
             f"freeze_mm_modules: {type(model).__name__} has no vision or audio tower or "
-            f"projector that Ferry recognises (modules named {', '.join(sorted(MULTIMODAL_MODULES))})."
+            "projector that Ferry recognises (modules named "
+            f"{', '.join(sorted(MULTIMODAL_MODULES))})."
         )
     for name, param in model.named_parameters():
         if any(name == p or name.startswith(p + ".") for p in parts):

@@ -168,7 +168,8 @@ def build_data(out: Path) -> int:
     for i, (shape, colour) in enumerate(pictures):
         path = f"shapes/{colour}_{shape}.png"
         rows.append({"messages": [user(None, "What is in the picture?"),
-                                  assistant(f"A {colour} {shape}.")], "images": [path]})  # fmt: skip
+                                  assistant(f"A {colour} {shape}.")],
+                     "images": [path]})  # fmt: skip
         rows.append({"messages": [user(None, "What colour is it?"), assistant(f"It is {colour}.")],
                      "images": [path]})  # fmt: skip
         rows.append({"messages": [user("What shape is this?", None), assistant(f"A {shape}.")],

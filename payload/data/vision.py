@@ -110,10 +110,7 @@ class Pictures:
 
     def path(self, value: str) -> Path:
         path = Path(value).expanduser()
-        if path.is_absolute():
-            candidates = [path]
-        else:
-            candidates = [folder / path for folder in self.folders]
+        candidates = [path] if path.is_absolute() else [f / path for f in self.folders]
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
