@@ -42,6 +42,7 @@ from executors.base import (
     vllm_rows,
 )
 from payload.config.rewards import file_reference, local_modules
+from payload.data.pictures import local_pictures
 from payload.errors import FerryError
 from payload.plugins import config_class_for
 from payload.runtime.cluster import SINGLE, Node, torchrun_args
@@ -167,9 +168,30 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
     if isinstance(config.get("trl"), dict) and config["trl"].get("reward_funcs"):
         funcs = [ship_code(f) for f in config["trl"]["reward_funcs"]]
         config["trl"] = {**config["trl"], "reward_funcs": funcs}
+    media = 0
+
+    def ship_with_pictures(value: Any, where: str) -> Any:
+        """An image-chat data file goes into a folder of its own, with the pictures its
+        rows name by relative paths at those paths (payload.data.pictures)."""
+        nonlocal media
+        path = Path(value) if isinstance(value, str) and value.startswith("/") else None
+        pictures = local_pictures(path, where) if path is not None else []
+        if not pictures or value in seen:
+            return ship(value)
+        remote = f"{INPUTS}/media-{media}"
+        media += 1
+        seen[value] = f"{remote}/{path.name}"
+        inputs.append((path, seen[value]))
+        for relative in pictures:
+            inputs.append((path.parent / relative, f"{remote}/{relative}"))
+        return seen[value]
+
     for key in DATASET_LISTS:
-        for dataset in config.get(key) or []:
-            dataset["path"] = ship(dataset.get("path"))
+        for i, dataset in enumerate(config.get(key) or []):
+            if config.get("processor_type"):
+                dataset["path"] = ship_with_pictures(dataset.get("path"), f"{key}[{i}]")
+            else:
+                dataset["path"] = ship(dataset.get("path"))
             if "chat_template_jinja" in dataset:
                 dataset["chat_template_jinja"] = ship(dataset["chat_template_jinja"])
             if "type" in dataset:

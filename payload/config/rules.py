@@ -716,6 +716,26 @@ def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     yield from findings(cfg)
 
 
+@rule(
+    "processor_type",
+    "processor_kwargs",
+    "skip_prepare_dataset",
+    "remove_unused_columns",
+    "freeze_mm_modules",
+    "image_size",
+    "image_resize_algorithm",
+    "sample_packing",
+    "rl",
+    "datasets",
+    "test_datasets",
+    "context_parallel_size",
+)
+def _multimodal(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
+    from payload.config.multimodal import findings  # vision-language keys, in one place
+
+    yield from findings(cfg, given)
+
+
 # Axolotl 0.21's `rl:` values (its RLType).
 AXOLOTL_RL = ("dpo", "gdpo", "grpo", "ipo", "orpo", "kto", "simpo", "ebft")
 

@@ -44,14 +44,13 @@ from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.chat import ChatTemplate
 from payload.data.conversation import MEDIA, Conversation, Turn
 from payload.data.core import IGNORE, BadRow, Context
+from payload.data.pictures import IMAGE_COLUMNS, INLINE_KEYS
 from payload.data.report import DataReport
 from payload.data.sources import load_rows, shard
 from payload.errors import FerryError
 
 log = logging.getLogger("ferry.data")
 
-IMAGE_COLUMNS = ("images", "image")
-INLINE_KEYS = ("image", "url", "path")  # where an image part may carry its own picture
 URL_TIMEOUT_S = 30
 # Part types Ferry reads pictures for; audio and video parts are refused by name.
 SUPPORTED_MEDIA = ("image",)
