@@ -571,7 +571,7 @@ def pull(plan: PullPlan, progress: Callable[[int], None] | None = None) -> list[
 
 @dataclass
 class PreprocessResult:
-    path: str  # the cache folder
+    path: str | None  # the cache folder (None: image chats, checked and not cached)
     hit: bool  # it was there already
     default_path: bool  # the config named no dataset_prepared_path
     lines: list[str]  # the data report, as a training run prints it

@@ -175,7 +175,10 @@ def preprocess(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -
     if json_:
         print(json.dumps(asdict(result), indent=2))
         return
-    output.say(f"prepared {result.path} ({'cache hit' if result.hit else 'tokenized now'})")
+    if result.path is None:  # a vision-language config: rows checked, nothing cached
+        output.say("checked every row (image chats are processed as training draws them)")
+    else:
+        output.say(f"prepared {result.path} ({'cache hit' if result.hit else 'tokenized now'})")
     for line in result.lines:
         output.say(f"  {line}")
     if result.default_path:
@@ -478,9 +481,20 @@ def inference(
             "--no-chat-template", help="Send the prompt as raw text, without the chat template."
         ),
     ] = False,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--image",
+            "-i",
+            metavar="PATH",
+            help="A picture (path or URL) the prompt asks about; repeat for several. "
+            "Vision-language models (processor_type) only.",
+        ),
+    ] = None,
 ) -> None:
     """Complete prompts with the trained model (base + adapter, or the full model), tokens
-    streamed as they come. Greedy unless --temperature > 0."""
+    streamed as they come. Greedy unless --temperature > 0. With --image, a
+    vision-language model answers about the pictures."""
     from launcher import api, output
     from payload.posttrain.inference import Sampling, prompts_from
 
@@ -507,9 +521,9 @@ def inference(
 
     for text in [prompt] if prompt is not None else prompts_from(ask()):
         if json_:
-            print(json.dumps(generator.complete(text).to_dict()), flush=True)
+            print(json.dumps(generator.complete(text, images=image).to_dict()), flush=True)
         else:
-            generator.complete(text, stream=write)
+            generator.complete(text, stream=write, images=image)
             write("\n")
 
 

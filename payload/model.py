@@ -218,7 +218,8 @@ def load_model(
         unfreeze_only(model, cfg.unfrozen_parameters)
     if cfg.freeze_mm_modules:  # last: whatever else was set to train
         frozen = freeze_multimodal(model)
-        print(f"frozen: {', '.join(frozen)} (freeze_mm_modules)", flush=True)
+        if new_adapter:  # training says it; a command loading the model back does not
+            print(f"frozen: {', '.join(frozen)} (freeze_mm_modules)", flush=True)
     return model
 
 

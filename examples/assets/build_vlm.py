@@ -30,16 +30,19 @@ IMAGE = 32
 PATCH = 8
 SEED = 4321
 INIT_STD = 0.02
-EMBED_STD = 0.15  # a tied head LoRA cannot change: at 64 wide it needs room to spread
+# The output head is its own (untied: a tied head makes a random model repeat its input
+# token, which LoRA, leaving the head as it is, is slow to unlearn) and wide enough for its
+# logits to spread.
+EMBED_STD = 0.1
 TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    "hidden_size": 128,
+    "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 2,
+    "num_attention_heads": 4,
     "num_key_value_heads": 1,
     "max_position_embeddings": 512,
     "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
+    "tie_word_embeddings": False,
 }
 VISION = {
     "hidden_size": 32,
@@ -111,7 +114,7 @@ def build_model(out: Path, tokenizer) -> None:
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
@@ -125,11 +128,10 @@ def build_model(out: Path, tokenizer) -> None:
             if name.endswith("position_ids"):
                 state[name] = torch.arange(param.shape[-1]).expand(param.shape).clone()
         else:
-            std = EMBED_STD if "embed_tokens" in name else INIT_STD
+            std = EMBED_STD if "embed_tokens" in name or "lm_head" in name else INIT_STD
             state[name] = torch.randn(param.shape, generator=generator) * std
     model = LlavaForConditionalGeneration(config)
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
 
 

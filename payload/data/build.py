@@ -213,6 +213,13 @@ def preprocess(cfg: TrainConfig, progress: bool | None = None) -> dict[str, Any]
             "while training reads it.",
             hint="Set streaming: false to prepare its blocks ahead.",
         )
+    if cfg.processor_type:  # image chats: every row checked, nothing cached (vision.py)
+        from payload.data import vision
+        from payload.model import load_processor
+
+        _, _, report = vision.build(cfg, load_processor(cfg))
+        return {"path": None, "hit": False, "default_path": False, "lines": report.lines(),
+                "rate": None, "rows": report.summary()}  # fmt: skip
     default = cfg.dataset_prepared_path is None
     root = Path(cfg.dataset_prepared_path or default_prepared_path())
     _, _, report = build_datasets(cfg, load_tokenizer(cfg), prepared_path=root, progress=progress)

@@ -77,6 +77,22 @@ def media_token_ids(processor: Any) -> set[int]:
 # ---- pictures
 
 
+class PictureError(BadRow):
+    """A bad row counted under a general `reason` ("image file not found"), with what is
+    particular to the row (which file) in `detail`, so that the report groups rows by
+    reason and names the first one's file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+NOT_FOUND = "image file not found"
+UNREADABLE = "image cannot be read"
+TOO_FEW = "more image parts than pictures"
+TOO_MANY = "more pictures than image parts"
+
+
 def _resample(name: str | None) -> Any:
     from PIL import Image
 
@@ -113,8 +129,8 @@ class Pictures:
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
-        where = " or ".join(str(c.parent) for c in candidates)
-        raise BadRow(f"image `{value}` not found (looked in {where})")
+        where = " or ".join(dict.fromkeys(str(c.parent) for c in candidates))
+        raise PictureError(NOT_FOUND, f"`{value}` (looked in {where})")
 
     def resolve(self, source: Any) -> Any:
         """The source with a relative path made absolute (so that a batch, drawn later
@@ -137,11 +153,12 @@ class Pictures:
                     return Image.open(io.BytesIO(source["bytes"]))
                 if source.get("path"):
                     return Image.open(self.path(source["path"]))
-                raise BadRow("an image mapping has neither `bytes` nor `path`")
+                raise PictureError(UNREADABLE, "a mapping with neither `bytes` nor `path`")
             if isinstance(source, bytes):
                 return Image.open(io.BytesIO(source))
             if not isinstance(source, str) or not source:
-                raise BadRow(f"an image is {type(source).__name__}, not a path, URL or bytes")
+                what = f"{type(source).__name__}, not a path, URL or bytes"
+                raise PictureError(UNREADABLE, what)
             if source.startswith("data:"):
                 return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
             if source.startswith(("http://", "https://")):
@@ -151,9 +168,8 @@ class Pictures:
         except BadRow:
             raise
         except Exception as e:  # noqa: BLE001 - Pillow, urllib and base64 raise many kinds
-            raise BadRow(
-                f"image `{describe(source)}` cannot be read: {type(e).__name__}: {e}"
-            ) from e
+            detail = f"`{describe(source)}`: {type(e).__name__}: {e}"
+            raise PictureError(UNREADABLE, detail) from e
 
     def load(self, source: Any) -> Any:
         """The picture decoded, RGB, resized when `image_size` is set."""
@@ -161,9 +177,8 @@ class Pictures:
         try:
             image = image.convert("RGB")
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file fails here
-            raise BadRow(
-                f"image `{describe(source)}` cannot be read: {type(e).__name__}: {e}"
-            ) from e
+            detail = f"`{describe(source)}`: {type(e).__name__}: {e}"
+            raise PictureError(UNREADABLE, detail) from e
         if isinstance(self.size, int):  # as Axolotl: the aspect kept, padded black
             from PIL import ImageOps
 
@@ -235,10 +250,10 @@ class VisionChat(ChatTemplate):
                     out.append(given[used])
                 used += 1
         if used != len(given):
-            names = "/".join(IMAGE_COLUMNS)
-            raise BadRow(
-                f"{used} image part(s) without a picture of their own but "
-                f"{len(given)} picture(s) in `{names}`"
+            column = next((c for c in IMAGE_COLUMNS if row.get(c) is not None), IMAGE_COLUMNS[0])
+            raise PictureError(
+                TOO_FEW if used > len(given) else TOO_MANY,
+                f"{used} image part(s) without a picture of their own, {len(given)} in `{column}`",
             )
         return out
 
@@ -392,7 +407,10 @@ def check_dataset(
         except BadRow as e:
             if cfg.strict:
                 raise FerryError(f"{at}: {e} (strict: true stops at the first bad row)") from e
-            report.skip(str(e), at)
+            if isinstance(e, PictureError):
+                report.skip(e.reason, f"{at}, {e.detail}")
+            else:
+                report.skip(str(e), at)
             continue
         report.rows_kept += 1
     return out

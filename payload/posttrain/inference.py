@@ -1,11 +1,14 @@
 """`launch inference`: the trained model completes prompts. Greedy unless a temperature
 above 0 asks for sampling; the tokenizer's chat template wraps each prompt as one user
-turn (with the assistant's turn opened) when it has one, unless raw text is asked for."""
+turn (with the assistant's turn opened) when it has one, unless raw text is asked for.
+A vision-language model (`processor_type`) is asked about pictures: they go into the user
+turn as image parts before the text, through the processor saved with the model."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from payload.errors import FerryError
@@ -82,7 +85,14 @@ class Generator:
             )
         loading.quiet()
         self.sampling = sampling
-        self.tokenizer = loading.tokenizer(target)
+        self.processor = loading.processor(target) if target.cfg.processor_type else None
+        if self.processor is not None:
+            from payload.data.vision import Pictures
+
+            self.tokenizer = self.processor.tokenizer
+            self.pictures = Pictures(target.cfg, [Path.cwd()])  # image_size as in training
+        else:
+            self.tokenizer = loading.tokenizer(target)
         self.model = loading.trained_model(target, self.tokenizer)
         self.templated = sampling.chat_template and bool(self.tokenizer.chat_template)
 
@@ -97,23 +107,81 @@ class Generator:
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(prompt)["input_ids"]
 
-    def complete(self, prompt: str, stream: Callable[[str], None] | None = None) -> Completion:
-        """Complete `prompt`; with `stream`, each piece of text goes to it as it is made."""
+    def stop_ids(self) -> list[int]:
+        """Generation ends at eos and, under a chat template, at its end-of-turn token
+        (ChatML's <|im_end|>, say): the assistant's turn is over there."""
+        from payload.data.templates import eot_token_for
+
+        tok = self.tokenizer
+        ids = [tok.eos_token_id]
+        config = getattr(self.model, "generation_config", None)
+        saved = getattr(config, "eos_token_id", None)
+        ids += saved if isinstance(saved, list) else [saved]
+        if self.templated and (eot := eot_token_for(tok.chat_template)):
+            found = tok.convert_tokens_to_ids(eot)
+            if isinstance(found, int) and found != tok.unk_token_id:
+                ids.append(found)
+        return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+
+    def image_inputs(self, prompt: str, images: list[str]) -> dict[str, Any]:
+        """The processor's inputs for a question about `images` (paths or URLs)."""
+        from payload.data.core import BadRow
+
+        if self.processor is None:
+            raise FerryError(
+                "--image: this model reads text only; pictures go to a vision-language "
+                "model (a config with processor_type)."
+            )
+        try:
+            pictures = [self.pictures.load(self.pictures.resolve(i)) for i in images]
+        except BadRow as e:
+            raise FerryError(f"--image: {e}") from e
+        content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": prompt}]
+        if not self.templated:
+            raise FerryError(
+                "--image needs the chat template, which places each picture's tokens.",
+                hint="Leave out --no-chat-template.",
+            )
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        return dict(
+            self.processor(
+                text=[text],
+                images=[pictures] if pictures else None,
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
+        )
+
+    def complete(
+        self,
+        prompt: str,
+        stream: Callable[[str], None] | None = None,
+        images: list[str] | None = None,
+    ) -> Completion:
+        """Complete `prompt` (about `images`, for a vision-language model); with `stream`,
+        each piece of text goes to it as it is made."""
         import torch
 
-        ids = self.prompt_ids(prompt)
-        inputs = torch.tensor([ids], device=self.model.device)
+        if images or self.processor is not None:
+            inputs = self.image_inputs(prompt, list(images or []))
+        else:
+            ids = torch.tensor([self.prompt_ids(prompt)])
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        prompt_length = inputs["input_ids"].shape[1]
         streamer = _Streamer(self.tokenizer, stream) if stream else None
         with torch.no_grad():
             out = self.model.generate(
-                input_ids=inputs,
-                attention_mask=torch.ones_like(inputs),
+                **inputs,
                 max_new_tokens=self.sampling.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.stop_ids(),
                 streamer=streamer,
                 **self.sampling.generate_kwargs(),
             )
-        new = out[0, len(ids) :].tolist()
+        new = out[0, prompt_length:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Completion(prompt, text, new, len(new))
 

@@ -51,6 +51,20 @@ def tokenizer(target: Target) -> Any:
     return load_tokenizer(target.cfg)
 
 
+def processor(target: Target) -> Any:
+    """A vision-language model's processor: the one saved with the trained model (its
+    chat template and tokenizer as the run used them), else the one the config names."""
+    from payload.model import load_processor
+
+    if (target.model_dir / "processor_config.json").is_file():
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(
+            target.model_dir, trust_remote_code=target.cfg.trust_remote_code
+        )
+    return load_processor(target.cfg)
+
+
 def base_model(target: Target, tok: Any) -> Any:
     """The base model exactly as training loaded it (dtype, 4-bit or 8-bit weights,
     resized embeddings), without a new adapter."""
@@ -118,3 +132,6 @@ def _use_cache(model: Any) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = True
+        text_config = getattr(config, "text_config", None)  # a multimodal model's
+        if text_config is not None:
+            text_config.use_cache = True
