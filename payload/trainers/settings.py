@@ -180,7 +180,7 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         ddp_backend=dist.backend,
         ddp_timeout=dist.timeout_s,
-        ddp_find_unused_parameters=(bool(cfg.ddp_find_unused_parameters) if dist.backend else None),
+        ddp_find_unused_parameters=(find_unused(cfg) if dist.backend else None),
         use_cpu=not cuda,
         **save,
         **evaluation,
@@ -188,6 +188,15 @@ def training_arguments(
     )
     values.update(objective or {})
     return cls(**values)
+
+
+def find_unused(cfg: TrainConfig) -> bool:
+    """DDP's search for parameters without a gradient: as set; else on for a
+    vision-language model whose towers train (a tower's last norm, or the layers past the
+    one whose features are read, never get one), off otherwise."""
+    if cfg.ddp_find_unused_parameters is not None:
+        return bool(cfg.ddp_find_unused_parameters)
+    return bool(cfg.processor_type and not cfg.freeze_mm_modules)
 
 
 def compile_arguments(cfg: TrainConfig, cuda: bool) -> dict[str, Any]:
