@@ -124,6 +124,9 @@ def test_labels_are_exactly_the_assistant_turns_and_never_an_image_token(tmp_pat
         assert int((ids == image).sum()) == IMAGE_TOKENS * images
         assert not (labels == image).any()
     assert tuple(batch["pixel_values"].shape) == (4, 3, 32, 32)  # 1 + 1 + 2 pictures
+    # debug: true shows the same, on the template's text.
+    first = vision.debug_rows(train, processor, 1)[0]
+    assert "1 image(s), 6 trained" in first and "[[A red circle.<|im_end|>]]" in first, first
 
 
 def test_train_on_inputs_still_never_trains_image_tokens(tmp_path):
