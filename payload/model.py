@@ -386,7 +386,7 @@ def language_targets(model: Any, targets: Any) -> Any:
     if language is None or not multimodal_modules(model):
         return targets
     if isinstance(targets, str) and targets != "all-linear":
-        return targets  # a regex names exactly the modules it wants
+        return _current_names(model, targets)  # a regex names exactly the modules it wants
     wanted = None if targets == "all-linear" else [t for t in targets or []]
     if wanted is not None and not wanted:
         return targets
@@ -405,6 +405,39 @@ def language_targets(model: Any, targets: Any) -> Any:
             f"language model ({language})."
         )
     return chosen
+
+
+# transformers 4 named a VLM's language model `language_model.model.layers...` (and its
+# head `language_model.lm_head`); transformers 5 names it `model.language_model.layers...`.
+# Axolotl's VLM examples still write the old names in their LoRA regexes.
+OLD_NAMES = (("language_model.model.", "model.language_model."),)
+
+
+def _current_names(model: Any, regex: str) -> str:
+    """A LoRA regex (peft matches it against whole module names) as it is when it matches
+    a module; else with transformers 4's names rewritten when that makes it match; else a
+    FerryError showing a real module name."""
+    import re
+
+    names = [n for n, _ in model.named_modules()]
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise FerryError(f"lora_target_modules: `{regex}` is not a valid regex: {e}") from e
+    if any(pattern.fullmatch(n) for n in names):
+        return regex
+    for old, new in OLD_NAMES:
+        rewritten = regex.replace(old, new)
+        if rewritten != regex and any(re.fullmatch(rewritten, n) for n in names):
+            print(f"lora_target_modules: `{regex}` read as `{rewritten}` (transformers 5's "
+                  "module names)", flush=True)  # fmt: skip
+            return rewritten
+    language = language_model_name(model) or ""
+    example = next((n for n in names if n.startswith(language) and n.endswith("q_proj")), names[-1])
+    raise FerryError(
+        f"lora_target_modules: the regex `{regex}` matches no module of "
+        f"{type(model).__name__} (it must match whole names such as `{example}`)."
+    )
 
 
 def linear_layer_names(model: Any) -> set[str]:

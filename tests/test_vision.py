@@ -408,6 +408,13 @@ def test_axolotl_vlm_configs_validate_and_plan_for_modal(tmp_path, text):
         ("image_size: [10, 20, 30]\n", "image_size", "[width, height]"),
         ("processor_type: LlavaProcesor\n", "processor_type", "not a processor class"),
         ("context_parallel_size: 2\n", "context_parallel_size", "image tokens must stay"),
+        ("group_by_length: true\n", "group_by_length", "cannot be used with processor_type"),
+        (
+            "dataset_exact_deduplication: true\n",
+            "dataset_exact_deduplication",
+            "cannot be used with processor_type",
+        ),
+        ("dataset_shard_num: 2\n", "dataset_shard_num", "cannot be used with processor_type"),
     ],
 )
 def test_validate_refuses_what_image_rows_cannot_do(tmp_path, extra, key, words):
@@ -478,6 +485,50 @@ def test_qlora_on_the_vlm_trains_only_the_language_models_adapter(tmp_path):
     assert graded and all("lora_" in n and "language_model" in n for n in graded), graded
 
 
+def test_skip_prepare_dataset_rows_too_long_stop_the_batch_naming_the_row(tmp_path):
+    """With skip_prepare_dataset a row's length is only known when its batch is drawn: one
+    longer than sequence_len stops the run there, naming it. pad_to_sequence_len pads
+    every per-token tensor to sequence_len."""
+    from payload.data import vision
+    from payload.errors import FerryError
+
+    processor, cfg = processor_and_config(
+        tmp_path, "skip_prepare_dataset: true\nsequence_len: 30\n"
+    )
+    train, _, _ = vision.build(cfg, processor)
+    with pytest.raises(FerryError, match=r"row 0: \d+ tokens with its pictures expanded, longer"):
+        vision.VisionCollator(cfg, processor)([train[0]])
+    processor, cfg = processor_and_config(tmp_path, "pad_to_sequence_len: true\n")
+    train, _, _ = vision.build(cfg, processor)
+    batch = vision.VisionCollator(cfg, processor)([train[0], train[4]])
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 256)
+    assert batch["attention_mask"].shape == (2, 256)
+    real = int(batch["attention_mask"][0].sum())
+    assert (batch["labels"][0, real:] == -100).all()
+    assert (batch["input_ids"][0, real:] == processor.tokenizer.pad_token_id).all()
+
+
+def test_axolotls_transformers_4_lora_regex_is_read_with_todays_names(tmp_path):
+    """Axolotl's VLM examples write `language_model.model.layers...`; transformers 5 names
+    those modules `model.language_model.layers...`. The regex is read with today's names;
+    one that matches nothing is refused showing a real name."""
+    from payload.errors import FerryError
+    from payload.model import load_model
+
+    old = (
+        r"language_model.model.layers.[\d]+.(mlp|cross_attn|self_attn).(up|down|gate|q|k|v|o)_proj"
+    )
+    processor, cfg = processor_and_config(tmp_path, f"lora_target_modules: '{old}'\n"
+                                          "lora_target_linear: null\n")  # fmt: skip
+    model = load_model(cfg, processor.tokenizer, head="AutoModelForImageTextToText")
+    lora = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert len(lora) == 14 and all(".language_model.layers." in n for n in lora), sorted(lora)
+    processor, cfg = processor_and_config(tmp_path, "lora_target_modules: 'nothing.here'\n"
+                                          "lora_target_linear: null\n")  # fmt: skip
+    with pytest.raises(FerryError, match=r"matches no module of .*such as `model\.language"):
+        load_model(cfg, processor.tokenizer, head="AutoModelForImageTextToText")
+
+
 def test_ddp_searches_for_unused_parameters_only_when_towers_train(tmp_path):
     """A tower's last norm never gets a gradient, so DDP must look for unused parameters
     when the towers train (a full fine-tune without freeze_mm_modules), unless told."""
@@ -490,6 +541,7 @@ def test_ddp_searches_for_unused_parameters_only_when_towers_train(tmp_path):
     assert unused("adapter: null\nfreeze_mm_modules: false\n") is True
     assert unused("adapter: null\nfreeze_mm_modules: true\n") is False
     assert unused("freeze_mm_modules: false\nddp_find_unused_parameters: false\n") is False
+    assert unused("freeze_mm_modules: false\n") is False  # LoRA on the language model
 
 
 @pytest.mark.slow
@@ -589,6 +641,24 @@ def test_inference_answers_a_question_about_a_picture(vision_run):
     assert answer["new_tokens"] < 20  # stopped at <|im_end|>
     wrong = launch("inference", record["run_id"], "--image", "nowhere.png", "-p", "?", env=env)
     assert wrong.returncode != 0 and "--image: image file not found" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_merge_keeps_the_processor_and_evaluate_says_what_it_cannot_do(vision_run, tmp_path):
+    """launch merge-lora: the merged folder has the processor and loads as an
+    image-text-to-text model; launch evaluate refuses a vision run, saying where its eval
+    loss is."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, env, record, _ = vision_run
+    dest = tmp_path / "merged"
+    launch("merge-lora", record["run_id"], "--dest", str(dest), env=env, check=True)
+    assert AutoProcessor.from_pretrained(dest).tokenizer.convert_tokens_to_ids("<image>") > 0
+    assert type(AutoModelForImageTextToText.from_pretrained(dest)).__name__ == (
+        "LlavaForConditionalGeneration"
+    )
+    done = launch("evaluate", record["run_id"], env=env)
+    assert done.returncode != 0 and "does not read image chats yet" in done.stderr
 
 
 def test_image_on_a_text_model_is_refused(quickstart_run):

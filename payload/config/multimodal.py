@@ -61,6 +61,21 @@ def findings(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
             "tensor_parallel_size",
             "is not supported for vision-language models yet (the towers are not sharded).",
         )
+    for key, why in (
+        ("group_by_length", "batches rows of similar token counts, which image rows only "
+         "know once their pictures are processed"),
+        ("dataset_exact_deduplication", "compares rows' tokens; image rows are compared by "
+         "their pictures too, which Ferry does not do yet"),
+        ("dataset_shard_num", "is not applied to image chats yet"),
+    ):  # fmt: skip
+        if getattr(cfg, key):
+            yield _error(key, f"cannot be used with processor_type: it {why}.")
+    if cfg.excess_length_strategy not in (None, "drop"):
+        yield _warn(
+            "excess_length_strategy",
+            "is ignored for image chats: a row longer than sequence_len once its pictures are "
+            "expanded is always dropped (cutting it would cut image tokens the model needs).",
+        )
     if cfg.remove_unused_columns:
         yield _error(
             "remove_unused_columns",

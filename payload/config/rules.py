@@ -729,6 +729,10 @@ def _attention(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     "datasets",
     "test_datasets",
     "context_parallel_size",
+    "group_by_length",
+    "dataset_exact_deduplication",
+    "dataset_shard_num",
+    "excess_length_strategy",
 )
 def _multimodal(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
     from payload.config.multimodal import findings  # vision-language keys, in one place

@@ -77,6 +77,13 @@ def local_pictures(data_file: Path, where: str) -> list[str]:
                     "remote machine does not have.",
                     hint="Write picture paths relative to the data file; they travel with it.",
                 )
+            if ".." in path.parts:
+                raise FerryError(
+                    f"{where}: a row names the picture {name} outside the data file's folder; "
+                    "only pictures in that folder (or below it) travel with the file.",
+                    hint="Move the pictures under the data file's folder, or the data file "
+                    "up beside them.",
+                )
             if (data_file.parent / path).is_file():
                 out[path.as_posix()] = None
     return list(out)

@@ -218,7 +218,7 @@ class VisionChat(ChatTemplate):
         self.media_ids = media_token_ids(processor)
         self.sequence_len = ctx.cfg.sequence_len
 
-    def sources(self, row: dict[str, Any], turns: list[Turn]) -> list[Any]:
+    def sources(self, row: dict[str, Any], turns: list[Turn], where: str = "") -> list[Any]:
         """The row's pictures in the order their parts come."""
         column = next((row[c] for c in IMAGE_COLUMNS if row.get(c) is not None), None)
         if column is None:
@@ -235,7 +235,7 @@ class VisionChat(ChatTemplate):
                 kind = part["type"]
                 if kind in MEDIA and kind not in SUPPORTED_MEDIA:
                     raise FerryError(
-                        f"{self.where}: a message has a `{kind}` part; Ferry trains on "
+                        f"{where or self.where}: a message has a `{kind}` part; Ferry trains on "
                         "images only so far (audio and video need their own loaders and "
                         "the processor's feature extractor).",
                         hint="Remove the audio/video rows, or train on images and text.",
@@ -261,7 +261,7 @@ class VisionChat(ChatTemplate):
         """The row labelled on its template text, its pictures found and opened (decoded
         and expanded by the processor too when `decode`)."""
         turns = self.conversation(row)
-        sources = [self.pictures.resolve(s) for s in self.sources(row, turns)]
+        sources = [self.pictures.resolve(s) for s in self.sources(row, turns, where)]
         tools = row.get("tools") if isinstance(row.get("tools"), list) else None
         text = self._render(turns, tools)
         spans = [self._span(text, turns, tools, i) for i in range(len(turns))]
@@ -476,6 +476,7 @@ class VisionCollator:
         self.processor = processor
         self.pictures = Pictures(cfg, [])  # checked rows hold absolute paths
         self.media_ids = media_token_ids(processor)
+        self.sequence_len = cfg.sequence_len
         self.pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
 
     def __call__(self, rows: list[Prepared]) -> dict[str, Any]:
@@ -484,8 +485,6 @@ class VisionCollator:
         images = [[self._load(row, s) for s in row.images] for row in rows]
         texts = [row.text for row in rows]
         kwargs: dict[str, Any] = {"padding": "longest", "return_tensors": "pt"}
-        if self.pad_to:
-            kwargs = {"padding": "max_length", "max_length": self.pad_to, "return_tensors": "pt"}
         tokenizer = self.processor.tokenizer
         side = tokenizer.padding_side
         tokenizer.padding_side = "right"
@@ -502,9 +501,22 @@ class VisionCollator:
         finally:
             tokenizer.padding_side = side
         ids = batch["input_ids"]
+        lengths = [int(n) for n in batch["attention_mask"].sum(dim=1)]
+        for row, n in zip(rows, lengths, strict=True):
+            if n > self.sequence_len:  # only unchecked rows (skip_prepare_dataset) get here
+                raise FerryError(
+                    f"{row.where}: {n} tokens with its pictures expanded, longer than "
+                    f"sequence_len ({self.sequence_len}); image rows are never cut.",
+                    hint="Raise sequence_len, shrink the pictures (image_size), or run "
+                    "without skip_prepare_dataset so that such rows are counted and skipped "
+                    "before training.",
+                )
+        if self.pad_to and ids.shape[1] < self.pad_to:
+            batch = _padded(dict(batch), ids.shape[1], self.pad_to, tokenizer.pad_token_id)
+            ids = batch["input_ids"]
         labels = torch.full_like(ids, IGNORE)
         for r, row in enumerate(rows):
-            n = int(batch["attention_mask"][r].sum())
+            n = lengths[r]
             expanded = [int(t) for t in ids[r, :n]]
             if row.expanded is not None and expanded != row.expanded:
                 raise FerryError(
@@ -527,6 +539,20 @@ class VisionCollator:
             return self.pictures.load(source)
         except BadRow as e:
             raise FerryError(f"{row.where}: {e}") from e
+
+
+def _padded(batch: dict[str, Any], length: int, to: int, pad_id: int) -> dict[str, Any]:
+    """`pad_to_sequence_len`: every per-token tensor (as wide as input_ids) padded on the
+    right to `to`: ids with the pad token, masks and token types with 0."""
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == length:
+            fill = pad_id if key == "input_ids" else 0
+            value = torch.nn.functional.pad(value, (0, to - length), value=fill)
+        out[key] = value
+    return out
 
 
 def debug_rows(dataset: VisionRows, processor: Any, rows: int = 5) -> list[str]:

@@ -47,6 +47,13 @@ def evaluate(target: Target) -> Evaluation:
     from payload.trainers import objective
 
     cfg = target.cfg
+    if objective(cfg) == "vision":
+        raise FerryError(
+            f"{target.name} is a vision-language run; launch evaluate does not read image "
+            "chats yet.",
+            hint="Its eval loss on val_set_size / test_datasets rows is logged during training "
+            "(eval_loss in metrics.jsonl and summary.json).",
+        )
     if (name := objective(cfg)) != "sft":
         raise FerryError(
             f"{target.name} trains the `{name}` objective; launch evaluate measures a language "

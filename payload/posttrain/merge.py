@@ -42,7 +42,9 @@ def merge(target: Target, dest: str | Path | None = None) -> Merged:
     out = Path(dest).expanduser().resolve() if dest else target.model_dir / DEFAULT_DEST
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    # A vision-language model's processor (tokenizer + image processor + template) goes
+    # with it, so that the merged folder reads pictures as the adapter's did.
+    (loading.processor(target) if target.cfg.processor_type else tok).save_pretrained(out)
     cfg = target.cfg
     return Merged(out, bool(cfg.load_in_4bit or cfg.load_in_8bit), str(model.dtype).split(".")[-1])
 

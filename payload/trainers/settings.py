@@ -196,7 +196,14 @@ def find_unused(cfg: TrainConfig) -> bool:
     one whose features are read, never get one), off otherwise."""
     if cfg.ddp_find_unused_parameters is not None:
         return bool(cfg.ddp_find_unused_parameters)
-    return bool(cfg.processor_type and not cfg.freeze_mm_modules)
+    if not cfg.processor_type or cfg.freeze_mm_modules:
+        return False
+    # Under LoRA on the language model (names or all-linear) the towers do not train.
+    return (
+        not cfg.adapter
+        or isinstance(cfg.lora_target_modules, str)
+        or bool(cfg.lora_modules_to_save)
+    )
 
 
 def compile_arguments(cfg: TrainConfig, cuda: bool) -> dict[str, Any]:
