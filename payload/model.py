@@ -68,7 +68,9 @@ def load_processor(cfg: TrainConfig) -> Any:
             "text processor (it needs a tokenizer and an image processor).",
             hint="Leave processor_type out for a text-only model.",
         )
-    if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+    if getattr(processor, "chat_template", None):
+        # The processor's template is the one that writes image parts; a tokenizer saved
+        # beside it may carry a text-only one.
         tokenizer.chat_template = processor.chat_template
     processor.tokenizer = _ready(tokenizer, cfg, source)
     # The template the run uses is the one saved with the processor (and inference's).

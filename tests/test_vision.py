@@ -285,7 +285,7 @@ def test_strict_stops_at_the_first_bad_picture_and_audio_is_refused_by_name(tmp_
     audio = {"messages": [{"role": "user", "content": [{"type": "audio"}, {"type": "text",
              "text": "What is said?"}]}, {"role": "assistant", "content": "Hello."}]}  # fmt: skip
     (tmp_path / "rows.jsonl").write_text(json.dumps(audio) + "\n")
-    with pytest.raises(FerryError, match="has a `audio` part; Ferry trains on images only"):
+    with pytest.raises(FerryError, match=r"row 0: a message has a part of type `audio`; Ferry"):
         vision.build(load_config(config), processor)
 
 
@@ -415,6 +415,7 @@ def test_axolotl_vlm_configs_validate_and_plan_for_modal(tmp_path, text):
             "cannot be used with processor_type",
         ),
         ("dataset_shard_num: 2\n", "dataset_shard_num", "cannot be used with processor_type"),
+        ("lora_target_linear: null\n", "lora_target_modules", "peft picks its own default"),
     ],
 )
 def test_validate_refuses_what_image_rows_cannot_do(tmp_path, extra, key, words):
@@ -483,6 +484,45 @@ def test_qlora_on_the_vlm_trains_only_the_language_models_adapter(tmp_path):
     loss.backward()
     graded = {n for n, p in model.named_parameters() if p.grad is not None}
     assert graded and all("lora_" in n and "language_model" in n for n in graded), graded
+
+
+def test_a_row_with_a_picture_and_no_image_part_gets_one_where_axolotl_puts_it(tmp_path):
+    """LLaVA-style rows often give `images` and plain text messages: one image part per
+    picture goes at the start of the first user message."""
+    from payload.config.loader import load_config
+    from payload.data import vision
+
+    row = {"messages": [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "What is it?"},
+                        {"role": "assistant", "content": "A red circle."}],
+           "images": [str(SHAPES.parent / "shapes" / "red_circle.png")]}  # fmt: skip
+    data = tmp_path / "plain.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    processor, _ = processor_and_config(tmp_path)
+    cfg = load_config(vlm_config(tmp_path, f"datasets: [{{path: {data}, type: chat_template}}]\n"))
+    (prepared,), _, report = vision.build(cfg, processor)
+    assert report.rows_kept == 1
+    assert prepared.text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>What is it?"
+        "<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
+    )
+
+
+def test_a_template_that_writes_no_image_placeholder_is_refused(tmp_path):
+    """A text-only template cannot place pictures, which would then never reach the model.
+    The first row says so."""
+    from payload.data import vision
+    from payload.errors import FerryError
+
+    template = tmp_path / "text_only.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}"
+        "{{ m['content'] }}{% else %}{{ m['content'][-1]['text'] }}{% endif %}\n{% endfor %}"
+    )
+    extra = f"chat_template: jinja\nchat_template_jinja: {template}\n"
+    processor, cfg = processor_and_config(tmp_path, extra)
+    with pytest.raises(FerryError, match=r"row 0: the chat template wrote no image placeholder"):
+        vision.build(cfg, processor)
 
 
 def test_skip_prepare_dataset_rows_too_long_stop_the_batch_naming_the_row(tmp_path):

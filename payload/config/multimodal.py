@@ -90,6 +90,13 @@ def findings(cfg: TrainConfig, given: set[str]) -> Iterator[Finding]:
                     f"`{ds.type}` cannot carry images: a vision-language run reads chats "
                     "(`type: chat_template`) whose messages have image parts.",
                 )
+    if cfg.adapter and not cfg.lora_target_modules and not cfg.lora_target_linear:
+        yield _error(
+            "lora_target_modules",
+            "is needed with processor_type: without it peft picks its own default modules, "
+            "which may sit in the vision tower. Set `lora_target_linear: true` (the language "
+            "model's linear layers) or name the modules (names, or a regex).",
+        )
     size = cfg.image_size
     if isinstance(size, list) and (len(size) != 2 or min(size) < 1):
         yield _error("image_size", "is a side (one number) or [width, height], each >= 1.")

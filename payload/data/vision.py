@@ -219,7 +219,9 @@ class VisionChat(ChatTemplate):
         self.sequence_len = ctx.cfg.sequence_len
 
     def sources(self, row: dict[str, Any], turns: list[Turn], where: str = "") -> list[Any]:
-        """The row's pictures in the order their parts come."""
+        """The row's pictures in the order their parts come. A row with pictures and no
+        media part at all gets one image part per picture at the start of its first user
+        message, as Axolotl places them."""
         column = next((row[c] for c in IMAGE_COLUMNS if row.get(c) is not None), None)
         if column is None:
             given: list[Any] = []
@@ -227,6 +229,15 @@ class VisionChat(ChatTemplate):
             given = list(column)
         else:
             given = [column]
+        if given and not any(
+            not isinstance(t.content, str) and any(p["type"] in MEDIA for p in t.content)
+            for t in turns
+        ):
+            first = next((t for t in turns if t.role == "user"), None)
+            if first is not None:
+                text = [{"type": "text", "text": first.content}]
+                rest = text if isinstance(first.content, str) else first.content
+                first.content = [{"type": "image"} for _ in given] + rest
         out, used = [], 0
         for turn in turns:
             if isinstance(turn.content, str):
@@ -235,7 +246,8 @@ class VisionChat(ChatTemplate):
                 kind = part["type"]
                 if kind in MEDIA and kind not in SUPPORTED_MEDIA:
                     raise FerryError(
-                        f"{where or self.where}: a message has a `{kind}` part; Ferry trains on "
+                        f"{where or self.where}: a message has a part of type `{kind}`; Ferry "
+                        "trains on "
                         "images only so far (audio and video need their own loaders and "
                         "the processor's feature extractor).",
                         hint="Remove the audio/video rows, or train on images and text.",
@@ -268,6 +280,14 @@ class VisionChat(ChatTemplate):
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
         base = self._labelled(turns, text, spans, ids, list(encoded["offset_mapping"]))
+        if sources and not any(t in self.media_ids for t in ids):
+            raise FerryError(
+                f"{where}: the chat template wrote no image placeholder for this row's "
+                f"{len(sources)} picture(s), so the model would never see them.",
+                hint="Use the model's own template (`chat_template: tokenizer_default`, or the "
+                "family's name such as qwen2_vl), or a Jinja template that writes the "
+                "processor's image token for each image part.",
+            )
         labels = [
             IGNORE if t in self.media_ids else x for t, x in zip(ids, base["labels"], strict=True)
         ]

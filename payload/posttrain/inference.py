@@ -164,7 +164,7 @@ class Generator:
         each piece of text goes to it as it is made."""
         import torch
 
-        if images or self.processor is not None:
+        if images or (self.processor is not None and self.templated):
             inputs = self.image_inputs(prompt, list(images or []))
         else:
             ids = torch.tensor([self.prompt_ids(prompt)])
