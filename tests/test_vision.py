@@ -508,6 +508,47 @@ def test_a_row_with_a_picture_and_no_image_part_gets_one_where_axolotl_puts_it(t
     )
 
 
+def test_url_pictures_are_fetched_once_and_a_failed_request_is_retried(tmp_path, ferry_home):
+    """A real HTTP server on 127.0.0.1 serves a picture; its first answer is a 503. The
+    picture loads (the request was retried), twice from one fetch (the copy under
+    $FERRY_HOME/pictures), and an error never shows the URL's query (a signature)."""
+    import http.server
+    import threading
+
+    from payload.data.vision import Pictures, describe
+
+    body = (SHAPES.parent / "shapes" / "red_circle.png").read_bytes()
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            hits.append(self.path)
+            if len(hits) == 1:
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/red.png?X-Amz-Signature=secret"
+        pictures = Pictures(processor_and_config(tmp_path)[1], [])
+        first = pictures.load(url)
+        again = pictures.load(url)
+    finally:
+        server.shutdown()
+    assert first.getpixel((16, 16)) == again.getpixel((16, 16)) == (220, 30, 30)
+    assert len(hits) == 2  # one 503, one answer; the second load read the copy
+    assert len(list((ferry_home / "pictures").iterdir())) == 1
+    assert "secret" not in describe(url)
+
+
 def test_a_template_that_writes_no_image_placeholder_is_refused(tmp_path):
     """A text-only template cannot place pictures, which would then never reach the model.
     The first row says so."""

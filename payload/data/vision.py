@@ -106,12 +106,48 @@ def _resample(name: str | None) -> Any:
 
 
 def describe(source: Any) -> str:
-    """A picture's source, short, for an error."""
+    """A picture's source, short, for an error (a URL without its query, which may hold a
+    presigned signature)."""
     if isinstance(source, str):
+        if source.startswith(("http://", "https://")):
+            return source.split("?", 1)[0]
         return source if len(source) <= 80 or not source.startswith("data:") else "a data: URI"
     if isinstance(source, dict):
         return str(source.get("path") or "an image given as bytes")
     return type(source).__name__
+
+
+URL_ATTEMPTS = 3
+
+
+def fetch(url: str) -> bytes:
+    """A picture's bytes from a URL, fetched once per machine: kept under
+    $FERRY_HOME/pictures by the URL's digest, so that every batch and epoch (and every rank)
+    reads the copy. A failed request is tried again, URL_ATTEMPTS times in all."""
+    import hashlib
+    import os
+    import time
+
+    from payload.data.sources import data_home
+
+    folder = data_home() / "pictures"
+    kept = folder / hashlib.sha256(url.encode()).hexdigest()[:40]
+    if kept.is_file():
+        return kept.read_bytes()
+    for attempt in range(URL_ATTEMPTS):
+        try:
+            with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+                data = response.read()
+            break
+        except OSError:
+            if attempt == URL_ATTEMPTS - 1:
+                raise
+            time.sleep(2**attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(f".{os.getpid()}.part")
+    partial.write_bytes(data)
+    partial.replace(kept)  # whole or not at all, whoever writes it
+    return data
 
 
 class Pictures:
@@ -162,8 +198,7 @@ class Pictures:
             if source.startswith("data:"):
                 return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
             if source.startswith(("http://", "https://")):
-                with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as response:
-                    return Image.open(io.BytesIO(response.read()))
+                return Image.open(io.BytesIO(fetch(source)))
             return Image.open(self.path(source))
         except BadRow:
             raise
