@@ -36,6 +36,8 @@ import difflib
 import io
 import logging
 import urllib.request
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,13 +234,15 @@ class Prepared:
     """One checked row: the rendered text, its tokens before and (when processed) after
     the images are expanded, the labels, and the pictures' sources."""
 
+    # Token lists are kept as int32 arrays: a list of Python ints costs about 9 times
+    # the memory, on every rank, for every row of a large set.
     text: str
-    ids: list[int]  # the template's tokens, one placeholder per image
-    labels: list[int]  # for `ids`
+    ids: Sequence[int]  # the template's tokens, one placeholder per image
+    labels: Sequence[int]  # for `ids`
     images: list[Any]
     where: str
-    expanded: list[int] | None = None  # the processor's tokens
-    expanded_labels: list[int] | None = None
+    expanded: Sequence[int] | None = None  # the processor's tokens
+    expanded_labels: Sequence[int] | None = None
 
 
 class VisionChat(ChatTemplate):
@@ -328,12 +332,13 @@ class VisionChat(ChatTemplate):
         ]
         if all(x == IGNORE for x in labels):
             raise BadRow("nothing to train: only image tokens are labelled")
-        prepared = Prepared(text, ids, labels, sources, where)
+        prepared = Prepared(text, array("i", ids), array("i", labels), sources, where)
         if decode:
             images = [self.pictures.load(s) for s in sources]
-            prepared.expanded = self.expand(text, images)
-            prepared.expanded_labels = align(ids, labels, prepared.expanded, self.media_ids)
-            if len(prepared.expanded) > self.sequence_len:
+            expanded = self.expand(text, images)
+            prepared.expanded = array("i", expanded)
+            prepared.expanded_labels = array("i", align(ids, labels, expanded, self.media_ids))
+            if len(expanded) > self.sequence_len:
                 raise BadRow(
                     "longer than sequence_len with its images expanded "
                     "(image rows are never truncated: the model needs every image token)"
@@ -355,7 +360,9 @@ class VisionChat(ChatTemplate):
         return [int(t) for t in ids]
 
 
-def align(ids: list[int], labels: list[int], expanded: list[int], media: set[int]) -> list[int]:
+def align(
+    ids: Sequence[int], labels: Sequence[int], expanded: Sequence[int], media: set[int]
+) -> list[int]:
     """Labels for `expanded` (the processor's tokens) from `labels` (for `ids`, the
     template's tokens): a token the two share keeps its label; one the processor wrote
     (image tokens, the markers around them) is not trained. A trained token the processor
@@ -573,7 +580,7 @@ class VisionCollator:
         for r, row in enumerate(rows):
             n = lengths[r]
             expanded = [int(t) for t in ids[r, :n]]
-            if row.expanded is not None and expanded != row.expanded:
+            if row.expanded is not None and array("i", expanded) != row.expanded:
                 raise FerryError(
                     f"{row.where}: the processor gave this row other tokens in a batch than "
                     "when it was checked; the labels would not line up."
@@ -584,7 +591,7 @@ class VisionCollator:
                 )
             except BadRow as e:
                 raise FerryError(f"{row.where}: {e}") from e
-            labels[r, :n] = torch.tensor(row_labels, dtype=labels.dtype)
+            labels[r, :n] = torch.tensor(list(row_labels), dtype=labels.dtype)
         out = dict(batch)
         out["labels"] = labels
         return out
