@@ -170,12 +170,12 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
         config["trl"] = {**config["trl"], "reward_funcs": funcs}
     media = 0
 
-    def ship_with_pictures(value: Any, where: str) -> Any:
+    def ship_with_pictures(value: Any, where: str, field: str | None) -> Any:
         """An image-chat data file goes into a folder of its own, with the pictures its
         rows name by relative paths at those paths (payload.data.pictures)."""
         nonlocal media
         path = Path(value) if isinstance(value, str) and value.startswith("/") else None
-        pictures = local_pictures(path, where) if path is not None else []
+        pictures = local_pictures(path, where, field) if path is not None else []
         if not pictures or value in seen:
             return ship(value)
         remote = f"{INPUTS}/media-{media}"
@@ -189,7 +189,8 @@ def shipped_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[P
     for key in DATASET_LISTS:
         for i, dataset in enumerate(config.get(key) or []):
             if config.get("processor_type"):
-                dataset["path"] = ship_with_pictures(dataset.get("path"), f"{key}[{i}]")
+                where, field = f"{key}[{i}]", dataset.get("field_messages")
+                dataset["path"] = ship_with_pictures(dataset.get("path"), where, field)
             else:
                 dataset["path"] = ship(dataset.get("path"))
             if "chat_template_jinja" in dataset:

@@ -808,3 +808,12 @@ def test_pictures_travel_with_a_remote_job_and_the_rows_load_there(tmp_path):
     job, _ = api.prepare(config, cloud="modal", gpus="H100:1")
     with pytest.raises(FerryError, match="by an absolute path, which the remote machine"):
         remote_config(job)
+
+    # A picture found here only relative to the working folder would not travel.
+    elsewhere = tmp_path / "data" / "rows.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(SHAPES.read_text())  # its `shapes/...` paths are not beside it
+    config.write_text(config.read_text().replace(str(absolute), str(elsewhere)))
+    job, _ = api.prepare(config, cloud="modal", gpus="H100:1")
+    with pytest.raises(FerryError, match=r"names the picture shapes/red_circle.png, which is not"):
+        remote_config(job)

@@ -19,7 +19,7 @@ INLINE_KEYS = ("image", "url", "path")
 ROW_FILES = (".jsonl", ".json")
 
 
-def _names(row: Any) -> Iterator[str]:
+def _names(row: Any, fields: tuple[str, ...] = ("messages", "conversations")) -> Iterator[str]:
     if not isinstance(row, dict):
         return
     for column in IMAGE_COLUMNS:
@@ -33,7 +33,7 @@ def _names(row: Any) -> Iterator[str]:
                 and not item.get("bytes")
             ):
                 yield item["path"]
-    for field in ("messages", "conversations"):
+    for field in fields:
         for message in row.get(field) or []:
             content = message.get("content") if isinstance(message, dict) else None
             for part in content if isinstance(content, list) else []:
@@ -59,15 +59,17 @@ def _rows(path: Path) -> Iterator[Any]:
             continue  # the run counts the unreadable line; shipping needs no opinion
 
 
-def local_pictures(data_file: Path, where: str) -> list[str]:
+def local_pictures(data_file: Path, where: str, field_messages: str | None = None) -> list[str]:
     """The pictures a local data file names by a path relative to its folder, each once,
-    in order. A picture named by an absolute local path is an error: it would not exist on
-    the remote machine. URLs and data: URIs need no shipping."""
+    in order. A picture named by an absolute local path, or one that is not beside the data
+    file (found here only relative to the working folder, say), is an error: it would not
+    exist on the remote machine. URLs and data: URIs need no shipping."""
     if data_file.suffix not in ROW_FILES or not data_file.is_file():
         return []
+    fields = (field_messages,) if field_messages else ("messages", "conversations")
     out: dict[str, None] = {}
     for row in _rows(data_file):
-        for name in _names(row):
+        for name in _names(row, fields):
             if name.startswith(("http://", "https://", "data:")):
                 continue
             path = Path(name).expanduser()
@@ -84,6 +86,11 @@ def local_pictures(data_file: Path, where: str) -> list[str]:
                     hint="Move the pictures under the data file's folder, or the data file "
                     "up beside them.",
                 )
-            if (data_file.parent / path).is_file():
-                out[path.as_posix()] = None
+            if not (data_file.parent / path).is_file():
+                raise FerryError(
+                    f"{where}: a row names the picture {name}, which is not in the data file's "
+                    f"folder {data_file.parent}; only what is there travels with the file.",
+                    hint="Write picture paths relative to the data file.",
+                )
+            out[path.as_posix()] = None
     return list(out)
