@@ -549,6 +549,38 @@ def test_url_pictures_are_fetched_once_and_a_failed_request_is_retried(tmp_path,
     assert "secret" not in describe(url)
 
 
+def test_a_hugging_face_image_column_is_read_as_bytes(tmp_path):
+    """A saved Hugging Face dataset whose `images` column has the Image feature (as hub
+    VLM sets do): its pictures come as bytes, undecoded until used, and batch like files."""
+    import datasets
+
+    from payload.config.loader import load_config
+    from payload.data import vision
+
+    rows = rows_of([0, 4])
+    for row in rows:
+        row["images"] = [str(SHAPES.parent / p) for p in row["images"]]
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"),
+                                   "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image()),
+    })  # fmt: skip
+    saved = tmp_path / "hub_like"
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(saved))
+    processor, _ = processor_and_config(tmp_path)
+    cfg = load_config(vlm_config(tmp_path, f"datasets: [{{path: {saved}, type: chat_template}}]\n"))
+    train, _, report = vision.build(cfg, processor)
+    assert report.rows_kept == 2
+    assert all(isinstance(s, dict) and s.get("bytes") for r in train.rows for s in r.images)
+    batch = vision.VisionCollator(cfg, processor)([train[0], train[1]])
+    assert tuple(batch["pixel_values"].shape) == (3, 3, 32, 32)
+    tok = processor.tokenizer
+    trained = [int(t) for t, x in zip(batch["input_ids"][0], batch["labels"][0], strict=True)
+               if x != -100]  # fmt: skip
+    assert trained == tok("A red circle.<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
 def test_a_template_that_writes_no_image_placeholder_is_refused(tmp_path):
     """A text-only template cannot place pictures, which would then never reach the model.
     The first row says so."""

@@ -433,9 +433,9 @@ def _undecoded(rows: Any) -> Any:
         feature = features.get(name)
         if isinstance(feature, datasets.Image) and feature.decode:
             rows = rows.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(
-            getattr(feature, "feature", None), datasets.Image
-        ):
+        elif isinstance(
+            feature, (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))
+        ) and isinstance(getattr(feature, "feature", None), datasets.Image):
             rows = rows.cast_column(name, type(feature)(datasets.Image(decode=False)))
     return rows
 
