@@ -682,6 +682,22 @@ def test_a_full_fine_tune_with_frozen_towers_leaves_them_exactly_as_they_were(tm
     assert towers > 10 and language > 10, (towers, language)
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_train_a_vlm_with_its_towers_and_evaluate(tmp_path):
+    """`launch train --gpus 2` (two CPU processes, DDP over gloo): a full fine-tune whose
+    towers train (DDP must then look for their unused parameters) and an eval set held out
+    with val_set_size, each rank batching its own share of the image rows."""
+    extra = ("adapter: null\nfreeze_mm_modules: false\nmax_steps: 3\nlearning_rate: 0.001\n"
+             "val_set_size: 8\neval_steps: 3\nsave_total_limit: null\n")  # fmt: skip
+    config = vlm_config(tmp_path, extra)
+    done = launch("train", str(config), "--gpus", "2", cwd=tmp_path, timeout=900, check=True)
+    assert "| vision | full fine-tune |" in done.stdout and "2 x cpu (gloo)" in done.stdout
+    assert "(52 train, 8 eval)" in done.stdout
+    runs = json.loads(launch("runs", "--json", check=True).stdout)
+    summary = json.loads((Path(runs[0]["output_dir"]) / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_eval_loss"] is not None, summary
+
+
 @pytest.fixture(scope="module")
 def vision_run(tmp_path_factory):
     """`launch train examples/vision_lora.yml`, as the README says, once for the module."""
