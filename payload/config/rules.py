@@ -1921,7 +1921,9 @@ def _launch_world(cfg: TrainConfig) -> int | None:
     launch = cfg.launch
     if launch is None or launch.gpus is None:
         return None
-    return int(str(launch.gpus).rsplit(":", 1)[-1]) * (launch.nodes or 1)
+    count = str(launch.gpus).rsplit(":", 1)[-1]
+    # An accelerator alone (`gpus: H100`) is one of it (the schema checked the form).
+    return (int(count) if count.isdigit() else 1) * (launch.nodes or 1)
 
 
 @rule(

@@ -484,3 +484,21 @@ def test_a_tensor_parallel_size_the_heads_do_not_divide_is_refused_at_validate(t
     elsewhere = {**raw, "base_model": "someone/not-downloaded-model-xyz"}
     # (refused here for another reason: the hub is offline in the tests)
     assert "tensor_parallel_size" not in problems({**elsewhere, "tensor_parallel_size": 8})
+
+
+def test_launch_gpus_as_an_accelerator_alone_counts_as_one_per_node():
+    """`launch: {gpus: H100}` (one H100) with an FSDP2 layout: the layout rule counts one
+    process per node instead of crashing on the missing count (found by the config fuzzer)."""
+    from helpers import tiny_config
+
+    from payload.errors import FerryError
+
+    with pytest.raises(FerryError, match=r"= 4, but the job runs 2 processes"):
+        tiny_config(
+            [{"path": str(DATA), "type": "alpaca"}],
+            launch={"gpus": "H100", "nodes": 2},
+            dp_shard_size=2,
+            dp_replicate_size=2,
+            fsdp_version=2,
+            fsdp_config={"fsdp_offload_params": False},
+        )
