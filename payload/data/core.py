@@ -61,6 +61,23 @@ class Context:
         return t.split(".", 1)[1] if isinstance(t, str) and "." in t else None
 
 
+def marked(ids: Any, labels: Any, tokenizer: Any) -> tuple[str, int]:
+    """`debug: true`'s view of a row: its tokens decoded, the trained ones (label not
+    IGNORE) between [[ and ]], and how many were trained."""
+    import itertools
+
+    parts, trained = [], 0
+    pairs = zip(ids, labels, strict=True)
+    for is_trained, group in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE):
+        span = [token for token, _ in group]
+        piece = tokenizer.decode(span)
+        if is_trained:
+            trained += len(span)
+            piece = f"[[{piece}]]"
+        parts.append(piece)
+    return "".join(parts), trained
+
+
 def register(*names: str) -> Callable[[Any], Any]:
     def add(obj: Any) -> Any:
         for name in names:

@@ -45,7 +45,7 @@ from typing import Any
 from payload.config.schema import DatasetConfig, TrainConfig
 from payload.data.chat import ChatTemplate
 from payload.data.conversation import MEDIA, Conversation, Turn
-from payload.data.core import IGNORE, BadRow, Context
+from payload.data.core import IGNORE, BadRow, Context, marked
 from payload.data.pictures import IMAGE_COLUMNS, INLINE_KEYS
 from payload.data.report import DataReport
 from payload.data.sources import load_rows, shard
@@ -620,25 +620,12 @@ def _padded(batch: dict[str, Any], length: int, to: int, pad_id: int) -> dict[st
 def debug_rows(dataset: VisionRows, processor: Any, rows: int = 5) -> list[str]:
     """`debug: true`: the first rows' template text with the trained tokens between [[ ]]
     (each image is its one placeholder here; the processor expands it)."""
-    import itertools
-
-    tokenizer = processor.tokenizer
     lines = []
     for i in range(min(rows, len(dataset))):
         row = dataset[i]
-        parts, trained = [], 0
-        for is_trained, group in itertools.groupby(
-            zip(row.ids, row.labels, strict=True), key=lambda pair: pair[1] != IGNORE
-        ):
-            span = [token for token, _ in group]
-            piece = tokenizer.decode(span)
-            if is_trained:
-                trained += len(span)
-                piece = f"[[{piece}]]"
-            parts.append(piece)
+        text, trained = marked(row.ids, row.labels, processor.tokenizer)
         count = len(row.expanded) if row.expanded is not None else len(row.ids)
         lines.append(
-            f"row {i} ({count} tokens, {len(row.images)} image(s), {trained} trained): "
-            f"{''.join(parts)!r}"
+            f"row {i} ({count} tokens, {len(row.images)} image(s), {trained} trained): {text!r}"
         )
     return lines

@@ -421,21 +421,13 @@ def debug_rows(dataset: Any, tokenizer: Any, rows: int = 5) -> list[str]:
     tokens the loss is computed on (label not -100) between [[ and ]]."""
     import itertools
 
+    from payload.data.core import marked
+
     lines = []
     for i, row in enumerate(itertools.islice(iter(dataset), rows)):
         ids = list(row["input_ids"])
-        labels = list(row.get("labels", ids))
-        text, trained = [], 0
-        for is_trained, group in itertools.groupby(
-            zip(ids, labels, strict=True), key=lambda pair: pair[1] != -100
-        ):
-            span = [token for token, _ in group]
-            piece = tokenizer.decode(span)
-            if is_trained:
-                trained += len(span)
-                piece = f"[[{piece}]]"
-            text.append(piece)
-        lines.append(f"row {i} ({len(ids)} tokens, {trained} trained): {''.join(text)!r}")
+        text, trained = marked(ids, list(row.get("labels", ids)), tokenizer)
+        lines.append(f"row {i} ({len(ids)} tokens, {trained} trained): {text!r}")
     return lines
 
 
