@@ -217,6 +217,28 @@ class OneSavePerStep(TrainerCallback):
         return control
 
 
+class AlreadyTrained(Exception):  # noqa: N818 - a way of ending, not a fault
+    """Raised before the first step of a run resumed from its own last step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"checkpoint-{step} is the run's last step")
+        self.step = step
+
+
+class NoStepPastTheEnd(TrainerCallback):
+    """Ends a run resumed from the checkpoint of its last step before any step runs.
+    transformers (5.25) restarts the last, partly trained epoch of such a run and trains
+    one step past `max_steps` whenever the steps do not fill whole epochs (a run killed
+    after its final checkpoint and before its end, then resumed, got a step 25 of 24).
+    The checkpoint is already loaded when the first step begins: the caller saves it as
+    the final model."""
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyTrained(state.global_step)
+        return control
+
+
 class StorageSync(TrainerCallback):
     """Uploads each checkpoint right after it is saved, on the first process of every
     node, one at a time in a background thread so that training does not wait. Rank 0

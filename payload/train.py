@@ -135,6 +135,7 @@ def _train(
         objective=recipe.objective_arguments(),
     )
     callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
+    callbacks.insert(0, durability.NoStepPastTheEnd())  # first: before any step's work
     callbacks += settings_callbacks(cfg, args)
     callbacks += plugins.callbacks()
     if zero_run:
@@ -174,6 +175,8 @@ def _train(
         raise durability.Preempted(request.signame or "a stop signal on another rank", None, None)
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except durability.AlreadyTrained as done:
+        _end_without_steps(trainer, done.step, dist)
     except (OSError, RuntimeError) as e:  # a save that ran out of room says so
         full = durability.full_disk_error(e, output_dir, store, dist.is_main)
         if full is None:
@@ -201,6 +204,19 @@ def _train(
     if sync:
         distributed.on_each_node(dist, "the final upload", sync.finish, sync.meter)
     return summary
+
+
+def _end_without_steps(trainer: Any, step: int, dist: distributed.DistInfo) -> None:
+    """What transformers does at the end of training, for a run resumed from the
+    checkpoint of its last step (durability.NoStepPastTheEnd): the best checkpoint
+    loaded where the config asks for it, and the callbacks' end of training."""
+    if dist.is_main:
+        print(f"step {step} was the run's last: nothing left to train", flush=True)
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        trainer._load_best_model()  # the step transformers' own finish takes (no public form)
+    trainer.control = trainer.callback_handler.on_train_end(
+        trainer.args, trainer.state, trainer.control
+    )
 
 
 def _checkpoint_step(path: str | None) -> int | None:
@@ -246,7 +262,7 @@ def _write_summary(
     rates = [r["tokens_per_s"] for r in losses if r.get("tokens_per_s")]
     summary = {
         "run_id": os.environ.get("FERRY_RUN_ID"),
-        "steps": records[-1]["step"] if records else 0,
+        "steps": records[-1]["step"] if records else (resumed or 0),
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,

@@ -133,3 +133,26 @@ def test_resume_from_a_checkpoint_given_as_a_storage_uri(tmp_path, monkeypatch):
     assert sorted(second) == [5, 6, 7, 8]  # no history to carry over: it starts at step 5
     assert second == pytest.approx({s: first[s] for s in second}, rel=1e-5)
     assert read_summary(tmp_path / "second")["resumed_from_step"] == 4
+
+    # Resumed from the checkpoint of its last step (a run killed after its final save),
+    # it trains nothing more: 8 steps do not fill the epoch, where transformers alone
+    # would train a step 9. The final adapter is checkpoint-8's.
+    last = f"file://{tmp_path}/store/checkpoints/checkpoint-8"
+    third = payload_train(
+        config, *short, f"output_dir={tmp_path / 'third'}", f"resume_from_checkpoint={last}"
+    )
+    assert "resuming from step 8" in third.stdout
+    assert "step 8 was the run's last: nothing left to train" in third.stdout
+    assert [r for r in read_metrics(tmp_path / "third") if "loss" in r] == []
+    assert read_summary(tmp_path / "third")["resumed_from_step"] == 8
+    assert read_summary(tmp_path / "third")["steps"] == 8
+    import torch
+    from safetensors.torch import load_file
+
+    weights = "adapter_model.safetensors"
+    assert (
+        load_file(tmp_path / "third" / weights).keys()
+        == load_file(tmp_path / "first" / weights).keys()
+    )
+    for name, tensor in load_file(tmp_path / "first" / weights).items():
+        assert torch.equal(load_file(tmp_path / "third" / weights)[name], tensor), name
