@@ -36,7 +36,7 @@ from payload.config.trackers import missing_packages
 from payload.entry.remote import ERROR_FILE, training_command
 from payload.runtime.cluster import SINGLE, torchrun_args
 from payload.runtime.job import DEFAULT_STOP_GRACE_S, MASTER_PORT
-from payload.runtime.procs import alive_with, stop_tree
+from payload.runtime.procs import alive_with, child_environ, stop_tree
 
 LOG_FILE = "train.log"
 CANCEL_FILE = "cancel_requested"
@@ -164,7 +164,7 @@ class LocalExecutor(Executor):
         return training_command(sys.executable, args, job.config_path)
 
     def _env(self, job: JobSpec) -> dict[str, str]:
-        env = {**os.environ, **job.payload_env()}
+        env = {**child_environ(), **job.payload_env()}
         env["FERRY_ERROR_FILE"] = str(job.run_dir / ERROR_FILE)
         if not local_gpu_count() and "OMP_NUM_THREADS" not in os.environ:
             # Share the cores between the CPU processes instead of oversubscribing them.

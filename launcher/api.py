@@ -589,7 +589,6 @@ def preprocess(source: str | Path, overrides: list[str] | None = None) -> Prepro
     there. The work runs as `python -m payload preprocess` in a subprocess with this
     terminal (the launcher never imports the training stack); raises FerryError."""
     import json
-    import os
     import subprocess
     import sys
     import tempfile
@@ -605,7 +604,9 @@ def preprocess(source: str | Path, overrides: list[str] | None = None) -> Prepro
             yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
         )
         result = Path(tmp) / "result.json"
-        env = {**os.environ, "FERRY_HOME": str(ferry_home())}
+        from payload.runtime.procs import child_environ
+
+        env = {**child_environ(), "FERRY_HOME": str(ferry_home())}
         command = [sys.executable, "-m", "payload", "preprocess", str(config)]
         done = subprocess.run([*command, "--result", str(result)], env=env)
         data = json.loads(result.read_text()) if result.is_file() else None

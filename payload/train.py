@@ -211,7 +211,9 @@ def _end_without_steps(trainer: Any, step: int, dist: distributed.DistInfo) -> N
     checkpoint of its last step (durability.NoStepPastTheEnd): the best checkpoint
     loaded where the config asks for it, and the callbacks' end of training."""
     if dist.is_main:
-        print(f"step {step} was the run's last: nothing left to train", flush=True)
+        last = trainer.state.max_steps
+        why = "was the run's last" if step == last else f"is past the schedule's {last} steps"
+        print(f"step {step} {why}: nothing left to train", flush=True)
     if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         trainer._load_best_model()  # the step transformers' own finish takes (no public form)
     trainer.control = trainer.callback_handler.on_train_end(
@@ -262,7 +264,9 @@ def _write_summary(
     rates = [r["tokens_per_s"] for r in losses if r.get("tokens_per_s")]
     summary = {
         "run_id": os.environ.get("FERRY_RUN_ID"),
-        "steps": records[-1]["step"] if records else (resumed or 0),
+        # The last step trained; a run resumed from its last step logged nothing new,
+        # and its history may end before that step (logging_steps, an upload cut short).
+        "steps": max(records[-1]["step"] if records else 0, resumed or 0),
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,

@@ -82,9 +82,33 @@ def test_validate_skips_pydantics_scan_of_installed_packages_for_its_plugins(tmp
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert "ENTRY-POINTS pydantic" in scanned.stderr, scanned.stderr
-    result = launch("validate", "examples/quickstart.yml", env=env)
+    result = launch(
+        "validate",
+        "examples/quickstart.yml",
+        env={"PYTHONPATH": str(tmp_path), "PYDANTIC_DISABLE_PLUGINS": None},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ENTRY-POINTS pydantic" not in result.stderr, result.stderr
+
+
+def test_processes_launch_starts_get_the_users_pydantic_plugin_setting_back(monkeypatch):
+    """The scan is off in `launch` itself; a process it starts (a local run, preprocess)
+    sees the environment as the user left it, and a value the user set is theirs."""
+    from payload.runtime.procs import child_environ, skip_pydantic_plugin_scan
+
+    monkeypatch.delenv("PYDANTIC_DISABLE_PLUGINS", raising=False)
+    monkeypatch.delenv("FERRY_PYDANTIC_PLUGINS_OFF", raising=False)
+    skip_pydantic_plugin_scan()
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"
+    child = child_environ()
+    assert "PYDANTIC_DISABLE_PLUGINS" not in child and "FERRY_PYDANTIC_PLUGINS_OFF" not in child
+    assert child["PATH"] == os.environ["PATH"]
+
+    monkeypatch.delenv("FERRY_PYDANTIC_PLUGINS_OFF")
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "logfire")  # the user's
+    skip_pydantic_plugin_scan()
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "logfire"
+    assert child_environ()["PYDANTIC_DISABLE_PLUGINS"] == "logfire"
 
 
 def test_validate_ok_prints_a_one_line_summary():
