@@ -134,8 +134,11 @@ def _train(
         cls=recipe.arguments_class(),
         objective=recipe.objective_arguments(),
     )
-    callbacks: list[Any] = [MetricsCallback(output_dir, dist.is_main), stop]
-    callbacks.insert(0, durability.NoStepPastTheEnd())  # first: before any step's work
+    callbacks: list[Any] = [
+        durability.NoStepPastTheEnd(),  # first of Ferry's: before any step's work
+        MetricsCallback(output_dir, dist.is_main),
+        stop,
+    ]
     callbacks += settings_callbacks(cfg, args)
     callbacks += plugins.callbacks()
     if zero_run:

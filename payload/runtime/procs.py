@@ -23,21 +23,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # `launch` turns the scan off for itself; the processes it starts get the user's
 # environment back (a pydantic plugin of theirs keeps working in a local run).
 PYDANTIC_PLUGINS = "PYDANTIC_DISABLE_PLUGINS"
-_OURS = "FERRY_PYDANTIC_PLUGINS_OFF"  # set beside it when `launch` set it, not the user
+_set_here = False  # this process set it, not the user
 
 
 def skip_pydantic_plugin_scan() -> None:
     """Turn pydantic's plugin scan off in this process, unless the user set the variable."""
+    global _set_here
     if PYDANTIC_PLUGINS not in os.environ:
         os.environ[PYDANTIC_PLUGINS] = "__all__"
-        os.environ[_OURS] = "1"
+        _set_here = True
 
 
 def child_environ() -> dict[str, str]:
     """This process's environment as a process it starts should see it: without what
     skip_pydantic_plugin_scan added."""
     env = dict(os.environ)
-    if env.pop(_OURS, None):
+    if _set_here:
         env.pop(PYDANTIC_PLUGINS, None)
     return env
 

@@ -94,18 +94,19 @@ def test_validate_skips_pydantics_scan_of_installed_packages_for_its_plugins(tmp
 def test_processes_launch_starts_get_the_users_pydantic_plugin_setting_back(monkeypatch):
     """The scan is off in `launch` itself; a process it starts (a local run, preprocess)
     sees the environment as the user left it, and a value the user set is theirs."""
+    from payload.runtime import procs
     from payload.runtime.procs import child_environ, skip_pydantic_plugin_scan
 
     monkeypatch.delenv("PYDANTIC_DISABLE_PLUGINS", raising=False)
-    monkeypatch.delenv("FERRY_PYDANTIC_PLUGINS_OFF", raising=False)
+    monkeypatch.setattr(procs, "_set_here", False)
     skip_pydantic_plugin_scan()
     assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"
     child = child_environ()
-    assert "PYDANTIC_DISABLE_PLUGINS" not in child and "FERRY_PYDANTIC_PLUGINS_OFF" not in child
+    assert "PYDANTIC_DISABLE_PLUGINS" not in child
     assert child["PATH"] == os.environ["PATH"]
 
-    monkeypatch.delenv("FERRY_PYDANTIC_PLUGINS_OFF")
-    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "logfire")  # the user's
+    monkeypatch.setattr(procs, "_set_here", False)  # a new process, where the user set it
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "logfire")
     skip_pydantic_plugin_scan()
     assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "logfire"
     assert child_environ()["PYDANTIC_DISABLE_PLUGINS"] == "logfire"
