@@ -59,11 +59,17 @@ def _registry(registry: Registry | None) -> Registry:
     return registry or Registry()
 
 
-def validate(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load and validate a config; raises ConfigError listing every problem."""
+def validate(
+    source: str | Path, overrides: list[str] | None = None, *, compiled: bool = False
+) -> TrainConfig:
+    """Load and validate a config; raises ConfigError listing every problem.
+
+    `compiled`: check it without building pydantic's models (payload.config.compiled),
+    the same checks ~90 ms sooner, and return the config as light records that read as
+    a TrainConfig does but are not one (`launch validate` prints two lines from it)."""
     from payload.config import load_config
 
-    return load_config(source, overrides)
+    return load_config(source, overrides, compiled=compiled)
 
 
 def plan(

@@ -161,7 +161,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config (keys, values, cross-key rules, files it names) without running it."""
     from launcher import api, output
 
-    cfg = api.validate(config, set_ or [])
+    cfg = api.validate(config, set_ or [], compiled=True)
     output.validated(config, cfg)
 
 

@@ -10,20 +10,29 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic_core import ValidationError  # pydantic's own ValidationError
 
 from payload.config import axolotl_keys, paths, trackers  # noqa: F401 - trackers: its rules
+from payload.config.compiled import CompiledModel
 from payload.config.overrides import apply_overrides
 from payload.config.rules import check_rules
-from payload.config.schema import DatasetConfig, TrainConfig, TRLConfig, VllmConfig
 from payload.errors import ConfigError, FerryError, Problem
 from payload.plugins import builtin_keys as builtin_plugin_keys
 from payload.plugins import config_class as plugin_config_class
 from payload.plugins import reference as plugin_reference
 from payload.plugins import resolve_all as resolve_plugins
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from payload.config.schema import TrainConfig
+
+# A model the key checks and validation take: a pydantic model class (TrainConfig, with
+# any listed plugins' keys) or its compiled form (payload.config.compiled).
+Model = Any
 
 log = logging.getLogger("ferry.config")
 
@@ -117,16 +126,20 @@ def load_config(
     overrides: list[str] | None = None,
     *,
     resolve_paths: bool = True,
+    compiled: bool = False,
 ) -> TrainConfig:
     """Load, override and validate a config; raise `ConfigError` listing every problem.
 
     With `resolve_paths`, local files the config names are looked up (from the current
     folder, then from the config's folder) and made absolute, and missing ones reported.
     Warnings (settings that would be ignored) go to the `ferry.config` logger.
+    `compiled`: see `validate_mapping`.
     """
     raw = read_raw(source, overrides)
     base_dir = None if is_url(source) else Path(source).expanduser().resolve().parent
-    return validate_mapping(raw, str(source), base_dir=base_dir, resolve_paths=resolve_paths)
+    return validate_mapping(
+        raw, str(source), base_dir=base_dir, resolve_paths=resolve_paths, compiled=compiled
+    )
 
 
 def validate_mapping(
@@ -136,15 +149,26 @@ def validate_mapping(
     base_dir: Path | None = None,
     resolve_paths: bool = True,
     warn: Callable[[str], None] | None = None,
+    compiled: bool = False,
 ) -> TrainConfig:
     """Validate an already-read mapping; see `load_config`. Warnings go to `warn`
-    (default: the `ferry.config` logger) as "source: key: message"."""
+    (default: the `ferry.config` logger) as "source: key: message".
+
+    `compiled`: check it against TrainConfig's compiled form (payload.config.compiled),
+    without building the pydantic models, and return light records rather than models
+    (the same checks and messages; for a caller that only reads the result, as `launch
+    validate` does). A config that lists plugins is checked with the models."""
     ignored = [k for k, v in raw.items() if k in axolotl_keys.NO_EFFECT and v not in _OFF]
     raw = {k: v for k, v in raw.items() if k not in axolotl_keys.NO_EFFECT}
     # The listed plugins' keys join the schema (payload.plugins).
     listed = raw.get("plugins") if isinstance(raw.get("plugins"), list) else None
     plugins, unusable = resolve_plugins(listed, base_dir)
-    model = plugin_config_class(tuple(plugins))
+    if compiled and not plugins:
+        from payload.config.compiled import train_config
+
+        model: Model = train_config()
+    else:
+        model = plugin_config_class(tuple(plugins))
     problems, clean = _unknown_keys(raw, model)
     problems.extend(Problem(f"plugins[{i}]", f"{message}") for i, message in unusable)
     bad: set[str] = set()
@@ -174,30 +198,32 @@ def validate_mapping(
     return cfg
 
 
-def _unknown_keys(
-    raw: dict[str, Any], model: type[BaseModel] = TrainConfig
-) -> tuple[list[Problem], dict[str, Any]]:
+def _unknown_keys(raw: dict[str, Any], model: Model) -> tuple[list[Problem], dict[str, Any]]:
     """Report unknown and not-yet-supported keys, at every depth; return the mapping
-    without them. `model`: TrainConfig, or TrainConfig with the listed plugins' keys."""
+    without them. `model`: TrainConfig (with the listed plugins' keys), or compiled."""
     problems: list[Problem] = []
     return problems, _check_keys(raw, model, axolotl_keys.TOP_LEVEL, "", problems)
 
 
 _OFF = (None, False, "", [], {})  # values that ask for nothing
 
-# Axolotl's own keys, by the model whose entries they would be: what "not supported yet"
-# means at each depth. Ferry-only sections (launch) have none.
+# Axolotl's own keys, by the name of the model whose entries they would be: what "not
+# supported yet" means at each depth. Ferry-only sections (launch) have none.
 _AXOLOTL = {
-    TrainConfig: axolotl_keys.TOP_LEVEL,
-    DatasetConfig: axolotl_keys.DATASET,
-    TRLConfig: axolotl_keys.TRL,
-    VllmConfig: axolotl_keys.VLLM,
+    "TrainConfig": axolotl_keys.TOP_LEVEL,
+    "DatasetConfig": axolotl_keys.DATASET,
+    "TRLConfig": axolotl_keys.TRL,
+    "VllmConfig": axolotl_keys.VLLM,
 }
+
+
+def _name(model: Model) -> str:
+    return model.name if isinstance(model, CompiledModel) else model.__name__
 
 
 def _check_keys(
     raw: dict[str, Any],
-    model: type[BaseModel],
+    model: Model,
     axolotl: frozenset[str],
     prefix: str,
     problems: list[Problem],
@@ -219,7 +245,7 @@ def _check_keys(
                 continue
             seen[name] = key
             nested, many = fields[key]
-            inner = _AXOLOTL.get(nested, frozenset()) if nested else frozenset()
+            inner = _AXOLOTL.get(_name(nested), frozenset()) if nested else frozenset()
             if nested and many and isinstance(value, list):
                 value = [
                     _check_keys(v, nested, inner, f"{prefix}{key}[{i}].", problems)
@@ -250,17 +276,25 @@ def _check_keys(
     return clean
 
 
+def _fields(model: Model) -> dict[str, tuple[Model | None, bool]]:
+    return model.fields if isinstance(model, CompiledModel) else field_table(model)
+
+
+def _names(model: Model) -> dict[str, str]:
+    return model.names if isinstance(model, CompiledModel) else key_names(model)
+
+
 @functools.cache
-def _fields(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel] | None, bool]]:
+def field_table(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel] | None, bool]]:
     """{key: (the model it holds, whether a list of them)} for each field of `model`, by
     its name and by each other name it accepts: Axolotl's `model_config` is the field
     `overrides_of_model_config`, since pydantic keeps `model_config` for itself."""
-    return {key: _nested(model, name) for key, name in _names(model).items()}
+    return {key: _nested(model, name) for key, name in key_names(model).items()}
 
 
 @functools.cache
-def _names(model: type[BaseModel]) -> dict[str, str]:
-    """{key: field name} for each name a field of `model` accepts (see `_fields`)."""
+def key_names(model: type[BaseModel]) -> dict[str, str]:
+    """{key: field name} for each name a field of `model` accepts (see `field_table`)."""
     from pydantic import AliasChoices
 
     names = {}
@@ -276,6 +310,8 @@ def _names(model: type[BaseModel]) -> dict[str, str]:
 def _nested(model: type[BaseModel], key: str) -> tuple[type[BaseModel] | None, bool]:
     """The model a field holds (and whether a list of them), or (None, False)."""
     import typing
+
+    from pydantic import BaseModel
 
     def find(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -299,16 +335,14 @@ def _unknown_message(key: str, candidates: frozenset[str]) -> str:
     return "unknown key."
 
 
-def _pydantic_problems(
-    error: ValidationError, raw: dict[str, Any], top: type[BaseModel] = TrainConfig
-) -> list[Problem]:
+def _pydantic_problems(error: ValidationError, raw: dict[str, Any], top: Model) -> list[Problem]:
     """One Problem per key, its key as the user wrote it. A union field fails once per
     member (`bool`, `'auto'`); those are merged into one "should be X or Y"."""
     by_key: dict[str, list[str]] = {}
     values: dict[str, Any] = {}
     for err in error.errors():
         key = ""
-        model: type[BaseModel] | None = top
+        model: Model | None = top
         for part in err["loc"]:
             if isinstance(part, int):
                 key += f"[{part}]"

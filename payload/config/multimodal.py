@@ -5,8 +5,11 @@ cannot have, and the shape of image_size. Light: no torch, no transformers."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from payload.config.schema import TrainConfig
+if TYPE_CHECKING:
+    from payload.config.schema import TrainConfig
+
 
 Finding = tuple[str, str, bool]
 CHAT_TYPES = ("chat_template", "sharegpt")

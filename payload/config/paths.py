@@ -13,9 +13,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from payload.config.schema import DatasetConfig, TrainConfig
 from payload.errors import Problem
+
+if TYPE_CHECKING:
+    from payload.config.schema import DatasetConfig, TrainConfig
 
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".yml", ".yaml"}
 # The limits of Linux and macOS filesystems, in bytes: one name, and a whole path.

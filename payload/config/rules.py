@@ -10,24 +10,25 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from payload.config.schema import (
+from payload.config.user_formats import user_defined_problems
+from payload.config.vocab import (
     DATASET_TYPE_LOADERS,
     OPTIMIZERS,
     SUPPORTED_DATASET_TYPES,
     SUPPORTED_PREFERENCE_TYPES,
-    DatasetConfig,
-    TrainConfig,
     preference_family,
 )
-from payload.config.user_formats import user_defined_problems
 from payload.errors import FerryError, Problem
 from payload.trainers import RL_OBJECTIVES
 
+if TYPE_CHECKING:
+    from payload.config.schema import DatasetConfig, TrainConfig
+
 # A finding is (key, message, is_error); warnings are settings that would be ignored.
 Finding = tuple[str, str, bool]
-Rule = Callable[[TrainConfig, set[str]], Iterator[Finding]]
+Rule = Callable[["TrainConfig", set[str]], Iterator[Finding]]
 
 RULES: list[tuple[tuple[str, ...], Rule]] = []
 

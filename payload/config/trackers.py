@@ -21,10 +21,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from payload.config.rules import _error, _warn, rule
-from payload.config.schema import TrainConfig
+
+if TYPE_CHECKING:
+    from payload.config.schema import TrainConfig
 
 TRACKERS_DIR = "trackers"  # under output_dir: local tracker files, uploaded with the run
 

@@ -21,7 +21,10 @@ Torch-free.
 
 from __future__ import annotations
 
-from payload.config.schema import TrainConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from payload.config.schema import TrainConfig
 
 # Addresses that mean "this machine" to a client: a server there is the job's own.
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")

@@ -29,11 +29,14 @@ import functools
 import importlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
-
-from pydantic import BaseModel, ConfigDict
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from payload.errors import FerryError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from payload.plugins.keys import PluginConfig
 
 GROUP = "ferry.plugins"
 
@@ -60,10 +63,14 @@ BUILTIN: tuple[str, ...] = (
 )
 
 
-class PluginConfig(BaseModel):
-    """The keys a plugin adds (subclass it; the fields are top-level config keys)."""
+def __getattr__(name: str) -> Any:
+    # PluginConfig is a pydantic model: it loads on first use, since `launch validate`
+    # checks a config that lists no plugins without pydantic's models (payload.config.compiled).
+    if name == "PluginConfig":
+        from payload.plugins.keys import PluginConfig
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+        return PluginConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Plugin:
