@@ -9,7 +9,9 @@ built once, kept in a cache file, and checked with pydantic-core itself (which
 
 - The cache: `$FERRY_HOME/cache/config-schema-<versions>.pickle` (default `~/.ferry`),
   rebuilt (with the models) when any file of `payload/config/` changes size or time, or
-  when it cannot be read; one that cannot be written is skipped.
+  when it cannot be read or is not this user's; written only by a process that loaded
+  the models for it (`train_config`); skipped where it cannot be written. Where the
+  schema cannot be compiled at all, the loader checks with the models.
 - The records (`Record` subclasses, one per model, named as the model) answer what the
   config rules ask of a model: the fields as attributes, `model_fields_set`,
   `model_copy(update=...)`, `model_dump()`, and the models' helper properties (they
@@ -54,6 +56,17 @@ class Record:
     @property
     def model_fields_set(self) -> set[str]:
         return self.__pydantic_fields_set__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As pydantic's (no assignment validation): a field set counts as set; a name
+        that is no field is refused."""
+        if name.startswith("__pydantic_"):
+            object.__setattr__(self, name, value)
+            return
+        if name not in self.__dict__:
+            raise ValueError(f'"{type(self).__name__}" object has no field "{name}"')
+        self.__dict__[name] = value
+        self.__pydantic_fields_set__.add(name)
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
         """As pydantic's: a copy with `update` applied unvalidated, its keys counted as set."""
@@ -147,22 +160,33 @@ class CompiledModel:
 
 
 def train_config() -> CompiledModel:
-    """TrainConfig compiled: from the cache, else built (with the models) and cached."""
+    """TrainConfig compiled: from the cache, else built (with the models) and cached.
+
+    The file is written only by a process that built the models for it, from sources
+    that did not change meanwhile: one that had them loaded before (a notebook, with the
+    files edited since) would otherwise save its old schema under the new files' stamps."""
     path = cache_file()
-    data = _read(path)
+    data = _read(path) if path else None
     if data is None:
+        loaded = "payload.config.schema" in sys.modules
         data = build()
-        _write(path, data)
+        if path and not loaded and data["sources"] == sources():
+            _write(path, data)
     return _compiled(data)
 
 
-def cache_file() -> Path:
+def cache_file() -> Path | None:
+    """The cache file, or None where there is no home folder to keep it in (a container
+    run as a user with no home and no FERRY_HOME): then each validate builds the models."""
     import hashlib
 
     import pydantic_core
     from pydantic.version import VERSION  # pydantic's own, without the rest of pydantic
 
-    home = Path(os.environ.get("FERRY_HOME") or Path.home() / ".ferry").expanduser()
+    try:
+        home = Path(os.environ.get("FERRY_HOME") or Path.home() / ".ferry").expanduser()
+    except RuntimeError:  # Path.home(): no HOME and no passwd entry
+        return None
     # Two checkouts (or virtualenvs) sharing FERRY_HOME each keep their own file.
     tag = hashlib.sha256(f"{HERE}|{sys.version}".encode()).hexdigest()[:10]
     name = f"config-schema-{tag}-pydantic{VERSION}-core{pydantic_core.__version__}.pickle"
@@ -209,6 +233,7 @@ def build() -> dict[str, Any]:
             )
         return node
 
+    stamps = sources()  # before the models load: a later edit makes the file stale, not wrong
     tables: dict[str, dict[str, Any]] = {}
     todo: list[type[BaseModel]] = [schema.TrainConfig]
     while todo:
@@ -223,7 +248,7 @@ def build() -> dict[str, Any]:
         todo.extend(n for n, _ in fields.values() if n is not None)
     return {
         "format": FORMAT,
-        "sources": sources(),
+        "sources": stamps,
         "schema": light(schema.TrainConfig.__pydantic_core_schema__),
         "tables": tables,
     }
@@ -234,6 +259,8 @@ def _read(path: Path) -> dict[str, Any] | None:
     sources have changed since, or it cannot be read (a record renamed, a torn file)."""
     try:
         with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_uid != os.getuid():
+                return None  # unpickling runs code: only a file of this user's is read
             data = pickle.load(f)  # noqa: S301 - written by this module under FERRY_HOME
     except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
         return None
@@ -247,10 +274,11 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     folder cannot be written: the next validate builds the models again, nothing worse."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        blob = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.write_bytes(blob)
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, pickle.PicklingError, TypeError, AttributeError):
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 

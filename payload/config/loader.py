@@ -163,11 +163,15 @@ def validate_mapping(
     # The listed plugins' keys join the schema (payload.plugins).
     listed = raw.get("plugins") if isinstance(raw.get("plugins"), list) else None
     plugins, unusable = resolve_plugins(listed, base_dir)
+    model: Model = None
     if compiled and not plugins:
         from payload.config.compiled import train_config
 
-        model: Model = train_config()
-    else:
+        try:
+            model = train_config()
+        except Exception:  # noqa: BLE001 - a schema it cannot compile: check with the models
+            log.debug("TrainConfig cannot be compiled; checking with the models", exc_info=True)
+    if model is None:
         model = plugin_config_class(tuple(plugins))
     problems, clean = _unknown_keys(raw, model)
     problems.extend(Problem(f"plugins[{i}]", f"{message}") for i, message in unusable)

@@ -8,8 +8,10 @@ cannot be written."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,29 +140,56 @@ def test_records_read_and_copy_as_the_models_do():
         assert copy.effective_lora_alpha == 4 and cfg.effective_lora_alpha == 16
         assert "lora_alpha" in copy.model_fields_set and "lora_alpha" not in cfg.model_fields_set
     assert record.model_copy() == record and record.model_copy(update={"lora_r": 2}) != record
+    # setting a field: counted as set; a name that is no field: the same refusal
+    for cfg in (model, record):
+        cfg.lora_dropout = 0.1
+        assert "lora_dropout" in cfg.model_fields_set and cfg.lora_dropout == 0.1
+        with pytest.raises(ValueError, match='"TrainConfig" object has no field "lora_rr"'):
+            cfg.lora_rr = 3
 
 
-def test_the_cache_is_built_once_then_read(monkeypatch, tmp_path):
-    monkeypatch.setenv("FERRY_HOME", str(tmp_path))
-    builds = []
-    real_build = compiled.build
-    monkeypatch.setattr(compiled, "build", lambda: builds.append(1) or real_build())
-    compiled.train_config()
-    path = compiled.cache_file()
-    assert path.parent == tmp_path / "cache" and path.is_file()
-    compiled.train_config()
-    compiled.train_config()
-    assert len(builds) == 1
+def _compile_in_a_new_process(home: Path, before: str = "") -> bool:
+    """Compile TrainConfig as `launch validate` does, in a fresh interpreter (no models
+    loaded yet) with `home` as FERRY_HOME; whether it had to build the models."""
+    script = "\n".join(
+        [
+            "import sys",
+            before,
+            "from payload.config import compiled",
+            "assert compiled.train_config().model_validate({'lora_r': 3}).lora_r == 3",
+            "print('BUILT' if 'payload.config.schema' in sys.modules else 'READ')",
+        ]
+    )
+    env = {**os.environ, "FERRY_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[-1] == "BUILT"
+
+
+def _cache_of(home: Path) -> Path:
+    (path,) = (home / "cache").iterdir()
+    return path
+
+
+def test_the_cache_is_built_once_then_read(tmp_path):
+    assert _compile_in_a_new_process(tmp_path)
+    path = _cache_of(tmp_path)
+    written = path.stat().st_mtime_ns
+    assert not _compile_in_a_new_process(tmp_path)
+    assert not _compile_in_a_new_process(tmp_path)
+    assert path.stat().st_mtime_ns == written
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    assert path.name.startswith("config-schema-") and path.suffix == ".pickle"
 
 
 @pytest.mark.parametrize("damage", ["a source changed", "torn file", "other format"])
-def test_a_stale_or_damaged_cache_is_rebuilt(monkeypatch, tmp_path, damage):
+def test_a_stale_or_damaged_cache_is_rebuilt(tmp_path, damage):
     """If this fails, `launch validate` would check configs against an old schema after
     the config code changed (or crash on a half-written file)."""
-    monkeypatch.setenv("FERRY_HOME", str(tmp_path))
-    compiled.train_config()
-    path = compiled.cache_file()
+    assert _compile_in_a_new_process(tmp_path)
+    path = _cache_of(tmp_path)
     data = pickle.loads(path.read_bytes())
     if damage == "a source changed":
         mtime, size = data["sources"]["schema.py"]
@@ -170,22 +199,77 @@ def test_a_stale_or_damaged_cache_is_rebuilt(monkeypatch, tmp_path, damage):
         path.write_bytes(path.read_bytes()[:1000])
     else:
         path.write_bytes(pickle.dumps({**data, "format": compiled.FORMAT + 1}))
-    builds = []
-    real_build = compiled.build
-    monkeypatch.setattr(compiled, "build", lambda: builds.append(1) or real_build())
-    model = compiled.train_config()
-    assert builds == [1]
+    assert _compile_in_a_new_process(tmp_path)
     assert pickle.loads(path.read_bytes())["sources"] == compiled.sources()
-    assert model.model_validate({"lora_r": 3}).lora_r == 3
+    assert not _compile_in_a_new_process(tmp_path)
 
 
-def test_a_cache_folder_that_cannot_be_written_only_costs_time(monkeypatch, tmp_path):
+def test_a_process_that_had_the_models_loaded_writes_no_cache(monkeypatch, tmp_path):
+    """Its models may be older than the files (a notebook, the files edited since): the
+    cache would hold the old schema under the new files' stamps. It compiles in memory."""
+    monkeypatch.setenv("FERRY_HOME", str(tmp_path))
+    assert "payload.config.schema" in sys.modules  # this test module imported it
+    assert compiled.train_config().model_validate({"lora_r": 3}).lora_r == 3
+    assert not (tmp_path / "cache").exists()
+    # A new process, with nothing loaded, writes it.
+    assert _compile_in_a_new_process(tmp_path) and _cache_of(tmp_path).is_file()
+
+
+def test_a_cache_that_cannot_be_kept_only_costs_time(tmp_path):
+    """No cache where FERRY_HOME is a file (nothing can be written) or where there is no
+    home folder at all (a container user with no HOME and no passwd entry: Path.home()
+    fails, as the stdlib does there): validate checks with freshly built models."""
     blocker = tmp_path / "home"
     blocker.write_text("a file where the folder would go")
-    monkeypatch.setenv("FERRY_HOME", str(blocker))
-    cfg = validate_mapping({**BASE}, resolve_paths=False, compiled=True)
-    assert cfg.learning_rate == 1e-4
+    assert _compile_in_a_new_process(blocker)
+    assert _compile_in_a_new_process(blocker)  # built again: nothing was kept
     assert blocker.read_text() == "a file where the folder would go"
+    no_home = (
+        "import os, pathlib\n"
+        "os.environ.pop('FERRY_HOME')\n"
+        "def _home(): raise RuntimeError('Could not determine home directory.')\n"
+        "pathlib.Path.home = staticmethod(_home)"
+    )
+    assert _compile_in_a_new_process(tmp_path / "unused", before=no_home)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_launch_validate_works_with_no_home_folder(tmp_path):
+    script = (
+        "import pathlib, sys\n"
+        "def _home(): raise RuntimeError('Could not determine home directory.')\n"
+        "pathlib.Path.home = staticmethod(_home)\n"
+        "sys.argv = ['launch', 'validate', 'examples/quickstart.yml']\n"
+        "from launcher.cli import main\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FERRY_HOME", "HOME")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "examples/quickstart.yml is valid" in done.stdout
+
+
+def test_every_helper_of_a_model_is_on_its_record():
+    """A property or method added to a model in schema.py must be on its record too (in
+    vocab.py's helper classes, which both share), or `launch validate` would fail where
+    training does not."""
+    from pydantic import BaseModel
+
+    from payload.config import schema
+
+    checked = 0
+    for name in ("TrainConfig", "DatasetConfig", "LaunchConfig", "SkyLaunch", "TRLConfig"):
+        model, record = getattr(schema, name), getattr(compiled, name)
+        own = {
+            a
+            for a in dir(model)
+            if not a.startswith("_") and a not in dir(BaseModel) and a not in model.model_fields
+        }
+        assert own <= set(dir(record)), own - set(dir(record))
+        checked += len(own)
+    assert checked >= 2  # type_name, effective_lora_alpha
 
 
 def test_a_model_without_a_record_refuses_to_compile(monkeypatch):
