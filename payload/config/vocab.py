@@ -130,24 +130,32 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 
 def parse_memory_mb(value: str | int | float) -> int:
     """`64GB`, `64GiB`, `512MB`, or a number of MiB -> MiB."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    match = _MEMORY.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a memory size like 64GB or 512MB")
-    number, unit = float(match.group(1)), (match.group(2) or "M")[0].upper()
-    return int(number * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit])
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    return _scaled(value, _MEMORY, units, "M", "a memory size like 64GB or 512MB")
 
 
 def parse_duration_s(value: str | int | float) -> int:
     """`24h`, `90m`, `3600s`, `2d`, or a number of seconds -> seconds."""
+    units = {"S": 1, "M": 60, "H": 3600, "D": 86400}
+    return _scaled(value, _DURATION, units, "S", "a duration like 90m, 24h or 3600")
+
+
+def _scaled(
+    value: str | int | float,
+    pattern: re.Pattern[str],
+    units: dict[str, float],
+    default: str,
+    what: str,
+) -> int:
+    """A plain number as it is; else NUMBER[UNIT] read by `pattern` and scaled by the
+    unit's first letter (`default` without one)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(value)
-    match = _DURATION.match(str(value))
+    match = pattern.match(str(value))
     if not match:
-        raise ValueError(f"{value!r} is not a duration like 90m, 24h or 3600")
-    number, unit = float(match.group(1)), (match.group(2) or "s").lower()
-    return int(number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+        raise ValueError(f"{value!r} is not {what}")
+    unit = (match.group(2) or default)[0].upper()
+    return int(float(match.group(1)) * units[unit])
 
 
 # SkyPilot 0.14's clouds (sky.utils.registry.CLOUD_REGISTRY) and their aliases; a test
